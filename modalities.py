@@ -1,0 +1,202 @@
+"""
+The five-modality table and everything that touches the tokenized arrays on disk.
+
+One shared id space of 50,304 ids; each modality uses ids from 0 up to its own vocab size, and the
+modality embedding tells overlapping ids apart. Every stream is stored as uint16 memmaps described by
+`data/<dataset>/tok/meta.json` (see ../shared/docs/design.md):
+
+    tok/<split>/<modality>.bin   uint16 [N, 10, L] for per-view streams, [N, L] for the caption
+    tok/<split>/label.bin        uint16 [N]   class index into meta["class_names"]
+    tok/<split>/clip_ids.json    the raw clip id of each row (to find ground truth in data/<dataset>/raw)
+
+Each model token carries a *global position*: the offset of its modality in the concatenation of all
+streams plus its index inside the stream. The modality and the (row, col) / (frame, codebook) / index
+layout are both derived from it, so a batch only needs (ids, positions).
+"""
+import json
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+VOCAB_SIZE = 50304          # GPT-2's 50,257 padded up to a multiple of 64
+NUM_VIEWS = 10              # keyframes (and audio windows) per clip
+GRID = 14                   # 224 px / 16 px patches
+AUDIO_SR = 24000
+AUDIO_WINDOW = 81920        # samples in one 3.41 s window
+AUDIO_FRAMES = 256          # 75 Hz frames in a window
+AUDIO_CODEBOOKS = 2
+AUDIO_CODEBOOK_SIZE = 1024  # codebook k's ids are offset by k * 1024 in the stream
+CAPTION_LEN = 16            # caption ids, padded with CAPTION_PAD after an end-of-text id
+CAPTION_PAD = 50256         # GPT-2 <|endoftext|>: ends a caption and pads it
+
+
+@dataclass(frozen=True)
+class Modality:
+    name: str       # file stem in tok/<split>/ and key in meta.json
+    length: int     # tokens per view (per clip for the caption)
+    vocab: int      # ids lie in [0, vocab)
+    layout: str     # 'grid' (14x14), 'audio' (256 frames x 2 codebooks, interleaved), 'seq' (1-D)
+    per_view: bool  # stored as [N, 10, L] (True) or [N, L] (False)
+
+
+MODALITIES = (
+    Modality("tok_rgb", GRID * GRID, 16384, "grid", True),
+    Modality("tok_depth", GRID * GRID, 8192, "grid", True),
+    Modality("tok_normal", GRID * GRID, 8192, "grid", True),
+    Modality("tok_audio", AUDIO_FRAMES * AUDIO_CODEBOOKS, 2048, "audio", True),
+    Modality("caption", CAPTION_LEN, VOCAB_SIZE, "seq", False),
+)
+MODALITY_NAMES = tuple(m.name for m in MODALITIES)
+BY_NAME = {m.name: m for m in MODALITIES}
+SHORT_NAMES = {"rgb": "tok_rgb", "depth": "tok_depth", "normal": "tok_normal", "audio": "tok_audio",
+               "caption": "caption"}  # what a researcher types on the command line
+
+# global positions: modality i owns [POS_OFFSETS[i], POS_OFFSETS[i] + length)
+POS_OFFSETS = tuple(int(x) for x in np.cumsum([0] + [m.length for m in MODALITIES])[:-1])
+TOTAL_POSITIONS = sum(m.length for m in MODALITIES)
+
+
+def modality_index(name):
+    """'audio' or 'tok_audio' -> 3."""
+    name = SHORT_NAMES.get(name, name)
+    if name not in BY_NAME:
+        raise ValueError(f"unknown modality {name!r}; valid: {', '.join(SHORT_NAMES)}")
+    return MODALITY_NAMES.index(name)
+
+
+def position_modality(pos):
+    """Global positions (tensor) -> modality index of each."""
+    offsets = torch.tensor(POS_OFFSETS[1:], device=pos.device)
+    return torch.bucketize(pos, offsets, right=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# audio stream layout: seq[2t + k] = c[k, t] + 1024 * k
+
+def interleave_audio(codes):
+    """codes [..., 2, 256] in [0, 1024) -> stream [..., 512] in [0, 2048)."""
+    codes = np.asarray(codes) if not torch.is_tensor(codes) else codes
+    offset = (np.arange(AUDIO_CODEBOOKS) * AUDIO_CODEBOOK_SIZE)[:, None]
+    if torch.is_tensor(codes):
+        offset = torch.as_tensor(offset, device=codes.device, dtype=codes.dtype)
+    shifted = codes + offset
+    return shifted.swapaxes(-1, -2).reshape(*codes.shape[:-2], AUDIO_FRAMES * AUDIO_CODEBOOKS)
+
+
+def deinterleave_audio(seq):
+    """stream [..., 512] -> codes [..., 2, 256], the exact inverse of interleave_audio."""
+    seq = np.asarray(seq) if not torch.is_tensor(seq) else seq
+    frames = seq.reshape(*seq.shape[:-1], AUDIO_FRAMES, AUDIO_CODEBOOKS).swapaxes(-1, -2)
+    offset = (np.arange(AUDIO_CODEBOOKS) * AUDIO_CODEBOOK_SIZE)[:, None]
+    if torch.is_tensor(frames):
+        offset = torch.as_tensor(offset, device=frames.device, dtype=frames.dtype)
+    return frames - offset
+
+
+# ---------------------------------------------------------------------------------------------------
+# captions: GPT-2 BPE through tiktoken, offline when the ranks file is at hand
+
+_R50K_HASH = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
+_R50K_PAT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+_encoding = None
+
+
+def gpt2_encoding():
+    """tiktoken's r50k_base (= GPT-2). Uses $NANO4M_BPE_FILE or ../shared/data/r50k_base.tiktoken when
+    present (no network), else tiktoken's normal download-and-cache path."""
+    global _encoding
+    if _encoding is None:
+        import tiktoken
+        here = os.path.dirname(os.path.abspath(__file__))
+        candidates = [os.environ.get("NANO4M_BPE_FILE", ""),
+                      os.path.join(here, "..", "shared", "data", "r50k_base.tiktoken")]
+        path = next((p for p in candidates if p and os.path.exists(p)), None)
+        if path is None:
+            _encoding = tiktoken.get_encoding("r50k_base")
+        else:
+            from tiktoken.load import load_tiktoken_bpe
+            ranks = load_tiktoken_bpe(path, expected_hash=_R50K_HASH)
+            _encoding = tiktoken.Encoding(name="r50k_base", pat_str=_R50K_PAT, mergeable_ranks=ranks,
+                                          special_tokens={"<|endoftext|>": CAPTION_PAD})
+    return _encoding
+
+
+def caption_text(class_name):
+    return f"a photo of a {class_name}"
+
+
+def encode_caption(text):
+    """Text -> CAPTION_LEN ids: BPE ids, one end-of-text, then padding (also end-of-text)."""
+    ids = gpt2_encoding().encode_ordinary(text)
+    if len(ids) + 1 > CAPTION_LEN:
+        raise ValueError(f"caption {text!r} is {len(ids)} BPE ids; at most {CAPTION_LEN - 1} fit")
+    return np.array(ids + [CAPTION_PAD] * (CAPTION_LEN - len(ids)), dtype=np.int64)
+
+
+def decode_caption(ids):
+    ids = [int(i) for i in ids]
+    if CAPTION_PAD in ids:
+        ids = ids[:ids.index(CAPTION_PAD)]
+    return gpt2_encoding().decode([i for i in ids if i < CAPTION_PAD])
+
+
+def caption_valid(caption):
+    """[..., CAPTION_LEN] ids -> bool mask of the tokens that count: the text and its first end-of-text.
+    The padding after it is never an input or a target."""
+    is_pad = caption == CAPTION_PAD
+    first_pad = torch.cumsum(is_pad.long(), dim=-1)
+    return first_pad <= 1 if torch.is_tensor(caption) else np.cumsum(is_pad, axis=-1) <= 1
+
+
+# ---------------------------------------------------------------------------------------------------
+# the tokenized dataset on disk
+
+def tok_dir(dataset, data_root="data"):
+    return os.path.join(data_root, dataset, "tok")
+
+
+def load_meta(tok_path):
+    path = os.path.join(tok_path, "meta.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: run tokenize_all.py for this dataset first")
+    with open(path) as f:
+        return json.load(f)
+
+
+def open_split(tok_path, split, meta=None):
+    """Memory-map one split: {modality name: uint16 memmap, 'label': [N]} plus 'clip_ids' (list).
+    Nothing is read into memory."""
+    meta = meta or load_meta(tok_path)
+    if split not in meta["splits"]:
+        raise ValueError(f"split {split!r} not in {tok_path}/meta.json (has {list(meta['splits'])})")
+    n = meta["splits"][split]
+    arrays = {}
+    for m in MODALITIES:
+        shape = (n, NUM_VIEWS, m.length) if m.per_view else (n, m.length)
+        path = os.path.join(tok_path, split, m.name + ".bin")
+        expected = int(np.prod(shape)) * 2
+        if not os.path.exists(path) or os.path.getsize(path) != expected:
+            raise ValueError(f"{path}: expected {expected} bytes for uint16 {shape}, "
+                             f"found {os.path.getsize(path) if os.path.exists(path) else 'no file'}")
+        arrays[m.name] = np.memmap(path, dtype=np.uint16, mode="r", shape=shape)
+    arrays["label"] = np.memmap(os.path.join(tok_path, split, "label.bin"), dtype=np.uint16, mode="r",
+                                shape=(n,))
+    with open(os.path.join(tok_path, split, "clip_ids.json")) as f:
+        arrays["clip_ids"] = json.load(f)
+    return arrays
+
+
+def gather_views(arrays, clips, views):
+    """Read the given (clip, view) pairs: returns {modality name: LongTensor [B, L]} and labels [B].
+    Reads only the rows asked for; sorted fancy indexing keeps the memmap reads sequential-ish."""
+    clips = np.asarray(clips)
+    views = np.asarray(views)
+    out = {}
+    for m in MODALITIES:
+        a = arrays[m.name]
+        rows = a[clips, views] if m.per_view else a[clips]
+        out[m.name] = torch.from_numpy(rows.astype(np.int64))
+    labels = torch.from_numpy(np.asarray(arrays["label"][clips]).astype(np.int64))
+    return out, labels

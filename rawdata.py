@@ -1,0 +1,185 @@
+"""
+The raw clip layout shared by every source of prepare_data.py and read by tokenize_all.py.
+
+    data/<dataset>/raw/manifest.jsonl      one JSON object per clip (see ROW_FIELDS)
+    data/<dataset>/raw/clips/<clip_id>/
+        audio.wav                          24 kHz mono, 16-bit PCM, the whole clip (~10 s)
+        frame_00.png .. frame_09.png       RGB keyframes, 224x224
+        depth_00.png .. depth_09.png       16-bit grayscale depth, larger = farther (optional)
+        normal_00.png .. normal_09.png     RGB surface normals, channel = (n + 1) / 2 * 255 (optional)
+
+Every writer here goes through a temporary name and an atomic rename, so an interrupted run never
+leaves a half-written file under its final name.
+"""
+import json
+import os
+import wave
+
+import numpy as np
+
+RAW_SR = 24000
+RAW_VIEWS = 10
+FRAME_SIZE = 224
+
+# what every manifest row holds (sources may add more keys, e.g. oracle scores)
+ROW_FIELDS = (
+    "clip_id",        # unique, filesystem-safe
+    "class",          # class name; its index is its position in the sorted class list of the dataset
+    "source",         # toyzoo | audioset | vggsound | audioset+vggsound | folder | manifest
+    "split",          # train | val | test
+    "caption",        # "a photo of a {class}"
+    "audio",          # path relative to raw/
+    "frames",         # 10 paths relative to raw/
+    "depths",         # 10 paths or null
+    "normals",        # 10 paths or null
+    "keyframe_times", # 10 times in seconds (each view's audio window is centred there)
+    "duration_s",     # true length of the audio
+    "oracles",        # {name: score or "skipped"}
+    "origin",         # where it came from: {youtube_id, start_s, ...} / {path} / {seed}
+)
+SPLITS = ("train", "val", "test")
+
+
+def raw_dir(dataset, data_root="data"):
+    return os.path.join(data_root, dataset, "raw")
+
+
+def atomic_path(path):
+    """A temporary sibling name for writing `path`; os.replace(tmp, path) publishes it."""
+    d, b = os.path.split(path)
+    return os.path.join(d, f".{b}.tmp{os.getpid()}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# media
+
+def write_wav(path, audio, sr=RAW_SR):
+    """float audio in [-1, 1] (mono, [T]) -> 16-bit PCM wav, atomically."""
+    audio = np.asarray(audio, dtype=np.float32)
+    if audio.ndim != 1:
+        raise ValueError(f"{path}: expected mono audio [T], got shape {audio.shape}")
+    pcm = (np.clip(audio, -1.0, 1.0) * 32767.0).round().astype("<i2")
+    tmp = atomic_path(path)
+    with wave.open(tmp, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(sr)
+        w.writeframes(pcm.tobytes())
+    os.replace(tmp, path)
+
+
+def read_wav(path):
+    """16-bit PCM wav -> (float32 mono [T] in [-1, 1], sample rate). Multi-channel is averaged."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: audio file missing")
+    try:
+        with wave.open(path, "rb") as w:
+            sr, ch, width, n = w.getframerate(), w.getnchannels(), w.getsampwidth(), w.getnframes()
+            data = w.readframes(n)
+    except (wave.Error, EOFError) as e:
+        raise ValueError(f"{path}: not a readable PCM wav ({e})") from None
+    if width != 2:
+        raise ValueError(f"{path}: expected 16-bit PCM, got {8 * width}-bit")
+    x = np.frombuffer(data, dtype="<i2").astype(np.float32) / 32768.0
+    return x.reshape(-1, ch).mean(axis=1), sr
+
+
+def write_png(path, array):
+    """uint8 [H, W, 3] (RGB) or uint16 [H, W] (depth) -> png, atomically."""
+    from PIL import Image
+    array = np.asarray(array)
+    if array.dtype == np.uint16 and array.ndim == 2:
+        img = Image.fromarray(array.astype(np.uint16))  # 16-bit grayscale ("I;16")
+    elif array.dtype == np.uint8:
+        img = Image.fromarray(array)
+    else:
+        raise ValueError(f"{path}: write_png takes uint8 images or uint16 [H, W] depth, got "
+                         f"{array.dtype} {array.shape}")
+    tmp = atomic_path(path)
+    img.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def read_png(path, size=FRAME_SIZE):
+    """png -> numpy array (uint8 [H, W, 3] for RGB/normals, uint16 [H, W] for 16-bit depth).
+    Refuses an image that is not size x size."""
+    from PIL import Image
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: image file missing")
+    try:
+        img = Image.open(path)
+        img.load()
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable image ({e})") from None
+    if img.size != (size, size):
+        raise ValueError(f"{path}: expected {size}x{size}, got {img.size[0]}x{img.size[1]}")
+    if img.mode in ("I;16", "I;16B", "I"):
+        return np.asarray(img, dtype=np.uint16) if img.mode != "I" else np.asarray(img).astype(np.uint16)
+    return np.asarray(img.convert("RGB"), dtype=np.uint8)
+
+
+# ---------------------------------------------------------------------------------------------------
+# manifest
+
+def write_manifest(path, rows):
+    """Write all rows as JSON lines, atomically."""
+    tmp = atomic_path(path)
+    with open(tmp, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def read_manifest(path):
+    """manifest.jsonl -> list of rows; a malformed line or missing field is an error naming the line."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: run prepare_data.py for this dataset first")
+    rows = []
+    with open(path) as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{i}: not valid JSON ({e})") from None
+            missing = [k for k in ("clip_id", "class", "split", "audio", "frames") if k not in row]
+            if missing:
+                raise ValueError(f"{path}:{i}: manifest row lacks {missing}")
+            if row["split"] not in SPLITS:
+                raise ValueError(f"{path}:{i}: split {row['split']!r} is not one of {SPLITS}")
+            rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------
+# split
+
+def stratified_split(strata, seed=1337, fractions=(0.8, 0.1, 0.1), groups=None):
+    """Deterministic clip-level split, stratified: within each stratum (e.g. class x source) the items
+    are shuffled by `seed` and cut 80/10/10 (rounding the val and test counts, train gets the rest).
+    `groups` (e.g. video ids) keeps every item of a group in one split: a group is placed where its
+    first item lands. Returns a list of split names aligned with `strata`."""
+    rng = np.random.default_rng(seed)
+    n = len(strata)
+    by_stratum = {}
+    for i, s in enumerate(strata):
+        by_stratum.setdefault(s, []).append(i)
+    groups = list(range(n)) if groups is None else list(groups)
+    out = [None] * n
+    group_split = {}
+    for s in sorted(by_stratum, key=str):
+        idx = by_stratum[s]
+        # one unit per group inside the stratum, so a group is never cut in two
+        units = sorted({groups[i] for i in idx}, key=str)
+        units = [units[j] for j in rng.permutation(len(units))]
+        units = [u for u in units if u not in group_split]
+        k = len(units)
+        n_val = int(round(k * fractions[1]))
+        n_test = int(round(k * fractions[2]))
+        n_train = k - n_val - n_test
+        for j, u in enumerate(units):
+            group_split[u] = "train" if j < n_train else "val" if j < n_train + n_val else "test"
+    for i in range(n):
+        out[i] = group_split[groups[i]]
+    return out
