@@ -1,0 +1,264 @@
+"""sample.py: the MaskGIT / ROAR schedule, guidance, filtering, and the CLI end to end on a tiny fixture."""
+import math
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import sample  # noqa: E402
+from modalities import (MODALITIES, BY_NAME, POS_OFFSETS, CAPTION_PAD, modality_index, encode_caption,  # noqa: E402
+                        caption_text, caption_valid, position_modality)
+from model import Nano4M, Nano4MConfig  # noqa: E402
+
+A0 = POS_OFFSETS[modality_index("audio")]
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    return Nano4M(Nano4MConfig(n_enc_layer=1, n_dec_layer=1, n_embd=64, n_head=2)).eval()
+
+
+class Recorder(nn.Module):
+    """Wraps a model and records every decode_hidden call (cloned inputs)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.calls = []
+
+    def decode_hidden(self, enc_ids, enc_pos, enc_valid, dec_pos, dec_valid):
+        assert enc_valid.any(dim=1).all(), "a sample reached the model with no encoder input"
+        self.calls.append(dict(enc_ids=enc_ids.clone(), enc_pos=enc_pos.clone(), enc_valid=enc_valid.clone(),
+                               dec_pos=dec_pos.clone(), dec_valid=dec_valid.clone()))
+        return self.inner.decode_hidden(enc_ids, enc_pos, enc_valid, dec_pos, dec_valid)
+
+    def modality_logits(self, h, m):
+        return self.inner.modality_logits(h, m)
+
+
+class EncoderBlind(nn.Module):
+    """A stand-in whose logits ignore the encoder entirely: cond == uncond, so any guidance scale must give
+    exactly the scale-1 result."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.pos = nn.Embedding(sum(m.length for m in MODALITIES), 16)
+        self.head = nn.Linear(16, 50304)
+
+    def decode_hidden(self, enc_ids, enc_pos, enc_valid, dec_pos, dec_valid):
+        return self.pos(dec_pos)
+
+    def modality_logits(self, h, m):
+        return self.head(h)[..., :MODALITIES[m].vocab].float()
+
+
+def captions(classes):
+    return torch.stack([torch.as_tensor(encode_caption(caption_text(c))) for c in classes])
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def rows_of(call, b):
+    """(encoder positions, decoder positions) of sample b in one recorded call, as sets."""
+    enc = set(call["enc_pos"][b][call["enc_valid"][b]].tolist())
+    dec = call["dec_pos"][b][call["dec_valid"][b]].tolist()
+    assert len(dec) == len(set(dec))
+    return enc, set(dec)
+
+
+def mixed_batch():
+    """Three samples with different known audio: none (class-only), the first 410 (continuation), a random
+    100. Caption conditioning for all; audio targets."""
+    B = 3
+    audio = torch.randint(0, 2048, (B, 512), generator=gen(1))
+    known_audio = torch.zeros(B, 512, dtype=torch.bool)
+    known_audio[1, :410] = True
+    known_audio[2, torch.randperm(512, generator=gen(2))[:100]] = True
+    return {"caption": captions(["cat", "dog", "pigeon"]), "audio": audio}, {"audio": known_audio}
+
+
+def test_masked_count_cosine_ends_at_zero():
+    S = 8
+    counts = [sample.masked_count(512, s, S) for s in range(S)]
+    assert counts == [math.ceil(512 * math.cos(math.pi / 2 * (s + 1) / S)) for s in range(S - 1)] + [0]
+    assert all(a >= b for a, b in zip([512] + counts, counts))
+    assert [sample.masked_count(10, s, 5, "linear") for s in range(5)] == [8, 6, 4, 2, 0]
+
+
+@pytest.mark.parametrize("schedule", ["maskgit", "roar"])
+def test_schedule_decodes_every_position_once_and_keeps_given(schedule):
+    model = Recorder(tiny_model())
+    tokens, known = mixed_batch()
+    S = 8
+    out = sample.generate(model, tokens, known, "audio", steps=S, schedule=schedule, generator=gen())
+    assert out.shape == (3, 512) and out.dtype == torch.long
+    assert len(model.calls) == S
+    ka = known["audio"]
+    # the given audio tokens come back unchanged
+    assert torch.equal(out[ka], tokens["audio"][ka])
+    for b in range(3):
+        unknown = set((A0 + torch.nonzero(~ka[b])[:, 0]).tolist())
+        given = set((A0 + torch.nonzero(ka[b])[:, 0]).tolist())
+        U = len(unknown)
+        committed_so_far = set()
+        still = U
+        for s, call in enumerate(model.calls):
+            enc, dec = rows_of(call, b)
+            enc_audio = {p for p in enc if p >= A0 and p < A0 + 512}
+            # the encoder sees exactly the given + already-decoded audio, never a position being queried
+            assert enc_audio == given | committed_so_far
+            assert not (enc & dec)
+            # caption padding never fed
+            cap = [p - POS_OFFSETS[4] for p in enc if p >= POS_OFFSETS[4]]
+            assert all(caption_valid(tokens["caption"][b])[i] for i in cap)
+            assert len(cap) == int(caption_valid(tokens["caption"][b]).sum())
+            # decoded ids fed back are the final output's ids (never re-masked, never changed)
+            ev = call["enc_valid"][b]
+            for p, i in zip(call["enc_pos"][b][ev].tolist(), call["enc_ids"][b][ev].tolist()):
+                if A0 <= p < A0 + 512:
+                    assert out[b, p - A0].item() == i
+            keep = sample.masked_count(U, s, S)
+            if schedule == "maskgit":
+                # MaskGIT queries every still-masked position
+                assert dec == unknown - committed_so_far and len(dec) == still
+                # committed this step = queried now but not at the next step (all of them at the last)
+                committed = dec - rows_of(model.calls[s + 1], b)[1] if s + 1 < S else dec
+            else:
+                # ROAR queries only this step's positions, and accepts them all
+                committed = dec
+                assert dec <= unknown - committed_so_far
+            assert len(committed) == still - keep, (s, b)
+            assert not (committed & committed_so_far)
+            committed_so_far |= committed
+            still = keep
+        assert committed_so_far == unknown
+        assert still == 0
+
+
+def test_roar_queries_each_position_exactly_once():
+    model = Recorder(tiny_model())
+    tokens, known = mixed_batch()
+    sample.generate(model, tokens, known, "audio", steps=6, schedule="roar", count_schedule="linear",
+                    generator=gen())
+    for b in range(3):
+        queried = []
+        for call in model.calls:
+            queried += call["dec_pos"][b][call["dec_valid"][b]].tolist()
+        assert sorted(queried) == sorted((A0 + torch.nonzero(~known["audio"][b])[:, 0]).tolist())
+
+
+def test_guidance_scale_one_is_the_conditional_pass():
+    tokens, known = mixed_batch()
+    model = Recorder(tiny_model())
+    a = sample.generate(model, tokens, known, "audio", steps=5, guidance_scale=1.0, generator=gen(3))
+    assert len(model.calls) == 5                      # no unconditional pass at all
+    b = sample.generate(tiny_model(), tokens, known, "audio", steps=5, generator=gen(3))
+    assert torch.equal(a, b)
+    # a model whose logits ignore the conditioning: uncond == cond, so every scale gives the same tokens
+    blind = EncoderBlind()
+    ref = sample.generate(blind, tokens, known, "audio", steps=5, generator=gen(4))
+    for scale in (0.0, 3.0):
+        assert torch.equal(sample.generate(blind, tokens, known, "audio", steps=5, guidance_scale=scale,
+                                           generator=gen(4)), ref)
+
+
+def test_guidance_unconditional_pass_drops_conditioning():
+    tokens, known = mixed_batch()
+    tokens["rgb"] = torch.randint(0, 16384, (3, 196))
+    model = Recorder(tiny_model())
+    with_cfg = sample.generate(model, tokens, known, "audio", steps=4, guidance_scale=3.0, generator=gen())
+    assert len(model.calls) == 8
+    for s in range(4):
+        cond, uncond = model.calls[2 * s], model.calls[2 * s + 1]
+        assert torch.equal(cond["dec_pos"], uncond["dec_pos"])
+        for b in range(3):
+            enc_u = rows_of(uncond, b)[0]
+            enc_c = rows_of(cond, b)[0]
+            audio_c = {p for p in enc_c if A0 <= p < A0 + 512}
+            if audio_c:
+                assert enc_u == audio_c            # only the target's own known / decoded tokens
+            else:                                  # nothing yet: the single null token, an empty caption
+                assert enc_u == {POS_OFFSETS[4]}
+                ev = uncond["enc_valid"][b]
+                assert uncond["enc_ids"][b][ev].tolist() == [CAPTION_PAD]
+    # scale 0 is the unconditional model: same as generating with the conditioning removed, where the
+    # inputs coincide (samples 1 and 2 always have audio; sample 0 starts from the null token)
+    s0 = sample.generate(tiny_model(), tokens, known, "audio", steps=4, guidance_scale=0.0, generator=gen(7))
+    alone = sample.generate(tiny_model(), {"audio": tokens["audio"]}, known, "audio", steps=4, generator=gen(7))
+    assert torch.equal(s0[1:], alone[1:])
+    assert not torch.equal(with_cfg, s0)
+
+
+def test_greedy_topk1_topp_tiny_give_the_argmax():
+    model = tiny_model()
+    tokens = {"caption": captions(["cat", "horse"])}
+    # one step decodes everything in a single pass: compare with the model's own argmax
+    enc_pos = POS_OFFSETS[4] + torch.arange(16).expand(2, 16)
+    valid = caption_valid(tokens["caption"])
+    dec_pos = A0 + torch.arange(512).expand(2, 512)
+    h = model.decode_hidden(tokens["caption"] * valid, enc_pos * valid, valid, dec_pos,
+                            torch.ones(2, 512, dtype=torch.bool))
+    argmax = model.modality_logits(h, 3).argmax(-1)
+    for kw in (dict(temperature=0.0), dict(top_k=1), dict(top_p=1e-6), dict(temperature=1e-4)):
+        out = sample.generate(model, tokens, {}, "audio", steps=1, generator=gen(5), **kw)
+        assert torch.equal(out, argmax), kw
+
+
+def test_filter_logits():
+    logits = torch.tensor([[3.0, 1.0, 2.0, 0.0]])
+    assert torch.isinf(sample.filter_logits(logits, top_k=2)).tolist() == [[False, True, False, True]]
+    p = torch.softmax(logits, -1)[0]                  # 0.64, 0.09, 0.24, 0.03
+    kept = ~torch.isinf(sample.filter_logits(logits, top_p=0.7))
+    assert kept.tolist() == [[True, False, True, False]] and p[0] < 0.7
+
+
+@pytest.mark.parametrize("target,cond", [("audio", ["rgb", "caption"]), ("rgb", ["audio"]),
+                                         ("depth", ["rgb"]), ("normal", ["rgb"]), ("caption", ["audio"])])
+def test_outputs_in_target_id_range(target, cond):
+    B = 2
+    tokens = {c: torch.randint(0, BY_NAME[sample.full_name(c)].vocab, (B, BY_NAME[sample.full_name(c)].length))
+              for c in cond if c != "caption"}
+    if "caption" in cond:
+        tokens["caption"] = captions(["cat", "dog"])
+    out = sample.generate(tiny_model(), tokens, {}, target, steps=4, guidance_scale=2.0, remask_noise=1.0,
+                          temperature=1.5, temperature_end=0.5, generator=gen())
+    m = BY_NAME[sample.full_name(target)]
+    assert out.shape == (B, m.length)
+    assert out.min() >= 0 and out.max() < m.vocab
+    assert len(set(out.flatten().tolist())) > 10     # it samples, it does not emit a constant
+
+
+def test_continuation_keeps_the_prefix_and_is_reproducible():
+    B = 2
+    audio = torch.randint(0, 2048, (B, 512), generator=gen(9))
+    known = torch.zeros(B, 512, dtype=torch.bool)
+    known[:, :sample.continuation_prefix()] = True
+    assert sample.continuation_prefix() == 410
+    tokens = {"audio": audio, "caption": captions(["cat", "dog"]), "rgb": torch.randint(0, 16384, (B, 196))}
+    model = tiny_model()
+    a = sample.generate(model, tokens, {"audio": known}, "audio", steps=6, generator=gen(11))
+    b = sample.generate(model, tokens, {"audio": known}, "audio", steps=6, generator=gen(11))
+    c = sample.generate(model, tokens, {"audio": known}, "audio", steps=6, generator=gen(12))
+    assert torch.equal(a[:, :410], audio[:, :410])
+    assert torch.equal(a, b)
+    assert not torch.equal(a[:, 410:], c[:, 410:])
+    assert not torch.equal(a[:, 410:], audio[:, 410:])
+
+
+def test_bad_input_refused():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="unknown modality"):
+        sample.generate(model, {"caption": captions(["cat"])}, {}, "smell")
+    with pytest.raises(ValueError, match="shape"):
+        sample.generate(model, {"rgb": torch.zeros(1, 100, dtype=torch.long)}, {}, "audio")
+    with pytest.raises(ValueError, match="schedule"):
+        sample.generate(model, {"caption": captions(["cat"])}, {}, "audio", schedule="random")
+    with pytest.raises(ValueError, match="outside"):
+        sample.generate(model, {"depth": torch.full((1, 196), 9000)}, {}, "audio")
