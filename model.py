@@ -1,0 +1,309 @@
+"""
+The nano4M encoder-decoder, in one file.
+
+Inputs are (id, global position) pairs chosen by masking.py; targets are global positions whose ids the
+decoder must predict. Every token embedding is token + modality + position, where the modality and the
+per-modality position (image row/col, audio frame/codebook, caption index) both follow from the global
+position (see modalities.py). The encoder runs over the inputs; decoder queries are a learned mask token
+plus modality and position embeddings, they attend to each other (within their own modality, as in 4M) and
+cross-attend to the encoder output.
+
+The loss is length-normalized per modality: each modality's cross-entropy is averaged over its own targets,
+then the modalities present in the batch are averaged with equal weight, so the 512-token audio stream does
+not drown the ~5-token caption. Each modality's logits only span its own id range and are computed in float32
+(bf16 softmax over a 50k vocabulary produced NaNs in the report).
+
+    model = Nano4M(Nano4MConfig())
+    loss, per_modality = model(enc_ids, enc_pos, enc_valid, dec_pos, dec_valid, dec_ids)
+"""
+import inspect
+import math
+from dataclasses import dataclass, asdict
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+from modalities import MODALITIES, MODALITY_NAMES, GRID, AUDIO_FRAMES, AUDIO_CODEBOOKS, TOTAL_POSITIONS, \
+    VOCAB_SIZE, position_modality
+
+
+@dataclass
+class Nano4MConfig:
+    n_enc_layer: int = 6
+    n_dec_layer: int = 6
+    n_embd: int = 512
+    n_head: int = 8             # head dim 64
+    dropout: float = 0.0
+    bias: bool = False          # bias in Linears and LayerNorms
+    vocab_size: int = VOCAB_SIZE
+    dec_same_modality: bool = True  # decoder self-attention only among targets of the same modality (4M)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with an optional bias (PyTorch's has no bias=False before 2.1 and we keep it explicit)."""
+
+    def __init__(self, ndim, bias):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ndim))
+        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
+
+    def forward(self, x):
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+
+
+class Attention(nn.Module):
+    """Multi-head attention through fused SDPA. Self-attention when context is None, else cross-attention.
+    attn_mask: bool, True = may attend, broadcastable to [B, n_head, T_query, T_key]."""
+
+    def __init__(self, config, cross=False):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0
+        self.n_head, self.n_embd, self.cross = config.n_head, config.n_embd, cross
+        if cross:
+            self.q = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+            self.kv = nn.Linear(config.n_embd, 2 * config.n_embd, bias=config.bias)
+        else:
+            self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.dropout = config.dropout
+
+    def forward(self, x, attn_mask, context=None):
+        B, T, C = x.shape
+        if self.cross:
+            q = self.q(x)
+            k, v = self.kv(context).split(self.n_embd, dim=2)
+        else:
+            q, k, v = self.qkv(x).split(self.n_embd, dim=2)
+        heads = lambda t: t.view(B, t.size(1), self.n_head, C // self.n_head).transpose(1, 2)
+        y = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), attn_mask=attn_mask,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.proj(F.gelu(self.fc(x))))
+
+
+class EncoderBlock(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = LayerNorm(config.n_embd, config.bias)
+        self.attn = Attention(config)
+        self.ln_2 = LayerNorm(config.n_embd, config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, mask):
+        x = x + self.attn(self.ln_1(x), mask)
+        return x + self.mlp(self.ln_2(x))
+
+
+class DecoderBlock(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = LayerNorm(config.n_embd, config.bias)
+        self.self_attn = Attention(config)
+        self.ln_2 = LayerNorm(config.n_embd, config.bias)
+        self.cross_attn = Attention(config, cross=True)
+        self.ln_3 = LayerNorm(config.n_embd, config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, memory, self_mask, cross_mask):
+        x = x + self.self_attn(self.ln_1(x), self_mask)
+        x = x + self.cross_attn(self.ln_2(x), cross_mask, context=memory)
+        return x + self.mlp(self.ln_3(x))
+
+
+class Nano4M(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        D = config.n_embd
+        self.wte = nn.Embedding(config.vocab_size, D)           # shared by all modalities
+        self.wme = nn.Embedding(len(MODALITIES), D)             # which modality a token belongs to
+        # position parts; the three image grids share row/col (they are pixel-aligned views of one frame)
+        self.pos_row = nn.Parameter(torch.zeros(GRID, D))
+        self.pos_col = nn.Parameter(torch.zeros(GRID, D))
+        self.pos_frame = nn.Parameter(torch.zeros(AUDIO_FRAMES, D))        # stream index i -> frame i // 2
+        self.pos_codebook = nn.Parameter(torch.zeros(AUDIO_CODEBOOKS, D))  # ... and codebook i % 2
+        seq_lengths = {m.length for m in MODALITIES if m.layout == "seq"}
+        self.pos_seq = nn.Parameter(torch.zeros(max(seq_lengths), D))      # caption index
+        self.mask_token = nn.Parameter(torch.zeros(D))                      # the decoder query content
+        self.drop = nn.Dropout(config.dropout)
+        self.encoder = nn.ModuleList([EncoderBlock(config) for _ in range(config.n_enc_layer)])
+        self.enc_ln_f = LayerNorm(D, config.bias)
+        self.decoder = nn.ModuleList([DecoderBlock(config) for _ in range(config.n_dec_layer)])
+        self.dec_ln_f = LayerNorm(D, config.bias)
+        self.lm_head = nn.Linear(D, config.vocab_size, bias=False)  # untied; modality m uses rows [0, vocab_m)
+        self.register_buffer("pos_modality", position_modality(torch.arange(TOTAL_POSITIONS)), persistent=False)
+
+        self.apply(self._init_weights)
+        for p in (self.pos_row, self.pos_col, self.pos_frame, self.pos_codebook, self.pos_seq, self.mask_token):
+            nn.init.normal_(p, mean=0.0, std=0.02)
+        # GPT-2's scaled init of the projections that write into the residual stream
+        n_resid = 2 * config.n_enc_layer + 3 * config.n_dec_layer
+        for name, p in self.named_parameters():
+            if name.endswith("proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(n_resid))
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def get_num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    # -----------------------------------------------------------------------------------------------
+    # the trunk: static shapes, no host syncs, so torch.compile can take it whole
+
+    def position_table(self):
+        """[TOTAL_POSITIONS, D]: each modality's position embedding, concatenated in global-position order."""
+        D = self.config.n_embd
+        grid = (self.pos_row[:, None, :] + self.pos_col[None, :, :]).reshape(GRID * GRID, D)
+        audio = (self.pos_frame[:, None, :] + self.pos_codebook[None, :, :]).reshape(-1, D)
+        parts = {"grid": grid, "audio": audio}
+        return torch.cat([parts[m.layout] if m.layout in parts else self.pos_seq[:m.length] for m in MODALITIES])
+
+    def decode_hidden(self, enc_ids, enc_pos, enc_valid, dec_pos, dec_valid):
+        """-> decoder output [B, No, D] (after the final LayerNorm), one row per target position."""
+        device = enc_ids.device
+        pos_table = self.position_table()
+        x = self.wte(enc_ids) + self.wme(self.pos_modality[enc_pos]) + pos_table[enc_pos]
+        x = self.drop(x)
+        Ni, No = enc_ids.size(1), dec_pos.size(1)
+
+        # Every query row must keep at least one key or SDPA returns NaN for it (and NaN grads leak into
+        # the shared weights). Padding rows may always see themselves; valid rows see valid keys (which
+        # include themselves), so the padding never changes what a valid token computes.
+        eye_i = torch.eye(Ni, dtype=torch.bool, device=device)
+        enc_mask = (enc_valid[:, None, :] | eye_i)[:, None]                       # [B, 1, Ni, Ni]
+        for block in self.encoder:
+            x = block(x, enc_mask)
+        memory = self.enc_ln_f(x)
+
+        dec_mod = self.pos_modality[dec_pos]
+        y = self.mask_token + self.wme(dec_mod) + pos_table[dec_pos]
+        y = self.drop(y)
+        eye_o = torch.eye(No, dtype=torch.bool, device=device)
+        dec_mask = dec_valid[:, None, :].expand(-1, No, -1)
+        if self.config.dec_same_modality:
+            dec_mask = dec_mask & (dec_mod[:, :, None] == dec_mod[:, None, :])
+        dec_mask = (dec_mask | eye_o)[:, None]                                    # [B, 1, No, No]
+        # cross-attention keys: the valid inputs; a sample with none (masking forbids it, but a direct
+        # caller may not) falls back to key 0 so its rows stay finite
+        first = torch.arange(Ni, device=device) == 0
+        cross_mask = enc_valid | (first & ~enc_valid.any(dim=1, keepdim=True))
+        cross_mask = cross_mask[:, None, None, :]                                 # [B, 1, 1, Ni]
+        for block in self.decoder:
+            y = block(y, memory, dec_mask, cross_mask)
+        return self.dec_ln_f(y)
+
+    # -----------------------------------------------------------------------------------------------
+    # the head: per-modality logits over the modality's own ids, in float32
+
+    def modality_logits(self, h, m):
+        """h [..., D] decoder rows of modality index m -> float32 logits [..., vocab_m]."""
+        vocab = MODALITIES[m].vocab
+        with torch.autocast(device_type=h.device.type, enabled=False):
+            return h.float() @ self.lm_head.weight[:vocab].float().t()
+
+    def per_modality_loss(self, h, dec_pos, dec_ids, dec_valid):
+        """-> (loss, {name: (sum_ce, count)}). Sorts the valid target rows by modality so each modality's
+        logits are one matmul over its own id range; the row counts are read on the host once (the only
+        sync of a training step)."""
+        D = h.size(-1)
+        h = h.reshape(-1, D)
+        ids = dec_ids.reshape(-1)
+        mod = torch.where(dec_valid.reshape(-1), self.pos_modality[dec_pos].reshape(-1), len(MODALITIES))
+        order = torch.argsort(mod, stable=True)
+        counts = torch.bincount(mod, minlength=len(MODALITIES) + 1).tolist()
+        hs = h[order].split(counts)
+        idss = ids[order].split(counts)
+        per_modality, means = {}, []
+        for m, name in enumerate(MODALITY_NAMES):
+            n = counts[m]
+            if n == 0:
+                per_modality[name] = (torch.zeros((), device=h.device), torch.zeros((), device=h.device))
+                continue
+            sum_ce = F.cross_entropy(self.modality_logits(hs[m], m), idss[m], reduction="sum")
+            per_modality[name] = (sum_ce.detach(), torch.tensor(float(n), device=h.device))
+            means.append(sum_ce / n)
+        # no targets at all: a zero that still reaches the graph, so backward() and DDP stay happy
+        loss = torch.stack(means).mean() if means else h.float().sum() * 0.0
+        return loss, per_modality
+
+    def forward(self, enc_ids, enc_pos, enc_valid, dec_pos, dec_valid, dec_ids=None):
+        h = self.decode_hidden(enc_ids, enc_pos, enc_valid, dec_pos, dec_valid)
+        if dec_ids is None:
+            return h
+        return self.per_modality_loss(h, dec_pos, dec_ids, dec_valid)
+
+    def compile_trunk(self, **kwargs):
+        """torch.compile the static-shape trunk only; the per-modality head's row counts vary per batch.
+        The state_dict keys stay unchanged."""
+        self.decode_hidden = torch.compile(self.decode_hidden, **kwargs)
+        return self
+
+    # -----------------------------------------------------------------------------------------------
+    # training helpers (nanoGPT-style)
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        """AdamW; weight decay on matrices and embeddings (>= 2-D), none on norms, biases, vectors."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        use_fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
+        extra = {"fused": True} if use_fused else {}
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **extra)
+
+    def flops_per_step(self, batch_size, n_in, n_out):
+        """Training FLOPs (forward + backward = 3x forward, 2 per multiply-add) of one step with n_in input
+        and n_out target slots per sample. Counts the padded slots (they are computed), attention scores,
+        and the head at the mean vocabulary of the five modalities (targets split evenly on average)."""
+        D, Le, Ld = self.config.n_embd, self.config.n_enc_layer, self.config.n_dec_layer
+        enc = n_in * Le * (12 * D * D + 4 * n_in * D)
+        dec = Ld * (n_out * (14 * D * D + 4 * n_out * D + 4 * n_in * D) + n_in * 2 * D * D)
+        mean_vocab = sum(m.vocab for m in MODALITIES) / len(MODALITIES)
+        head = n_out * D * mean_vocab
+        return 3 * 2 * batch_size * (enc + dec + head)
+
+    def estimate_mfu(self, batch_size, n_in, n_out, dt, peak_flops=989e12):
+        """Model FLOPs utilization of a step that took dt seconds. peak_flops: the accelerator's dense peak
+        for the dtype used (H100 SXM bf16 989e12; for fp32 via TF32 pass ~494e12)."""
+        return self.flops_per_step(batch_size, n_in, n_out) / dt / peak_flops
+
+
+def load_checkpoint(path, device="cpu"):
+    """-> (model in eval mode on device, checkpoint dict). For sample.py / evaluate.py."""
+    import os
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no checkpoint there (train.py writes out_dir/ckpt.pt)")
+    checkpoint = torch.load(path, map_location=device, weights_only=False)  # our own file: dicts, tensors
+    for key in ("model", "model_args"):
+        if key not in checkpoint:
+            raise ValueError(f"{path}: not a nano4M checkpoint (no {key!r} entry)")
+    model = Nano4M(Nano4MConfig(**checkpoint["model_args"]))
+    state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in checkpoint["model"].items()}
+    model.load_state_dict(state)
+    model.to(device).eval()
+    return model, checkpoint
+
+
+def config_dict(config):
+    return asdict(config)

@@ -1,0 +1,190 @@
+"""model.py: size, embeddings, masks, the per-modality float32 loss, optimizer groups, checkpoints."""
+import math
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import modalities as M  # noqa: E402
+from model import Nano4M, Nano4MConfig, load_checkpoint  # noqa: E402
+
+TINY = dict(n_enc_layer=1, n_dec_layer=2, n_embd=32, n_head=2)
+VOCABS = torch.tensor([m.vocab for m in M.MODALITIES])
+
+
+def random_batch(B=3, Ni=20, No=24, seed=0):
+    """Random valid-looking batch: positions anywhere, ids inside each position's modality range, the tail
+    of every row padding (sample b keeps Ni - 3b inputs and No - 4b targets)."""
+    g = torch.Generator().manual_seed(seed)
+    enc_pos = torch.randint(0, M.TOTAL_POSITIONS, (B, Ni), generator=g)
+    dec_pos = torch.randint(0, M.TOTAL_POSITIONS, (B, No), generator=g)
+    ids = lambda pos: (torch.rand(pos.shape, generator=g) * VOCABS[M.position_modality(pos)]).long()
+    enc_valid = torch.arange(Ni)[None] < (Ni - 3 * torch.arange(B))[:, None]
+    dec_valid = torch.arange(No)[None] < (No - 4 * torch.arange(B))[:, None]
+    return dict(enc_ids=ids(enc_pos), enc_pos=enc_pos, enc_valid=enc_valid, dec_pos=dec_pos,
+                dec_valid=dec_valid, dec_ids=ids(dec_pos))
+
+
+def run(model, b):
+    return model(b["enc_ids"], b["enc_pos"], b["enc_valid"], b["dec_pos"], b["dec_valid"], b["dec_ids"])
+
+
+def tiny(**kw):
+    torch.manual_seed(0)
+    return Nano4M(Nano4MConfig(**{**TINY, **kw}))
+
+
+def test_default_model_is_about_96M_params():
+    model = Nano4M(Nano4MConfig())
+    n = model.get_num_params()
+    assert 94e6 < n < 98e6, n
+    assert model.config.n_embd // model.config.n_head == 64
+    assert len(model.encoder) == 6 and len(model.decoder) == 6
+    assert model.lm_head.weight.data_ptr() != model.wte.weight.data_ptr()   # untied
+
+
+def test_position_table_layout():
+    model = tiny()
+    table = model.position_table()
+    assert table.shape == (M.TOTAL_POSITIONS, 32)
+    for m_idx, m in enumerate(M.MODALITIES):
+        off = M.POS_OFFSETS[m_idx]
+        for i in (0, 1, 15, m.length - 1):
+            if m.layout == "grid":
+                want = model.pos_row[i // M.GRID] + model.pos_col[i % M.GRID]
+            elif m.layout == "audio":
+                want = model.pos_frame[i // 2] + model.pos_codebook[i % 2]
+            else:
+                want = model.pos_seq[i]
+            torch.testing.assert_close(table[off + i], want)
+    # each global position's modality
+    assert (model.pos_modality[torch.tensor(M.POS_OFFSETS)] == torch.arange(5)).all()
+
+
+def test_loss_is_mean_over_modalities_of_per_modality_mean_ce():
+    model = tiny()
+    b = random_batch()
+    loss, per = run(model, b)
+    h = model.decode_hidden(b["enc_ids"], b["enc_pos"], b["enc_valid"], b["dec_pos"], b["dec_valid"])
+    full = h @ model.lm_head.weight.t()                      # reference: all 50k logits, then slice
+    mod = M.position_modality(b["dec_pos"])
+    means = []
+    for m_idx, m in enumerate(M.MODALITIES):
+        sel = b["dec_valid"] & (mod == m_idx)
+        s, c = per[m.name]
+        assert int(c) == int(sel.sum())
+        if sel.sum() == 0:
+            continue
+        ce = F.cross_entropy(full[sel][:, :m.vocab], b["dec_ids"][sel], reduction="sum")
+        torch.testing.assert_close(s, ce.detach(), rtol=1e-5, atol=1e-4)
+        means.append(ce / sel.sum())
+    torch.testing.assert_close(loss, torch.stack(means).mean(), rtol=1e-5, atol=1e-5)
+    # initial CE near log(vocab) per modality
+    for m in M.MODALITIES:
+        s, c = per[m.name]
+        if c > 0:
+            assert abs(float(s / c) - math.log(m.vocab)) < 1.5
+
+
+def test_padding_does_not_change_the_result():
+    model = tiny()
+    b = random_batch()
+    loss, _ = run(model, b)
+    junk = dict(b)
+    for k in ("enc_ids", "enc_pos", "dec_pos", "dec_ids"):
+        valid = b["enc_valid"] if k.startswith("enc") else b["dec_valid"]
+        hi = 1000 if k.endswith("ids") else M.TOTAL_POSITIONS
+        junk[k] = torch.where(valid, b[k], torch.randint_like(b[k], 0, hi))
+    loss2, _ = run(model, junk)
+    torch.testing.assert_close(loss, loss2, rtol=1e-5, atol=1e-6)
+
+
+def test_decoder_targets_only_see_their_own_modality():
+    model = tiny()
+    b = random_batch(B=1, No=8)
+    b["dec_valid"][:] = True
+    b["dec_pos"][0] = torch.tensor([0, 1, 2, 3, M.POS_OFFSETS[3], M.POS_OFFSETS[3] + 1, 5, 6])  # rgb + audio
+    args = lambda bb: (bb["enc_ids"], bb["enc_pos"], bb["enc_valid"], bb["dec_pos"], bb["dec_valid"])
+    h = model.decode_hidden(*args(b))
+    b2 = {k: v.clone() for k, v in b.items()}
+    b2["dec_valid"][0, 4:6] = False                        # drop the audio targets
+    h2 = model.decode_hidden(*args(b2))
+    rgb = [0, 1, 2, 3, 6, 7]
+    torch.testing.assert_close(h[0, rgb], h2[0, rgb])
+    model.config.dec_same_modality = False                 # the switch really mixes them
+    assert not torch.allclose(model.decode_hidden(*args(b))[0, rgb], model.decode_hidden(*args(b2))[0, rgb])
+
+
+def test_empty_rows_give_finite_loss_and_grads():
+    model = tiny()
+    b = random_batch(B=4)
+    b["dec_valid"][1] = False          # a sample with zero targets
+    b["enc_valid"][2] = False          # a sample with zero inputs (masking forbids it; the model survives it)
+    b["enc_valid"][3, 1:] = False      # one input, lots of padding
+    loss, per = run(model, b)
+    loss.backward()
+    assert torch.isfinite(loss)
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    # no target anywhere: loss 0, still differentiable
+    model.zero_grad()
+    b["dec_valid"][:] = False
+    loss, per = run(model, b)
+    loss.backward()
+    assert loss.item() == 0.0 and all(float(c) == 0 for _, c in per.values())
+
+
+def test_bf16_autocast_keeps_the_head_in_float32():
+    model = tiny()
+    b = random_batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = model.decode_hidden(b["enc_ids"], b["enc_pos"], b["enc_valid"], b["dec_pos"], b["dec_valid"])
+        logits = model.modality_logits(h[0, :5], 3)
+        loss, _ = run(model, b)
+    assert logits.dtype == torch.float32 and logits.shape == (5, 2048)
+    loss32, _ = run(model, b)
+    assert torch.isfinite(loss) and abs(float(loss) - float(loss32)) < 0.05
+
+
+def test_optimizer_groups_and_mfu():
+    model = tiny(bias=True)
+    opt = model.configure_optimizers(0.05, 1e-4, (0.9, 0.95), "cpu")
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+    big = Nano4M(Nano4MConfig())
+    flops = big.flops_per_step(64, 256, 256)
+    # the 6 * params * tokens rule, per stream: inputs pass the encoder, targets the decoder and the head
+    # (at the mean modality vocab); ours adds attention scores and the cross-attention keys/values
+    n_enc = sum(p.numel() for p in big.encoder.parameters())
+    n_dec = sum(p.numel() for p in big.decoder.parameters())
+    head = 512 * sum(m.vocab for m in M.MODALITIES) / 5
+    rule = 6 * 64 * 256 * (n_enc + n_dec + head)
+    assert 1.0 < flops / rule < 1.3, flops / rule
+    assert big.estimate_mfu(64, 256, 256, 0.02, 989e12) == pytest.approx(flops / 0.02 / 989e12)
+
+
+def test_load_checkpoint_round_trip(tmp_path):
+    model = tiny()
+    b = random_batch()
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": model.state_dict(), "model_args": {**TINY}, "config": {}}, path)
+    loaded, ckpt = load_checkpoint(str(path), "cpu")
+    assert not loaded.training
+    torch.testing.assert_close(run(loaded, b)[0], run(model, b)[0])
+    with pytest.raises(FileNotFoundError):
+        load_checkpoint(str(tmp_path / "nope.pt"))
+    torch.save({"weights": {}}, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="not a nano4M checkpoint"):
+        load_checkpoint(str(tmp_path / "bad.pt"))
+
+
+def test_compile_trunk_keeps_state_dict_keys():
+    model = tiny()
+    keys = list(model.state_dict())
+    model.compile_trunk()
+    assert list(model.state_dict()) == keys
