@@ -1,0 +1,520 @@
+"""
+The tokenizers of the five modalities, each with the same small API:
+
+    tok.encode(batch) -> LongTensor ids [B, L] in [0, modality vocab)
+    tok.decode(ids)   -> numpy: waveform float32 [B, 81920] at 24 kHz (audio), uint8 [B, 224, 224, 3] (rgb,
+                         normals), uint16 [B, 224, 224] (depth), list of str (caption)
+
+Real tokenizers (need downloads on first use):
+    EncodecTokenizer   EnCodec 24 kHz at 1.5 kbps: 2 codebooks x 1024 at 75 Hz (the report's audio tokenizer)
+    DivaeTokenizer     the 4M DiVAE image tokenizers (rgb 16k, depth 8k, normal 8k), optional `fourm` extra
+Offline tokenizers (fitted by tokenize_all.py on the training split, no downloads):
+    MelRVQTokenizer    log-mel frames at 75 Hz -> 2-level residual k-means codebook, Griffin-Lim decoder
+    PatchKMeansTokenizer  14x14 patches of 16x16 px -> one k-means code per patch
+    CaptionTokenizer   GPT-2 BPE via tiktoken (modalities.encode_caption)
+
+Fitted codebooks live in tok/codebooks/<modality>.pt; `load_tokenizer` rebuilds whichever tokenizer
+meta.json says produced a modality, so sampling and evaluation decode with the very same one.
+"""
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import modalities as M
+
+IMAGE_SIZE = 224
+PATCH = 16
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DEFAULT_CODES = {"tok_rgb": 1024, "tok_depth": 512, "tok_normal": 512, "tok_audio": 1024}
+
+
+def pick_device(device="auto"):
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def _as_tensor(x, device, dtype=torch.float32):
+    x = torch.from_numpy(np.ascontiguousarray(x)) if isinstance(x, np.ndarray) else torch.as_tensor(x)
+    return x.to(device=device, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------------
+# k-means: batched, chunked distances (never an N x K x D tensor), deterministic from a seed
+
+def nearest(x, codebook, chunk=8192, return_dist=False):
+    """Index of the nearest codebook row for each row of x [N, D] (squared Euclidean)."""
+    c_sq = (codebook * codebook).sum(1)
+    ids, dists = [], []
+    for i in range(0, x.shape[0], chunk):
+        xb = x[i:i + chunk]
+        # ||x - c||^2 = ||x||^2 - 2 x.c + ||c||^2; the first term does not change the argmin
+        d = c_sq[None, :] - 2.0 * (xb @ codebook.T)
+        best, idx = d.min(dim=1)
+        ids.append(idx)
+        if return_dist:
+            dists.append((best + (xb * xb).sum(1)).clamp_min(0))
+    ids = torch.cat(ids) if ids else torch.zeros(0, dtype=torch.long, device=x.device)
+    return (ids, torch.cat(dists)) if return_dist else ids
+
+
+def kmeans(x, k, iters=20, seed=1337, chunk=8192, verbose=False):
+    """Lloyd's k-means on x [N, D]: init from k distinct random data rows, then `iters` rounds.
+    An empty cluster is re-seeded with the currently worst-fitted point, so all k codes stay in use
+    when the data allows it. Returns (codebook [k, D], mean squared error per vector)."""
+    n = x.shape[0]
+    if n < k:
+        raise ValueError(f"k-means needs at least k={k} vectors to fit, got {n}: use more training clips "
+                         f"or a smaller codebook")
+    g = torch.Generator().manual_seed(seed)
+    c = x[torch.randperm(n, generator=g)[:k].to(x.device)].clone()
+    for it in range(iters):
+        ids, d = nearest(x, c, chunk, return_dist=True)
+        counts = torch.bincount(ids, minlength=k)
+        sums = torch.zeros_like(c).index_add_(0, ids, x)
+        live = counts > 0
+        c[live] = sums[live] / counts[live, None].to(x.dtype)
+        dead = (~live).nonzero().flatten()
+        if len(dead):
+            worst = d.topk(len(dead)).indices
+            c[dead] = x[worst]
+        if verbose:
+            print(f"  k-means iter {it + 1}/{iters}: mse {d.mean().item():.5f}, {len(dead)} empty re-seeded")
+    _, d = nearest(x, c, chunk, return_dist=True)
+    return c, d.mean().item()
+
+
+# ---------------------------------------------------------------------------------------------------
+# audio features: log-mel at 75 Hz, exactly 256 frames for a 3.41 s window
+
+N_FFT = 1024
+HOP = M.AUDIO_SR // 75          # 320 samples = one EnCodec frame
+N_MELS = 80
+_mel_cache = {}
+
+
+def _mel_matrices(device):
+    """(fbank [513, 80], its pseudo-inverse [80, 513]) on `device`, built once."""
+    key = str(device)
+    if key not in _mel_cache:
+        import torchaudio.functional as AF
+        fb = AF.melscale_fbanks(N_FFT // 2 + 1, 0.0, M.AUDIO_SR / 2, N_MELS, M.AUDIO_SR,
+                                norm="slaney", mel_scale="slaney").to(torch.float64)
+        _mel_cache[key] = (fb.float().to(device), torch.linalg.pinv(fb).float().to(device))
+    return _mel_cache[key]
+
+
+def _window(device):
+    return torch.hann_window(N_FFT, device=device)
+
+
+def log_mel(wave):
+    """Waveform [B, T] (or [T]) at 24 kHz -> log-mel magnitude [B, T // 320, 80], natural log.
+    Frame t is centred on sample 320 t (torch.stft with center=True gives T/320 + 1 frames; the last one,
+    centred past the end, is dropped), so 81,920 samples give exactly 256 frames, aligned with EnCodec's."""
+    wave = _as_tensor(wave, wave.device if torch.is_tensor(wave) else "cpu")
+    squeeze = wave.dim() == 1
+    wave = wave[None] if squeeze else wave
+    spec = torch.stft(wave, N_FFT, HOP, window=_window(wave.device), center=True, pad_mode="reflect",
+                      return_complex=True)
+    mag = spec.abs()[..., :wave.shape[-1] // HOP]                  # [B, 513, frames]
+    fb, _ = _mel_matrices(wave.device)
+    mel = torch.einsum("bft,fm->btm", mag, fb)
+    out = torch.log(mel.clamp_min(1e-5))
+    return out[0] if squeeze else out
+
+
+def mel_to_wave(logmel, n_iter=32, length=M.AUDIO_WINDOW, seed=0):
+    """Inverse of log_mel, approximately: exp -> mel pseudo-inverse (clamped >= 0) -> fast Griffin-Lim
+    (momentum 0.99) with torch.stft/istft. logmel [B, frames, 80] -> waveform [B, length]."""
+    _, pinv = _mel_matrices(logmel.device)
+    mag = torch.einsum("btm,mf->bft", torch.exp(logmel), pinv).clamp_min(0)
+    mag = torch.cat([mag, mag[..., -1:]], dim=-1)                   # the dropped final frame: repeat the last
+    win = _window(logmel.device)
+    g = torch.Generator().manual_seed(seed)
+    phase = torch.exp(2j * np.pi * torch.rand(mag.shape, generator=g)).to(logmel.device)
+    prev = torch.zeros_like(phase)
+    for _ in range(n_iter):
+        wave = torch.istft(mag * phase, N_FFT, HOP, window=win, center=True, length=length)
+        spec = torch.stft(wave, N_FFT, HOP, window=win, center=True, pad_mode="reflect", return_complex=True)
+        accel = spec + 0.99 * (spec - prev)                        # Perraudin et al.'s fast Griffin-Lim
+        prev = spec
+        phase = accel / accel.abs().clamp_min(1e-8)
+    wave = torch.istft(mag * phase, N_FFT, HOP, window=win, center=True, length=length)
+    return wave
+
+
+def spectral_distance(a, b):
+    """Mean absolute log-mel difference between waveforms a and b [B, T] -> [B] (nats)."""
+    return (log_mel(a) - log_mel(b)).abs().mean(dim=(1, 2))
+
+
+def _check_windows(waves, device):
+    x = _as_tensor(waves, device)
+    if x.dim() == 1:
+        x = x[None]
+    if x.dim() != 2 or x.shape[1] != M.AUDIO_WINDOW:
+        raise ValueError(f"audio tokenizers take windows [B, {M.AUDIO_WINDOW}] at {M.AUDIO_SR} Hz, "
+                         f"got {tuple(x.shape)}")
+    return x
+
+
+# ---------------------------------------------------------------------------------------------------
+# audio, offline: 2-level residual k-means on log-mel frames
+
+class MelRVQTokenizer:
+    """Each 75 Hz log-mel frame f is coded as (i, j) with i = nearest(f, C1), j = nearest(f - C1[i], C2);
+    the 512-id stream is modalities.interleave_audio of [i-codes, j-codes]. Decoding sums C1[i] + C2[j] and
+    inverts the mel with Griffin-Lim."""
+    kind = "mel_rvq"
+
+    def __init__(self, codebooks, settings=None, device="cpu"):
+        self.device = pick_device(device)
+        self.codebooks = codebooks.to(self.device, torch.float32)   # [2, K, 80], K <= 1024
+        self.settings = dict(settings or {})
+        self.griffin_lim_iters = int(self.settings.get("griffin_lim_iters", 32))
+
+    @classmethod
+    def fit(cls, frames, codes=1024, iters=20, seed=1337, device="cpu", verbose=False, **settings):
+        """frames [N, 80] log-mel vectors from the training split."""
+        if codes > M.AUDIO_CODEBOOK_SIZE:
+            raise ValueError(f"audio codebook size {codes} > {M.AUDIO_CODEBOOK_SIZE} (the id range per codebook)")
+        device = pick_device(device)
+        x = _as_tensor(frames, device)
+        c1, mse1 = kmeans(x, codes, iters, seed, verbose=verbose)
+        residual = x - c1[nearest(x, c1)]
+        c2, mse2 = kmeans(residual, codes, iters, seed + 1, verbose=verbose)
+        settings.update(codes=codes, iters=iters, seed=seed, n_fft=N_FFT, hop=HOP, n_mels=N_MELS,
+                        fit_vectors=int(x.shape[0]), mse_level1=mse1, mse_level2=mse2,
+                        variance=x.var(0).sum().item())
+        return cls(torch.stack([c1, c2]).cpu(), settings, device)
+
+    def codes(self, waves):
+        """windows [B, 81920] -> codes [B, 2, 256] (long)."""
+        f = log_mel(_check_windows(waves, self.device))
+        B, T, D = f.shape
+        f = f.reshape(B * T, D)
+        i = nearest(f, self.codebooks[0])
+        j = nearest(f - self.codebooks[0][i], self.codebooks[1])
+        return torch.stack([i.view(B, T), j.view(B, T)], dim=1)
+
+    def codes_to_features(self, codes):
+        """codes [B, 2, 256] -> log-mel [B, 256, 80]: the sum of the two codebook vectors."""
+        codes = codes.to(self.device).long()
+        return self.codebooks[0][codes[:, 0]] + self.codebooks[1][codes[:, 1]]
+
+    def encode(self, waves):
+        return M.interleave_audio(self.codes(waves))
+
+    @torch.no_grad()
+    def decode(self, ids):
+        codes = M.deinterleave_audio(_as_tensor(ids, self.device, torch.long))
+        codes = codes.clamp(0, self.codebooks.shape[1] - 1)  # a sampled id past a small codebook: clamp
+        wave = mel_to_wave(self.codes_to_features(codes), n_iter=self.griffin_lim_iters)
+        return wave.clamp(-1, 1).cpu().numpy().astype(np.float32)
+
+    def save(self, path):
+        _atomic_torch_save({"kind": self.kind, "codebooks": self.codebooks.cpu(), "settings": self.settings},
+                           path)
+
+    @classmethod
+    def load(cls, path, device="cpu"):
+        d = torch.load(path, map_location="cpu", weights_only=False)
+        return cls(d["codebooks"], d["settings"], device)
+
+
+# ---------------------------------------------------------------------------------------------------
+# audio, real: EnCodec 24 kHz, 1.5 kbps
+
+class EncodecTokenizer:
+    """EnCodec 24 kHz at 1.5 kbps: a window of 81,920 samples -> codes [2, 256] in [0, 1024) -> 512 ids.
+    The pretrained weights download on first use (torch hub cache); pass model= to use another one
+    (the tests pass an untrained model of the same architecture)."""
+    kind = "encodec"
+
+    def __init__(self, device="cpu", model=None, batch_size=16):
+        from encodec import EncodecModel
+        self.device = pick_device(device)
+        if model is None:
+            model = EncodecModel.encodec_model_24khz(pretrained=True)
+        model.set_target_bandwidth(1.5)
+        self.model = model.to(self.device).eval()
+        self.batch_size = batch_size
+        self.settings = {"bandwidth": 1.5, "model": "encodec_24khz"}
+
+    @torch.no_grad()
+    def codes(self, waves):
+        x = _check_windows(waves, self.device)
+        out = []
+        for i in range(0, x.shape[0], self.batch_size):
+            frames = self.model.encode(x[i:i + self.batch_size, None, :])  # list of (codes [b, K, T], scale)
+            c = torch.cat([f[0] for f in frames], dim=-1)
+            if c.shape[1] != M.AUDIO_CODEBOOKS:
+                raise RuntimeError(f"EnCodec returned {c.shape[1]} codebooks at 1.5 kbps, expected 2")
+            # 81,920 / 320 = 256 frames; trim a spare frame or repeat the last if the encoder's padding
+            # ever disagrees, so the stream geometry is always exact
+            if c.shape[-1] > M.AUDIO_FRAMES:
+                c = c[..., :M.AUDIO_FRAMES]
+            elif c.shape[-1] < M.AUDIO_FRAMES:
+                c = torch.cat([c, c[..., -1:].expand(-1, -1, M.AUDIO_FRAMES - c.shape[-1])], dim=-1)
+            out.append(c.long())
+        return torch.cat(out)
+
+    def encode(self, waves):
+        return M.interleave_audio(self.codes(waves))
+
+    @torch.no_grad()
+    def decode(self, ids):
+        codes = M.deinterleave_audio(_as_tensor(ids, self.device, torch.long)).clamp(0, 1023)
+        out = []
+        for i in range(0, codes.shape[0], self.batch_size):
+            w = self.model.decode([(codes[i:i + self.batch_size], None)])[:, 0]
+            w = w[:, :M.AUDIO_WINDOW]
+            if w.shape[1] < M.AUDIO_WINDOW:
+                w = F.pad(w, (0, M.AUDIO_WINDOW - w.shape[1]))
+            out.append(w)
+        return torch.cat(out).clamp(-1, 1).cpu().numpy().astype(np.float32)
+
+
+def encodec_init_untrained(model, wave, kmeans_iters=None):
+    """Initialise the codebooks of an untrained EnCodec (pretrained=False) the way EnCodec itself does:
+    its EuclideanCodebook starts empty (`inited` = 0) and runs k-means on the first batch the quantizer
+    sees. wave [1, 1, T] with T / 320 > 1024 frames. kmeans_iters (default EnCodec's 50) only sets the
+    cost of that one k-means."""
+    emb = model.encoder(wave)
+    if emb.shape[0] * emb.shape[-1] <= 1024:
+        raise ValueError(f"need more than 1024 frames to initialise 1024-entry codebooks, got {emb.shape[-1]}")
+    for layer in model.quantizer.vq.layers:
+        if kmeans_iters is not None:
+            layer._codebook.kmeans_iters = kmeans_iters
+    model.quantizer(emb, model.frame_rate, model.bandwidth)  # forward inits the layers it uses (n_q = 2)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------
+# images, offline: one k-means code per 16x16 patch
+
+def images_to_unit(images, modality, device):
+    """Raw images -> float [B, C, 224, 224] in the space the patch codebook works in, plus for depth the
+    per-image (mean, std) of log depth. rgb: [0, 1]; normals: [-1, 1] (n = 2 c / 255 - 1); depth: log(1 + d)
+    standardised per image (depth scales differ wildly between scenes; the shape is what matters)."""
+    x = _as_tensor(images, device)
+    if modality == "tok_depth":
+        if x.dim() != 3:
+            raise ValueError(f"depth maps must be [B, 224, 224], got {tuple(x.shape)}")
+        x = torch.log1p(x)[:, None]
+        mean = x.mean(dim=(1, 2, 3), keepdim=True)
+        std = x.std(dim=(1, 2, 3), keepdim=True).clamp_min(1e-3)
+        return (x - mean) / std, (mean.flatten(), std.flatten())
+    if x.dim() != 4 or x.shape[-1] != 3:
+        raise ValueError(f"{modality} images must be [B, 224, 224, 3], got {tuple(x.shape)}")
+    x = x.permute(0, 3, 1, 2) / 255.0
+    return (x * 2 - 1 if modality == "tok_normal" else x), None
+
+
+def unit_to_images(x, modality, depth_ref=(0.0, 1.0)):
+    """Inverse of images_to_unit. Depth has lost its per-image offset and scale in the tokens, so it is
+    shown with the training set's typical ones (depth_ref = median per-image mean and std of log depth)."""
+    if modality == "tok_depth":
+        d = torch.expm1(x[:, 0] * depth_ref[1] + depth_ref[0])
+        return d.round().clamp(0, 65535).cpu().numpy().astype(np.uint16)
+    if modality == "tok_normal":
+        x = (x + 1) / 2
+    return (x.permute(0, 2, 3, 1) * 255).round().clamp(0, 255).cpu().numpy().astype(np.uint8)
+
+
+def patchify(x, down=2):
+    """[B, C, 224, 224] -> [B, 196, C * (16/down)^2]: each 16x16 patch area-averaged to 8x8 (down=2).
+    Why 8x8: one code per patch can only hold the patch's coarse layout anyway, and clustering 4x fewer
+    dimensions makes fitting 1,024 codes on tens of thousands of patches take seconds on 2 cores."""
+    if down > 1:
+        x = F.avg_pool2d(x, down)
+    p = PATCH // down
+    B, C, H, W = x.shape
+    x = x.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(B, (H // p) * (W // p), C * p * p)
+
+
+def unpatchify(v, channels, down=2):
+    """[B, 196, C * p * p] -> [B, C, 224, 224], each 8x8 code upsampled by pixel repetition (nearest), so
+    re-encoding a decoded image gives back the same codes (the 2x2 average of repeated pixels is exact)."""
+    p = PATCH // down
+    B = v.shape[0]
+    x = v.reshape(B, M.GRID, M.GRID, channels, p, p).permute(0, 3, 1, 4, 2, 5)
+    x = x.reshape(B, channels, M.GRID * p, M.GRID * p)
+    return F.interpolate(x, scale_factor=down, mode="nearest") if down > 1 else x
+
+
+class PatchKMeansTokenizer:
+    kind = "patch_kmeans"
+
+    def __init__(self, modality, codebook, settings=None, device="cpu"):
+        self.modality = M.SHORT_NAMES.get(modality, modality)
+        self.device = pick_device(device)
+        self.codebook = codebook.to(self.device, torch.float32)     # [K, C * 8 * 8]
+        self.settings = dict(settings or {})
+        self.down = int(self.settings.get("down", 2))
+        self.channels = 1 if self.modality == "tok_depth" else 3
+        self.depth_ref = tuple(self.settings.get("depth_ref", (0.0, 1.0)))
+        if self.codebook.shape[0] > M.BY_NAME[self.modality].vocab:
+            raise ValueError(f"{self.modality}: codebook of {self.codebook.shape[0]} > vocab "
+                             f"{M.BY_NAME[self.modality].vocab}")
+
+    @classmethod
+    def fit(cls, modality, patches, codes, iters=20, seed=1337, device="cpu", down=2, depth_ref=(0.0, 1.0),
+            verbose=False, **settings):
+        """patches [N, D] from patch_vectors() of training images."""
+        modality = M.SHORT_NAMES.get(modality, modality)
+        if codes > M.BY_NAME[modality].vocab:
+            raise ValueError(f"{modality}: codebook size {codes} > its id range {M.BY_NAME[modality].vocab}")
+        device = pick_device(device)
+        x = _as_tensor(patches, device)
+        c, mse = kmeans(x, codes, iters, seed, verbose=verbose)
+        settings.update(codes=codes, iters=iters, seed=seed, down=down, depth_ref=list(map(float, depth_ref)),
+                        fit_vectors=int(x.shape[0]), mse=mse, variance=x.var(0).sum().item())
+        return cls(modality, c.cpu(), settings, device)
+
+    def patch_vectors(self, images):
+        """Raw images -> patch vectors [B, 196, D] (and depth's per-image mean/std)."""
+        x, stats = images_to_unit(images, self.modality, self.device)
+        return patchify(x, self.down), stats
+
+    def encode(self, images):
+        v, _ = self.patch_vectors(images)
+        B, N, D = v.shape
+        return nearest(v.reshape(B * N, D), self.codebook).view(B, N)
+
+    @torch.no_grad()
+    def decode(self, ids):
+        ids = _as_tensor(ids, self.device, torch.long).clamp(0, self.codebook.shape[0] - 1)
+        x = unpatchify(self.codebook[ids], self.channels, self.down)
+        return unit_to_images(x, self.modality, self.depth_ref)
+
+    def save(self, path):
+        _atomic_torch_save({"kind": self.kind, "modality": self.modality, "codebook": self.codebook.cpu(),
+                            "settings": self.settings}, path)
+
+    @classmethod
+    def load(cls, path, device="cpu"):
+        d = torch.load(path, map_location="cpu", weights_only=False)
+        return cls(d["modality"], d["codebook"], d["settings"], device)
+
+
+# ---------------------------------------------------------------------------------------------------
+# images, real: the 4M DiVAE tokenizers (optional extra)
+
+DIVAE_IDS = {"tok_rgb": "EPFL-VILAB/4M_tokenizers_rgb_16k_224-448",
+             "tok_depth": "EPFL-VILAB/4M_tokenizers_depth_8k_224-448",
+             "tok_normal": "EPFL-VILAB/4M_tokenizers_normal_8k_224-448"}
+
+
+class DivaeTokenizer:
+    """4M's DiVAE: ViT encoder -> 14x14 ids at 224 px; a diffusion decoder back to pixels.
+    Input normalisation follows fourm/data/modality_transforms.py: rgb ImageNet mean/std, depth
+    [0, 1] (d / 65535) then truncated standardisation per image (10 % trimmed each side), normals
+    (c / 255 - 0.5) / 0.5 in [-1, 1]."""
+    kind = "divae"
+
+    def __init__(self, modality, device="cpu", timesteps=50, model=None):
+        self.modality = M.SHORT_NAMES.get(modality, modality)
+        self.device = pick_device(device)
+        self.timesteps = timesteps
+        self.settings = {"hub_id": DIVAE_IDS[self.modality], "timesteps": timesteps}
+        if model is None:
+            try:
+                from fourm.vq.vqvae import DiVAE
+            except ImportError as e:
+                raise ImportError("the DiVAE image tokenizers need apple/ml-4m's `fourm` package: "
+                                  "pip install -r requirements-extra.txt (or use "
+                                  "--image_tokenizer=patch_kmeans, which needs no download)") from e
+            model = DiVAE.from_pretrained(DIVAE_IDS[self.modality])
+        self.model = model.to(self.device).eval()
+
+    def _prepare(self, images):
+        x = _as_tensor(images, self.device)
+        if self.modality == "tok_depth":
+            x = (x / 65535.0)[:, None]
+            flat = x.flatten(1).sort(dim=1).values
+            n = flat.shape[1]
+            trunc = flat[:, int(0.1 * n):int(0.9 * n)]
+            return (x - trunc.mean(1)[:, None, None, None]) / (trunc.var(1)[:, None, None, None] + 1e-6).sqrt()
+        x = x.permute(0, 3, 1, 2) / 255.0
+        if self.modality == "tok_normal":
+            return (x - 0.5) / 0.5
+        mean = torch.tensor(IMAGENET_MEAN, device=self.device)[None, :, None, None]
+        std = torch.tensor(IMAGENET_STD, device=self.device)[None, :, None, None]
+        return (x - mean) / std
+
+    @torch.no_grad()
+    def encode(self, images):
+        ids = self.model.tokenize(self._prepare(images))        # [B, 14, 14]
+        return ids.reshape(ids.shape[0], -1).long()
+
+    @torch.no_grad()
+    def decode(self, ids):
+        ids = _as_tensor(ids, self.device, torch.long).reshape(-1, M.GRID, M.GRID)
+        x = self.model.decode_tokens(ids, timesteps=self.timesteps, image_size=IMAGE_SIZE, verbose=False)
+        if self.modality == "tok_depth":
+            # standardised depth: shown with a fixed spread (the per-image scale is not in the tokens)
+            d = (x[:, 0] * 0.15 + 0.5).clamp(0, 1) * 65535
+            return d.round().cpu().numpy().astype(np.uint16)
+        if self.modality == "tok_rgb":
+            mean = torch.tensor(IMAGENET_MEAN, device=x.device)[None, :, None, None]
+            std = torch.tensor(IMAGENET_STD, device=x.device)[None, :, None, None]
+            x = x * std + mean
+        else:
+            x = (x + 1) / 2
+        return (x.permute(0, 2, 3, 1).clamp(0, 1) * 255).round().cpu().numpy().astype(np.uint8)
+
+
+# ---------------------------------------------------------------------------------------------------
+# caption
+
+class CaptionTokenizer:
+    kind = "gpt2_bpe"
+
+    def __init__(self, device="cpu"):
+        self.settings = {"encoding": "r50k_base", "length": M.CAPTION_LEN, "pad_id": M.CAPTION_PAD}
+
+    def encode(self, texts):
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        return torch.from_numpy(np.stack([M.encode_caption(t) for t in texts]))
+
+    def decode(self, ids):
+        ids = ids.cpu().numpy() if torch.is_tensor(ids) else np.asarray(ids)
+        return [M.decode_caption(row) for row in ids.reshape(-1, ids.shape[-1])]
+
+
+# ---------------------------------------------------------------------------------------------------
+
+def _atomic_torch_save(obj, path):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_tokenizer(tok_path, meta, modality_name, device="cpu"):
+    """The tokenizer that produced `modality_name` in this tokenized dataset (from its meta.json)."""
+    name = M.SHORT_NAMES.get(modality_name, modality_name)
+    if name not in meta["modalities"]:
+        raise ValueError(f"{tok_path}/meta.json has no modality {name!r}")
+    info = meta["modalities"][name]
+    kind = info["tokenizer"]
+    codebook = os.path.join(tok_path, info["codebook"]) if info.get("codebook") else None
+    if codebook is not None and not os.path.exists(codebook):
+        raise FileNotFoundError(f"{codebook}: codebook of {name} missing (rerun tokenize_all.py)")
+    if kind == "mel_rvq":
+        return MelRVQTokenizer.load(codebook, device)
+    if kind == "patch_kmeans":
+        return PatchKMeansTokenizer.load(codebook, device)
+    if kind == "encodec":
+        return EncodecTokenizer(device)
+    if kind == "divae":
+        return DivaeTokenizer(name, device)
+    if kind == "gpt2_bpe":
+        return CaptionTokenizer(device)
+    raise ValueError(f"{tok_path}/meta.json: unknown tokenizer {kind!r} for {name}")

@@ -1,0 +1,370 @@
+"""
+Raw clips -> tokenized dataset.
+
+    python tokenize_all.py --dataset=toyzoo [--audio_tokenizer=mel_rvq|encodec]
+                           [--image_tokenizer=patch_kmeans|divae] [--batch_size=8] [--device=auto]
+
+Reads data/<dataset>/raw/manifest.jsonl (rawdata.py's layout) and writes data/<dataset>/tok/:
+    <split>/tok_rgb.bin ... tok_audio.bin   uint16 [N, 10, L]     caption.bin uint16 [N, 16]
+    <split>/label.bin uint16 [N]            <split>/clip_ids.json
+    codebooks/<modality>.pt                 the fitted offline codebooks
+    meta.json                               written last: its presence means the dataset is complete
+
+View v of a clip is keyframe v, its depth and normal maps, and the 3.41 s audio window centred on the
+keyframe's time (clamped to the clip). The offline codebooks are fitted on the train split first and reused
+when present with the same settings. Resumable: each split is written through preallocated `.partial`
+memmaps and a progress file, flushed after every batch; a rerun continues where the last one stopped.
+"""
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import modalities as M
+import modality_tokenizers as T
+import rawdata
+
+IMAGE_MODALITIES = ("tok_rgb", "tok_depth", "tok_normal")
+FILE_KEYS = {"tok_rgb": "frames", "tok_depth": "depths", "tok_normal": "normals"}
+MIN_SR, MAX_SR = 4000, 384000   # rates we resample from; anything outside is a broken file
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", default="toyzoo")
+    p.add_argument("--data_root", default="data")
+    p.add_argument("--audio_tokenizer", default="mel_rvq", choices=["mel_rvq", "encodec"])
+    p.add_argument("--image_tokenizer", default="patch_kmeans", choices=["patch_kmeans", "divae"])
+    p.add_argument("--batch_size", type=int, default=8, help="clips per batch (x10 views)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=1337)
+    # offline codebooks
+    p.add_argument("--rgb_codes", type=int, default=T.DEFAULT_CODES["tok_rgb"])
+    p.add_argument("--depth_codes", type=int, default=T.DEFAULT_CODES["tok_depth"])
+    p.add_argument("--normal_codes", type=int, default=T.DEFAULT_CODES["tok_normal"])
+    p.add_argument("--audio_codes", type=int, default=T.DEFAULT_CODES["tok_audio"], help="per level, <= 1024")
+    p.add_argument("--kmeans_iters", type=int, default=20)
+    p.add_argument("--fit_clips", type=int, default=300, help="train clips read to fit the codebooks")
+    p.add_argument("--fit_vectors", type=int, default=60000, help="vectors (frames / patches) per codebook fit")
+    p.add_argument("--griffin_lim_iters", type=int, default=32, help="mel_rvq decoding")
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------------------------
+# reading one clip, refusing bad input with the clip named
+
+def check_rows(rows, raw):
+    """Cheap checks on every row before any work: files exist, 10 views, keyframe times present."""
+    for r in rows:
+        cid = r["clip_id"]
+        for key in ("audio",):
+            if not os.path.exists(os.path.join(raw, r[key])):
+                raise FileNotFoundError(f"clip {cid}: audio file {os.path.join(raw, r[key])} missing")
+        for m, key in FILE_KEYS.items():
+            paths = r.get(key)
+            if not paths:
+                raise ValueError(f"clip {cid}: no {key} in the manifest ({m} needs them; a source without "
+                                 f"depth/normal maps cannot be tokenized for all five modalities)")
+            if len(paths) != M.NUM_VIEWS:
+                raise ValueError(f"clip {cid}: {len(paths)} {key}, expected {M.NUM_VIEWS}")
+            for p in paths:
+                if not os.path.exists(os.path.join(raw, p)):
+                    raise FileNotFoundError(f"clip {cid}: {key} file {os.path.join(raw, p)} missing")
+        times = r.get("keyframe_times")
+        if not times or len(times) != M.NUM_VIEWS:
+            raise ValueError(f"clip {cid}: keyframe_times must list {M.NUM_VIEWS} times, got {times!r}")
+
+
+def load_audio(row, raw):
+    """The clip's audio at 24 kHz as float32 [T]; resampled from another sane rate, else refused."""
+    cid = row["clip_id"]
+    path = os.path.join(raw, row["audio"])
+    try:
+        x, sr = rawdata.read_wav(path)
+    except (ValueError, FileNotFoundError) as e:
+        raise ValueError(f"clip {cid}: {e}") from None
+    if sr != M.AUDIO_SR:
+        if not (MIN_SR <= sr <= MAX_SR):
+            raise ValueError(f"clip {cid}: {path} has sample rate {sr} Hz, which cannot be resampled to "
+                             f"{M.AUDIO_SR} Hz (accepted: {MIN_SR}..{MAX_SR} Hz)")
+        import torchaudio.functional as AF
+        x = AF.resample(torch.from_numpy(x), sr, M.AUDIO_SR).numpy()
+    if len(x) < M.AUDIO_WINDOW:
+        raise ValueError(f"clip {cid}: {path} is {len(x) / M.AUDIO_SR:.2f} s, shorter than the "
+                         f"{M.AUDIO_WINDOW / M.AUDIO_SR:.2f} s window (prepare_data.py pads short clips, so "
+                         f"this file is damaged or was not made by it)")
+    return x
+
+
+def audio_windows(x, times):
+    """[T] audio + 10 keyframe times -> [10, 81920] windows centred on the times, clamped to the clip."""
+    half = M.AUDIO_WINDOW // 2
+    starts = [min(max(int(round(t * M.AUDIO_SR)) - half, 0), len(x) - M.AUDIO_WINDOW) for t in times]
+    return np.stack([x[s:s + M.AUDIO_WINDOW] for s in starts])
+
+
+def load_images(row, raw, modality):
+    """10 views of one image modality: uint8 [10, 224, 224, 3] (rgb, normals) / uint16 [10, 224, 224]."""
+    cid = row["clip_id"]
+    out = []
+    for p in row[FILE_KEYS[modality]]:
+        try:
+            a = rawdata.read_png(os.path.join(raw, p), size=T.IMAGE_SIZE)
+        except (ValueError, FileNotFoundError) as e:
+            raise ValueError(f"clip {cid}: {e}") from None
+        if modality == "tok_depth" and a.dtype != np.uint16:
+            raise ValueError(f"clip {cid}: {os.path.join(raw, p)} is not a 16-bit grayscale depth map")
+        if modality != "tok_depth" and a.dtype != np.uint8:
+            raise ValueError(f"clip {cid}: {os.path.join(raw, p)} is not an 8-bit RGB image")
+        out.append(a)
+    return np.stack(out)
+
+
+def load_clip(row, raw):
+    x = load_audio(row, raw)
+    clip = {"tok_audio": audio_windows(x, row["keyframe_times"])}
+    for m in IMAGE_MODALITIES:
+        clip[m] = load_images(row, raw, m)
+    return clip
+
+
+# ---------------------------------------------------------------------------------------------------
+# fitting the offline codebooks on the train split
+
+def codebook_settings(args, modality, train_ids):
+    s = {"seed": args.seed, "iters": args.kmeans_iters, "fit_clips": args.fit_clips,
+         "fit_vectors": args.fit_vectors,
+         "train_clips_sha1": hashlib.sha1("\n".join(train_ids).encode()).hexdigest()}
+    if modality == "tok_audio":
+        s.update(kind="mel_rvq", codes=args.audio_codes)
+    else:
+        s.update(kind="patch_kmeans", codes=getattr(args, modality[4:] + "_codes"))
+    return s
+
+
+def fit_codebooks(args, rows, raw, tok_path, device):
+    """Fit (or reuse) every offline codebook that the chosen tokenizers need. Returns {modality: tokenizer}."""
+    need = []
+    if args.audio_tokenizer == "mel_rvq":
+        need.append("tok_audio")
+    if args.image_tokenizer == "patch_kmeans":
+        need += list(IMAGE_MODALITIES)
+    train = [r for r in rows if r["split"] == "train"]
+    if need and not train:
+        raise ValueError("the manifest has no train clips to fit the offline codebooks on")
+    train_ids = [r["clip_id"] for r in train]
+    toks, todo = {}, []
+    for m in need:
+        path = os.path.join(tok_path, "codebooks", m + ".pt")
+        want = codebook_settings(args, m, train_ids)
+        if os.path.exists(path):
+            d = torch.load(path, map_location="cpu", weights_only=False)
+            if d.get("settings", {}).get("fit") == want:
+                cls = T.MelRVQTokenizer if m == "tok_audio" else T.PatchKMeansTokenizer
+                toks[m] = cls.load(path, device)
+                print(f"reusing {path}")
+                continue
+        todo.append(m)
+    if not todo:
+        return toks
+
+    # read a seeded subsample of the train clips once, collecting each modality's vectors
+    rng = np.random.default_rng(args.seed)
+    pick = rng.permutation(len(train))[:args.fit_clips]
+    vecs = {m: [] for m in todo}
+    depth_stats = []
+    helpers = {m: T.PatchKMeansTokenizer(m, torch.zeros(1, 1), {"down": 2}, device) for m in todo
+               if m != "tok_audio"}
+    for i in tqdm(sorted(pick), desc="reading train clips for codebooks"):
+        row = train[i]
+        if "tok_audio" in todo:
+            w = audio_windows(load_audio(row, raw), row["keyframe_times"])
+            vecs["tok_audio"].append(T.log_mel(torch.from_numpy(w).to(device)).reshape(-1, T.N_MELS).cpu())
+        for m in helpers:
+            v, stats = helpers[m].patch_vectors(load_images(row, raw, m))
+            vecs[m].append(v.reshape(-1, v.shape[-1]).cpu())
+            if stats is not None:
+                depth_stats.append(torch.stack(stats, 1).cpu())
+    for m in todo:
+        x = torch.cat(vecs[m])
+        g = torch.Generator().manual_seed(args.seed)
+        x = x[torch.randperm(len(x), generator=g)[:args.fit_vectors]]
+        fit = codebook_settings(args, m, train_ids)
+        t0 = time.time()
+        if m == "tok_audio":
+            tok = T.MelRVQTokenizer.fit(x, codes=args.audio_codes, iters=args.kmeans_iters, seed=args.seed,
+                                        device=device, fit=fit, griffin_lim_iters=args.griffin_lim_iters)
+            err = f"mse {tok.settings['mse_level1']:.3f} -> {tok.settings['mse_level2']:.3f}"
+        else:
+            ref = (0.0, 1.0)
+            if m == "tok_depth":
+                s = torch.cat(depth_stats)
+                ref = (s[:, 0].median().item(), s[:, 1].median().item())
+            tok = T.PatchKMeansTokenizer.fit(m, x, codes=fit["codes"], iters=args.kmeans_iters, seed=args.seed,
+                                             device=device, depth_ref=ref, fit=fit)
+            err = f"mse {tok.settings['mse']:.4f}"
+        print(f"fitted {m}: {fit['codes']} codes on {len(x)} vectors in {time.time() - t0:.1f}s "
+              f"({err}, data variance {tok.settings['variance']:.3f})")
+        tok.save(os.path.join(tok_path, "codebooks", m + ".pt"))
+        toks[m] = tok
+    return toks
+
+
+def make_tokenizers(args, rows, raw, tok_path, device):
+    toks = fit_codebooks(args, rows, raw, tok_path, device)
+    if args.audio_tokenizer == "encodec":
+        toks["tok_audio"] = T.EncodecTokenizer(device)
+    if args.image_tokenizer == "divae":
+        for m in IMAGE_MODALITIES:
+            toks[m] = T.DivaeTokenizer(m, device)
+    toks["caption"] = T.CaptionTokenizer()
+    return toks
+
+
+# ---------------------------------------------------------------------------------------------------
+# writing one split, resumably
+
+def run_signature(args, toks):
+    """What must match for a partial split to be continued."""
+    sig = {"audio": args.audio_tokenizer, "image": args.image_tokenizer}
+    for m, tok in toks.items():
+        sig[m] = tok.settings.get("fit", tok.settings)
+    return json.loads(json.dumps(sig, sort_keys=True, default=str))
+
+
+def write_json_atomic(path, obj):
+    tmp = rawdata.atomic_path(path)
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def tokenize_split(split, rows, class_names, raw, out, toks, args, signature):
+    os.makedirs(out, exist_ok=True)
+    n = len(rows)
+    shapes = {m.name: ((n, M.NUM_VIEWS, m.length) if m.per_view else (n, m.length)) for m in M.MODALITIES}
+    progress_path = os.path.join(out, "progress.json")
+    finals = [os.path.join(out, m + ".bin") for m in shapes]
+    clip_ids = [r["clip_id"] for r in rows]
+    done = 0
+    if os.path.exists(progress_path):
+        with open(progress_path) as f:
+            prog = json.load(f)
+        if prog.get("signature") == signature and prog.get("clip_ids") == clip_ids:
+            done = prog["done"]
+    if done == n and all(os.path.exists(p) for p in finals):
+        print(f"{split}: {n} clips already tokenized")
+        return 0
+    partials = [os.path.join(out, m + ".bin.partial") for m in shapes]
+    if not all(os.path.exists(p) for p in partials):
+        done = 0
+    if n == 0:  # np.memmap cannot map an empty file
+        for p in partials:
+            open(p, "wb").close()
+    mode = "r+" if done > 0 else "w+"
+    arrays = {m: np.memmap(p, dtype=np.uint16, mode=mode, shape=s) if n else None
+              for (m, s), p in zip(shapes.items(), partials)}
+    if done:
+        print(f"{split}: resuming at clip {done}/{n}")
+    stop_after = int(os.environ.get("NANO4M_TOKENIZE_STOP_AFTER", "0"))  # tests: simulate a kill
+    encoded = 0
+    bar = tqdm(total=n, initial=done, desc=f"tokenizing {split}", unit="clip")
+    for start in range(done, n, args.batch_size):
+        batch = rows[start:start + args.batch_size]
+        clips = [load_clip(r, raw) for r in batch]
+        B = len(batch)
+        for m in M.MODALITIES:
+            if m.name == "caption":
+                ids = toks["caption"].encode([r.get("caption") or M.caption_text(r["class"]) for r in batch])
+                arrays[m.name][start:start + B] = ids.cpu().numpy()
+                continue
+            x = np.concatenate([c[m.name] for c in clips])            # [B * 10, ...]
+            ids = toks[m.name].encode(x).cpu().numpy()
+            if ids.shape != (B * M.NUM_VIEWS, m.length) or ids.min() < 0 or ids.max() >= m.vocab:
+                raise RuntimeError(f"{m.name}: tokenizer gave shape {ids.shape} / ids outside [0, {m.vocab})")
+            arrays[m.name][start:start + B] = ids.reshape(B, M.NUM_VIEWS, m.length)
+        for a in arrays.values():
+            a.flush()
+        # only once the rows are on disk does the progress file say so
+        write_json_atomic(progress_path, {"signature": signature, "clip_ids": clip_ids, "done": start + B})
+        encoded += B
+        bar.update(B)
+        if stop_after and encoded // args.batch_size >= stop_after:
+            print(f"stopping after {encoded} clips (NANO4M_TOKENIZE_STOP_AFTER)", flush=True)
+            os._exit(3)
+    bar.close()
+    del arrays
+    labels = np.array([class_names.index(r["class"]) for r in rows], dtype=np.uint16)
+    tmp = rawdata.atomic_path(os.path.join(out, "label.bin"))
+    labels.tofile(tmp)
+    os.replace(tmp, os.path.join(out, "label.bin"))
+    write_json_atomic(os.path.join(out, "clip_ids.json"), clip_ids)
+    for m in shapes:
+        os.replace(os.path.join(out, m + ".bin.partial"), os.path.join(out, m + ".bin"))
+    print(f"{split}: encoded {encoded} clips")
+    return encoded
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = T.pick_device(args.device)
+    torch.manual_seed(args.seed)
+    raw = rawdata.raw_dir(args.dataset, args.data_root)
+    tok_path = M.tok_dir(args.dataset, args.data_root)
+    rows = rawdata.read_manifest(os.path.join(raw, "manifest.jsonl"))
+    if not rows:
+        raise ValueError(f"{raw}/manifest.jsonl has no clips")
+    seen = set()
+    for r in rows:
+        if r["clip_id"] in seen:
+            raise ValueError(f"clip {r['clip_id']}: appears twice in {raw}/manifest.jsonl")
+        seen.add(r["clip_id"])
+    check_rows(rows, raw)
+    class_names = sorted({r["class"] for r in rows})
+    os.makedirs(tok_path, exist_ok=True)
+    meta_path = os.path.join(tok_path, "meta.json")
+
+    toks = make_tokenizers(args, rows, raw, tok_path, device)
+    signature = run_signature(args, toks)
+    if os.path.exists(meta_path):
+        with open(meta_path) as f:
+            old = json.load(f)
+        if old.get("signature") != signature:
+            os.remove(meta_path)   # the arrays are about to change: the dataset is incomplete until the end
+
+    t0 = time.time()
+    splits = {}
+    for split in rawdata.SPLITS:
+        split_rows = [r for r in rows if r["split"] == split]
+        splits[split] = len(split_rows)
+        tokenize_split(split, split_rows, class_names, raw, os.path.join(tok_path, split), toks, args, signature)
+
+    meta = {"dataset": args.dataset, "class_names": class_names, "num_views": M.NUM_VIEWS, "splits": splits,
+            "modalities": {}, "signature": signature}
+    for m in M.MODALITIES:
+        kind = toks[m.name].kind
+        info = {"shape": [M.NUM_VIEWS, m.length] if m.per_view else [m.length], "vocab": m.vocab,
+                "tokenizer": kind,
+                "codebook": f"codebooks/{m.name}.pt" if kind in ("mel_rvq", "patch_kmeans") else None}
+        if kind in ("mel_rvq", "patch_kmeans"):
+            info["codebook_size"] = toks[m.name].settings["codes"]
+        if m.name == "caption":
+            info["pad_id"] = M.CAPTION_PAD
+        meta["modalities"][m.name] = info
+    write_json_atomic(meta_path, meta)
+    print(f"wrote {tok_path} ({', '.join(f'{k}: {v}' for k, v in splits.items())} clips) "
+          f"in {time.time() - t0:.1f}s")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:
+        print(f"tokenize_all.py: error: {e}", file=sys.stderr)
+        sys.exit(1)
