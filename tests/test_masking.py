@@ -1,0 +1,249 @@
+"""Tests for masking.py: budgets, disjointness, ids/positions, audio spans, mixtures, statistics."""
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import masking as K  # noqa: E402
+import modalities as M  # noqa: E402
+
+N = 2000  # samples per statistical check (one vectorized batch)
+AUDIO, CAPTION = K.AUDIO, K.CAPTION
+
+
+def run(cfg, B=N, seed=0, device="cpu"):
+    g = torch.Generator(device=device).manual_seed(seed)
+    toks = K.random_tokens(B, device, g)
+    return toks, K.build_batch(toks, cfg, g)
+
+
+def chosen_masks(batch, prefix):
+    """[B, TOTAL_POSITIONS] bool of the chosen global positions (padding slots excluded)."""
+    pos, valid = batch[prefix + "_pos"], batch[prefix + "_valid"]
+    out = torch.zeros(pos.shape[0], M.TOTAL_POSITIONS + 1, dtype=torch.long)
+    out.scatter_add_(1, torch.where(valid, pos, M.TOTAL_POSITIONS), torch.ones_like(pos))
+    return out[:, :M.TOTAL_POSITIONS]  # counts, so a duplicate would show as 2
+
+
+def per_modality(mask):
+    return torch.stack([mask[:, o:o + m.length].sum(1) for o, m in zip(M.POS_OFFSETS, M.MODALITIES)], 1)
+
+
+def valid_all(toks):
+    v = torch.ones(toks["tok_rgb"].shape[0], M.TOTAL_POSITIONS, dtype=torch.bool)
+    v[:, M.POS_OFFSETS[CAPTION]:] = M.caption_valid(toks["caption"])
+    return v
+
+
+def runs(mask):
+    """Number of contiguous runs of True per row."""
+    return mask[:, 0].long() + (mask[:, 1:] & ~mask[:, :-1]).sum(1)
+
+
+def check_structure(toks, batch, cfg):
+    B = toks["tok_rgb"].shape[0]
+    assert batch["enc_ids"].shape == (B, cfg.max_input_tokens)
+    assert batch["dec_ids"].shape == (B, cfg.max_target_tokens)
+    ids_all = torch.cat([toks[n] for n in M.MODALITY_NAMES], 1)
+    for p in ("enc", "dec"):
+        ids, pos, valid = batch[p + "_ids"], batch[p + "_pos"], batch[p + "_valid"]
+        assert ids.dtype == pos.dtype == torch.long and valid.dtype == torch.bool
+        # ids are the tokens at the positions; padding is 0
+        assert torch.equal(ids, torch.where(valid, ids_all.gather(1, pos), 0))
+        assert (pos[~valid] == 0).all() and (ids[~valid] == 0).all()
+        # valid slots first, positions strictly increasing (modality order, then position order)
+        n = valid.sum(1, keepdim=True)
+        assert torch.equal(valid, torch.arange(valid.shape[1]) < n)
+        inc = (pos[:, 1:] > pos[:, :-1]) | ~valid[:, 1:]
+        assert inc.all()
+    enc, dec = chosen_masks(batch, "enc"), chosen_masks(batch, "dec")
+    assert enc.max() <= 1 and dec.max() <= 1
+    assert not (enc.bool() & dec.bool()).any(), "inputs and targets overlap"
+    # caption padding is never chosen
+    assert not ((enc + dec).bool() & ~valid_all(toks)).any()
+    # audio frames stay whole
+    a0 = M.POS_OFFSETS[AUDIO]
+    for m in (enc, dec):
+        fr = m[:, a0:a0 + 512].view(B, 256, 2)
+        assert torch.equal(fr[:, :, 0], fr[:, :, 1]), "an audio frame was split"
+    return enc.bool(), dec.bool()
+
+
+def test_default_batch_structure_and_budgets():
+    cfg = K.MaskingConfig()
+    assert (cfg.max_input_tokens, cfg.max_target_tokens) == (256, 256)
+    toks, b = run(cfg)
+    enc, dec = check_structure(toks, b, cfg)
+    n_in, n_t = enc.sum(1), dec.sum(1)
+    # enough room everywhere for the default budgets: totals within the ranges (audio parity can only
+    # lose a token when no other modality has room, which does not happen here)
+    assert n_in.min() >= 16 and n_in.max() <= 256 and n_t.min() >= 16 and n_t.max() <= 256
+    # uniform budget: mean ~ 136, spread over the whole range
+    assert abs(n_in.float().mean() - 136) < 5 and abs(n_t.float().mean() - 136) < 5
+    assert n_in.min() < 30 and n_in.max() > 240
+
+
+def test_exact_budgets_without_clamping():
+    # caption off (alpha 0), budgets below a grid's 196 tokens: no modality can overflow
+    cfg = K.MaskingConfig(input_budget=(101, 101), target_budget=(77, 77), input_alphas=(1, 1, 1, 1, 0),
+                          target_alphas=(1, 2, 1, 3, 0))
+    toks, b = run(cfg)
+    enc, dec = check_structure(toks, b, cfg)
+    assert (enc.sum(1) == 101).all() and (dec.sum(1) == 77).all()
+    assert (per_modality(enc)[:, CAPTION] == 0).all() and (per_modality(dec)[:, CAPTION] == 0).all()
+    assert (per_modality(enc)[:, AUDIO] % 2 == 0).all() and (per_modality(dec)[:, AUDIO] % 2 == 0).all()
+
+
+def test_allocation_follows_dirichlet_mean():
+    alphas = (0.5, 1.0, 2.0, 4.0, 0.0)
+    cfg = K.MaskingConfig(input_budget=(120, 120), target_budget=(16, 16), input_alphas=alphas)
+    toks, b = run(cfg)
+    share = per_modality(chosen_masks(b, "enc").bool()).float().mean(0) / 120
+    expect = torch.tensor(alphas) / sum(alphas)
+    assert torch.allclose(share, expect, atol=0.02), (share, expect)
+
+
+def test_dirichlet_and_gamma_statistics():
+    g = torch.Generator().manual_seed(1)
+    alpha = torch.tensor([0.05, 0.5, 1.0, 2.0, 0.0]).expand(20000, 5)
+    p = K.sample_dirichlet(alpha, g)
+    assert torch.allclose(p.sum(1), torch.ones(20000), atol=1e-5)
+    assert (p[:, 4] == 0).all()
+    assert torch.allclose(p.mean(0), alpha[0] / alpha[0].sum(), atol=0.01)
+    # Dirichlet variance of component i: a_i (a0 - a_i) / (a0^2 (a0 + 1))
+    a0 = alpha[0].sum()
+    var = alpha[0] * (a0 - alpha[0]) / (a0 ** 2 * (a0 + 1))
+    assert torch.allclose(p.var(0), var, rtol=0.1, atol=1e-4)
+    for a in (0.3, 1.0, 7.0):
+        x = K.sample_gamma_log(torch.full((50000,), a), g).exp()
+        assert abs(x.mean() - a) < 0.03 * a + 0.01 and abs(x.var() - a) < 0.08 * a + 0.01
+    # all-zero row -> zeros, not NaN
+    assert (K.sample_dirichlet(torch.zeros(3, 5), g) == 0).all()
+
+
+def test_zero_alpha_gives_nothing():
+    cfg = K.MaskingConfig(input_alphas=(1, 1, 0, 1, 1), target_alphas=(0, 1, 1, 1, 0),
+                          input_budget=(200, 256), target_budget=(200, 256))
+    toks, b = run(cfg)
+    enc, dec = check_structure(toks, b, cfg)
+    assert (per_modality(enc)[:, 2] == 0).all()
+    assert (per_modality(dec)[:, 0] == 0).all() and (per_modality(dec)[:, CAPTION] == 0).all()
+    assert (per_modality(enc)[:, 0] > 0).float().mean() > 0.9
+
+
+def test_audio_spans_contiguous():
+    cfg = K.MaskingConfig(input_alphas=(0, 0, 0, 1, 0), target_alphas=(0, 0, 0, 1, 0),
+                          input_budget=(2, 300), target_budget=(2, 200), audio_spans=(1, 3))
+    toks, b = run(cfg)
+    enc, dec = check_structure(toks, b, cfg)
+    a0 = M.POS_OFFSETS[AUDIO]
+    fin = enc[:, a0:a0 + 512:2]
+    ftg = dec[:, a0:a0 + 512:2]
+    # inputs: at most 3 runs; targets: at most 3 spans, each may be cut by the input spans between them
+    assert runs(fin).max() <= 3 and runs(ftg).max() <= 6
+    assert runs(fin).float().mean() > 1.5  # several spans do occur
+    # audio-only budgets: the counts are the drawn budgets rounded to whole frames
+    assert (enc.sum(1) % 2 == 0).all() and enc.sum(1).min() >= 2 and dec.sum(1).max() <= 200
+    # spans land everywhere on the axis, symmetrically (placement is not stuck at one end)
+    for f in (fin, ftg):
+        cover = f.float().mean(0)
+        assert (cover[16:-16] > 0.05).all() and abs(cover[:64].mean() - cover[-64:].mean()) < 0.03
+
+
+def test_single_source_mixture_full_modalities():
+    cfg = K.MaskingConfig(mixture=K.single_source_mixture(sources=("caption", "rgb"), target="audio", weight=0.4))
+    assert cfg.max_target_tokens == 512 and cfg.max_input_tokens == 256
+    toks, b = run(cfg)
+    enc, dec = check_structure(toks, b, cfg)
+    pe, pd = per_modality(enc), per_modality(dec)
+    cap_n = M.caption_valid(toks["caption"]).sum(1)
+    whole_audio = (pd[:, AUDIO] == 512) & (pd.sum(1) == 512)
+    only_caption = (pe[:, CAPTION] == cap_n) & (pe.sum(1) == cap_n)
+    only_rgb = (pe[:, 0] == 196) & (pe.sum(1) == 196)
+    single = only_caption | only_rgb
+    assert torch.equal(whole_audio, single)
+    frac_c, frac_r = only_caption.float().mean(), only_rgb.float().mean()
+    assert abs(frac_c - 0.2) < 0.04 and abs(frac_r - 0.2) < 0.04, (frac_c, frac_r)
+    # the other 60% follow the plain recipe (budgets <= 256, several modalities)
+    assert (pd[~single].sum(1) <= 256).all() and (pe[~single] > 0).sum(1).float().mean() > 3
+
+
+def test_full_inputs_add_to_budget():
+    cfg = K.MaskingConfig(input_full=("depth",), input_budget=(10, 10), target_full="caption",
+                          target_budget=(0, 0), target_alphas=(0,) * 5)
+    assert cfg.max_input_tokens == 10 + 196 and cfg.max_target_tokens == 16
+    toks, b = run(cfg, B=300)
+    enc, dec = check_structure(toks, b, cfg)
+    pe, pd = per_modality(enc), per_modality(dec)
+    assert (pe[:, 1] == 196).all() and (pe.sum(1) == 206).all()
+    assert (pe[:, CAPTION] + pd[:, CAPTION] == M.caption_valid(toks["caption"]).sum(1)).all()
+    assert (pd.sum(1) == pd[:, CAPTION]).all()
+
+
+def test_min_input_tokens():
+    cfg = K.MaskingConfig(input_budget=(0, 3), min_input_tokens=5)
+    toks, b = run(cfg, B=500)
+    assert (check_structure(toks, b, cfg)[0].sum(1) >= 5).all()
+    # audio-only inputs with a 0-1 token budget: rounding to frames must not leave the encoder empty
+    cfg = K.MaskingConfig(input_budget=(0, 1), input_alphas=(0, 0, 0, 1, 0))
+    toks, b = run(cfg, B=500)
+    enc, _ = check_structure(toks, b, cfg)
+    assert (enc.sum(1) == 2).all() and cfg.max_input_tokens == 2
+
+
+def test_budgets_exceeding_available():
+    # inputs take 600 of ~1100 available tokens (clamped shares get redistributed), targets all the rest
+    cfg = K.MaskingConfig(input_budget=(600, 600), target_budget=(1116, 1116))
+    toks, b = run(cfg, B=500)
+    enc, dec = check_structure(toks, b, cfg)
+    n_valid = valid_all(toks).sum(1)
+    # exact, except when only audio has room left and its share is odd: the frame rounds down (599)
+    assert (enc.sum(1) >= 599).all() and (enc.sum(1) == 600).float().mean() > 0.95
+    assert torch.equal(enc.sum(1) + dec.sum(1), n_valid)
+    # everything as input, nothing left for targets
+    cfg = K.MaskingConfig(input_budget=(2000, 2000), target_budget=(16, 256))
+    toks, b = run(cfg, B=200)
+    enc, dec = check_structure(toks, b, cfg)
+    assert torch.equal(enc.sum(1), n_valid[:200] * 0 + valid_all(toks).sum(1)) and dec.sum() == 0
+    # one tiny modality asked for everything: caption-only inputs give at most its valid tokens
+    cfg = K.MaskingConfig(input_alphas=(0, 0, 0, 0, 1), input_budget=(16, 16))
+    toks, b = run(cfg, B=200)
+    enc, dec = check_structure(toks, b, cfg)
+    assert torch.equal(enc.sum(1), M.caption_valid(toks["caption"]).sum(1))
+
+
+def test_reproducible_with_seed():
+    cfg = K.MaskingConfig(mixture=K.single_source_mixture())
+    _, a = run(cfg, B=64, seed=3)
+    _, b = run(cfg, B=64, seed=3)
+    _, c = run(cfg, B=64, seed=4)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["enc_pos"], c["enc_pos"])
+
+
+def test_bad_config_and_input_refused():
+    with pytest.raises(ValueError, match="unknown key"):
+        K.MaskingConfig(mixture=[dict(weight=1.0, input_alpha=(1,) * 5)])
+    with pytest.raises(ValueError, match="no inputs possible"):
+        K.MaskingConfig(input_alphas=(0,) * 5)
+    with pytest.raises(ValueError, match="input_alphas"):
+        K.MaskingConfig(input_alphas=(1, 1, 1))
+    with pytest.raises(ValueError, match="unknown modality"):
+        K.MaskingConfig(target_full=("sound",))
+    with pytest.raises(ValueError, match="both"):
+        K.MaskingConfig(input_full=("rgb",), target_full=("tok_rgb",))
+    toks = K.random_tokens(4)
+    toks["tok_audio"] = toks["tok_audio"][:, :100]
+    with pytest.raises(ValueError, match="tok_audio"):
+        K.build_batch(toks, K.MaskingConfig())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_rules():
+    cfg = K.MaskingConfig(mixture=K.single_source_mixture())
+    toks, b = run(cfg, B=512, device="cuda")
+    assert b["enc_ids"].is_cuda
+    toks = {k: v.cpu() for k, v in toks.items()}
+    check_structure(toks, {k: v.cpu() for k, v in b.items()}, cfg)
