@@ -1,0 +1,1155 @@
+"""
+Every probe of the report, each printed beside its random baseline, written to one JSON and one HTML page.
+
+    python evaluate.py --out_dir=out                        # all probes on the test split
+    python evaluate.py --out_dir=out --probes=class,retrieval --gallery=50
+    python evaluate.py --out_dir=out --split=val --num_clips=200 --device=cuda
+
+Reads out_dir/ckpt.pt (the dataset and data_root recorded in its config locate the tokenized data) and
+writes out_dir/eval/<split>/results.json and report.html (self-contained: inline SVG, PNG spectrograms and
+wav players as data URIs).
+
+Probes (--probes=all or a comma list):
+  ce         per-modality eval cross-entropy, masking as in training (masking.build_batch, fixed seed),
+             length-normalized per modality as in training. Baseline: log(vocab) (a uniform guess).
+  entropy    empirical marginal entropy of the audio ids on the split, the cross-entropy of the split under
+             the train split's marginal (a context-free predictor), and the gap to the model's audio CE.
+  class      audio -> class: every class's caption, tokenized exactly as in training (with its end-of-text),
+             scored by its summed log-likelihood given all 512 audio tokens; top-1/top-5, confusion matrix,
+             per-class accuracy as a multiple of chance. Baseline: k / #classes.
+  retrieval  audio -> rgb and rgb -> audio over a gallery (the first --gallery clips of the split in clip_id
+             order, one seeded view each): score(q, c) = mean log-prob of c's whole target stream given q.
+             R@1/5/10 and the curve R@k. Baseline: k / G.
+  structure  rgb -> depth and rgb -> normal token top-1 (all 196 rgb tokens in, all 196 tokens out).
+             Baselines: 1/vocab and always predicting the train split's most frequent token.
+  memo       audio-suffix completion top-1 (first 80% of the audio + rgb + caption in, last 20% out) on train
+             vs split clips. Baselines: 1/2048, train-majority token, repeating the last given frame.
+  generation class-only and continuation samples (sample.generate), decoded with the dataset's audio
+             tokenizer and judged by a logistic regression on log-mel statistics fit to decoded train ground
+             truth (not the model): class accuracy, diversity within a class and energy spread vs ground truth.
+  fad        Frechet distance of generated vs ground-truth audio per class and overall, with an offline
+             log-mel frame embedding (always) and CLAP (when transformers and its weights are present).
+  resnet     ImageNet ResNet-50 top-5 check of generated RGB (audio -> rgb, caption -> rgb), when torchvision
+             and its weights are available.
+Every figure carries its sample count and a 95% CI (Wilson for accuracies, normal approx / bootstrap for means).
+The answer of a scorer is ranked with ties shared fairly: a tied correct answer counts as the expected hit
+of a random tie-break, so a constant scorer scores exactly chance.
+"""
+import base64
+import io
+import json
+import math
+import os
+import sys
+import time
+import traceback
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import modalities as M
+
+# -----------------------------------------------------------------------------------------------------
+# settings (override with --key=value, see configurator.py)
+out_dir = 'out'
+split = 'test'
+probes = 'all'
+num_clips = 0            # 0 = every clip of the split; else the first num_clips in clip_id order
+gallery = 100            # retrieval gallery size G
+structure_views = 10     # views per clip for rgb -> depth / normal (all 10 = many samples)
+memo_clips = 0           # clips per side of the memorization probe (0 = as many as the eval set)
+suffix_frac = 0.2        # the memorization probe / continuation predict this last fraction of the audio
+gen_per_class = 3        # generation probes: clips (and class-only samples) per class
+gen_steps = 16
+gen_schedule = 'maskgit'
+gen_temperature = 1.0
+gen_guidance = 1.0
+clf_per_class = 20       # decoded train clips per class for the offline audio classifier
+batch_size = 32
+ce_batches = 8           # ce probe: batches of batch_size masked (clip, view) draws
+dataset = ''             # '' = the checkpoint's
+data_root = ''           # '' = the checkpoint's
+device = 'auto'          # auto = cuda if available
+seed = 1337
+audio_players = 2        # wav players per class and setting in report.html (0 = none: smaller page)
+REPORT = {  # the report's own figures, shown beside ours
+    "audio_ce": 5.2, "audio_marginal_entropy": 6.2, "class_top1": 0.104, "class_top5": 0.484,
+    "retrieval_r5": 0.045, "rgb_depth_top1": 0.11, "rgb_normal_top1": 0.18, "memo_train": 0.029,
+    "memo_test": 0.041, "resnet_top5": 0.0, "energy_class_only": 0.75, "energy_continuation": 0.58,
+}
+ALL_PROBES = ("ce", "entropy", "class", "retrieval", "structure", "memo", "generation", "fad", "resnet")
+
+
+# -----------------------------------------------------------------------------------------------------
+# statistics (pure)
+
+def wilson_ci(k, n, z=1.96):
+    """95% Wilson score interval of a proportion k / n (k may be fractional: expected hits)."""
+    if n <= 0:
+        return (float("nan"), float("nan"))
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(max(p * (1 - p) / n + z * z / (4 * n * n), 0.0)) / denom
+    return (max(centre - half, 0.0), min(centre + half, 1.0))
+
+
+def mean_ci(x, z=1.96):
+    """(mean, lo, hi) with the normal approximation; nan bounds below 2 samples."""
+    x = np.asarray(x, dtype=np.float64)
+    if len(x) == 0:
+        return float("nan"), float("nan"), float("nan")
+    m = float(x.mean())
+    if len(x) < 2:
+        return m, float("nan"), float("nan")
+    se = float(x.std(ddof=1) / math.sqrt(len(x)))
+    return m, m - z * se, m + z * se
+
+
+def clustered_accuracy(correct, valid=None, z=1.96):
+    """Token accuracy over rows (images / clips) of correct [N, L]: (acc, lo, hi). Tokens of one row are not
+    independent, so the CI treats rows as the sampling unit (ratio estimator, normal approx)."""
+    c = np.asarray(correct, dtype=np.float64)
+    v = np.ones_like(c) if valid is None else np.asarray(valid, dtype=np.float64)
+    k, n = (c * v).sum(axis=1), v.sum(axis=1)
+    acc = float(k.sum() / max(n.sum(), 1))
+    if len(k) < 2:
+        return acc, float("nan"), float("nan")
+    se = math.sqrt(((k - acc * n) ** 2).sum() / (len(k) * (len(k) - 1))) / max(n.mean(), 1e-12)
+    return acc, max(acc - z * se, 0.0), min(acc + z * se, 1.0)
+
+
+def bootstrap_ci(stat, sizes, reps=200, seed=0):
+    """95% percentile interval of stat(*index_arrays) over resampled index arrays, one per set size."""
+    rng = np.random.default_rng(seed)
+    vals = [stat(*[rng.integers(0, n, n) for n in sizes]) for _ in range(reps)]
+    vals = np.asarray([v for v in vals if np.isfinite(v)])
+    if len(vals) == 0:
+        return float("nan"), float("nan")
+    return float(np.percentile(vals, 2.5)), float(np.percentile(vals, 97.5))
+
+
+def marginal_entropy(ids, vocab):
+    """Plug-in entropy (nats) of the empirical distribution of ids over [0, vocab)."""
+    counts = np.bincount(np.asarray(ids).reshape(-1).astype(np.int64), minlength=vocab).astype(np.float64)
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+def cross_entropy_to_marginal(ids, ref_ids, vocab, smoothing=0.5):
+    """Mean -log p_ref(id) of ids under the (add-`smoothing`) empirical marginal of ref_ids."""
+    ref = np.bincount(np.asarray(ref_ids).reshape(-1).astype(np.int64), minlength=vocab) + smoothing
+    logp = np.log(ref / ref.sum())
+    return float(-logp[np.asarray(ids).reshape(-1).astype(np.int64)].mean())
+
+
+# -----------------------------------------------------------------------------------------------------
+# ranking probes on score matrices (pure: any scorer, model or fixture)
+
+def fair_hits(scores, correct, ks):
+    """scores [N, C] (higher = better), correct [N] -> expected hit@k [N, len(ks)] under a uniformly random
+    tie-break: with g strictly better candidates and e others tied with the answer, hit@k =
+    clip((k - g) / (e + 1), 0, 1). A constant scorer therefore gets exactly k / C, never a lucky 100%."""
+    s = np.nan_to_num(np.asarray(scores, dtype=np.float64), nan=-np.inf)
+    own = s[np.arange(len(s)), correct][:, None]
+    better = (s > own).sum(axis=1)
+    ties = (s == own).sum(axis=1) - 1
+    ks = np.asarray(ks, dtype=np.float64)[None, :]
+    return np.clip((ks - better[:, None]) / (ties[:, None] + 1), 0.0, 1.0)
+
+
+def predict_fair(scores, rng):
+    """argmax per row with ties broken uniformly at random (for the confusion matrix)."""
+    s = np.nan_to_num(np.asarray(scores, dtype=np.float64), nan=-np.inf)
+    top = s == s.max(axis=1, keepdims=True)
+    return np.array([rng.choice(np.flatnonzero(row)) for row in top], dtype=np.int64)
+
+
+def classification_metrics(scores, labels, class_names, ks=(1, 5), seed=0):
+    """scores [N, C] of each class hypothesis per sample -> top-k with CIs, confusion, per-class accuracy."""
+    labels = np.asarray(labels, dtype=np.int64)
+    C = len(class_names)
+    ks = tuple(k for k in ks if k <= C)
+    hits = fair_hits(scores, labels, ks)
+    out = {"n": int(len(labels)), "num_classes": C}
+    for j, k in enumerate(ks):
+        acc = float(hits[:, j].mean())
+        out[f"top{k}"] = {"value": acc, "ci": wilson_ci(hits[:, j].sum(), len(labels)), "chance": k / C}
+    pred = predict_fair(scores, np.random.default_rng(seed))
+    conf = np.zeros((C, C), dtype=np.int64)
+    np.add.at(conf, (labels, pred), 1)
+    out["confusion"] = conf.tolist()
+    per = {}
+    for c, name in enumerate(class_names):
+        sel = labels == c
+        if sel.any():
+            acc = float(hits[sel, 0].mean())
+            per[name] = {"n": int(sel.sum()), "top1": acc, "ci": wilson_ci(hits[sel, 0].sum(), int(sel.sum())),
+                         "x_chance": acc * C}
+    out["per_class"] = per
+    return out
+
+
+def recall_curve(scores):
+    """scores [G, G], scores[i, j] = score(query i, candidate j), the answer on the diagonal ->
+    expected R@k for k = 1..G (fair ties) and the per-query hits [G, G]."""
+    G = len(scores)
+    hits = fair_hits(scores, np.arange(G), np.arange(1, G + 1))
+    return hits.mean(axis=0), hits
+
+
+def retrieval_metrics(scores, ks=(1, 5, 10)):
+    G = len(scores)
+    curve, hits = recall_curve(scores)
+    out = {"gallery": G, "curve": curve.tolist()}
+    for k in ks:
+        if k <= G:
+            out[f"R@{k}"] = {"value": float(curve[k - 1]), "ci": wilson_ci(hits[:, k - 1].sum(), G),
+                             "chance": k / G}
+    return out
+
+
+# -----------------------------------------------------------------------------------------------------
+# caption hypotheses: the exact tokenized caption of each class, as training saw it
+
+def caption_hypotheses(class_names):
+    """-> list of int arrays: each class's caption ids (BPE + its end-of-text), i.e. the valid targets of
+    modalities.encode_caption(caption_text(c)). Two classes with identical ids are an error."""
+    hyps = []
+    for c in class_names:
+        ids = torch.from_numpy(M.encode_caption(M.caption_text(c)))
+        hyps.append(ids[M.caption_valid(ids)].numpy().astype(np.int64))
+    seen = {}
+    for c, h in zip(class_names, hyps):
+        key = tuple(h.tolist())
+        if key in seen:
+            raise ValueError(f"classes {seen[key]!r} and {c!r} tokenize to the same caption: cannot tell apart")
+        seen[key] = c
+    return hyps
+
+
+def caption_class_scores(score_fn, class_names):
+    """scores [N, C]: score_fn(length, hyp_ids [H, length]) -> [N, H] summed log-probs of each hypothesis
+    given each sample's input, with the decoder queried at caption positions 0..length-1. Hypotheses of equal
+    length share one call (the decoder sees target positions, never target ids). Classes are matched by index."""
+    hyps = caption_hypotheses(class_names)
+    by_len = {}
+    for c, h in enumerate(hyps):
+        by_len.setdefault(len(h), []).append(c)
+    scores = None
+    for length, cls in sorted(by_len.items()):
+        s = np.asarray(score_fn(length, np.stack([hyps[c] for c in cls])))
+        if scores is None:
+            scores = np.full((s.shape[0], len(class_names)), np.nan)
+        scores[:, cls] = s
+    return scores
+
+
+# -----------------------------------------------------------------------------------------------------
+# model adapters: the only code that calls the network
+
+def positions(name, idx=None):
+    """Global positions of a modality's stream indices (all when idx is None)."""
+    m = M.modality_index(name)
+    idx = torch.arange(M.MODALITIES[m].length) if idx is None else torch.as_tensor(idx)
+    return M.POS_OFFSETS[m] + idx
+
+
+def _flat_inputs(inputs, device):
+    """inputs: {name: (ids Long [B, L], given Bool [B, L])} -> packed enc_ids, enc_pos, enc_valid."""
+    from sample import pack
+    ids, pos, given = [], [], []
+    for name, (x, g) in inputs.items():
+        x, g = x.to(device).long(), g.to(device).bool()
+        if name == "caption":
+            g = g & M.caption_valid(x)
+        ids.append(x)
+        pos.append(positions(name).to(device).expand_as(x))
+        given.append(g)
+    valid, _, (e_ids, e_pos) = pack(torch.cat(given, 1), torch.cat(ids, 1), torch.cat(pos, 1))
+    return e_ids, e_pos, valid
+
+
+@torch.no_grad()
+def iter_target_logits(model, inputs, target, target_idx, device, bs):
+    """Yields (start, end, logits float32 [b, n_t, vocab_target]) for row chunks of the inputs, the decoder
+    queried at the stream indices target_idx of modality `target` (the same for every row)."""
+    t = M.modality_index(target)
+    vocab = M.MODALITIES[t].vocab
+    target_idx = torch.as_tensor(target_idx)
+    n_t = len(target_idx)
+    B = next(iter(inputs.values()))[0].size(0)
+    bs = max(1, min(bs, (1 << 25) // max(n_t * vocab, 1)))   # keep a chunk's logits <= 128 MB
+    for s in range(0, B, bs):
+        e = min(s + bs, B)
+        chunk = {k: (x[s:e], g[s:e]) for k, (x, g) in inputs.items()}
+        e_ids, e_pos, e_valid = _flat_inputs(chunk, device)
+        d_pos = positions(target, target_idx).to(device).expand(e - s, n_t)
+        d_valid = torch.ones_like(d_pos, dtype=torch.bool)
+        h = model.decode_hidden(e_ids, e_pos, e_valid, d_pos, d_valid)
+        yield s, e, model.modality_logits(h, t).float()
+
+
+def score_hypotheses(model, inputs, target, target_idx, hyp_ids, device, bs, reduce="sum", desc=None):
+    """[B, H] log-likelihood of each hypothesis hyp_ids [H, n_t] (ids at target_idx) given each row's input.
+    One decoder pass per row scores all H hypotheses (the decoder never sees target ids)."""
+    hyp = torch.as_tensor(np.asarray(hyp_ids), dtype=torch.long, device=device)       # [H, n_t]
+    B = next(iter(inputs.values()))[0].size(0)
+    out = np.zeros((B, hyp.size(0)))
+    cols = torch.arange(hyp.size(1), device=device)[None, :]
+    for s, e, logits in tqdm(iter_target_logits(model, inputs, target, target_idx, device, bs),
+                             desc=desc, disable=desc is None, leave=False):
+        logp = torch.log_softmax(logits, dim=-1)                                     # [b, n_t, V]
+        per = logp[:, cols, hyp]                                                     # [b, H, n_t]
+        red = per.sum(-1) if reduce == "sum" else per.mean(-1)
+        out[s:e] = red.double().cpu().numpy()
+    return out
+
+
+def argmax_correct(model, inputs, target, target_idx, true_ids, device, bs, desc=None):
+    """Bool [B, n_t]: is the decoder's argmax at each target position the true id?"""
+    true_ids = torch.as_tensor(true_ids).long()
+    out = np.zeros(tuple(true_ids.shape), dtype=bool)
+    for s, e, logits in tqdm(iter_target_logits(model, inputs, target, target_idx, device, bs),
+                             desc=desc, disable=desc is None, leave=False):
+        out[s:e] = (logits.argmax(-1).cpu() == true_ids[s:e]).numpy()
+    return out
+
+
+# -----------------------------------------------------------------------------------------------------
+# the evaluation context: data, selections, the table of figures
+
+def seeded_views(n, salt, seed):
+    """A reproducible view per clip."""
+    return np.random.default_rng([seed, salt]).integers(0, M.NUM_VIEWS, n)
+
+
+def clip_order(arrays):
+    """Row indices of a split sorted by clip id (the documented selection order)."""
+    ids = arrays["clip_ids"]
+    return np.array(sorted(range(len(ids)), key=lambda i: ids[i]), dtype=np.int64)
+
+
+def add_row(ctx, probe, metric, value, ci=None, n=None, random=None, random_name="", report=None, unit="%",
+            extra=None):
+    """One line of the summary table, printed with its baseline."""
+    row = {"probe": probe, "metric": metric, "model": value, "ci": list(ci) if ci is not None else None,
+           "n": n, "random": random, "random_name": random_name, "report": report, "unit": unit}
+    if extra:
+        row.update(extra)
+    ctx["table"].append(row)
+    f = (lambda v: "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v))
+         else (f"{100 * v:.1f}%" if unit == "%" else f"{v:.3f}"))
+    cis = f" [{f(ci[0])}, {f(ci[1])}]" if ci is not None else ""
+    rep = f" | report {f(report)}" if report is not None else ""
+    print(f"  {metric:<42s} model {f(value)}{cis} (n={n}) | {random_name or 'random'} {f(random)}{rep}")
+
+
+def tokens_of(ctx, split_name, clips, views):
+    arrays = ctx["arrays"][split_name]
+    tokens, labels = M.gather_views(arrays, clips, views)
+    return tokens, labels.numpy()
+
+
+def all_given(x):
+    return torch.ones_like(x, dtype=torch.bool)
+
+
+# -----------------------------------------------------------------------------------------------------
+# the probes (each returns a JSON-able dict; figures go to the table via add_row)
+
+def probe_ce(ctx):
+    import masking
+    from dataclasses import fields
+    cfg = ctx["ckpt"].get("config", {})
+    names = [f.name for f in fields(masking.MaskingConfig)]
+    mcfg = masking.MaskingConfig(**{k: cfg[k] for k in names if k in cfg})
+    gen = torch.Generator().manual_seed(ctx["seed"] + 7919)
+    rng = np.random.default_rng([ctx["seed"], 11])
+    clips_all = ctx["eval_clips"]
+    sums = {n: 0.0 for n in M.MODALITY_NAMES}
+    counts = {n: 0 for n in M.MODALITY_NAMES}
+    per_sample = {n: [] for n in M.MODALITY_NAMES}
+    model, device = ctx["model"], ctx["device"]
+    for _ in tqdm(range(ctx["ce_batches"]), desc="ce", leave=False):
+        idx = rng.integers(0, len(clips_all), ctx["batch_size"])
+        clips, views = clips_all[idx], rng.integers(0, M.NUM_VIEWS, len(idx))
+        tokens, _ = tokens_of(ctx, ctx["split"], clips, views)
+        b = masking.build_batch(tokens, mcfg, gen)
+        b = {k: v.to(device) for k, v in b.items()}
+        with torch.no_grad():
+            h = model.decode_hidden(b["enc_ids"], b["enc_pos"], b["enc_valid"], b["dec_pos"], b["dec_valid"])
+            mod = M.position_modality(b["dec_pos"])
+            for m, name in enumerate(M.MODALITY_NAMES):
+                sel = b["dec_valid"] & (mod == m)
+                if not sel.any():
+                    continue
+                ce = torch.nn.functional.cross_entropy(model.modality_logits(h[sel], m), b["dec_ids"][sel],
+                                                       reduction="none").double()
+                rows = sel.nonzero()[:, 0]
+                sums[name] += float(ce.sum())
+                counts[name] += int(ce.numel())
+                row_sum = torch.zeros(sel.size(0), dtype=torch.float64, device=device).index_add_(0, rows, ce)
+                row_n = torch.bincount(rows, minlength=sel.size(0))
+                per_sample[name] += (row_sum[row_n > 0] / row_n[row_n > 0]).cpu().tolist()
+    out = {"masking": "masking.build_batch with the checkpoint's masking settings, generator seed "
+                      f"{ctx['seed'] + 7919}; {ctx['ce_batches']} batches of {ctx['batch_size']} (clip, view) draws",
+           "per_modality": {}}
+    for m in M.MODALITIES:
+        if counts[m.name] == 0:
+            continue
+        ce = sums[m.name] / counts[m.name]
+        _, lo, hi = mean_ci(per_sample[m.name])
+        out["per_modality"][m.name] = {"ce": ce, "ci": [lo, hi], "n_tokens": counts[m.name],
+                                       "n_samples": len(per_sample[m.name]), "uniform": math.log(m.vocab)}
+        rep = REPORT["audio_ce"] if m.name == "tok_audio" else None
+        add_row(ctx, "ce", f"eval CE {m.name} (nats)", ce, (lo, hi), counts[m.name], math.log(m.vocab),
+                "log(vocab)", rep, unit="nats")
+    return out
+
+
+def probe_entropy(ctx):
+    V = M.BY_NAME["tok_audio"].vocab
+    a = np.asarray(ctx["arrays"][ctx["split"]]["tok_audio"][ctx["eval_clips"]]).reshape(len(ctx["eval_clips"]), -1)
+    h = marginal_entropy(a, V)
+    lo, hi = bootstrap_ci(lambda i: marginal_entropy(a[i], V), [len(a)], reps=50, seed=ctx["seed"])
+    out = {"marginal_entropy": h, "ci": [lo, hi], "n_tokens": int(a.size), "n_clips": len(a), "log_vocab": math.log(V)}
+    add_row(ctx, "entropy", "audio marginal entropy (nats)", h, (lo, hi), int(a.size), math.log(V),
+            "log 2048", REPORT["audio_marginal_entropy"], unit="nats")
+    if "train" in ctx["arrays"] and ctx["split"] != "train":
+        tr = np.asarray(ctx["arrays"]["train"]["tok_audio"])
+        xe = cross_entropy_to_marginal(a, tr, V)
+        out["ce_under_train_marginal"] = xe
+        add_row(ctx, "entropy", "audio CE of a train-marginal predictor", xe, None, int(a.size), math.log(V),
+                "log 2048", None, unit="nats")
+    ce = ctx["results"].get("ce", {}).get("per_modality", {}).get("tok_audio")
+    if ce:
+        gap = h - ce["ce"]
+        out["conditional_gap"] = gap
+        add_row(ctx, "entropy", "conditional gap: entropy - audio CE (nats)", gap,
+                (h - ce["ci"][1], h - ce["ci"][0]), ce["n_tokens"], 0.0, "no structure",
+                REPORT["audio_marginal_entropy"] - REPORT["audio_ce"], unit="nats")
+    else:
+        out["conditional_gap"] = None
+        out["note"] = "run the ce probe too for the conditional gap"
+    return out
+
+
+def probe_class(ctx):
+    clips, views = ctx["eval_clips"], ctx["eval_views"]
+    tokens, labels = tokens_of(ctx, ctx["split"], clips, views)
+    inputs = {"tok_audio": (tokens["tok_audio"], all_given(tokens["tok_audio"]))}
+    names = ctx["class_names"]
+
+    def score_fn(length, hyp_ids):
+        return score_hypotheses(ctx["model"], inputs, "caption", np.arange(length), hyp_ids, ctx["device"],
+                                ctx["batch_size"], reduce="sum", desc=f"class (caption length {length})")
+
+    scores = caption_class_scores(score_fn, names)
+    out = classification_metrics(scores, labels, names, seed=ctx["seed"])
+    out["selection"] = ctx["selection"]
+    C = len(names)
+    add_row(ctx, "class", "audio -> class top-1", out["top1"]["value"], out["top1"]["ci"], out["n"], 1 / C,
+            "chance 1/C", REPORT["class_top1"])
+    if "top5" in out:
+        add_row(ctx, "class", "audio -> class top-5", out["top5"]["value"], out["top5"]["ci"], out["n"],
+                min(5 / C, 1.0), "chance 5/C", REPORT["class_top5"])
+    return out
+
+
+def probe_retrieval(ctx):
+    order = ctx["order"][ctx["split"]]
+    G = min(ctx["gallery"], len(order))
+    clips = order[:G]
+    views = ctx["views_of"][clips]
+    tokens, _ = tokens_of(ctx, ctx["split"], clips, views)
+    out = {"gallery": f"the first {G} clips of the {ctx['split']} split in clip_id order, one view each "
+                      f"(view drawn per clip from seed {ctx['seed']}); score(q, c) = mean log-prob of all of c's "
+                      "target tokens given all of q's tokens (exact: G decoder passes, each scoring every candidate)"}
+    for q, c in (("tok_audio", "tok_rgb"), ("tok_rgb", "tok_audio")):
+        inputs = {q: (tokens[q], all_given(tokens[q]))}
+        L = M.BY_NAME[c].length
+        s = score_hypotheses(ctx["model"], inputs, c, np.arange(L), tokens[c].numpy(), ctx["device"],
+                             ctx["batch_size"], reduce="mean", desc=f"retrieval {q}->{c}")
+        key = f"{q[4:]}->{c[4:]}"
+        r = retrieval_metrics(s)
+        # the same scores with each candidate's mean score over queries removed (its prior likelihood)
+        r["prior_removed"] = retrieval_metrics(s - s.mean(axis=0, keepdims=True))
+        out[key] = r
+        for k in (1, 5, 10):
+            if f"R@{k}" in r:
+                add_row(ctx, "retrieval", f"{key} R@{k}", r[f"R@{k}"]["value"], r[f"R@{k}"]["ci"], G, k / G,
+                        "chance k/G", REPORT["retrieval_r5"] if k == 5 else None)
+        if "R@5" in r:
+            p = r["prior_removed"]["R@5"]
+            add_row(ctx, "retrieval", f"{key} R@5, candidate prior removed", p["value"], p["ci"], G, 5 / G,
+                    "chance k/G")
+    return out
+
+
+def train_majority(ctx, name):
+    src = "train" if "train" in ctx["arrays"] else ctx["split"]
+    a = np.asarray(ctx["arrays"][src][name]).reshape(-1)
+    counts = np.bincount(a.astype(np.int64), minlength=M.BY_NAME[name].vocab)
+    return int(counts.argmax()), src
+
+
+def probe_structure(ctx):
+    nv = max(1, min(ctx["structure_views"], M.NUM_VIEWS))
+    clips = np.repeat(ctx["eval_clips"], nv)
+    views = np.concatenate([(ctx["eval_views"][i] + np.arange(nv)) % M.NUM_VIEWS for i in range(len(ctx["eval_clips"]))])
+    tokens, _ = tokens_of(ctx, ctx["split"], clips, views)
+    out = {"n_images": int(len(clips)), "views_per_clip": nv}
+    for tgt, rep in (("tok_depth", REPORT["rgb_depth_top1"]), ("tok_normal", REPORT["rgb_normal_top1"])):
+        L = M.BY_NAME[tgt].length
+        correct = argmax_correct(ctx["model"], {"tok_rgb": (tokens["tok_rgb"], all_given(tokens["tok_rgb"]))},
+                                 tgt, np.arange(L), tokens[tgt], ctx["device"], ctx["batch_size"],
+                                 desc=f"rgb->{tgt[4:]}")
+        acc, lo, hi = clustered_accuracy(correct)
+        maj, src = train_majority(ctx, tgt)
+        maj_acc = float((tokens[tgt].numpy() == maj).mean())
+        V = M.BY_NAME[tgt].vocab
+        out[tgt] = {"top1": acc, "ci": [lo, hi], "n_tokens": int(correct.size), "n_images": int(len(clips)),
+                    "uniform": 1 / V, "majority_token": maj, "majority_from": src, "majority_acc": maj_acc}
+        add_row(ctx, "structure", f"rgb -> {tgt[4:]} token top-1", acc, (lo, hi), int(correct.size), 1 / V,
+                "1/vocab", rep, extra={"majority": maj_acc})
+        add_row(ctx, "structure", f"rgb -> {tgt[4:]}: {src}-majority token baseline", maj_acc, None,
+                int(correct.size), 1 / V, "1/vocab")
+    return out
+
+
+def suffix_split():
+    """Stream index where the predicted audio suffix starts (frame-aligned)."""
+    keep_frames = int(round((1 - suffix_frac) * M.AUDIO_FRAMES))
+    return keep_frames * M.AUDIO_CODEBOOKS
+
+
+def probe_memo(ctx):
+    start = suffix_split()
+    L = M.BY_NAME["tok_audio"].length
+    tgt_idx = np.arange(start, L)
+    n = ctx["memo_clips"] or len(ctx["eval_clips"])
+    sides = {ctx["split"]: (ctx["eval_clips"][:n], ctx["eval_views"][:n])}
+    if "train" in ctx["arrays"] and ctx["split"] != "train":
+        rng = np.random.default_rng([ctx["seed"], 5])
+        tr = rng.choice(len(ctx["arrays"]["train"]["label"]), size=min(n, len(ctx["arrays"]["train"]["label"])),
+                        replace=False)
+        sides = {"train": (np.sort(tr), seeded_views(len(tr), 6, ctx["seed"])), **sides}
+    maj, src = train_majority(ctx, "tok_audio")
+    out = {"suffix_start": int(start), "targets_per_clip": int(L - start)}
+    for side, (clips, views) in sides.items():
+        tokens, _ = tokens_of(ctx, side, clips, views)
+        audio = tokens["tok_audio"]
+        given = torch.zeros_like(audio, dtype=torch.bool)
+        given[:, :start] = True
+        inputs = {"tok_rgb": (tokens["tok_rgb"], all_given(tokens["tok_rgb"])),
+                  "tok_audio": (audio, given), "caption": (tokens["caption"], all_given(tokens["caption"]))}
+        truth = audio[:, start:]
+        correct = argmax_correct(ctx["model"], inputs, "tok_audio", tgt_idx, truth, ctx["device"],
+                                 ctx["batch_size"], desc=f"memo {side}")
+        acc, lo, hi = clustered_accuracy(correct)
+        last = audio[:, start - M.AUDIO_CODEBOOKS:start].repeat(1, (L - start) // M.AUDIO_CODEBOOKS)
+        rep_acc = float((last == truth).float().mean())
+        maj_acc = float((truth == maj).float().mean())
+        out[side] = {"top1": acc, "ci": [lo, hi], "n_clips": int(len(clips)), "n_tokens": int(correct.size),
+                     "repeat_last_frame": rep_acc, "majority": maj_acc}
+        add_row(ctx, "memo", f"audio suffix top-1 ({side})", acc, (lo, hi), int(correct.size), 1 / 2048, "1/2048",
+                REPORT["memo_train"] if side == "train" else REPORT["memo_test"],
+                extra={"majority": maj_acc, "repeat_last_frame": rep_acc})
+        add_row(ctx, "memo", f"audio suffix ({side}): repeat-last-frame baseline", rep_acc, None,
+                int(correct.size), 1 / 2048, "1/2048")
+    return out
+
+
+# ---- generation (shared by the generation, fad and resnet probes)
+
+def gen_selection(ctx):
+    """gen_per_class clips of each class: the first ones of the split in clip_id order, their seeded view."""
+    order = ctx["order"][ctx["split"]]
+    labels = np.asarray(ctx["arrays"][ctx["split"]]["label"])
+    picked = []
+    for c in range(len(ctx["class_names"])):
+        picked += [i for i in order if labels[i] == c][:ctx["gen_per_class"]]
+    picked = np.array(picked, dtype=np.int64)
+    return picked, ctx["views_of"][picked]
+
+
+def audio_tokenizer(ctx):
+    if "audio_tok" not in ctx:
+        import modality_tokenizers
+        ctx["audio_tok"] = modality_tokenizers.load_tokenizer(ctx["tok_path"], ctx["meta"], "tok_audio", ctx["device"])
+    return ctx["audio_tok"]
+
+
+def decode_audio(ctx, ids, bs=16):
+    tok = audio_tokenizer(ctx)
+    outs = []
+    for s in range(0, len(ids), bs):
+        w = tok.decode(torch.as_tensor(ids[s:s + bs]).long().to(ctx["device"]))
+        outs.append(np.asarray(w.detach().cpu().numpy() if torch.is_tensor(w) else w, dtype=np.float32))
+    return np.concatenate(outs)
+
+
+def generations(ctx):
+    """Class-only and continuation samples of the selected clips, decoded, plus decoded ground truth."""
+    if "gen" in ctx:
+        return ctx["gen"]
+    import sample
+    clips, views = gen_selection(ctx)
+    tokens, labels = tokens_of(ctx, ctx["split"], clips, views)
+    g = torch.Generator().manual_seed(ctx["seed"])
+    kw = dict(steps=ctx["gen_steps"], schedule=ctx["gen_schedule"], temperature=ctx["gen_temperature"],
+              guidance_scale=ctx["gen_guidance"], generator=g)
+    start = suffix_split()
+    audio = tokens["tok_audio"]
+    res = {"clips": clips, "views": views, "labels": labels, "gt_ids": audio.numpy(), "suffix_start": start}
+    t0 = time.time()
+    cls_ids, cont_ids = [], []
+    for s in tqdm(range(0, len(clips), ctx["batch_size"]), desc="generate", leave=False):
+        e = min(s + ctx["batch_size"], len(clips))
+        cap = tokens["caption"][s:e]
+        zeros = torch.zeros_like(audio[s:e])
+        cls_ids.append(sample.generate(ctx["model"], {"caption": cap, "tok_audio": zeros},
+                                       {"caption": all_given(cap), "tok_audio": zeros.bool()}, "tok_audio", **kw))
+        given = torch.zeros_like(audio[s:e], dtype=torch.bool)
+        given[:, :start] = True
+        out = sample.generate(ctx["model"], {"caption": cap, "tok_rgb": tokens["tok_rgb"][s:e], "tok_audio": audio[s:e]},
+                              {"caption": all_given(cap), "tok_rgb": all_given(tokens["tok_rgb"][s:e]),
+                               "tok_audio": given}, "tok_audio", **kw)
+        out = out.cpu()
+        out[:, :start] = audio[s:e, :start]     # the given prefix is ground truth, whatever the sampler returns
+        cont_ids.append(out)
+    res["seconds"] = time.time() - t0
+    res["class_only_ids"] = torch.cat(cls_ids).cpu().numpy()
+    res["continuation_ids"] = torch.cat(cont_ids).numpy()
+    res["samples_per_s"] = 2 * len(clips) / max(res["seconds"], 1e-9)
+    res["gt_wave"] = decode_audio(ctx, res["gt_ids"])
+    res["class_only_wave"] = decode_audio(ctx, res["class_only_ids"])
+    res["continuation_wave"] = decode_audio(ctx, res["continuation_ids"])
+    ctx["gen"] = res
+    return res
+
+
+def train_reference(ctx):
+    """Decoded ground truth of clf_per_class train clips per class (first in clip_id order, seeded view)."""
+    if "train_ref" in ctx:
+        return ctx["train_ref"]
+    src = "train" if "train" in ctx["arrays"] else ctx["split"]
+    arrays = ctx["arrays"][src]
+    order = clip_order(arrays)
+    labels = np.asarray(arrays["label"])
+    picked = []
+    for c in range(len(ctx["class_names"])):
+        picked += [i for i in order if labels[i] == c][:ctx["clf_per_class"]]
+    picked = np.array(picked, dtype=np.int64)
+    views = seeded_views(len(labels), 3, ctx["seed"])[picked]
+    tokens, y = tokens_of(ctx, src, picked, views)
+    wave = decode_audio(ctx, tokens["tok_audio"].numpy())
+    ctx["train_ref"] = {"split": src, "labels": y, "wave": wave}
+    return ctx["train_ref"]
+
+
+def probe_generation(ctx):
+    from audio_features import (EMBED_NAME, clip_embedding, energy_spread, fit_logreg, mean_pairwise_distance,
+                                predict_proba, HOP)
+    gen = generations(ctx)
+    ref = train_reference(ctx)
+    C = len(ctx["class_names"])
+    clf = fit_logreg(clip_embedding(ref["wave"]), ref["labels"], C)
+    y = gen["labels"]
+    out = {"embedding": EMBED_NAME, "classifier": f"multinomial logistic regression (L2) on the embedding, fit to "
+                                                   f"{len(ref['labels'])} decoded {ref['split']} clips",
+           "n_per_setting": int(len(y)), "samples_per_s": gen["samples_per_s"],
+           "sampler": {k: ctx[k] for k in ("gen_steps", "gen_schedule", "gen_temperature", "gen_guidance")}}
+    emb = {}
+    for setting in ("gt", "class_only", "continuation"):
+        emb[setting] = clip_embedding(gen[f"{setting}_wave"])
+        pred = predict_proba(clf, emb[setting]).argmax(1)
+        k = int((pred == y).sum())
+        acc = k / len(y)
+        out[f"{setting}_class_acc"] = {"value": acc, "ci": wilson_ci(k, len(y)), "n": int(len(y))}
+        label = "decoded ground truth (classifier ceiling)" if setting == "gt" else f"{setting} samples"
+        add_row(ctx, "generation", f"classifier acc on {label}", acc, wilson_ci(k, len(y)), int(len(y)), 1 / C,
+                "chance 1/C")
+    # diversity within a class, standardized features, generated / ground truth
+    z = {s: (e - clf["mean"]) / clf["std"] for s, e in emb.items()}
+    for setting in ("class_only", "continuation"):
+        ratios = []
+        for c in range(C):
+            sel = y == c
+            d_gt, d_gen = mean_pairwise_distance(z["gt"][sel]), mean_pairwise_distance(z[setting][sel])
+            if np.isfinite(d_gt) and d_gt > 0 and np.isfinite(d_gen):
+                ratios.append(d_gen / d_gt)
+        m, lo, hi = mean_ci(ratios)
+        out[f"{setting}_diversity_ratio"] = {"value": m, "ci": [lo, hi], "n_classes": len(ratios)}
+        add_row(ctx, "generation", f"diversity {setting} / ground truth", m, (lo, hi), len(ratios), 1.0,
+                "no collapse = 100%")
+    # energy spread: std over time of frame RMS, generated / ground truth (continuation: the generated tail only)
+    for setting, s0, rep in (("class_only", 0, REPORT["energy_class_only"]),
+                             ("continuation", (gen["suffix_start"] // M.AUDIO_CODEBOOKS) * HOP, REPORT["energy_continuation"])):
+        a, b = energy_spread(gen[f"{setting}_wave"], s0), energy_spread(gen["gt_wave"], s0)
+        ratio = float(a.mean() / max(b.mean(), 1e-12))
+        lo, hi = bootstrap_ci(lambda i, j: a[i].mean() / max(b[j].mean(), 1e-12), [len(a), len(b)], seed=ctx["seed"])
+        out[f"{setting}_energy_spread"] = {"value": ratio, "ci": [lo, hi], "n": int(len(a)), "from_sample": int(s0)}
+        add_row(ctx, "generation", f"energy spread {setting} / ground truth", ratio, (lo, hi), int(len(a)), 1.0,
+                "ground truth = 100%", rep)
+    add_row(ctx, "generation", "generation speed (samples/s)", gen["samples_per_s"], None, 2 * int(len(y)), None,
+            "", None, unit="")
+    return out
+
+
+def clap_embed(waves):
+    """CLAP audio embeddings via transformers (laion/clap-htsat-unfused, 48 kHz), or raise ImportError /
+    OSError when the package or the cached weights are missing (pip install transformers; internet once)."""
+    import torchaudio
+    from transformers import ClapModel, ClapProcessor
+    name = "laion/clap-htsat-unfused"
+    model = ClapModel.from_pretrained(name, local_files_only=True).eval()
+    proc = ClapProcessor.from_pretrained(name, local_files_only=True)
+    w48 = torchaudio.functional.resample(torch.as_tensor(waves), M.AUDIO_SR, 48000).numpy()
+    embs = []
+    with torch.no_grad():
+        for s in range(0, len(w48), 16):
+            inp = proc(audios=list(w48[s:s + 16]), sampling_rate=48000, return_tensors="pt")
+            embs.append(model.get_audio_features(**inp).numpy())
+    return np.concatenate(embs)
+
+
+def probe_fad(ctx):
+    from audio_features import FRAME_EMBED_NAME, frechet_distance, log_mel_frames, HOP
+    gen = generations(ctx)
+    ref = train_reference(ctx)
+    y = gen["labels"]
+    start_frame = (gen["suffix_start"] // M.AUDIO_CODEBOOKS)
+    frames = {s: log_mel_frames(gen[f"{s}_wave"]) for s in ("gt", "class_only", "continuation")}
+    frames["train"] = log_mel_frames(ref["wave"])
+    out = {"embedding": FRAME_EMBED_NAME, "reference": f"decoded ground truth of the same {ctx['split']} clips",
+           "floor": f"FAD of the {ctx['split']} ground truth vs decoded {ref['split']} ground truth (two real sets)",
+           "continuation_frames": f"only the generated tail (frames >= {start_frame})"}
+
+    def fd(a_frames, b_frames, ia, ib, tail=False):
+        a = a_frames[ia][:, start_frame:] if tail else a_frames[ia]
+        b = b_frames[ib][:, start_frame:] if tail else b_frames[ib]
+        return frechet_distance(a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1]))
+
+    idx_all = np.arange(len(y))
+    for setting in ("class_only", "continuation"):
+        tail = setting == "continuation"
+        per = {}
+        for c, name in enumerate(ctx["class_names"]):
+            i = np.flatnonzero(y == c)
+            if len(i):
+                per[name] = fd(frames[setting], frames["gt"], i, i, tail)
+        v = fd(frames[setting], frames["gt"], idx_all, idx_all, tail)
+        lo, hi = bootstrap_ci(lambda i, j: fd(frames[setting], frames["gt"], i, j, tail), [len(y), len(y)],
+                              reps=30, seed=ctx["seed"])
+        out[setting] = {"overall": v, "ci": [lo, hi], "per_class": per, "n_clips": int(len(y))}
+    floor = fd(frames["gt"], frames["train"], idx_all, np.arange(len(ref["labels"])))
+    out["floor_overall"] = floor
+    for setting in ("class_only", "continuation"):
+        add_row(ctx, "fad", f"FAD-logmel {setting} vs ground truth", out[setting]["overall"], out[setting]["ci"],
+                int(len(y)), floor, "floor: real vs real", unit="")
+    try:
+        e_gt = clap_embed(gen["gt_wave"])
+        out["clap"] = {"embedding": "CLAP laion/clap-htsat-unfused audio embedding (512-d)"}
+        for setting in ("class_only", "continuation"):
+            v = frechet_distance(clap_embed(gen[f"{setting}_wave"]), e_gt)
+            out["clap"][setting] = v
+            add_row(ctx, "fad", f"FAD-CLAP {setting} vs ground truth", v, None, int(len(y)), None, "", unit="")
+    except (ImportError, OSError, ValueError) as e:
+        out["clap"] = {"skipped": f"CLAP embedder unavailable ({type(e).__name__}: {str(e)[:200]}); "
+                                  "pip install transformers and cache laion/clap-htsat-unfused to enable"}
+        print(f"  FAD-CLAP skipped: {out['clap']['skipped']}")
+    return out
+
+
+# ImageNet-1k indices that count as the class (top-5 must contain one); classes absent here are not scored
+IMAGENET_CLASSES = {"pig": [341], "sheep": [348, 349], "dog": list(range(151, 269)), "cat": list(range(281, 286)),
+                    "horse": [339, 603], "cow": [345, 346, 347], "chicken": [7, 8], "duck": [97, 98, 99],
+                    "coyote": [272], "lion": [291]}
+
+
+def probe_resnet(ctx):
+    try:
+        import torchvision
+        from torchvision.models import resnet50, ResNet50_Weights
+    except ImportError as e:
+        return {"skipped": f"torchvision not installed ({e}); pip install torchvision (weights download once)"}
+    try:
+        weights = ResNet50_Weights.IMAGENET1K_V2
+        net = resnet50(weights=weights).eval().to(ctx["device"])
+    except Exception as e:  # no cached weights and no network
+        return {"skipped": f"ResNet-50 ImageNet weights unavailable ({type(e).__name__}: {str(e)[:200]})"}
+    import modality_tokenizers
+    import sample
+    tok = modality_tokenizers.load_tokenizer(ctx["tok_path"], ctx["meta"], "tok_rgb", ctx["device"])
+    clips, views = gen_selection(ctx)
+    tokens, labels = tokens_of(ctx, ctx["split"], clips, views)
+    keep = np.array([ctx["class_names"][c] in IMAGENET_CLASSES for c in labels])
+    if not keep.any():
+        return {"skipped": "no class of this dataset has ImageNet labels in IMAGENET_CLASSES"}
+    g = torch.Generator().manual_seed(ctx["seed"])
+    kw = dict(steps=ctx["gen_steps"], schedule=ctx["gen_schedule"], temperature=ctx["gen_temperature"],
+              guidance_scale=ctx["gen_guidance"], generator=g)
+    prep = weights.transforms()
+    out = {"classes": {k: v for k, v in IMAGENET_CLASSES.items() if k in ctx["class_names"]}}
+    for cond in ("tok_audio", "caption", None):
+        if cond is None:
+            ids = tokens["tok_rgb"]
+        else:
+            t = {cond: tokens[cond], "tok_rgb": torch.zeros_like(tokens["tok_rgb"])}
+            ids = sample.generate(ctx["model"], t, {cond: all_given(tokens[cond]),
+                                                    "tok_rgb": torch.zeros_like(tokens["tok_rgb"], dtype=torch.bool)},
+                                  "tok_rgb", **kw).cpu()
+        imgs = np.asarray(tok.decode(ids.to(ctx["device"])))
+        x = torch.from_numpy(imgs).permute(0, 3, 1, 2).to(ctx["device"])
+        with torch.no_grad():
+            top5 = net(prep(x)).topk(5, dim=1).indices.cpu().numpy()
+        hits = np.array([bool(set(top5[i]) & set(IMAGENET_CLASSES[ctx["class_names"][labels[i]]]))
+                         for i in np.flatnonzero(keep)])
+        chance = float(np.mean([5 * len(IMAGENET_CLASSES[ctx["class_names"][labels[i]]]) / 1000
+                                for i in np.flatnonzero(keep)]))
+        name = "decoded ground-truth rgb (ceiling)" if cond is None else f"{cond.replace('tok_', '')} -> rgb"
+        k = int(hits.sum())
+        out[name] = {"top5": k / len(hits), "ci": wilson_ci(k, len(hits)), "n": int(len(hits)), "chance": chance}
+        add_row(ctx, "resnet", f"ResNet-50 top-5, {name}", k / len(hits), wilson_ci(k, len(hits)), int(len(hits)),
+                chance, "random top-5", REPORT["resnet_top5"] if cond == "tok_audio" else None)
+    return out
+
+
+PROBES = {"ce": probe_ce, "entropy": probe_entropy, "class": probe_class, "retrieval": probe_retrieval,
+          "structure": probe_structure, "memo": probe_memo, "generation": probe_generation, "fad": probe_fad,
+          "resnet": probe_resnet}
+
+
+# -----------------------------------------------------------------------------------------------------
+# the HTML report: hand-written SVG, PNG spectrograms and wav players as data URIs (no plotting library)
+
+def _esc(s):
+    return str(s).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def svg_bars(title, labels, values, refs=None, ref_name="", unit=""):
+    W, H, left, bottom = 560, 260, 140, 30
+    top = max([v for v in values if v is not None and math.isfinite(v)] +
+              [r for r in (refs or []) if r is not None and math.isfinite(r)] + [1e-9])
+    bh = (H - bottom - 20) / max(len(labels), 1)
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-size="11">',
+             f'<text x="{W / 2}" y="12" text-anchor="middle" font-weight="bold">{_esc(title)}</text>']
+    for i, (lab, v) in enumerate(zip(labels, values)):
+        y = 20 + i * bh
+        w = 0 if v is None or not math.isfinite(v) else (W - left - 60) * v / top
+        parts.append(f'<text x="{left - 5}" y="{y + bh * 0.6}" text-anchor="end">{_esc(lab)}</text>')
+        parts.append(f'<rect x="{left}" y="{y + 2}" width="{w:.1f}" height="{bh * 0.6:.1f}" fill="#4a7ab5"/>')
+        parts.append(f'<text x="{left + w + 4}" y="{y + bh * 0.6}">{v:.3g}{unit}</text>' if v is not None else "")
+        if refs and refs[i] is not None:
+            x = left + (W - left - 60) * refs[i] / top
+            parts.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{y}" y2="{y + bh * 0.8}" stroke="#d33" '
+                         f'stroke-width="2"><title>{_esc(ref_name)}</title></line>')
+    if refs:
+        parts.append(f'<text x="{left}" y="{H - 8}" fill="#d33">| {_esc(ref_name)}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def svg_lines(title, series, xlabel="", ylabel="", logx=False):
+    """series: {name: (xs, ys)}."""
+    W, H, l, r, t, b = 560, 300, 50, 120, 20, 35
+    pts = [(x, y) for xs, ys in series.values() for x, y in zip(xs, ys) if y is not None and math.isfinite(y)]
+    if not pts:
+        return ""
+    fx = (lambda x: math.log10(max(x, 1e-9))) if logx else (lambda x: x)
+    x0, x1 = min(fx(p[0]) for p in pts), max(fx(p[0]) for p in pts)
+    y0, y1 = min(p[1] for p in pts), max(p[1] for p in pts)
+    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1)
+    px = lambda x: l + (W - l - r) * (fx(x) - x0) / (x1 - x0)
+    py = lambda y: H - b - (H - t - b) * (y - y0) / (y1 - y0)
+    colors = ["#4a7ab5", "#d33", "#3a3", "#a5a", "#e90", "#0aa", "#777", "#b55"]
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-size="11">',
+             f'<text x="{W / 2}" y="12" text-anchor="middle" font-weight="bold">{_esc(title)}</text>',
+             f'<rect x="{l}" y="{t}" width="{W - l - r}" height="{H - t - b}" fill="none" stroke="#999"/>',
+             f'<text x="{l}" y="{H - 5}">{x0 if not logx else 10 ** x0:.3g}</text>',
+             f'<text x="{W - r}" y="{H - 5}" text-anchor="end">{x1 if not logx else 10 ** x1:.3g}</text>',
+             f'<text x="{(W - r + l) / 2}" y="{H - 5}" text-anchor="middle">{_esc(xlabel)}</text>',
+             f'<text x="{l - 3}" y="{t + 8}" text-anchor="end">{y1:.3g}</text>',
+             f'<text x="{l - 3}" y="{H - b}" text-anchor="end">{y0:.3g}</text>',
+             f'<text x="12" y="{H / 2}" transform="rotate(-90 12 {H / 2})" text-anchor="middle">{_esc(ylabel)}</text>']
+    for i, (name, (xs, ys)) in enumerate(series.items()):
+        c = colors[i % len(colors)]
+        p = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in zip(xs, ys) if y is not None and math.isfinite(y))
+        parts.append(f'<polyline points="{p}" fill="none" stroke="{c}" stroke-width="1.5"/>')
+        parts.append(f'<text x="{W - r + 5}" y="{t + 12 + 14 * i}" fill="{c}">{_esc(name)}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def svg_heatmap(matrix, labels, title):
+    m = np.asarray(matrix, dtype=np.float64)
+    n = len(labels)
+    cell, left, top = 28, 80, 90
+    W, H = left + n * cell + 10, top + n * cell + 20
+    rows = m.sum(axis=1, keepdims=True)
+    frac = m / np.maximum(rows, 1)
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-size="10">',
+             f'<text x="{W / 2}" y="12" text-anchor="middle" font-weight="bold">{_esc(title)}</text>']
+    for j, lab in enumerate(labels):
+        x = left + j * cell + cell / 2
+        parts.append(f'<text x="{x}" y="{top - 4}" transform="rotate(-60 {x} {top - 4})">{_esc(lab)}</text>')
+    for i, lab in enumerate(labels):
+        y = top + i * cell
+        parts.append(f'<text x="{left - 4}" y="{y + cell * 0.65}" text-anchor="end">{_esc(lab)}</text>')
+        for j in range(n):
+            v = frac[i, j]
+            shade = int(255 * (1 - v))
+            parts.append(f'<rect x="{left + j * cell}" y="{y}" width="{cell}" height="{cell}" '
+                         f'fill="rgb({shade},{shade},255)" stroke="#eee"><title>true {_esc(lab)}, predicted '
+                         f'{_esc(labels[j])}: {int(m[i, j])}</title></rect>')
+            if m[i, j]:
+                parts.append(f'<text x="{left + j * cell + cell / 2}" y="{y + cell * 0.65}" text-anchor="middle" '
+                             f'fill="{"#fff" if v > 0.5 else "#000"}">{int(m[i, j])}</text>')
+    parts.append(f'<text x="{left}" y="{H - 4}">rows: true class, columns: predicted</text></svg>')
+    return "".join(parts)
+
+
+def spectrogram_png(wave, height=64):
+    """Log-mel spectrogram as a base64 PNG data URI (low frequencies at the bottom)."""
+    from PIL import Image
+    from audio_features import log_mel_frames
+    f = log_mel_frames(np.asarray(wave)[None])[0].T[::-1]           # [mels, frames]
+    lo, hi = np.percentile(f, 5), f.max()
+    v = np.clip((f - lo) / max(hi - lo, 1e-6), 0, 1)
+    rgb = np.stack([v ** 0.5, v ** 1.5, 0.4 * (1 - v) + 0.6 * v ** 4], -1)   # dark blue -> yellow-white
+    img = Image.fromarray((rgb * 255).astype(np.uint8)).resize((f.shape[1], height))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def wav_uri(wave, sr=M.AUDIO_SR):
+    import wave as wavemod
+    pcm = (np.clip(np.asarray(wave, dtype=np.float32), -1, 1) * 32767).astype("<i2")
+    buf = io.BytesIO()
+    with wavemod.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(sr)
+        w.writeframes(pcm.tobytes())
+    return "data:audio/wav;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def read_training_curves(path):
+    """out_dir/log.jsonl rows {'iter', 'train': {...}, 'val': {...}} -> {'val tok_audio': (iters, ces), ...}."""
+    curves = {}
+    if not os.path.exists(path):
+        return curves
+    with open(path) as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            for split_name in ("val",):
+                d = row.get(split_name)
+                if isinstance(d, dict) and "iter" in row:
+                    for k, v in d.items():
+                        if isinstance(v, (int, float)):
+                            xs, ys = curves.setdefault(f"{split_name} {k}", ([], []))
+                            xs.append(row["iter"])
+                            ys.append(float(v))
+    return curves
+
+
+def render_report(results, ctx):
+    fmt = lambda v, unit: ("n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else
+                           (f"{100 * v:.1f}%" if unit == "%" else f"{v:.3f}"))
+    h = ["<!doctype html><html><head><meta charset='utf-8'><title>nano4M-Audio evaluation</title><style>"
+         "body{font-family:sans-serif;max-width:1100px;margin:auto;padding:1em}table{border-collapse:collapse}"
+         "td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}th{background:#eee}.skip{color:#a60}"
+         ".err{color:#c00}img{image-rendering:pixelated}</style></head><body>",
+         f"<h1>nano4M-Audio evaluation: {_esc(results['meta']['checkpoint'])}</h1>",
+         f"<p>split <b>{_esc(results['meta']['split'])}</b>, {results['meta']['n_eval_clips']} clips; "
+         f"{_esc(results['meta']['selection'])}. Seed {results['meta']['seed']}.</p>",
+         "<h2>Probe table</h2><table><tr><th>probe</th><th>figure</th><th>model</th><th>95% CI</th><th>n</th>"
+         "<th>random baseline</th><th>report</th></tr>"]
+    for r in results["table"]:
+        ci = "" if not r["ci"] else f"[{fmt(r['ci'][0], r['unit'])}, {fmt(r['ci'][1], r['unit'])}]"
+        h.append(f"<tr><td>{r['probe']}</td><td>{_esc(r['metric'])}</td><td><b>{fmt(r['model'], r['unit'])}</b></td>"
+                 f"<td>{ci}</td><td>{r['n']}</td><td>{fmt(r['random'], r['unit'])} {_esc(r['random_name'])}</td>"
+                 f"<td>{fmt(r['report'], r['unit'])}</td></tr>")
+    h.append("</table>")
+    for name, p in results["probes"].items():
+        if p.get("status") != "ok":
+            cls = "skip" if p.get("status") == "skipped" else "err"
+            h.append(f"<p class='{cls}'><b>{name}</b>: {p.get('status')}: {_esc(p.get('reason', ''))}</p>")
+    P = results["probes"]
+    if P.get("ce", {}).get("status") == "ok":
+        pm = P["ce"]["per_modality"]
+        h.append("<h2>Per-modality cross-entropy</h2>")
+        h.append(svg_bars("eval CE (nats), red: log(vocab)", list(pm), [v["ce"] for v in pm.values()],
+                          [v["uniform"] for v in pm.values()], "uniform guess log(vocab)"))
+    curves = read_training_curves(os.path.join(ctx["out_dir"], "log.jsonl"))
+    if curves:
+        h.append(svg_lines("validation CE during training", curves, "iteration", "nats"))
+    if P.get("class", {}).get("status") == "ok":
+        c = P["class"]
+        h.append("<h2>Audio -> class</h2>")
+        h.append(svg_heatmap(c["confusion"], ctx["class_names"], "confusion matrix (audio -> class)"))
+        pc = c["per_class"]
+        h.append(svg_bars("per-class top-1 as a multiple of chance (red: chance = 1)", list(pc),
+                          [v["x_chance"] for v in pc.values()], [1.0] * len(pc), "chance", "x"))
+    if P.get("retrieval", {}).get("status") == "ok":
+        R = P["retrieval"]
+        series = {}
+        for key in ("audio->rgb", "rgb->audio"):
+            curve = R[key]["curve"]
+            series[key] = (list(range(1, len(curve) + 1)), curve)
+        G = len(series["audio->rgb"][1])
+        series["chance k/G"] = (list(range(1, G + 1)), [k / G for k in range(1, G + 1)])
+        h.append("<h2>Retrieval</h2><p>" + _esc(R["gallery"]) + "</p>")
+        h.append(svg_lines("recall@k", series, "k", "recall"))
+    gen = ctx.get("gen")
+    if gen is not None:
+        h.append("<h2>Generated audio per class</h2><p>log-mel spectrograms; continuation: the last "
+                 f"{100 * suffix_frac:.0f}% is generated.</p><table><tr><th>class</th><th>ground truth</th>"
+                 "<th>continuation</th><th>class-only</th></tr>")
+        for c, name in enumerate(ctx["class_names"]):
+            idx = np.flatnonzero(gen["labels"] == c)[:max(ctx["audio_players"], 1)]
+            if not len(idx):
+                continue
+            cells = []
+            for setting in ("gt", "continuation", "class_only"):
+                cell = []
+                for j, i in enumerate(idx):
+                    w = gen[f"{setting}_wave"][i]
+                    cell.append(f"<img src='{spectrogram_png(w)}' width='256' height='64'><br>")
+                    if j < ctx["audio_players"]:
+                        cell.append(f"<audio controls preload='none' src='{wav_uri(w)}'></audio><br>")
+                cells.append("".join(cell))
+            h.append(f"<tr><td>{_esc(name)}</td>" + "".join(f"<td>{x}</td>" for x in cells) + "</tr>")
+        h.append("</table>")
+    if P.get("fad", {}).get("status") == "ok":
+        F = P["fad"]
+        names = list(F["class_only"]["per_class"])
+        h.append("<h2>Frechet audio distance per class</h2><p>" + _esc(F["embedding"]) + "</p>")
+        for s in ("class_only", "continuation"):
+            h.append(svg_bars(f"FAD-logmel {s} vs ground truth (red: overall real-vs-real floor)", names,
+                              [F[s]["per_class"][n] for n in names], [F["floor_overall"]] * len(names), "floor"))
+    h.append("<h2>All results</h2><pre>" + _esc(json.dumps(results["probes"], indent=1, default=float)[:200000])
+             + "</pre></body></html>")
+    return "\n".join(h)
+
+
+# -----------------------------------------------------------------------------------------------------
+# running it
+
+def pick_device(name):
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return _jsonable(x.tolist())
+    if isinstance(x, (np.floating, float)):
+        return float(x) if math.isfinite(float(x)) else None
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    return x
+
+
+def _write_atomic(path, text):
+    tmp = path + f".tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def run(settings):
+    """Evaluate with the given settings (dict of this module's setting names). Returns the results dict."""
+    s = dict(settings)
+    from model import load_checkpoint
+    dev = pick_device(s["device"])
+    torch.manual_seed(s["seed"])
+    ckpt_path = os.path.join(s["out_dir"], "ckpt.pt")
+    model, ckpt = load_checkpoint(ckpt_path, dev)
+    cfg = ckpt.get("config", {})
+    ds = s["dataset"] or cfg.get("dataset", "toyzoo")
+    root = s["data_root"] or cfg.get("data_root", "data")
+    tok_path = M.tok_dir(ds, root)
+    meta = M.load_meta(tok_path)
+    arrays = {sp: M.open_split(tok_path, sp, meta) for sp in meta["splits"]
+              if sp == s["split"] or sp == "train"}
+    if s["split"] not in arrays:
+        raise ValueError(f"split {s['split']!r} not in {tok_path}/meta.json (has {list(meta['splits'])})")
+    wanted = ALL_PROBES if s["probes"] == "all" else tuple(p.strip() for p in s["probes"].split(",") if p.strip())
+    bad = [p for p in wanted if p not in PROBES]
+    if bad:
+        raise ValueError(f"unknown probe(s) {bad}; valid: all or a comma list of {', '.join(ALL_PROBES)}")
+    order = {sp: clip_order(a) for sp, a in arrays.items()}
+    n_split = len(order[s["split"]])
+    eval_clips = order[s["split"]][:s["num_clips"]] if s["num_clips"] > 0 else order[s["split"]]
+    views_of = seeded_views(n_split, 1, s["seed"])
+    global suffix_frac
+    suffix_frac = s["suffix_frac"]
+    ctx = dict(s, model=model, ckpt=ckpt, device=dev, tok_path=tok_path, meta=meta, arrays=arrays, order=order,
+               class_names=list(meta["class_names"]), eval_clips=eval_clips, eval_views=views_of[eval_clips],
+               views_of=views_of, table=[], results={},
+               selection=f"the first {len(eval_clips)} clips of the split in clip_id order, one view per clip drawn "
+                         f"from numpy default_rng([seed, 1])")
+    print(f"evaluating {ckpt_path} (iter {ckpt.get('iter_num')}) on {tok_path} split {s['split']}: "
+          f"{len(eval_clips)} clips, device {dev}")
+    failed = []
+    for name in wanted:
+        print(f"[{name}]")
+        t0 = time.time()
+        try:
+            res = PROBES[name](ctx)
+            status = "skipped" if "skipped" in res else "ok"
+            res = {"status": status, **({"reason": res["skipped"]} if status == "skipped" else {}), **res}
+        except (ImportError, FileNotFoundError, NotImplementedError) as e:
+            res = {"status": "skipped", "reason": f"{type(e).__name__}: {e}"}
+        except Exception as e:
+            traceback.print_exc()
+            res = {"status": "error", "reason": f"{type(e).__name__}: {e}"}
+            failed.append(name)
+        if res["status"] != "ok":
+            print(f"  {res['status']}: {res['reason']}")
+        res["seconds"] = time.time() - t0
+        ctx["results"][name] = res
+    results = {"meta": {"checkpoint": ckpt_path, "iter_num": ckpt.get("iter_num"), "dataset": ds, "tok_path": tok_path,
+                        "split": s["split"], "n_eval_clips": int(len(eval_clips)), "selection": ctx["selection"],
+                        "seed": s["seed"], "device": dev, "settings": {k: v for k, v in s.items() if k != "REPORT"},
+                        "tokenizers": {k: v.get("tokenizer") for k, v in meta["modalities"].items()},
+                        "report_figures": REPORT},
+               "table": ctx["table"], "probes": ctx["results"]}
+    results = _jsonable(results)
+    d = os.path.join(s["out_dir"], "eval", s["split"])
+    os.makedirs(d, exist_ok=True)
+    _write_atomic(os.path.join(d, "results.json"), json.dumps(results, indent=1))
+    _write_atomic(os.path.join(d, "report.html"), render_report(results, ctx))
+    print(f"wrote {d}/results.json and {d}/report.html")
+    results["failed"] = failed
+    return results
+
+
+def default_settings():
+    import configurator
+    return {k: v for k, v in configurator.settings(globals()).items() if k not in ("REPORT", "ALL_PROBES", "PROBES",
+                                                                                  "IMAGENET_CLASSES")}
+
+
+if __name__ == "__main__":
+    import configurator
+    try:
+        cfg = configurator.apply_overrides(default_settings(), sys.argv[1:])
+    except configurator.ConfigError as e:
+        sys.exit(f"evaluate.py: {e}")
+    out = run(cfg)
+    if out["failed"]:
+        sys.exit(f"evaluate.py: probe(s) failed: {', '.join(out['failed'])} (see the traceback above)")

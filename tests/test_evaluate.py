@@ -1,0 +1,220 @@
+"""evaluate.py and audio_features.py: each probe on a fixture with a known answer, then an end-to-end run on a
+tiny random checkpoint and a tiny tokenized dataset."""
+import json
+import math
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import audio_features as AF  # noqa: E402
+import evaluate as E  # noqa: E402
+import modalities as M  # noqa: E402
+
+
+# --- statistics
+
+def test_wilson_ci_known_case():
+    lo, hi = E.wilson_ci(50, 100)
+    assert lo < 0.5 < hi
+    assert abs(lo - 0.4038) < 1e-3 and abs(hi - 0.5962) < 1e-3   # the textbook 95% Wilson interval
+    lo0, hi0 = E.wilson_ci(0, 20)
+    assert lo0 == 0.0 and 0.1 < hi0 < 0.2                        # never negative, not degenerate at p = 0
+    w_small, w_big = np.subtract(*E.wilson_ci(5, 10)[::-1]), np.subtract(*E.wilson_ci(500, 1000)[::-1])
+    assert w_big < w_small / 5                                    # shrinks like 1/sqrt(n)
+
+
+def test_clustered_accuracy_and_mean_ci():
+    correct = np.array([[1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 0]])
+    acc, lo, hi = E.clustered_accuracy(correct)
+    assert acc == pytest.approx(6 / 12) and lo < acc < hi
+    m, lo, hi = E.mean_ci([1.0, 2.0, 3.0])
+    assert m == 2.0 and lo < 2.0 < hi
+
+
+def test_marginal_entropy():
+    V = 2048
+    assert E.marginal_entropy(np.arange(V).repeat(3), V) == pytest.approx(math.log(V))
+    assert E.marginal_entropy(np.zeros(100, dtype=np.int64), V) == pytest.approx(0.0)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 16, 100000)
+    assert E.cross_entropy_to_marginal(ids, ids, 16) == pytest.approx(math.log(16), abs=0.01)
+
+
+# --- ranking with fair ties
+
+def test_classification_perfect_and_constant_scorer():
+    rng = np.random.default_rng(0)
+    C, N = 11, 330
+    labels = np.arange(N) % C
+    perfect = rng.normal(size=(N, C))
+    perfect[np.arange(N), labels] = 100.0
+    out = E.classification_metrics(perfect, labels, [f"c{i}" for i in range(C)])
+    assert out["top1"]["value"] == 1.0 and out["top5"]["value"] == 1.0
+    assert np.trace(np.array(out["confusion"])) == N
+    assert all(v["x_chance"] == pytest.approx(C) for v in out["per_class"].values())
+    const = np.zeros((N, C))
+    out = E.classification_metrics(const, labels, [f"c{i}" for i in range(C)])
+    assert out["top1"]["value"] == pytest.approx(1 / C)          # exactly chance, never a lucky tie-break
+    assert out["top5"]["value"] == pytest.approx(5 / C)
+    assert out["top1"]["ci"][0] < 1 / C < out["top1"]["ci"][1]
+    assert np.array(out["confusion"]).sum() == N
+
+
+def test_constant_scorer_does_not_win_by_tie_order():
+    # answer always at index 0 (where a naive argmax tie-break would land)
+    hits = E.fair_hits(np.zeros((10, 4)), np.zeros(10, dtype=np.int64), [1, 2, 4])
+    assert np.allclose(hits.mean(0), [0.25, 0.5, 1.0])
+
+
+def test_retrieval_perfect_and_constant():
+    G = 20
+    s = -np.abs(np.arange(G)[:, None] - np.arange(G)[None, :]).astype(float)   # best on the diagonal
+    r = E.retrieval_metrics(s)
+    assert r["R@1"]["value"] == 1.0 and r["R@5"]["value"] == 1.0
+    r = E.retrieval_metrics(np.ones((G, G)))
+    assert r["R@1"]["value"] == pytest.approx(1 / G) and r["R@5"]["value"] == pytest.approx(5 / G)
+    assert r["curve"][-1] == pytest.approx(1.0) and len(r["curve"]) == G
+
+
+# --- caption hypotheses: exact tokenized caption, no substring matching
+
+def test_pig_and_pigeon_are_distinct_hypotheses():
+    hyps = E.caption_hypotheses(["pig", "pigeon"])
+    assert not np.array_equal(hyps[0], hyps[1]) and hyps[0][-1] == M.CAPTION_PAD and hyps[1][-1] == M.CAPTION_PAD
+    assert np.array_equal(hyps[0], M.encode_caption("a photo of a pig")[:len(hyps[0])])
+    V = M.VOCAB_SIZE
+
+    def fake_scorer(favoured):
+        """log-probs that put all mass on the favoured class's exact caption; 2 samples."""
+        target = E.caption_hypotheses([favoured])[0]
+
+        def score_fn(length, hyp_ids):
+            logp = np.full((length, V), -20.0)
+            for p in range(min(length, len(target))):
+                logp[p, target[p]] = 0.0
+            return np.stack([logp[np.arange(length), h].sum() for h in hyp_ids])[None].repeat(2, 0)
+        return score_fn
+
+    for i, name in enumerate(["pig", "pigeon"]):
+        s = E.caption_class_scores(fake_scorer(name), ["pig", "pigeon"])
+        assert s.shape == (2, 2) and (s.argmax(1) == i).all(), (name, s)
+    with pytest.raises(ValueError):
+        E.caption_hypotheses(["pig", "pig"])
+
+
+# --- audio features
+
+def test_frechet_distance():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(2000, 8))
+    assert AF.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+    d1 = AF.frechet_distance(a, a + 1.0)
+    d2 = AF.frechet_distance(a, a + 2.0)
+    assert d1 == pytest.approx(8.0, rel=1e-6) and d2 == pytest.approx(32.0, rel=1e-6)   # ||mu shift||^2
+    # a rank-deficient covariance (fewer samples than dims) stays finite and non-negative
+    assert np.isfinite(AF.frechet_distance(a[:5], a[5:10] * 2)) and AF.frechet_distance(a[:5], a[:5]) < 1e-6
+
+
+def test_audio_features_and_classifier():
+    rng = np.random.default_rng(0)
+    t = np.arange(M.AUDIO_WINDOW) / M.AUDIO_SR
+    waves, y = [], []
+    for c, f in enumerate([300.0, 1200.0, 4000.0]):
+        for _ in range(6):
+            waves.append(0.3 * np.sin(2 * np.pi * f * t + rng.uniform(0, 6)) + 0.01 * rng.normal(size=t.size))
+            y.append(c)
+    waves, y = np.array(waves, dtype=np.float32), np.array(y)
+    frames = AF.log_mel_frames(waves)
+    assert frames.shape == (18, M.AUDIO_WINDOW // AF.HOP + 1, AF.N_MELS)
+    emb = AF.clip_embedding(frames=frames)
+    assert emb.shape == (18, 2 * AF.N_MELS)
+    clf = AF.fit_logreg(emb[::2], y[::2], 3)
+    assert (AF.predict_proba(clf, emb[1::2]).argmax(1) == y[1::2]).all()
+    # energy spread: a constant tone has ~none, a burst has a lot
+    burst = waves[:1].copy()
+    burst[:, : M.AUDIO_WINDOW // 2] = 0
+    assert AF.energy_spread(burst)[0] > 10 * AF.energy_spread(waves[:1])[0]
+    assert AF.mean_pairwise_distance(np.zeros((4, 3))) == 0.0
+
+
+# --- end to end on a tiny random checkpoint and a tiny tokenized dataset
+
+def _make_fixture(root, classes=("cat", "pig", "pigeon"), n={"train": 6, "test": 6}):
+    from model import Nano4M, Nano4MConfig
+    from modality_tokenizers import MelRVQTokenizer
+    tok = os.path.join(root, "data", "fx", "tok")
+    os.makedirs(os.path.join(tok, "codebooks"))
+    rng = np.random.default_rng(0)
+    meta = {"dataset": "fx", "class_names": list(classes), "num_views": M.NUM_VIEWS, "splits": dict(n),
+            "modalities": {}}
+    for m in M.MODALITIES:
+        meta["modalities"][m.name] = {"shape": [M.NUM_VIEWS, m.length] if m.per_view else [m.length],
+                                      "vocab": m.vocab, "tokenizer": "gpt2_bpe", "codebook": None}
+    K = 16
+    meta["modalities"]["tok_audio"].update(tokenizer="mel_rvq", codebook="codebooks/tok_audio.pt")
+    cb = torch.randn(2, K, 80) * 0.5 - 4
+    MelRVQTokenizer(cb, {"griffin_lim_iters": 2}).save(os.path.join(tok, "codebooks", "tok_audio.pt"))
+    for split, count in n.items():
+        os.makedirs(os.path.join(tok, split))
+        labels = np.arange(count) % len(classes)
+        for m in M.MODALITIES:
+            if m.name == "caption":
+                a = np.stack([M.encode_caption(M.caption_text(classes[c])) for c in labels])
+            elif m.name == "tok_audio":
+                a = M.interleave_audio(rng.integers(0, K, (count, M.NUM_VIEWS, 2, M.AUDIO_FRAMES)))
+            else:
+                a = rng.integers(0, 64, (count, M.NUM_VIEWS, m.length))
+            a.astype(np.uint16).tofile(os.path.join(tok, split, m.name + ".bin"))
+        labels.astype(np.uint16).tofile(os.path.join(tok, split, "label.bin"))
+        with open(os.path.join(tok, split, "clip_ids.json"), "w") as f:
+            json.dump([f"{split}_{i:03d}" for i in range(count)], f)
+    with open(os.path.join(tok, "meta.json"), "w") as f:
+        json.dump(meta, f)
+    args = dict(n_enc_layer=1, n_dec_layer=1, n_embd=32, n_head=2)
+    torch.manual_seed(0)
+    model = Nano4M(Nano4MConfig(**args))
+    out = os.path.join(root, "out")
+    os.makedirs(out)
+    torch.save({"model": model.state_dict(), "model_args": args, "iter_num": 0,
+                "config": {"dataset": "fx", "data_root": os.path.join(root, "data"), "input_budget": (8, 64),
+                           "target_budget": (8, 64)}}, os.path.join(out, "ckpt.pt"))
+    with open(os.path.join(out, "log.jsonl"), "w") as f:
+        for it in (0, 10):
+            f.write(json.dumps({"iter": it, "val": {"loss": 5.0 - it / 10, "tok_audio": 7.0 - it / 10}}) + "\n")
+    return out
+
+
+def test_end_to_end_tiny(tmp_path):
+    out = _make_fixture(str(tmp_path))
+    s = E.default_settings()
+    s.update(out_dir=out, device="cpu", gallery=6, gen_per_class=2, gen_steps=2, clf_per_class=2, ce_batches=2,
+             batch_size=8, structure_views=2, audio_players=1)
+    res = E.run(s)
+    assert res["failed"] == []
+    d = os.path.join(out, "eval", "test")
+    with open(os.path.join(d, "results.json")) as f:
+        saved = json.load(f)
+    for p in E.ALL_PROBES:
+        assert saved["probes"][p]["status"] in ("ok", "skipped"), (p, saved["probes"][p])
+        if saved["probes"][p]["status"] == "skipped":
+            assert saved["probes"][p]["reason"]
+    for p in ("ce", "entropy", "class", "retrieval", "structure", "memo", "generation", "fad"):
+        assert saved["probes"][p]["status"] == "ok", (p, saved["probes"][p])
+    P = saved["probes"]
+    assert P["class"]["n"] == 6 and len(P["class"]["confusion"]) == 3
+    assert 0.0 <= P["class"]["top1"]["value"] <= 1.0
+    assert len(P["retrieval"]["audio->rgb"]["curve"]) == 6
+    assert P["structure"]["tok_depth"]["n_images"] == 12
+    assert P["memo"]["train"]["n_clips"] == 6 and P["memo"]["test"]["n_clips"] == 6
+    assert P["generation"]["n_per_setting"] == 6
+    assert P["fad"]["class_only"]["overall"] >= 0
+    assert all(r["random"] is not None or r["metric"].startswith(("generation speed", "FAD-CLAP"))
+               for r in saved["table"])
+    html = open(os.path.join(d, "report.html")).read()
+    assert "<svg" in html and "confusion matrix" in html and "data:image/png;base64" in html
+    assert "validation CE during training" in html
+    assert not [f for f in os.listdir(d) if ".tmp" in f]
