@@ -73,6 +73,8 @@ data_root = ''           # '' = the checkpoint's
 device = 'auto'          # auto = cuda if available
 seed = 1337
 audio_players = 2        # wav players per class and setting in report.html (0 = none: smaller page)
+resnet_weights = 'imagenet'  # 'imagenet' (torchvision's IMAGENET1K_V2, downloaded once) or 'random' (untrained:
+                             # exercises the probe offline, figures meaningless)
 REPORT = {  # the report's own figures, shown beside ours
     "audio_ce": 5.2, "audio_marginal_entropy": 6.2, "class_top1": 0.104, "class_top5": 0.484,
     "retrieval_r5": 0.045, "rgb_depth_top1": 0.11, "rgb_normal_top1": 0.18, "memo_train": 0.029,
@@ -776,9 +778,11 @@ def probe_resnet(ctx):
         from torchvision.models import resnet50, ResNet50_Weights
     except ImportError as e:
         return {"skipped": f"torchvision not installed ({e}); pip install torchvision (weights download once)"}
+    weights = ResNet50_Weights.IMAGENET1K_V2
+    if ctx["resnet_weights"] not in ("imagenet", "random"):
+        raise ValueError(f"resnet_weights must be 'imagenet' or 'random', got {ctx['resnet_weights']!r}")
     try:
-        weights = ResNet50_Weights.IMAGENET1K_V2
-        net = resnet50(weights=weights).eval().to(ctx["device"])
+        net = resnet50(weights=weights if ctx["resnet_weights"] == "imagenet" else None).eval().to(ctx["device"])
     except Exception as e:  # no cached weights and no network
         return {"skipped": f"ResNet-50 ImageNet weights unavailable ({type(e).__name__}: {str(e)[:200]})"}
     import modality_tokenizers
@@ -793,7 +797,12 @@ def probe_resnet(ctx):
     kw = dict(steps=ctx["gen_steps"], schedule=ctx["gen_schedule"], temperature=ctx["gen_temperature"],
               guidance_scale=ctx["gen_guidance"], generator=g)
     prep = weights.transforms()
-    out = {"classes": {k: v for k, v in IMAGENET_CLASSES.items() if k in ctx["class_names"]}}
+    out = {"classes": {k: v for k, v in IMAGENET_CLASSES.items() if k in ctx["class_names"]},
+           "weights": ctx["resnet_weights"] if ctx["resnet_weights"] == "random" else str(weights),
+           "rule": "a hit when the top-5 ImageNet predictions contain one of the class's ImageNet labels; "
+                   "chance = 5 x (number of such labels) / 1000, averaged over the samples"}
+    if ctx["resnet_weights"] == "random":
+        out["note"] = "UNTRAINED ResNet-50 (resnet_weights='random'): the figures test the code path only"
     for cond in ("tok_audio", "caption", None):
         if cond is None:
             ids = tokens["tok_rgb"]
