@@ -251,3 +251,340 @@ def continuation_prefix(frac=0.8):
     """Audio tokens given in continuation mode: the first `frac` of the 256 frames, rounded to whole frames
     (0.8 -> 205 frames = 410 tokens), so a frame's two codebook tokens are never split."""
     return int(round(frac * AUDIO_FRAMES)) * AUDIO_CODEBOOKS
+
+
+# ---------------------------------------------------------------------------------------------------
+# pictures and sounds for the gallery
+
+# a small perceptual colormap (dark purple -> red -> yellow, roughly "inferno"), as RGB anchors
+_CMAP = np.array([[0, 0, 4], [40, 11, 84], [101, 21, 110], [159, 42, 99], [212, 72, 66], [245, 125, 21],
+                  [250, 193, 39], [252, 255, 164]], dtype=np.float32)
+
+
+def colormap(x):
+    """x in [0, 1], any shape -> uint8 [..., 3]."""
+    x = np.clip(np.nan_to_num(np.asarray(x, dtype=np.float32)), 0.0, 1.0) * (len(_CMAP) - 1)
+    lo = np.floor(x).astype(int).clip(0, len(_CMAP) - 2)
+    w = (x - lo)[..., None]
+    return ((1 - w) * _CMAP[lo] + w * _CMAP[lo + 1]).round().astype(np.uint8)
+
+
+def spectrogram_image(wave, mark_frame=None, dynamic_range=10.0):
+    """Waveform [T] at 24 kHz -> uint8 RGB picture of its log-mel spectrogram (time left to right, low
+    frequencies at the bottom), the top `dynamic_range` nats of each clip shown (~43 dB). Uses the audio
+    tokenizer's own front-end (modality_tokenizers.log_mel: 75 Hz frames, 80 mel bands). A white line at
+    mark_frame shows where a continuation starts."""
+    from modality_tokenizers import log_mel
+    spec = log_mel(torch.as_tensor(np.asarray(wave, dtype=np.float32))).numpy().T[::-1]   # [80, frames]
+    top = spec.max()
+    img = colormap((spec - (top - dynamic_range)) / dynamic_range)
+    img = np.repeat(img, 2, axis=0)                                                      # 160 px tall
+    if mark_frame is not None and 0 < mark_frame < img.shape[1]:
+        img[:, mark_frame] = 255
+    return np.ascontiguousarray(img)
+
+
+def depth_picture(depth):
+    """uint16 depth [H, W] -> false-colour uint8 [H, W, 3] (near = bright), scaled per image between the
+    2nd and 98th percentile of log depth."""
+    d = np.log1p(np.asarray(depth, dtype=np.float32))
+    lo, hi = np.percentile(d, 2), np.percentile(d, 98)
+    return colormap(1.0 - (d - lo) / max(hi - lo, 1e-6))
+
+
+def raw_audio_window(wave, center_s, sr=AUDIO_SR, length=AUDIO_WINDOW):
+    """The view's audio window: `length` samples centred on the keyframe time, clamped to the clip, zero
+    padded when the clip is shorter (the same window tokenize_all.py tokenizes)."""
+    start = int(round(center_s * sr)) - length // 2
+    start = max(0, min(start, len(wave) - length))
+    out = np.zeros(length, dtype=np.float32)
+    piece = wave[start:start + length]
+    out[:len(piece)] = piece
+    return out
+
+
+def _write_text(path, text):
+    from rawdata import atomic_path
+    tmp = atomic_path(path)
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _write_npy(path, array):
+    from rawdata import atomic_path
+    tmp = atomic_path(path) + ".npy"          # np.save appends .npy to names without it
+    np.save(tmp, array)
+    os.replace(tmp, path)
+
+
+class Gallery:
+    """Writes one modality's decoded output (wav + spectrogram, png, or text) and returns the HTML cell."""
+
+    def __init__(self, root):
+        self.root = root
+
+    def media(self, rel, modality, value, mark_frame=None, label=""):
+        """value: float wave [T] (audio), uint8/uint16 image (rgb/depth/normal), str (caption)."""
+        path = os.path.join(self.root, rel)
+        from rawdata import write_png, write_wav
+        cap = f"<div class='lbl'>{label}</div>" if label else ""
+        if modality == "tok_audio":
+            write_wav(path + ".wav", value)
+            write_png(path + "_spec.png", spectrogram_image(value, mark_frame))
+            return (f"{cap}<audio controls preload='none' src='{rel}.wav'></audio><br>"
+                    f"<img class='spec' src='{rel}_spec.png'>")
+        if modality == "caption":
+            _write_text(path + ".txt", value)
+            return f"{cap}<div class='cap'>{_html_escape(value)}</div>"
+        if modality == "tok_depth":
+            write_png(path + ".png", np.asarray(value, dtype=np.uint16))   # the 16-bit map itself
+            write_png(path + "_vis.png", depth_picture(value))
+            return f"{cap}<img src='{rel}_vis.png'>"
+        write_png(path + ".png", np.asarray(value, dtype=np.uint8))
+        return f"{cap}<img src='{rel}.png'>"
+
+
+def _html_escape(s):
+    return str(s).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("'", "&#39;")
+
+
+# ---------------------------------------------------------------------------------------------------
+# the command line
+
+DEFAULTS = dict(
+    out_dir="out",             # checkpoint dir: reads out_dir/ckpt.pt; its config names dataset / data_root
+    mode="",                   # 'class_only' | 'continuation' | '' (then --cond / --target)
+    cond="caption",            # comma list of conditioning modalities (rgb, depth, normal, audio, caption);
+                               # '' = unconditional
+    target="audio",
+    split="test",
+    num_clips=8,               # clips drawn (seeded) from the split ...
+    per_class=0,               # ... or, if > 0, this many clips of every class (overrides num_clips)
+    view=0,                    # which of the 10 views (keyframe + its audio window) of each clip
+    num_samples=2,             # generations per clip
+    batch_size=32,
+    steps=16,                  # decoding steps
+    schedule="maskgit",        # 'maskgit' (confidence-ranked) or 'roar' (random order, accept all)
+    count_schedule="cosine",   # 'cosine' or 'linear': how many positions stay masked after each step
+    temperature=1.0,
+    temperature_end=None,      # anneal linearly to this over the steps (None = constant)
+    top_k=0,                   # 0 = off
+    top_p=1.0,                 # 1.0 = off
+    guidance_scale=1.0,        # classifier-free guidance; 1.0 = the conditional model alone
+    remask_noise=0.0,          # MaskGIT's annealed Gumbel noise on the confidences
+    continuation_frac=0.8,     # continuation: the fraction of the audio frames given
+    seed=1337,
+    device="auto",             # 'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1'
+    dtype="float32",           # 'float32' or 'bfloat16' (autocast on CUDA)
+    samples_dir="",            # default out_dir/samples/<mode or cond-target>/
+    dataset="",                # '' = the checkpoint's
+    data_root="",              # '' = the checkpoint's
+)
+
+
+def resolve_task(cfg):
+    """-> (conditioning modality names, target name, number of given target tokens, run name)."""
+    mode = cfg["mode"]
+    if mode == "class_only":
+        return ["caption"], "tok_audio", 0, "class_only"
+    if mode == "continuation":
+        if not 0.0 < cfg["continuation_frac"] < 1.0:
+            raise ValueError(f"--continuation_frac must lie in (0, 1), got {cfg['continuation_frac']}")
+        return ["tok_rgb", "caption"], "tok_audio", continuation_prefix(cfg["continuation_frac"]), "continuation"
+    if mode:
+        raise ValueError(f"--mode must be 'class_only', 'continuation' or '' (then --cond/--target), got {mode!r}")
+    target = full_name(cfg["target"])
+    cond = [full_name(c.strip()) for c in cfg["cond"].split(",") if c.strip()]
+    if target in cond:
+        raise ValueError(f"--target={cfg['target']} is also in --cond={cfg['cond']}")
+    if len(set(cond)) != len(cond):
+        raise ValueError(f"--cond={cfg['cond']} names a modality twice")
+    short = {v: k for k, v in SHORT_NAMES.items()}
+    name = ("+".join(short[c] for c in cond) or "nothing") + "-to-" + short[target]
+    return cond, target, 0, name
+
+
+def choose_clips(labels, num_classes, num_clips, per_class, seed):
+    """Row indices into the split: a seeded shuffle, then either the first num_clips or the first
+    per_class of every class. Returned sorted (sequential memmap reads)."""
+    order = np.random.default_rng(seed).permutation(len(labels))
+    if per_class > 0:
+        picked = []
+        for c in range(num_classes):
+            picked += [int(i) for i in order if labels[i] == c][:per_class]
+        return np.array(sorted(picked), dtype=np.int64)
+    return np.sort(order[:num_clips])
+
+
+def main(argv=None):
+    import configurator
+    from tqdm import tqdm
+    import modalities as M
+    from model import load_checkpoint
+    from modality_tokenizers import load_tokenizer, pick_device
+    from rawdata import raw_dir, read_manifest, read_wav, read_png, atomic_path
+
+    cfg = configurator.apply_overrides(DEFAULTS, sys.argv[1:] if argv is None else argv)
+    cond, target, n_prefix, run_name = resolve_task(cfg)
+    device = pick_device(cfg["device"])
+    if cfg["num_samples"] < 1 or cfg["batch_size"] < 1 or cfg["steps"] < 1:
+        raise ValueError("--num_samples, --batch_size and --steps must be >= 1")
+    if not 0 <= cfg["view"] < M.NUM_VIEWS:
+        raise ValueError(f"--view must lie in [0, {M.NUM_VIEWS}), got {cfg['view']}")
+
+    model, ckpt = load_checkpoint(os.path.join(cfg["out_dir"], "ckpt.pt"), device)
+    train_cfg = ckpt.get("config", {})
+    dataset = cfg["dataset"] or train_cfg.get("dataset")
+    data_root = cfg["data_root"] or train_cfg.get("data_root", "data")
+    if not dataset:
+        raise ValueError(f"{cfg['out_dir']}/ckpt.pt records no dataset: pass --dataset=NAME")
+    tok_path = M.tok_dir(dataset, data_root)
+    meta = M.load_meta(tok_path)
+    arrays = M.open_split(tok_path, cfg["split"], meta)
+    class_names = meta["class_names"]
+    labels_all = np.asarray(arrays["label"])
+    clips = choose_clips(labels_all, len(class_names), cfg["num_clips"], cfg["per_class"], cfg["seed"])
+    if len(clips) == 0:
+        raise ValueError(f"{tok_path}/{cfg['split']}: no clips chosen (num_clips / per_class)")
+    tokens, labels = M.gather_views(arrays, clips, np.full(len(clips), cfg["view"]))
+    clip_ids = [arrays["clip_ids"][i] for i in clips]
+
+    samples_dir = cfg["samples_dir"] or os.path.join(cfg["out_dir"], "samples", run_name)
+    os.makedirs(samples_dir, exist_ok=True)
+    index_path = os.path.join(samples_dir, "index.html")
+    if os.path.exists(index_path):
+        os.remove(index_path)   # a run that dies half-way leaves no gallery pointing at mixed files
+
+    # --- generate: every clip num_samples times, in batches, from one seeded generator
+    S, N = cfg["num_samples"], len(clips)
+    rows = np.repeat(np.arange(N), S)
+    L = M.BY_NAME[target].length
+    generated = torch.zeros(N * S, L, dtype=torch.long)
+    g = torch.Generator().manual_seed(cfg["seed"])
+    use_autocast = cfg["dtype"] != "float32" and device.startswith("cuda")
+    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg["dtype"]]
+    print(f"{run_name}: {N} clips x {S} samples of {target} from [{', '.join(cond) or 'nothing'}], "
+          f"{cfg['schedule']} {cfg['steps']} steps, model {model.get_num_params() / 1e6:.1f}M params on {device}")
+    t0 = time.time()
+    for start in tqdm(range(0, N * S, cfg["batch_size"]), desc="generating", unit="batch"):
+        r = rows[start:start + cfg["batch_size"]]
+        batch = {c: tokens[c][r] for c in cond + [target]}
+        known = torch.zeros(len(r), L, dtype=torch.bool)
+        known[:, :n_prefix] = True
+        with torch.autocast(device_type="cuda", dtype=ptdtype, enabled=use_autocast):
+            out = generate(model, batch, {target: known}, target, steps=cfg["steps"], schedule=cfg["schedule"],
+                           count_schedule=cfg["count_schedule"], temperature=cfg["temperature"],
+                           temperature_end=cfg["temperature_end"], top_k=cfg["top_k"], top_p=cfg["top_p"],
+                           guidance_scale=cfg["guidance_scale"], remask_noise=cfg["remask_noise"], generator=g)
+        generated[start:start + len(r)] = out.cpu()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    dt = time.time() - t0
+    print(f"generated {N * S} samples in {dt:.2f}s: {N * S / dt:.2f} samples/s "
+          f"({N * S * (L - n_prefix) / dt:.0f} tokens/s) on {device}")
+
+    # --- decode and write: generated, tokenized ground truth, raw ground truth, conditioning
+    tok = load_tokenizer(tok_path, meta, target, device)
+    cond_toks = {c: load_tokenizer(tok_path, meta, c, device) for c in cond if c not in ("caption",)}
+    manifest = {}
+    rdir = raw_dir(dataset, data_root)
+    if os.path.exists(os.path.join(rdir, "manifest.jsonl")):
+        manifest = {row["clip_id"]: row for row in read_manifest(os.path.join(rdir, "manifest.jsonl"))}
+    else:
+        print(f"note: {rdir}/manifest.jsonl not found: the gallery shows the tokenized ground truth only")
+
+    def decode(tk, modality, ids):
+        if modality == "caption":
+            return [M.decode_caption(row) for row in ids.numpy()]
+        return list(tk.decode(ids.to(device) if torch.is_tensor(ids) else ids))
+
+    def raw_truth(row, modality):
+        """The raw file of this view, or None."""
+        v = cfg["view"]
+        try:
+            if modality == "tok_audio":
+                wave, sr = read_wav(os.path.join(rdir, row["audio"]))
+                if sr != AUDIO_SR:
+                    return None
+                times = row.get("keyframe_times") or [len(wave) / sr / 2] * M.NUM_VIEWS
+                return raw_audio_window(wave, times[v])
+            if modality == "caption":
+                return row.get("caption")
+            key = {"tok_rgb": "frames", "tok_depth": "depths", "tok_normal": "normals"}[modality]
+            return read_png(os.path.join(rdir, row[key][v])) if row.get(key) else None
+        except (FileNotFoundError, ValueError) as e:
+            print(f"note: raw ground truth of {row['clip_id']} unavailable ({e})")
+            return None
+
+    gallery = Gallery(samples_dir)
+    mark = n_prefix // M.AUDIO_CODEBOOKS if n_prefix else None
+    table_rows = []
+    t1 = time.time()
+    for i in tqdm(range(N), desc="decoding", unit="clip"):
+        cid = clip_ids[i]
+        sub = f"{i:03d}_{''.join(ch if ch.isalnum() or ch in '-_.' else '_' for ch in str(cid))}"
+        os.makedirs(os.path.join(samples_dir, sub), exist_ok=True)
+        ids = generated[i * S:(i + 1) * S]
+        _write_npy(os.path.join(samples_dir, sub, "generated_ids.npy"), ids.numpy().astype(np.int64))
+        row = manifest.get(cid)
+        # conditioning
+        cells = []
+        for c in cond:
+            if c == "caption":
+                cells.append(gallery.media(f"{sub}/cond_caption", c, M.decode_caption(tokens[c][i].numpy())))
+                continue
+            raw = raw_truth(row, c) if row else None
+            value = raw if raw is not None else decode(cond_toks[c], c, tokens[c][i:i + 1])[0]
+            cells.append(gallery.media(f"{sub}/cond_{c}", c, value, label="raw" if raw is not None else "tokens"))
+        if n_prefix:
+            cells.append(f"<div class='lbl'>+ first {n_prefix} of {L} audio tokens</div>")
+        # generated samples
+        gen_cells = [gallery.media(f"{sub}/gen_{j}", target, v, mark, label=f"sample {j}")
+                     for j, v in enumerate(decode(tok, target, ids))]
+        # ground truth: the tokenized one decoded with the same tokenizer, and the raw file
+        gt_cells = [gallery.media(f"{sub}/gt_tokens", target, decode(tok, target, tokens[target][i:i + 1])[0],
+                                  mark, label="tokenized")]
+        raw = raw_truth(row, target) if row else None
+        if raw is not None:
+            gt_cells.append(gallery.media(f"{sub}/gt_raw", target, raw, mark, label="raw"))
+        table_rows.append(f"<tr><td>{i}<br><b>{_html_escape(class_names[int(labels[i])])}</b><br>"
+                          f"<small>{_html_escape(cid)}<br>view {cfg['view']}</small></td>"
+                          f"<td>{'<br>'.join(cells) or '(nothing)'}</td>"
+                          f"<td>{'<hr>'.join(gen_cells)}</td><td>{'<hr>'.join(gt_cells)}</td></tr>")
+    print(f"decoded and wrote {N * (S + 1)} outputs in {time.time() - t1:.1f}s")
+
+    # run-level records, then the gallery last
+    _write_npy(os.path.join(samples_dir, "generated_ids.npy"), generated.view(N, S, L).numpy().astype(np.int64))
+    import json
+    info = dict(settings=cfg, task=dict(cond=cond, target=target, given_target_tokens=n_prefix, name=run_name),
+                checkpoint=os.path.join(cfg["out_dir"], "ckpt.pt"), iter_num=ckpt.get("iter_num"),
+                dataset=dataset, split=cfg["split"], clip_ids=clip_ids, rows=clips.tolist(),
+                labels=[int(x) for x in labels], classes=[class_names[int(x)] for x in labels],
+                samples_per_s=N * S / dt, device=device)
+    _write_text(os.path.join(samples_dir, "samples.json"), json.dumps(info, indent=1))
+    settings = ", ".join(f"{k}={cfg[k]}" for k in ("steps", "schedule", "count_schedule", "temperature",
+                                                     "temperature_end", "top_k", "top_p", "guidance_scale",
+                                                     "remask_noise", "seed"))
+    html = f"""<!doctype html><html><head><meta charset="utf-8"><title>nano4M samples: {run_name}</title>
+<style>body{{font-family:sans-serif;margin:1em}} table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:6px;vertical-align:top}} img{{max-width:224px}} img.spec{{max-width:256px}}
+.lbl{{font-size:80%;color:#555}} .cap{{font-family:monospace}}</style></head><body>
+<h2>{run_name}: {_html_escape(target)} from {_html_escape(', '.join(cond) or 'nothing')}</h2>
+<p>checkpoint {_html_escape(info['checkpoint'])} (iter {info['iter_num']}), dataset {_html_escape(dataset)},
+split {cfg['split']}, {N} clips x {S} samples, {settings}.<br>{N * S / dt:.2f} samples/s on {device}.
+Spectrograms: log-mel, 75 Hz frames, top 10 nats of each clip{'; the white line marks where generation starts' if mark else ''}.</p>
+<table><tr><th>clip</th><th>conditioning</th><th>generated</th><th>ground truth</th></tr>
+{chr(10).join(table_rows)}
+</table></body></html>
+"""
+    _write_text(index_path, html)
+    print(f"wrote {index_path}")
+    return info
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"sample.py: {e}")

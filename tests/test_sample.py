@@ -1,4 +1,5 @@
 """sample.py: the MaskGIT / ROAR schedule, guidance, filtering, and the CLI end to end on a tiny fixture."""
+import functools
 import math
 import os
 import sys
@@ -17,7 +18,9 @@ from model import Nano4M, Nano4MConfig  # noqa: E402
 A0 = POS_OFFSETS[modality_index("audio")]
 
 
+@functools.lru_cache(maxsize=None)
 def tiny_model(seed=0):
+    """A tiny real Nano4M (1+1 layers, width 64) with random weights; cached (generation never changes it)."""
     torch.manual_seed(seed)
     return Nano4M(Nano4MConfig(n_enc_layer=1, n_dec_layer=1, n_embd=64, n_head=2)).eval()
 
@@ -262,3 +265,138 @@ def test_bad_input_refused():
         sample.generate(model, {"caption": captions(["cat"])}, {}, "audio", schedule="random")
     with pytest.raises(ValueError, match="outside"):
         sample.generate(model, {"depth": torch.full((1, 196), 9000)}, {}, "audio")
+
+
+# ---------------------------------------------------------------------------------------------------
+# the CLI end to end on a tiny fixture: tokenized dataset + codebooks + raw clips + random checkpoint
+
+def make_fixture(root, n_clips=4, with_raw=True):
+    import json
+    import numpy as np
+    from dataclasses import asdict
+    from modality_tokenizers import MelRVQTokenizer, PatchKMeansTokenizer
+    from rawdata import write_manifest, write_png, write_wav
+    import modalities as M
+
+    data_root = os.path.join(root, "data")
+    tok = os.path.join(data_root, "tiny", "tok")
+    os.makedirs(os.path.join(tok, "test"))
+    os.makedirs(os.path.join(tok, "codebooks"))
+    torch.manual_seed(0)
+    K = 16
+    # 2 Griffin-Lim iterations instead of 32: the fixture tests the plumbing, not the sound
+    MelRVQTokenizer(torch.randn(2, K, 80) - 4.0, {"griffin_lim_iters": 2}).save(os.path.join(tok, "codebooks", "tok_audio.pt"))
+    for name, dim in (("tok_rgb", 192), ("tok_depth", 64), ("tok_normal", 192)):
+        cb = torch.rand(K, dim) if name == "tok_rgb" else torch.randn(K, dim)
+        PatchKMeansTokenizer(name, cb).save(os.path.join(tok, "codebooks", f"{name}.pt"))
+    classes = ["cat", "dog"]
+    rng = np.random.default_rng(0)
+    labels = np.arange(n_clips) % 2
+    clip_ids = [f"clip{i}" for i in range(n_clips)]
+    for m in M.MODALITIES:
+        if m.name == "caption":
+            a = np.stack([M.encode_caption(M.caption_text(classes[c])) for c in labels])
+        else:
+            a = rng.integers(0, K if m.name != "tok_audio" else 2 * K, (n_clips, M.NUM_VIEWS, m.length))
+            if m.name == "tok_audio":   # a valid stream: codebook k's ids offset by 1024 k
+                a = M.interleave_audio(rng.integers(0, K, (n_clips, M.NUM_VIEWS, 2, 256)))
+        np.asarray(a, dtype=np.uint16).tofile(os.path.join(tok, "test", f"{m.name}.bin"))
+    labels.astype(np.uint16).tofile(os.path.join(tok, "test", "label.bin"))
+    with open(os.path.join(tok, "test", "clip_ids.json"), "w") as f:
+        json.dump(clip_ids, f)
+    mods = {m.name: {"shape": [M.NUM_VIEWS, m.length] if m.per_view else [m.length], "vocab": m.vocab,
+                     "tokenizer": {"tok_audio": "mel_rvq", "caption": "gpt2_bpe"}.get(m.name, "patch_kmeans"),
+                     "codebook": None if m.name == "caption" else f"codebooks/{m.name}.pt"} for m in M.MODALITIES}
+    meta = {"dataset": "tiny", "class_names": classes, "num_views": M.NUM_VIEWS, "splits": {"test": n_clips},
+            "modalities": mods}
+    with open(os.path.join(tok, "meta.json"), "w") as f:
+        json.dump(meta, f)
+    if with_raw:   # raw files for the first two clips only: the others fall back to tokenized ground truth
+        raw = os.path.join(data_root, "tiny", "raw")
+        rows = []
+        for i in range(2):
+            d = os.path.join(raw, "clips", clip_ids[i])
+            os.makedirs(d)
+            t = np.arange(24000 * 5) / 24000
+            write_wav(os.path.join(d, "audio.wav"), 0.3 * np.sin(2 * np.pi * 440 * (i + 1) * t))
+            frames = []
+            for v in range(M.NUM_VIEWS):
+                write_png(os.path.join(d, f"frame_{v:02d}.png"), rng.integers(0, 255, (224, 224, 3), dtype=np.uint8))
+                frames.append(f"clips/{clip_ids[i]}/frame_{v:02d}.png")
+            rows.append(dict(clip_id=clip_ids[i], **{"class": classes[labels[i]]}, source="toyzoo", split="test",
+                             caption=M.caption_text(classes[labels[i]]), audio=f"clips/{clip_ids[i]}/audio.wav",
+                             frames=frames, depths=None, normals=None,
+                             keyframe_times=[0.5 * v for v in range(M.NUM_VIEWS)], duration_s=5.0))
+        write_manifest(os.path.join(raw, "manifest.jsonl"), rows)
+    out_dir = os.path.join(root, "out")
+    os.makedirs(out_dir)
+    model = tiny_model()
+    torch.save({"model": model.state_dict(), "model_args": asdict(model.config), "iter_num": 0,
+                "config": {"dataset": "tiny", "data_root": data_root}}, os.path.join(out_dir, "ckpt.pt"))
+    return out_dir
+
+
+def test_cli_class_only_and_continuation_write_a_gallery(tmp_path):
+    import numpy as np
+    from rawdata import read_wav
+    out_dir = make_fixture(str(tmp_path))
+    info = sample.main([f"--out_dir={out_dir}", "--mode=class_only", "--num_clips=3", "--num_samples=2",
+                        "--steps=4", "--device=cpu"])
+    d = os.path.join(out_dir, "samples", "class_only")
+    ids = np.load(os.path.join(d, "generated_ids.npy"))
+    assert ids.shape == (3, 2, 512) and ids.min() >= 0 and ids.max() < 2048
+    html = open(os.path.join(d, "index.html")).read()
+    assert html.count("<tr>") == 4 and "<audio controls" in html
+    for i, cid in enumerate(info["clip_ids"]):
+        sub = os.path.join(d, f"{i:03d}_{cid}")
+        for f in ("gen_0.wav", "gen_1.wav", "gen_0_spec.png", "gt_tokens.wav", "cond_caption.txt"):
+            assert os.path.exists(os.path.join(sub, f)), f
+        wave, sr = read_wav(os.path.join(sub, "gen_0.wav"))
+        assert sr == 24000 and len(wave) == 81920
+        # the raw ground truth where the fixture has raw files (clip0, clip1), none otherwise
+        assert os.path.exists(os.path.join(sub, "gt_raw.wav")) == (cid in ("clip0", "clip1"))
+        assert open(os.path.join(sub, "cond_caption.txt")).read() in ("a photo of a cat", "a photo of a dog")
+    assert info["samples_per_s"] > 0
+    # same seed, same files: reproducible
+    again = sample.main([f"--out_dir={out_dir}", "--mode=class_only", "--num_clips=3", "--num_samples=2",
+                         "--steps=4", "--device=cpu", f"--samples_dir={tmp_path}/again"])
+    assert np.array_equal(np.load(os.path.join(tmp_path, "again", "generated_ids.npy")), ids)
+    assert again["clip_ids"] == info["clip_ids"]
+
+    # continuation: the first 410 tokens are the ground truth's, rgb conditioning shown
+    info = sample.main([f"--out_dir={out_dir}", "--mode=continuation", "--per_class=1", "--num_samples=1",
+                        "--steps=3", "--device=cpu", "--view=2"])
+    d = os.path.join(out_dir, "samples", "continuation")
+    ids = np.load(os.path.join(d, "generated_ids.npy"))
+    import modalities as M
+    arrays = M.open_split(os.path.join(tmp_path, "data", "tiny", "tok"), "test")
+    gt = np.asarray(arrays["tok_audio"][info["rows"], 2])
+    assert ids.shape == (2, 1, 512) and np.array_equal(ids[:, 0, :410], gt[:, :410])
+    assert sorted(info["classes"]) == ["cat", "dog"]
+    assert os.path.exists(os.path.join(d, f"000_{info['clip_ids'][0]}", "cond_tok_rgb.png"))
+
+
+@pytest.mark.parametrize("cond,target,files", [("rgb", "depth", ("gen_0.png", "gen_0_vis.png", "gt_tokens_vis.png")),
+                                                ("audio", "caption", ("gen_0.txt", "gt_tokens.txt")),
+                                                ("audio", "rgb", ("gen_0.png", "cond_tok_audio.wav"))])
+def test_cli_general_cond_target(tmp_path, cond, target, files):
+    out_dir = make_fixture(str(tmp_path), with_raw=(target == "rgb"))
+    sample.main([f"--out_dir={out_dir}", f"--cond={cond}", f"--target={target}", "--num_clips=2",
+                 "--num_samples=1", "--steps=2", "--device=cpu", "--guidance_scale=2.0"])
+    d = os.path.join(out_dir, "samples", f"{cond}-to-{target}")
+    assert os.path.exists(os.path.join(d, "index.html"))
+    sub = sorted(p for p in os.listdir(d) if p.startswith("000_"))[0]
+    for f in files:
+        assert os.path.exists(os.path.join(d, sub, f)), f
+
+
+def test_cli_refuses_bad_settings(tmp_path):
+    out_dir = make_fixture(str(tmp_path), with_raw=False)
+    with pytest.raises(ValueError, match="also in --cond"):
+        sample.main([f"--out_dir={out_dir}", "--cond=audio", "--target=audio"])
+    with pytest.raises(ValueError, match="mode"):
+        sample.main([f"--out_dir={out_dir}", "--mode=class-only"])
+    with pytest.raises(ValueError, match="unknown setting"):
+        sample.main([f"--out_dir={out_dir}", "--temprature=0.5"])
+    with pytest.raises(FileNotFoundError, match="ckpt.pt"):
+        sample.main([f"--out_dir={tmp_path}/nowhere", "--mode=class_only"])
