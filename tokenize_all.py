@@ -21,6 +21,7 @@ import json
 import os
 import sys
 import time
+import wave
 
 import numpy as np
 import torch
@@ -60,12 +61,23 @@ def parse_args(argv=None):
 # reading one clip, refusing bad input with the clip named
 
 def check_rows(rows, raw):
-    """Cheap checks on every row before any work: files exist, 10 views, keyframe times present."""
-    for r in rows:
+    """Refuse bad input before any work, from file headers only (cheap): every file present, 10 views with
+    keyframe times, audio at a usable rate and at least one window long, images 224x224."""
+    from PIL import Image
+    for r in tqdm(rows, desc="checking raw clips", unit="clip", leave=False):
         cid = r["clip_id"]
-        for key in ("audio",):
-            if not os.path.exists(os.path.join(raw, r[key])):
-                raise FileNotFoundError(f"clip {cid}: audio file {os.path.join(raw, r[key])} missing")
+        path = os.path.join(raw, r["audio"])
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"clip {cid}: audio file {path} missing")
+        try:
+            with wave.open(path, "rb") as w:
+                sr, n = w.getframerate(), w.getnframes()
+        except (wave.Error, EOFError) as e:
+            raise ValueError(f"clip {cid}: {path} is not a readable PCM wav ({e})") from None
+        check_rate_and_length(cid, path, sr, n)
+        times = r.get("keyframe_times")
+        if not times or len(times) != M.NUM_VIEWS:
+            raise ValueError(f"clip {cid}: keyframe_times must list {M.NUM_VIEWS} times, got {times!r}")
         for m, key in FILE_KEYS.items():
             paths = r.get(key)
             if not paths:
@@ -74,11 +86,27 @@ def check_rows(rows, raw):
             if len(paths) != M.NUM_VIEWS:
                 raise ValueError(f"clip {cid}: {len(paths)} {key}, expected {M.NUM_VIEWS}")
             for p in paths:
-                if not os.path.exists(os.path.join(raw, p)):
-                    raise FileNotFoundError(f"clip {cid}: {key} file {os.path.join(raw, p)} missing")
-        times = r.get("keyframe_times")
-        if not times or len(times) != M.NUM_VIEWS:
-            raise ValueError(f"clip {cid}: keyframe_times must list {M.NUM_VIEWS} times, got {times!r}")
+                path = os.path.join(raw, p)
+                if not os.path.exists(path):
+                    raise FileNotFoundError(f"clip {cid}: {key} file {path} missing")
+                try:
+                    with Image.open(path) as img:      # reads the header only
+                        size = img.size
+                except Exception as e:
+                    raise ValueError(f"clip {cid}: {path} is not a readable image ({e})") from None
+                if size != (T.IMAGE_SIZE, T.IMAGE_SIZE):
+                    raise ValueError(f"clip {cid}: {path}: expected {T.IMAGE_SIZE}x{T.IMAGE_SIZE}, "
+                                     f"got {size[0]}x{size[1]}")
+
+
+def check_rate_and_length(cid, path, sr, n):
+    if not (MIN_SR <= sr <= MAX_SR):
+        raise ValueError(f"clip {cid}: {path} has sample rate {sr} Hz, which cannot be resampled to "
+                         f"{M.AUDIO_SR} Hz (accepted: {MIN_SR}..{MAX_SR} Hz)")
+    if n * M.AUDIO_SR / sr < M.AUDIO_WINDOW:
+        raise ValueError(f"clip {cid}: {path} is {n / sr:.2f} s, shorter than the "
+                         f"{M.AUDIO_WINDOW / M.AUDIO_SR:.2f} s window (prepare_data.py pads short clips, so "
+                         f"this file is damaged or was not made by it)")
 
 
 def load_audio(row, raw):
@@ -89,16 +117,12 @@ def load_audio(row, raw):
         x, sr = rawdata.read_wav(path)
     except (ValueError, FileNotFoundError) as e:
         raise ValueError(f"clip {cid}: {e}") from None
+    check_rate_and_length(cid, path, sr, len(x))
     if sr != M.AUDIO_SR:
-        if not (MIN_SR <= sr <= MAX_SR):
-            raise ValueError(f"clip {cid}: {path} has sample rate {sr} Hz, which cannot be resampled to "
-                             f"{M.AUDIO_SR} Hz (accepted: {MIN_SR}..{MAX_SR} Hz)")
         import torchaudio.functional as AF
         x = AF.resample(torch.from_numpy(x), sr, M.AUDIO_SR).numpy()
-    if len(x) < M.AUDIO_WINDOW:
-        raise ValueError(f"clip {cid}: {path} is {len(x) / M.AUDIO_SR:.2f} s, shorter than the "
-                         f"{M.AUDIO_WINDOW / M.AUDIO_SR:.2f} s window (prepare_data.py pads short clips, so "
-                         f"this file is damaged or was not made by it)")
+    if len(x) < M.AUDIO_WINDOW:  # resampling rounded a borderline length down
+        x = np.pad(x, (0, M.AUDIO_WINDOW - len(x)))
     return x
 
 
