@@ -1,0 +1,116 @@
+"""
+Config overrides, nanoGPT-style. train.py (and bench.py) declare their settings as module-level variables,
+then apply the command line:
+
+    python train.py config/audio.py --dtype=float32 --batch_size=32
+
+Each bare argument is a Python file executed with the current settings in scope (it may read them); each
+--key=value overrides one setting, the value parsed with ast.literal_eval (bare words stay strings). Unknown
+names and values of the wrong type are refused with the list of valid settings, so a typo never silently
+trains the default.
+"""
+import ast
+import os
+import types
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _valid_keys(config):
+    return "valid settings: " + ", ".join(sorted(config))
+
+
+def coerce(key, value, default):
+    """Check (and where lossless, convert) a new value for a setting against its default's type."""
+    if default is None or value is None:
+        return value                                   # None-defaulted settings take any literal
+    if isinstance(default, bool):                      # before int: bool is a subclass of int
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise ConfigError(f"--{key} expects True or False, got {value!r}")
+    if isinstance(default, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"--{key} expects an int, got {value!r}")
+    if isinstance(default, float):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"--{key} expects a float, got {value!r}")
+    if isinstance(default, str):
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"--{key} expects a string, got {value!r}")
+    if isinstance(default, (tuple, list)):
+        if isinstance(value, (tuple, list)):
+            return type(default)(value)
+        raise ConfigError(f"--{key} expects a tuple like {default!r}, got {value!r}")
+    if isinstance(default, dict):
+        if isinstance(value, dict):
+            return value
+        raise ConfigError(f"--{key} expects a dict, got {value!r}")
+    raise ConfigError(f"--{key}: cannot override a setting of type {type(default).__name__}")
+
+
+def parse_value(text, default):
+    """'3e-4' -> 3e-4, '(16, 256)' -> (16, 256), 'out-audio' -> 'out-audio' (for str settings)."""
+    if isinstance(default, str):
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            return text
+        return value if isinstance(value, str) else text   # --out_dir=123 means the string '123'
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        if isinstance(default, (tuple, list)) and "," in text:   # --betas=0.9,0.95
+            return tuple(ast.literal_eval(x) for x in text.split(","))
+        return text   # coerce() decides (e.g. 'true' for a bool); else it reports the type error
+
+
+def apply_file(config, path):
+    if not os.path.exists(path):
+        raise ConfigError(f"config file {path} not found")
+    scope = dict(config)
+    with open(path) as f:
+        code = compile(f.read(), path, "exec")
+    exec(code, scope)
+    updates = {}
+    for key, value in scope.items():
+        if key.startswith("_") or isinstance(value, (types.ModuleType, types.FunctionType, type)):
+            continue
+        if key not in config:
+            raise ConfigError(f"{path}: unknown setting {key!r}; {_valid_keys(config)}")
+        if value is not config[key]:
+            updates[key] = coerce(key, value, config[key])
+    return updates
+
+
+def apply_overrides(config, args, verbose=True):
+    """config: {name: default}; args: sys.argv[1:]. Returns the updated config (a new dict)."""
+    config = dict(config)
+    for arg in args:
+        if not arg.startswith("--"):
+            if verbose:
+                print(f"overriding config with {arg}")
+            config.update(apply_file(config, arg))
+            continue
+        if "=" not in arg:
+            raise ConfigError(f"{arg}: expected --key=value; {_valid_keys(config)}")
+        key, text = arg[2:].split("=", 1)
+        if key not in config:
+            raise ConfigError(f"unknown setting {key!r} in {arg}; {_valid_keys(config)}")
+        config[key] = coerce(key, parse_value(text, config[key]), config[key])
+        if verbose:
+            print(f"overriding: {key} = {config[key]!r}")
+    return config
+
+
+def settings(namespace):
+    """The overridable settings of a script: its public module-level ints, floats, bools, strings, tuples,
+    lists, dicts and Nones (call with globals() before importing anything of those types under a plain name)."""
+    kinds = (int, float, bool, str, tuple, list, dict, type(None))
+    return {k: v for k, v in namespace.items() if not k.startswith("_") and isinstance(v, kinds)}

@@ -1,0 +1,176 @@
+"""train.py end to end on a tiny synthetic tokenized dataset (runs train.py as a subprocess, as a user would)."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, HERE)
+import modalities as M  # noqa: E402
+
+
+def write_dataset(root, name="synth", n_train=48, n_val=16, n_classes=4, noise=0.1, seed=0):
+    """A learnable tokenized dataset in the layout of modalities.py: every stream is a per-class template
+    (the same for all clips of the class, shifted a little per view) with a fraction of random tokens."""
+    rng = np.random.default_rng(seed)
+    tok = os.path.join(root, name, "tok")
+    templates = {m.name: rng.integers(0, m.vocab, size=(n_classes, m.length)) for m in M.MODALITIES if m.per_view}
+    meta = {"dataset": name, "class_names": [f"class{c}" for c in range(n_classes)], "num_views": M.NUM_VIEWS,
+            "splits": {"train": n_train, "val": n_val}, "modalities": {}}
+    for m in M.MODALITIES:
+        meta["modalities"][m.name] = {"shape": [M.NUM_VIEWS, m.length] if m.per_view else [m.length],
+                                      "vocab": m.vocab, "tokenizer": "synthetic", "codebook": None}
+    for split, n in (("train", n_train), ("val", n_val)):
+        os.makedirs(os.path.join(tok, split), exist_ok=True)
+        labels = rng.integers(0, n_classes, size=n)
+        for m in M.MODALITIES:
+            if m.per_view:
+                arr = templates[m.name][labels][:, None, :].repeat(M.NUM_VIEWS, axis=1)
+                arr = np.roll(arr, 0, axis=-1)
+                noisy = rng.random(arr.shape) < noise
+                arr = np.where(noisy, rng.integers(0, m.vocab, size=arr.shape), arr)
+            else:   # caption: 'a photo of a classN' as made-up BPE ids, end-of-text, padding
+                arr = np.full((n, m.length), M.CAPTION_PAD)
+                arr[:, :4] = [64, 4590, 286, 257]
+                arr[:, 4] = 1000 + labels
+            arr.astype(np.uint16).tofile(os.path.join(tok, split, m.name + ".bin"))
+        labels.astype(np.uint16).tofile(os.path.join(tok, split, "label.bin"))
+        with open(os.path.join(tok, split, "clip_ids.json"), "w") as f:
+            json.dump([f"{split}{i:04d}" for i in range(n)], f)
+    with open(os.path.join(tok, "meta.json"), "w") as f:
+        json.dump(meta, f)
+    return root
+
+
+# width 32 and few targets: the 50k-row embedding/head and per-modality logits dominate a tiny model's step
+TINY = ["--n_enc_layer=1", "--n_dec_layer=1", "--n_embd=32", "--n_head=2", "--batch_size=8",
+        "--input_budget=(4, 32)", "--target_budget=(4, 16)", "--eval_iters=4", "--log_interval=1",
+        "--learning_rate=1e-2", "--min_lr=1e-3", "--warmup_iters=10", "--seed=7"]
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    return write_dataset(str(tmp_path_factory.mktemp("data")))
+
+
+def train(data_root, out_dir, *args, check=True):
+    cmd = [sys.executable, os.path.join(HERE, "train.py"), "--dataset=synth", f"--data_root={data_root}",
+           f"--out_dir={out_dir}", *TINY, *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1")   # tiny ops: threads only contend on a busy 2-core box
+    proc = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=300, env=env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"train.py failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_loss_falls(data_root, tmp_path):
+    train(data_root, tmp_path, "--max_iters=150", "--lr_decay_iters=150", "--eval_interval=75",
+          "--log_interval=25")
+    evals = read_jsonl(tmp_path / "log.jsonl")
+    assert [e["iter"] for e in evals] == [0, 75, 150]
+    first, last = evals[0], evals[-1]
+    for split in ("train", "val"):
+        assert last[split]["loss"] < first[split]["loss"] - 1.0, (split, first[split], last[split])
+    # the image modalities learn their class templates, the caption its class word
+    for name in ("tok_rgb", "tok_depth", "tok_normal"):
+        assert last["val"][name] < first["val"][name] - 0.5, name
+    assert last["val"]["caption"] < 1.0
+    assert os.path.exists(tmp_path / "ckpt.pt") and not os.path.exists(tmp_path / "ckpt.pt.tmp")
+    import torch
+    from model import load_checkpoint
+    model, ckpt = load_checkpoint(str(tmp_path / "ckpt.pt"))
+    assert ckpt["iter_num"] == 150 and ckpt["config"]["dataset"] == "synth"
+    assert model.config.n_embd == 32 and isinstance(model, torch.nn.Module)
+
+
+def test_resume_continues_the_same_curve(data_root, tmp_path):
+    common = ["--lr_decay_iters=12", "--warmup_iters=2", "--eval_interval=6"]
+    train(data_root, tmp_path / "straight", "--max_iters=12", *common)
+    train(data_root, tmp_path / "split", "--max_iters=6", *common)
+    train(data_root, tmp_path / "split", "--max_iters=12", "--init_from=resume", *common)
+    straight = read_jsonl(tmp_path / "straight" / "train_log.jsonl")
+    split = read_jsonl(tmp_path / "split" / "train_log.jsonl")
+    assert [r["iter"] for r in straight] == list(range(13))
+    assert [r["iter"] for r in split] == list(range(7)) + list(range(6, 13))   # iter 6 is redone on resume
+    after = {r["iter"]: r["loss"] for r in split[7:]}
+    for r in straight[6:]:
+        assert abs(r["loss"] - after[r["iter"]]) <= 1e-6, (r["iter"], r["loss"], after[r["iter"]])
+    assert straight[7]["loss"] != straight[6]["loss"]     # it really trained on
+    ev_straight = read_jsonl(tmp_path / "straight" / "log.jsonl")[-1]
+    ev_split = read_jsonl(tmp_path / "split" / "log.jsonl")[-1]
+    assert ev_straight["iter"] == ev_split["iter"] == 12
+    assert abs(ev_straight["val"]["loss"] - ev_split["val"]["loss"]) <= 1e-6
+
+
+def test_bf16_follows_fp32(data_root, tmp_path):
+    runs = {}
+    for dtype in ("float32", "bfloat16"):
+        train(data_root, tmp_path / dtype, "--max_iters=30", "--lr_decay_iters=30", "--eval_interval=1000",
+              f"--dtype={dtype}")
+        runs[dtype] = [r["loss"] for r in read_jsonl(tmp_path / dtype / "train_log.jsonl")]
+    fp32, bf16 = runs["float32"], runs["bfloat16"]
+    assert len(fp32) == len(bf16) == 31
+    assert all(math.isfinite(x) for x in bf16)
+    diffs = [abs(a - b) for a, b in zip(fp32, bf16)]
+    assert max(diffs) < 0.1, diffs
+    assert bf16[-1] < bf16[0] - 0.5
+
+
+def test_typo_and_wrong_type_are_refused(data_root, tmp_path):
+    proc = train(data_root, tmp_path, "--batchsize=8", check=False)
+    assert proc.returncode != 0
+    assert "unknown setting 'batchsize'" in proc.stderr and "batch_size" in proc.stderr
+    proc = train(data_root, tmp_path, "--max_iters=2.5", check=False)
+    assert proc.returncode != 0 and "expects an int" in proc.stderr
+    assert not os.path.exists(tmp_path / "ckpt.pt")
+
+
+def test_configurator_parsing(tmp_path):
+    from configurator import apply_overrides, ConfigError
+    defaults = dict(n=1, lr=1e-4, flag=False, name="out", budget=(16, 256), mixture=None)
+    cfg = apply_overrides(defaults, ["--n=3", "--lr=3", "--flag=True", "--name=out-audio",
+                                     "--budget=(8, 64)", "--mixture=[{'weight': 1.0}]"], verbose=False)
+    assert cfg == dict(n=3, lr=3.0, flag=True, name="out-audio", budget=(8, 64), mixture=[{"weight": 1.0}])
+    assert isinstance(cfg["lr"], float)
+    assert apply_overrides(defaults, ["--budget=4,32", "--flag=false", "--name=123"], verbose=False) == \
+        dict(defaults, budget=(4, 32), flag=False, name="123")
+    for bad in ("--n=1.5", "--flag=1", "--lr=fast", "--budget=3", "--nn=2", "--n"):
+        with pytest.raises(ConfigError):
+            apply_overrides(defaults, [bad], verbose=False)
+    cfg_file = tmp_path / "c.py"
+    cfg_file.write_text("n = n * 4\nbudget = (1, 2)\n")
+    assert apply_overrides(defaults, [str(cfg_file)], verbose=False)["n"] == 4
+    cfg_file.write_text("batchsize = 3\n")
+    with pytest.raises(ConfigError, match="unknown setting 'batchsize'.*budget"):
+        apply_overrides(defaults, [str(cfg_file)], verbose=False)
+    with pytest.raises(ConfigError, match="not found"):
+        apply_overrides(defaults, [str(tmp_path / "missing.py")], verbose=False)
+
+
+def test_train_declares_every_masking_setting():
+    """train.py must expose each MaskingConfig field as a setting of the same name and default."""
+    import ast
+    import dataclasses
+    import masking
+    tree = ast.parse(open(os.path.join(HERE, "train.py")).read())
+    declared = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            try:
+                declared[node.targets[0].id] = ast.literal_eval(node.value)
+            except ValueError:
+                pass
+    for f in dataclasses.fields(masking.MaskingConfig):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        assert f.name in declared, f"train.py lacks a setting for MaskingConfig.{f.name}"
+        assert declared[f.name] == default or (isinstance(default, (list, tuple)) and
+                                               tuple(declared[f.name]) == tuple(default)), f.name

@@ -1,0 +1,376 @@
+"""
+Train nano4M on a tokenized dataset. Single process:
+
+    python train.py config/audio.py
+    python train.py config/toyzoo.py --dtype=bfloat16 --compile=True
+
+DDP on one node with 8 GPUs (gradient_accumulation_steps must be a multiple of the world size):
+
+    torchrun --standalone --nproc_per_node=8 train.py config/audio.py --gradient_accumulation_steps=8
+
+Every setting below can be overridden by a config file or --key=value (see configurator.py).
+Each step draws batch_size random (clip, view) pairs from the memmapped train split, allocates input and
+target tokens with 4M Dirichlet masking (masking.py) and minimizes the per-modality-averaged cross-entropy.
+Writes out_dir/ckpt.pt (atomically; --init_from=resume continues exactly the same run), out_dir/log.jsonl
+(per-modality eval CE on train and val at every eval) and out_dir/train_log.jsonl (the logged train steps).
+"""
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import fields
+
+import numpy as np
+import torch
+from torch.distributed import init_process_group, destroy_process_group
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import configurator
+import masking
+import modalities
+from model import Nano4M, Nano4MConfig
+
+# -----------------------------------------------------------------------------------------------------
+# default config values: the report's recipe (d6-6w512, batch 64, 18,311 steps, AdamW, cosine 1e-4 -> 1e-6)
+# I/O
+out_dir = 'out'
+eval_interval = 500
+log_interval = 10
+eval_iters = 20                 # batches per split per eval (the same batches every eval: fixed seed)
+eval_only = False
+always_save_checkpoint = True   # else only when val loss improves
+init_from = 'scratch'           # 'scratch' or 'resume' (from out_dir/ckpt.pt)
+# wandb logging
+wandb_log = False
+wandb_project = 'nano4m-audio'
+wandb_run_name = 'run'
+wandb_mode = 'offline'          # 'online' to sync; offline works without network
+# data
+dataset = 'toyzoo'
+data_root = 'data'
+max_train_clips = 0             # 0 = all; K = only the first K train clips (data-scale scans)
+gradient_accumulation_steps = 1 # total over all DDP ranks
+batch_size = 64                 # per rank, per micro-step
+# masking: every field of masking.MaskingConfig, same names and defaults (see masking.py for each)
+input_budget = (16, 256)        # inclusive range, drawn uniformly per sample
+target_budget = (16, 256)
+input_alphas = (1.0, 1.0, 1.0, 1.0, 1.0)   # Dirichlet concentrations, order rgb, depth, normal, audio, caption
+target_alphas = (1.0, 1.0, 1.0, 1.0, 1.0)
+input_full = ()                 # modality names always given whole as input
+target_full = ()                # modality names whose every non-input token is a target
+mixture = None                  # None or a list of component dicts, each with a 'weight' (e.g.
+                                # masking.single_source_mixture(...) in a config file)
+min_input_tokens = 1
+audio_spans = (1, 4)            # contiguous audio spans per sample, inclusive range
+# model
+n_enc_layer = 6
+n_dec_layer = 6
+n_embd = 512
+n_head = 8
+dropout = 0.0
+bias = False
+dec_same_modality = True
+# adamw optimizer
+learning_rate = 1e-4
+max_iters = 18311
+weight_decay = 0.05
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0                 # clip gradients at this norm; 0.0 disables
+# learning rate schedule: linear warmup then cosine to min_lr at lr_decay_iters
+decay_lr = True
+warmup_iters = 916
+lr_decay_iters = 18311
+min_lr = 1e-6
+# system
+device = 'auto'                 # 'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', 'mps'
+dtype = 'float32'               # 'float32' (TF32 matmuls on CUDA), 'bfloat16' (autocast) or 'float16'
+compile = False                 # torch.compile the trunk (the static-shape part of the model)
+peak_flops = 989e12             # for MFU: the accelerator's dense peak (H100 SXM bf16)
+seed = 1337
+# -----------------------------------------------------------------------------------------------------
+_defaults = configurator.settings(globals())
+try:
+    _config = configurator.apply_overrides(_defaults, sys.argv[1:])
+except configurator.ConfigError as e:
+    raise SystemExit(f"train.py: {e}")
+globals().update(_config)
+config = dict(_config)          # everything, recorded in the checkpoint and in wandb
+# -----------------------------------------------------------------------------------------------------
+
+_masking_fields = [f.name for f in fields(masking.MaskingConfig)]
+try:
+    mask_cfg = masking.MaskingConfig(**{k: config[k] for k in _masking_fields})
+except ValueError as e:
+    raise SystemExit(f"train.py: bad masking settings: {e}")
+
+# DDP (torchrun sets RANK / LOCAL_RANK / WORLD_SIZE)
+ddp = int(os.environ.get('RANK', -1)) != -1
+if ddp:
+    init_process_group(backend='nccl')
+    ddp_rank = int(os.environ['RANK'])
+    ddp_local_rank = int(os.environ['LOCAL_RANK'])
+    ddp_world_size = int(os.environ['WORLD_SIZE'])
+    device = f'cuda:{ddp_local_rank}'
+    torch.cuda.set_device(device)
+    master_process = ddp_rank == 0
+    seed_offset = ddp_rank
+    if gradient_accumulation_steps % ddp_world_size != 0:
+        raise SystemExit(f"gradient_accumulation_steps={gradient_accumulation_steps} must be a multiple of "
+                         f"the world size {ddp_world_size}")
+    gradient_accumulation_steps //= ddp_world_size
+else:
+    ddp_rank, ddp_world_size, master_process, seed_offset = 0, 1, True, 0
+    if device == 'auto':
+        device = 'cuda' if torch.cuda.is_available() else 'cpu'
+device_type = 'cuda' if 'cuda' in device else ('mps' if 'mps' in device else 'cpu')
+if dtype not in ('float32', 'bfloat16', 'float16'):
+    raise SystemExit(f"--dtype must be float32, bfloat16 or float16, not {dtype!r}")
+
+tokens_per_iter = gradient_accumulation_steps * ddp_world_size * batch_size * (
+    mask_cfg.max_input_tokens + mask_cfg.max_target_tokens)
+if master_process:
+    print(f"tokens per iteration (input + target slots): {tokens_per_iter:,}")
+    os.makedirs(out_dir, exist_ok=True)
+
+torch.manual_seed(seed + seed_offset)
+if device_type == 'cuda':
+    torch.backends.cuda.matmul.allow_tf32 = True   # fp32 matmuls (and the fp32 head under bf16) on TF32 cores
+    torch.backends.cudnn.allow_tf32 = True
+ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
+ctx = nullcontext() if dtype == 'float32' or device_type == 'mps' else \
+    torch.autocast(device_type=device_type, dtype=ptdtype)
+
+# -----------------------------------------------------------------------------------------------------
+# data: memmapped token arrays, a random (clip, view) per sample, then Dirichlet masking
+
+tok_path = modalities.tok_dir(dataset, data_root)
+meta = modalities.load_meta(tok_path)
+for _m in modalities.MODALITIES:
+    _v = meta['modalities'].get(_m.name, {}).get('vocab')
+    if _v is None or _v > _m.vocab:
+        raise SystemExit(f"{tok_path}/meta.json: modality {_m.name} has vocab {_v}, expected <= {_m.vocab}")
+splits = {s: modalities.open_split(tok_path, s, meta) for s in ('train', 'val') if s in meta['splits']}
+n_train = len(splits['train']['label'])
+if max_train_clips:
+    if max_train_clips > n_train:
+        raise SystemExit(f"max_train_clips={max_train_clips} but {tok_path} has only {n_train} train clips")
+    n_train = max_train_clips
+num_clips = {s: (n_train if s == 'train' else len(a['label'])) for s, a in splits.items()}
+if master_process:
+    print(f"data: {tok_path}, " + ", ".join(f"{s} {n} clips" for s, n in num_clips.items()))
+
+data_gen = torch.Generator().manual_seed(seed + seed_offset)   # clip/view choice and masking of train batches
+
+
+def get_batch(split, generator):
+    """One batch as a dict of device tensors (see masking.build_batch), drawn with generator."""
+    n = num_clips[split]
+    clips = torch.randint(n, (batch_size,), generator=generator).numpy()
+    views = torch.randint(modalities.NUM_VIEWS, (batch_size,), generator=generator).numpy()
+    tokens, _labels = modalities.gather_views(splits[split], clips, views)
+    batch = masking.build_batch(tokens, mask_cfg, generator)
+    if device_type == 'cuda':
+        batch = {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+    else:
+        batch = {k: v.to(device) for k, v in batch.items()}
+    return batch
+
+
+def model_inputs(batch):
+    return (batch['enc_ids'], batch['enc_pos'], batch['enc_valid'], batch['dec_pos'], batch['dec_valid'],
+            batch['dec_ids'])
+
+
+# -----------------------------------------------------------------------------------------------------
+# model, optimizer, resume
+
+iter_num = 0
+best_val_loss = 1e9
+model_args = {f.name: config[f.name] for f in fields(Nano4MConfig) if f.name in config}
+checkpoint = None
+ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+if init_from == 'resume':
+    if not os.path.exists(ckpt_path):
+        raise SystemExit(f"--init_from=resume but {ckpt_path} does not exist")
+    print(f"resuming from {ckpt_path}")
+    checkpoint = torch.load(ckpt_path, map_location=device, weights_only=False)
+    model_args = dict(checkpoint['model_args'])   # the architecture comes from the checkpoint
+    model = Nano4M(Nano4MConfig(**model_args))
+    model.load_state_dict(checkpoint['model'])
+    iter_num = checkpoint['iter_num']
+    best_val_loss = checkpoint['best_val_loss']
+elif init_from == 'scratch':
+    model = Nano4M(Nano4MConfig(**model_args))
+else:
+    raise SystemExit(f"--init_from must be 'scratch' or 'resume', not {init_from!r}")
+model.to(device)
+if master_process:
+    print(f"model: {model.get_num_params() / 1e6:.2f}M parameters, {model_args}")
+
+scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
+optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+if checkpoint is not None:
+    optimizer.load_state_dict(checkpoint['optimizer'])
+    rng = checkpoint['rng']
+    data_states = rng['data']
+    if len(data_states) == ddp_world_size:
+        data_gen.set_state(data_states[ddp_rank].cpu())
+    else:   # resumed on a different world size: the curve cannot continue exactly; reseed per iter
+        print(f"rank {ddp_rank}: checkpoint has {len(data_states)} data-rng states, world size "
+              f"{ddp_world_size}; reseeding the data rng")
+        data_gen.manual_seed(seed + seed_offset + 1000003 * iter_num)
+    torch.set_rng_state(rng['torch'].cpu())
+    if device_type == 'cuda' and rng.get('cuda') is not None:
+        torch.cuda.set_rng_state(rng['cuda'].cpu())
+checkpoint = None   # free memory
+
+raw_model = model
+if compile:
+    print("compiling the trunk (takes a minute)...")
+    model.compile_trunk()
+if ddp:
+    model = DDP(model, device_ids=[ddp_local_rank])
+
+
+@torch.no_grad()
+def estimate_loss():
+    """Per-modality mean CE over eval_iters batches of each split; the batches come from a fixed seed so
+    every eval scores the same (clip, view, mask) draws. 'loss' averages the present modalities equally."""
+    out = {}
+    model.eval()
+    for split in splits:
+        gen = torch.Generator().manual_seed(seed + 7919)
+        sums = {name: 0.0 for name in modalities.MODALITY_NAMES}
+        counts = {name: 0.0 for name in modalities.MODALITY_NAMES}
+        for _ in range(eval_iters):
+            batch = get_batch(split, gen)
+            with ctx:
+                _, per_modality = model(*model_inputs(batch))
+            for name, (s, c) in per_modality.items():
+                sums[name] += s.item()
+                counts[name] += c.item()
+        ce = {name: sums[name] / counts[name] for name in sums if counts[name] > 0}
+        out[split] = {'loss': sum(ce.values()) / max(len(ce), 1), **ce}
+    model.train()
+    return out
+
+
+def get_lr(it):
+    if not decay_lr:
+        return learning_rate
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / (warmup_iters + 1)
+    if it > lr_decay_iters:
+        return min_lr
+    decay_ratio = (it - warmup_iters) / max(lr_decay_iters - warmup_iters, 1)
+    coeff = 0.5 * (1.0 + math.cos(math.pi * decay_ratio))
+    return min_lr + coeff * (learning_rate - min_lr)
+
+
+def rng_states(data_state):
+    """RNG states to store: the data rng of every rank (as it was before drawing the upcoming batch), and
+    torch's. All ranks must call this together under DDP."""
+    states = [data_state]
+    if ddp:
+        states = [None] * ddp_world_size
+        torch.distributed.all_gather_object(states, data_state)
+    return {'data': states, 'torch': torch.get_rng_state(),
+            'cuda': torch.cuda.get_rng_state() if device_type == 'cuda' else None}
+
+
+def save_checkpoint(rng):
+    ckpt = {'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(), 'model_args': model_args,
+            'iter_num': iter_num, 'best_val_loss': best_val_loss, 'config': config, 'rng': rng}
+    tmp = ckpt_path + '.tmp'
+    torch.save(ckpt, tmp)
+    os.replace(tmp, ckpt_path)   # never a half-written ckpt.pt
+
+
+def append_jsonl(name, row):
+    with open(os.path.join(out_dir, name), 'a') as f:
+        f.write(json.dumps(row) + '\n')
+
+
+if master_process and init_from == 'scratch':
+    for _name in ('log.jsonl', 'train_log.jsonl'):   # a fresh run starts fresh logs
+        if os.path.exists(os.path.join(out_dir, _name)):
+            os.remove(os.path.join(out_dir, _name))
+if wandb_log and master_process:
+    import wandb
+    wandb.init(project=wandb_project, name=wandb_run_name, config=config, mode=wandb_mode, dir=out_dir)
+
+# -----------------------------------------------------------------------------------------------------
+# training loop
+
+data_state = data_gen.get_state()   # the data rng before the batch of the current iteration
+batch = get_batch('train', data_gen)
+t0 = time.time()
+local_iter_num = 0
+running_mfu = -1.0
+while True:
+    lr = get_lr(iter_num)
+    for param_group in optimizer.param_groups:
+        param_group['lr'] = lr
+
+    if iter_num % eval_interval == 0:
+        rng = rng_states(data_state)
+        if master_process:
+            losses = estimate_loss()
+            print(f"eval {iter_num}: train loss {losses['train']['loss']:.4f}" +
+                  (f", val loss {losses['val']['loss']:.4f}" if 'val' in losses else '') + " | val " +
+                  " ".join(f"{k}={v:.3f}" for k, v in losses.get('val', losses['train']).items() if k != 'loss'))
+            append_jsonl('log.jsonl', {'iter': iter_num, 'lr': lr, **{s: losses[s] for s in losses}})
+            if wandb_log:
+                wandb.log({'iter': iter_num, 'lr': lr,
+                           **{f'{s}/{k}': v for s in losses for k, v in losses[s].items()}})
+            val_loss = losses.get('val', losses['train'])['loss']
+            if val_loss < best_val_loss or always_save_checkpoint:
+                best_val_loss = min(best_val_loss, val_loss)
+                if iter_num > 0:
+                    print(f"saving checkpoint to {out_dir}")
+                    save_checkpoint(rng)
+    if iter_num == 0 and eval_only:
+        break
+
+    # forward / backward, with gradient accumulation; the next batch is drawn while the GPU works
+    for micro_step in range(gradient_accumulation_steps):
+        if ddp:
+            model.require_backward_grad_sync = (micro_step == gradient_accumulation_steps - 1)
+        with ctx:
+            loss, per_modality = model(*model_inputs(batch))
+            loss = loss / gradient_accumulation_steps
+        scaler.scale(loss).backward()
+        data_state = data_gen.get_state()
+        batch = get_batch('train', data_gen)
+    if grad_clip != 0.0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+    t1 = time.time()
+    dt = t1 - t0
+    t0 = t1
+    if iter_num % log_interval == 0 and master_process:
+        lossf = loss.item() * gradient_accumulation_steps   # .item() syncs: only at log steps
+        per = {k: (s / c).item() for k, (s, c) in per_modality.items() if c.item() > 0}
+        if local_iter_num >= 5:   # let the first steps (compile, warm-up) pass
+            mfu = raw_model.estimate_mfu(batch_size * gradient_accumulation_steps * ddp_world_size,
+                                         mask_cfg.max_input_tokens, mask_cfg.max_target_tokens, dt, peak_flops)
+            running_mfu = mfu if running_mfu == -1.0 else 0.9 * running_mfu + 0.1 * mfu
+        print(f"iter {iter_num}: loss {lossf:.4f} | " + " ".join(f"{k}={v:.3f}" for k, v in per.items()) +
+              f" | lr {lr:.2e} | {tokens_per_iter / dt:,.0f} tok/s | {dt * 1000:.1f} ms | mfu {running_mfu * 100:.2f}%")
+        append_jsonl('train_log.jsonl', {'iter': iter_num, 'loss': lossf, **per, 'lr': lr, 'ms': dt * 1000})
+        if wandb_log:
+            wandb.log({'iter': iter_num, 'train/step_loss': lossf, 'lr': lr, 'mfu': running_mfu})
+    iter_num += 1
+    local_iter_num += 1
+    if iter_num > max_iters:
+        break
+
+if ddp:
+    destroy_process_group()
