@@ -279,14 +279,14 @@ class EncodecTokenizer:
         return torch.cat(out).clamp(-1, 1).cpu().numpy().astype(np.float32)
 
 
-def encodec_init_untrained(model, wave, kmeans_iters=None):
+def encodec_init_untrained(model, emb, kmeans_iters=None):
     """Initialise the codebooks of an untrained EnCodec (pretrained=False) the way EnCodec itself does:
-    its EuclideanCodebook starts empty (`inited` = 0) and runs k-means on the first batch the quantizer
-    sees. wave [1, 1, T] with T / 320 > 1024 frames. kmeans_iters (default EnCodec's 50) only sets the
-    cost of that one k-means."""
-    emb = model.encoder(wave)
+    its EuclideanCodebook starts empty (`inited` = 0) and runs k-means on the first batch the quantizer's
+    forward sees. emb: quantizer inputs [B, 128, T] with B * T > 1024 frames (e.g. model.encoder(wave)).
+    kmeans_iters (EnCodec's default 50) only sets the cost of that one k-means."""
     if emb.shape[0] * emb.shape[-1] <= 1024:
-        raise ValueError(f"need more than 1024 frames to initialise 1024-entry codebooks, got {emb.shape[-1]}")
+        raise ValueError(f"need more than 1024 frames to initialise 1024-entry codebooks, got "
+                         f"{emb.shape[0] * emb.shape[-1]}")
     for layer in model.quantizer.vq.layers:
         if kmeans_iters is not None:
             layer._codebook.kmeans_iters = kmeans_iters
