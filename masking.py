@@ -169,7 +169,15 @@ _TABLES = {}
 def _build_tables(cfg, device):
     comps = cfg.components()
     t = lambda key, dtype: torch.tensor([c[key] for c in comps], dtype=dtype, device=device)
-    return dict(weight=t("weight", torch.float32),
+    w = torch.tensor([c["weight"] for c in comps], dtype=torch.float64)
+    return dict(cum_weight=(w.cumsum(0) / w.sum()).float().to(device),
+                lengths=torch.tensor(LENGTHS, device=device),
+                non_audio=torch.tensor(NON_AUDIO, device=device),
+                is_caption=torch.arange(NUM_MOD, device=device) == CAPTION,
+                grid_block=torch.ones(BLOCK, dtype=torch.bool, device=device),
+                block_arange=torch.arange(BLOCK, device=device),
+                positions=torch.arange(M.TOTAL_POSITIONS, device=device),
+                width_arange=torch.arange(M.TOTAL_POSITIONS + 1, device=device),
                 input_budget=t("input_budget", torch.long), target_budget=t("target_budget", torch.long),
                 input_alphas=t("input_alphas", torch.float32), target_alphas=t("target_alphas", torch.float32),
                 input_full=t("input_full", torch.bool), target_full=t("target_full", torch.bool))
@@ -187,156 +195,167 @@ def _tables(cfg, device):
 
 
 # ---------------------------------------------------------------------------------------------------
-# random draws that take a generator (torch.distributions.Dirichlet/Gamma do not, so they are not
-# reproducible from a CUDA generator)
+# random draws. build_batch draws all its random numbers as one uniform and one normal tensor and slices
+# them: on the GPU every op is a kernel launch, and launches, not arithmetic, are what this code costs.
+# torch.distributions' Gamma/Dirichlet take no generator (not reproducible from a CUDA generator), so the
+# Gamma sampler is ours.
 
-def sample_gamma_log(alpha, generator=None, rounds=8):
-    """log Gamma(alpha, 1) samples, elementwise; -inf where alpha == 0. Marsaglia-Tsang squeeze method with
-    a fixed number of proposal rounds (each accepted with probability >= 0.95, so all 8 fail with
-    probability < 1e-10; then the mode is used). alpha < 1 uses Gamma(a) = Gamma(a + 1) * U^(1/a), kept in
-    log space so tiny alphas do not underflow."""
+GAMMA_ROUNDS = 8
+
+
+def gamma_log(alpha, x, u, ub):
+    """log Gamma(alpha, 1) samples, elementwise, from given draws: x ~ N(0, 1) and u ~ U(0, 1) of shape
+    [GAMMA_ROUNDS, *alpha.shape], ub ~ U(0, 1) of alpha's shape; -inf where alpha == 0.
+    Marsaglia-Tsang squeeze method with a fixed number of proposal rounds (no data-dependent loop: each round
+    is accepted with probability >= 0.95, so all 8 fail with probability < 1e-10, and then the mode is used).
+    alpha < 1 uses Gamma(a) = Gamma(a + 1) * U^(1/a), kept in log space so tiny alphas do not underflow."""
     small = alpha < 1
     a = torch.where(small, alpha + 1, alpha)
     d = a - 1.0 / 3.0
-    c = 1.0 / torch.sqrt(9.0 * d)
-    x = torch.randn((rounds,) + alpha.shape, generator=generator, device=alpha.device)
-    u = torch.rand((rounds,) + alpha.shape, generator=generator, device=alpha.device)
+    c = torch.rsqrt(9.0 * d)
     v = (1 + c * x) ** 3
     ok = (v > 0) & (torch.log(u) < 0.5 * x * x + d - d * v + d * torch.log(v.clamp_min(1e-30)))
     first = ok.to(torch.uint8).argmax(0, keepdim=True)          # first accepted round (0 if none)
     g = torch.where(ok.any(0), d * v.gather(0, first).squeeze(0), d)
-    logg = torch.log(g)
-    ub = torch.rand(alpha.shape, generator=generator, device=alpha.device)
-    logg = torch.where(small, logg + torch.log(ub.clamp_min(1e-30)) / alpha.clamp_min(1e-30), logg)
+    logg = torch.log(g) + torch.where(small, torch.log(ub.clamp_min(1e-30)) / alpha.clamp_min(1e-30), 0.0)
     return torch.where(alpha > 0, logg, float("-inf"))
 
 
+def dirichlet(alpha, x, u, ub):
+    """alpha [..., K] >= 0 -> float64 proportions summing to 1 over the positive alphas; exactly 0 where
+    alpha == 0; all zeros for an all-zero row. Draws as for gamma_log."""
+    alpha = alpha.double()
+    p = torch.softmax(gamma_log(alpha, x.double(), u.double(), ub.double()), dim=-1)
+    return torch.where((alpha > 0).any(-1, keepdim=True), p, 0.0)
+
+
 def sample_dirichlet(alpha, generator=None):
-    """alpha [B, K] >= 0 -> proportions [B, K] summing to 1 over the positive alphas; exactly 0 where
-    alpha == 0; a row of all-zero alphas gives all zeros."""
-    logg = sample_gamma_log(alpha, generator)
-    p = torch.softmax(logg, dim=-1)
-    return torch.where((alpha > 0).any(-1, keepdim=True), p, 0.0).nan_to_num(0.0)
+    """Dirichlet(alpha) proportions drawing their own random numbers (for tests and notebooks)."""
+    shape = (GAMMA_ROUNDS,) + tuple(alpha.shape)
+    x = torch.randn(shape, generator=generator, device=alpha.device)
+    u = torch.rand(shape, generator=generator, device=alpha.device)
+    return dirichlet(alpha, x, u, torch.rand(alpha.shape, generator=generator, device=alpha.device))
 
 
-def _uniform_int(lo, hi, generator):
-    """Per-element uniform integers in [lo, hi] (LongTensors)."""
-    u = torch.rand(lo.shape, generator=generator, device=lo.device)
-    return torch.minimum(lo + (u * (hi - lo + 1).float()).long(), hi)
+def sample_gamma_log(alpha, generator=None):
+    shape = (GAMMA_ROUNDS,) + tuple(alpha.shape)
+    x = torch.randn(shape, generator=generator, device=alpha.device, dtype=alpha.dtype)
+    u = torch.rand(shape, generator=generator, device=alpha.device, dtype=alpha.dtype)
+    return gamma_log(alpha, x, u, torch.rand(alpha.shape, generator=generator, device=alpha.device, dtype=alpha.dtype))
+
+
+def _uniform_int(lo, hi, u):
+    """Per-element uniform integers in [lo, hi] (LongTensors) from uniforms u."""
+    return torch.minimum(lo + (u * (hi - lo + 1)).long(), hi)
 
 
 # ---------------------------------------------------------------------------------------------------
 # budgets
 
-def _split(total, w):
-    """Split integer totals [B] into integer parts [B, K] proportional to weights w >= 0: floor, then the
-    remainder one token each to the largest fractional parts. Parts sum to total (0 where all w are 0)."""
-    s = w.sum(-1, keepdim=True)
-    share = total[:, None].float() * w / s.clamp_min(1e-30)
-    fl = share.floor()
-    r = (total - fl.sum(-1).long()) * (s.squeeze(-1) > 0)
-    frac = torch.where(w > 0, share - fl, -1.0)
-    order = frac.argsort(-1, descending=True)
-    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(w.shape[-1], device=w.device).expand_as(order))
-    return fl.long() + ((rank < r[:, None]) & (w > 0)).long()
+def _rank_desc(v):
+    """Rank of each entry of v [B, K] in descending order, ties to the lower index. Pairwise comparison
+    ([B, K, K], K = 5) is cheaper than a sort, above all on the GPU."""
+    idx = torch.arange(v.shape[-1], device=v.device)
+    before = (v[:, None, :] > v[:, :, None]) | ((v[:, None, :] == v[:, :, None]) & (idx < idx[:, None]))
+    return before.sum(-1)
 
 
-def allocate(total, p, cap, open_, min_total=None):
-    """Integer token counts [B, 5] that sum to total [B] in proportion to p [B, 5], with count <= cap [B, 5]
-    and count == 0 where open_ is False. What clamping frees is handed, again proportionally, to the
-    modalities that still have room; after NUM_MOD - 1 rounds every modality is full or the total is met
-    (each round either finishes or fills at least one more modality). If everything is full, the total is
-    smaller than asked. Audio counts are then made even (whole frames): the odd token moves to another
-    modality with room, or else audio rounds down (up only if that would leave fewer than min_total)."""
-    alloc = torch.minimum(_split(total, p * open_), cap)
-    for _ in range(NUM_MOD - 1):
-        missing = total - alloc.sum(-1)
-        room = open_ & (alloc < cap)
-        alloc = torch.minimum(alloc + _split(missing.clamp_min(0), torch.where(room, p + 1e-6, 0.0)), cap)
+def allocate(total, p, cap, min_total=None):
+    """Integer token counts [B, 5] that sum to total [B] (or to all there is, if less), in proportion to
+    p [B, 5] (float64; 0 = this modality gets nothing), each at most cap [B, 5].
+
+    Water-filling: the shares are lam * p_i capped at cap_i, with lam such that they sum to total; that is,
+    what a capped modality cannot take goes to the others in proportion to their p. Modality i fills up at
+    lam = cap_i / p_i; lam lies below the first such breakpoint at which the capped sum reaches total, so
+    comparing all breakpoints pairwise gives it in closed form. Then floor, and the tokens left over one each
+    to the largest fractional parts (never above a cap: a capped share is an exact integer).
+    Audio is then made even (whole frames): the odd token moves to another modality with room, or else audio
+    rounds down (up if that would leave fewer than min_total; its cap is even, so there is room)."""
+    capf = cap.double()
+    use = p > 0
+    fill_at = torch.where(use, capf / p.clamp_min(1e-300), 1e300)                                  # [B, 5]
+    handed = torch.minimum(capf[:, None, :], fill_at[:, :, None] * p[:, None, :]).sum(-1)        # at each breakpoint
+    lam_hi = torch.where(handed >= total[:, None], fill_at, 1e300).amin(-1, keepdim=True)
+    full = use & (fill_at < lam_hi)
+    rest = total - (capf * full).sum(-1)
+    den = (p * (use & ~full)).sum(-1)
+    lam = torch.where(den > 0, rest / den.clamp_min(1e-300), 0.0)
+    x = torch.where(full, capf, torch.minimum(lam[:, None] * p, capf))
+    goal = torch.minimum(total, (cap * use).sum(-1))
+    fl = x.floor().long()
+    frac = torch.where(use & (fl < cap), x - fl, -1.0)
+    alloc = fl + ((_rank_desc(frac) < (goal - fl.sum(-1))[:, None]) & (frac >= 0)).long()
     # audio parity
-    odd = (alloc[:, AUDIO] % 2 == 1)
-    room = open_ & (alloc < cap)
-    room[:, AUDIO] = False
+    audio = torch.arange(NUM_MOD, device=p.device) == AUDIO
+    odd = alloc[:, AUDIO] % 2 == 1
+    room = use & (alloc < cap) & ~audio
     has_room = room.any(-1)
-    j = torch.where(room, p + 1e-6, 0.0).argmax(-1, keepdim=True)
-    step = torch.zeros_like(alloc)
-    step[:, AUDIO] = -odd.long()
-    alloc = alloc + step
+    j = torch.where(room, p, -1.0).argmax(-1, keepdim=True)
+    alloc = alloc - (odd[:, None] & audio).long()
     alloc = alloc.scatter_add(-1, j, (odd & has_room).long()[:, None])
     if min_total is not None:
         up = odd & ~has_room & (alloc.sum(-1) < min_total)
-        step = torch.zeros_like(alloc)
-        step[:, AUDIO] = 2 * up.long()
-        alloc = alloc + step
+        alloc = alloc + 2 * (up[:, None] & audio).long()
     return alloc
 
 
-def _draw_counts(comp, tab, which, cap, min_total, generator):
-    """Token counts per modality [B, 5] for 'input' or 'target', given per-modality capacities cap."""
+def _draw_counts(comp, tab, which, cap, p, u, min_total):
+    """Token counts per modality [B, 5] for 'input' or 'target': p the Dirichlet proportions, u [B] the
+    uniform for the budget, cap [B, 5] what each modality has left."""
     budget = tab[which + "_budget"][comp]                                    # [B, 2]
     full = tab[which + "_full"][comp]                                        # [B, 5]
-    alpha = tab[which + "_alphas"][comp] * ~full                             # full ones are not shared
-    whole = torch.where(full, cap, 0)
-    total = _uniform_int(budget[:, 0], budget[:, 1], generator)
+    whole = torch.where(full, cap, 0)                                        # taken whole, outside the budget
+    total = _uniform_int(budget[:, 0], budget[:, 1], u)
     if min_total is not None:
-        total = torch.maximum(total, min_total - whole.sum(-1))
         min_total = min_total - whole.sum(-1)
-    p = sample_dirichlet(alpha, generator)
-    counts = allocate(total, p, torch.where(full, 0, cap), alpha > 0, min_total)
-    return counts + whole
+        total = torch.maximum(total, min_total)
+    return allocate(total, torch.where(full, 0.0, p), torch.where(full, 0, cap), min_total) + whole
 
 
 # ---------------------------------------------------------------------------------------------------
 # audio spans
 
-def _spans(length, n, spans_range, generator):
-    """Contiguous spans along a frame axis of `length` [B] frames (<= FRAMES) covering exactly n [B] frames.
-    Returns a bool mask [B, FRAMES] (only the first `length` entries of each row can be True).
+def _spans(length, n, u, spans_range):
+    """Contiguous spans along a frame axis of `length` [N] frames (<= FRAMES) covering exactly n [N] frames,
+    from uniforms u [N, 2 * spans_range[1]]. Returns a bool mask [N, FRAMES] (only the first `length`
+    entries of a row can be True).
 
     Construction: per sample draw s spans (uniform in spans_range, at most n). Cut the n chosen frames into s
     span lengths and the length - n free frames into s + 1 gaps (before, between, after the spans), each a
     random partition given by sorted uniform cut points (unused cuts sit at the end and give empty parts).
     Span i starts after gaps 0..i and spans 0..i-1. Rounding can give an empty span or an empty inner gap
     (two spans merge), so a sample has at most s runs."""
-    B, device = n.shape[0], n.device
+    N, device = n.shape[0], n.device
     lo, hi = spans_range
-    s = _uniform_int(torch.full_like(n, lo), torch.full_like(n, hi), generator)
+    s = torch.minimum(lo + (u[:, 0] * (hi - lo + 1)).long(), torch.full_like(n, hi))
     s = torch.minimum(s, n.clamp_min(1))
     j = torch.arange(hi, device=device)
-    u = torch.where(j[: hi - 1] < (s - 1)[:, None], torch.rand(B, hi - 1, generator=generator, device=device), 1.0)
-    cuts = (u.sort(-1).values * n[:, None]).round().long()
-    zero = torch.zeros(B, 1, dtype=torch.long, device=device)
-    span_len = torch.diff(torch.cat([zero, cuts, n[:, None]], -1), dim=-1)            # [B, hi]
+    cut_u = torch.where(j[: hi - 1] < (s - 1)[:, None], u[:, 1:hi], 1.0)
+    gap_u = torch.where(j < s[:, None], u[:, hi:2 * hi], 1.0)
+    zero = torch.zeros(N, 1, dtype=torch.long, device=device)
+    cuts = (cut_u.sort(-1).values * n[:, None]).round().long()
+    span_len = torch.diff(cuts, dim=-1, prepend=zero, append=n[:, None])                    # [N, hi]
     free = length - n
-    v = torch.where(j < s[:, None], torch.rand(B, hi, generator=generator, device=device), 1.0)
-    gcuts = (v.sort(-1).values * free[:, None]).round().long()
-    gaps = torch.diff(torch.cat([zero, gcuts, free[:, None]], -1), dim=-1)            # [B, hi + 1]
+    gcuts = (gap_u.sort(-1).values * free[:, None]).round().long()
+    gaps = torch.diff(gcuts, dim=-1, prepend=zero, append=free[:, None])                     # [N, hi + 1]
     starts = gaps[:, :hi].cumsum(-1) + span_len.cumsum(-1) - span_len
-    edges = torch.zeros(B, FRAMES + 1, dtype=torch.long, device=device)
-    edges.scatter_add_(-1, starts, torch.ones_like(starts))
-    edges.scatter_add_(-1, starts + span_len, -torch.ones_like(starts))
+    edges = torch.zeros(N, FRAMES + 1, dtype=torch.long, device=device)
+    edges.scatter_add_(-1, torch.cat([starts, starts + span_len], -1),
+                       torch.cat([torch.ones_like(starts), -torch.ones_like(starts)], -1))
     return edges.cumsum(-1)[:, :FRAMES] > 0
 
 
 # ---------------------------------------------------------------------------------------------------
 # the batch
 
-def _pack(chosen, ids_all, width):
-    """chosen [B, TOTAL] bool, ids_all [B, TOTAL] -> ids, pos, valid [B, width]: the chosen tokens in order."""
-    B, total = chosen.shape
-    device = chosen.device
-    dest = torch.where(chosen, chosen.long().cumsum(-1) - 1, width)            # unchosen go to a dump column
-    positions = torch.arange(total, device=device).expand(B, total)
-    pos = torch.zeros(B, width + 1, dtype=torch.long, device=device).scatter_(-1, dest, positions)[:, :width]
-    valid = torch.arange(width, device=device) < chosen.sum(-1, keepdim=True)
-    pos = pos * valid
-    return ids_all.gather(-1, pos) * valid, pos, valid
-
-
-def build_batch(tokens, cfg, generator=None):
+def build_batch(tokens, cfg, generator=None, cuda_graph=True):
     """tokens {modality name: LongTensor [B, L_m]} -> dict enc_ids, enc_pos, enc_valid, dec_pos, dec_ids,
     dec_valid (see docs/interfaces.md), on the tokens' device. `generator` (on that device) makes it
-    reproducible."""
+    reproducible. No host-device synchronization: on CUDA the work is only queued.
+
+    On CUDA the ~360 small ops are replayed as one captured CUDA graph (cuda_graph=True): launching them one
+    by one costs the host ~4 ms, the replay ~0.1 ms. The graph is a pure function of the tokens and of the
+    random numbers, which are drawn outside it from `generator`, so both paths give identical batches."""
     missing = [m.name for m in M.MODALITIES if m.name not in tokens]
     if missing:
         raise ValueError(f"build_batch: tokens lack modalities {missing}")
@@ -344,24 +363,92 @@ def build_batch(tokens, cfg, generator=None):
     B, device = ref.shape[0], ref.device
     for m in M.MODALITIES:
         t = tokens[m.name]
-        if t.shape != (B, m.length) or t.device != device:
-            raise ValueError(f"build_batch: tokens[{m.name!r}] has shape {tuple(t.shape)} on {t.device}, "
-                             f"expected ({B}, {m.length}) on {device}")
+        if t.shape != (B, m.length) or t.device != device or t.dtype != torch.long:
+            raise ValueError(f"build_batch: tokens[{m.name!r}] is {t.dtype} {tuple(t.shape)} on {t.device}, "
+                             f"expected torch.int64 ({B}, {m.length}) on {device}")
+    n_u, n_z = _num_draws(cfg)
+    if device.type == "cuda" and cuda_graph:
+        graphed = _graphed(cfg, B, device)
+        if graphed is not None:
+            static_in, graph, static_out = graphed
+            for name in M.MODALITY_NAMES:
+                static_in[name].copy_(tokens[name])
+            torch.rand(B, n_u, generator=generator, device=device, out=static_in["U"])
+            torch.randn(B, n_z, generator=generator, device=device, out=static_in["Z"])
+            graph.replay()
+            # copies: the next replay overwrites the static outputs, maybe before this batch's backward ran
+            return {k: v.clone() for k, v in static_out.items()}
+    U = torch.rand(B, n_u, generator=generator, device=device)
+    Z = torch.randn(B, n_z, generator=generator, device=device)
+    return _assemble(tokens, U, Z, cfg)
+
+
+_GRAPHS = {}
+
+
+def _graphed(cfg, B, device):
+    """(static inputs, captured CUDA graph of _assemble, static outputs) for this config and batch size,
+    captured on first use; None (and eager from then on) if capture fails on this setup."""
+    key = (repr(cfg), B, str(device))
+    if key not in _GRAPHS:
+        n_u, n_z = _num_draws(cfg)
+        static_in = {m.name: torch.zeros(B, m.length, dtype=torch.long, device=device) for m in M.MODALITIES}
+        static_in["caption"].fill_(M.CAPTION_PAD)
+        static_in["U"] = torch.rand(B, n_u, device=device)
+        static_in["Z"] = torch.randn(B, n_z, device=device)
+        run = lambda: _assemble(static_in, static_in["U"], static_in["Z"], cfg)
+        try:
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):      # warm-up off the main stream, as torch.cuda.graph asks
+                for _ in range(2):
+                    run()
+            torch.cuda.current_stream(device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_out = run()
+            _GRAPHS[key] = (static_in, graph, static_out)
+        except RuntimeError as e:
+            print(f"masking.py: CUDA graph capture failed ({e}); building batches op by op")
+            _GRAPHS[key] = None
+    return _GRAPHS[key]
+
+
+def _draw_sizes(cfg):
+    """How many uniforms per sample each step takes (slices of one [B, n] draw)."""
+    return dict(comp=1, budget=2, gamma=GAMMA_ROUNDS * 2 * NUM_MOD, boost=2 * NUM_MOD,
+                scores=len(NON_AUDIO) * BLOCK, spans=2 * 2 * cfg.audio_spans[1])
+
+
+def _num_draws(cfg):
+    """(uniforms, normals) per sample."""
+    return sum(_draw_sizes(cfg).values()), GAMMA_ROUNDS * 2 * NUM_MOD
+
+
+def _assemble(tokens, U, Z, cfg):
+    """The batch from the tokens and the random numbers U (uniform [B, n_u]) and Z (normal [B, n_z]).
+    Deterministic, static shapes, no host sync: capturable as a CUDA graph."""
+    B, device = U.shape[0], U.device
     tab = _tables(cfg, device)
+    n_blk = len(NON_AUDIO)
+    sp = 2 * cfg.audio_spans[1]
+    u, at = {}, 0
+    for key, n in _draw_sizes(cfg).items():
+        u[key], at = U[:, at:at + n], at + n
 
-    # 1. mixture component per sample
-    if tab["weight"].shape[0] == 1:
-        comp = torch.zeros(B, dtype=torch.long, device=device)
-    else:
-        comp = torch.multinomial(tab["weight"], B, replacement=True, generator=generator)
+    # 1. mixture component per sample: inverse CDF of the weights (torch.multinomial would sync on CUDA)
+    comp = (u["comp"] >= tab["cum_weight"][:-1]).sum(-1)
 
-    # 2-3. how many tokens of each modality are inputs / targets
+    # 2-3. Dirichlet proportions for inputs and targets at once ([B, 2, 5]); how many tokens of each modality
+    # are inputs, then targets from what the inputs left
+    alphas = torch.stack([tab["input_alphas"][comp] * ~tab["input_full"][comp],
+                          tab["target_alphas"][comp] * ~tab["target_full"][comp]], 1)
+    to_rounds = lambda t: t.view(B, GAMMA_ROUNDS, 2, NUM_MOD).transpose(0, 1)
+    p = dirichlet(alphas, to_rounds(Z), to_rounds(u["gamma"]), u["boost"].view(B, 2, NUM_MOD))
     cap_valid = M.caption_valid(tokens["caption"])
-    avail = torch.tensor(LENGTHS, device=device).expand(B, NUM_MOD).clone()
-    avail[:, CAPTION] = cap_valid.sum(-1)
-    min_in = torch.full((B,), cfg.min_input_tokens, dtype=torch.long, device=device)
-    n_in = _draw_counts(comp, tab, "input", avail, min_in, generator)
-    n_tgt = _draw_counts(comp, tab, "target", avail - n_in, None, generator)
+    avail = torch.where(tab["is_caption"], cap_valid.sum(-1, keepdim=True), tab["lengths"])          # [B, 5]
+    n_in = _draw_counts(comp, tab, "input", avail, p[:, 0], u["budget"][:, 0], cfg.min_input_tokens)
+    n_tgt = _draw_counts(comp, tab, "target", avail - n_in, p[:, 1], u["budget"][:, 1], None)
 
     # 4a. rgb / depth / normal / caption: one random order per modality over its available tokens; inputs are
     # the first n_in of that order, targets the next n_tgt (a uniform subset of what the inputs left).
@@ -369,38 +456,42 @@ def build_batch(tokens, cfg, generator=None):
     # Dirichlet share usually exceeds that, so it is mostly all-in or all-out anyway; when it is split, random
     # tokens keep the budgets exact, and the class word sits at a random place among few tokens, so spans
     # (4M's choice for long text) would buy nothing here.
-    avail_blk = torch.zeros(B, len(NON_AUDIO), BLOCK, dtype=torch.bool, device=device)
-    for k, i in enumerate(NON_AUDIO):
-        avail_blk[:, k, :LENGTHS[i]] = True if i != CAPTION else cap_valid
-    scores = torch.where(avail_blk, torch.rand(B, len(NON_AUDIO), BLOCK, generator=generator, device=device), 2.0)
+    cap_row = torch.nn.functional.pad(cap_valid, (0, BLOCK - M.CAPTION_LEN))
+    avail_blk = torch.cat([tab["grid_block"].expand(B, n_blk - 1, BLOCK), cap_row[:, None]], 1)    # [B, 4, BLOCK]
+    scores = torch.where(avail_blk, u["scores"].view(B, n_blk, BLOCK), 2.0)
     order = scores.argsort(-1)
-    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(BLOCK, device=device).expand_as(order))
-    k_in = n_in[:, NON_AUDIO, None]
-    k_tgt = n_tgt[:, NON_AUDIO, None]
-    blk_in = rank < k_in
-    blk_tgt = (rank >= k_in) & (rank < k_in + k_tgt)
+    rank = torch.empty_like(order).scatter_(-1, order, tab["block_arange"].expand_as(order))
+    k_in = n_in.index_select(1, tab["non_audio"])[:, :, None]       # (a tuple index would copy host -> device)
+    k_end = k_in + n_tgt.index_select(1, tab["non_audio"])[:, :, None]
+    blk = torch.stack([rank < k_in, (rank >= k_in) & (rank < k_end)], 0)                          # [2, B, 4, BLOCK]
 
     # 4b. audio: input spans on the whole frame axis; target spans on the frames the inputs left, laid out
     # contiguously (a "compressed" axis) and mapped back, so a target span may straddle an input span.
+    # Both are drawn in one call, stacked as [2 * B] rows.
     f_in = n_in[:, AUDIO] // STRIDE
     f_tgt = n_tgt[:, AUDIO] // STRIDE
-    frames_in = _spans(torch.full_like(f_in, FRAMES), f_in, cfg.audio_spans, generator)
-    left_first = torch.sort(frames_in.to(torch.uint8), dim=-1, stable=True).indices   # free frames first, in order
-    frames_tgt = torch.zeros_like(frames_in).scatter_(-1, left_first, _spans(FRAMES - f_in, f_tgt, cfg.audio_spans,
-                                                                               generator))
-    per_token = lambda f: f[:, :, None].expand(B, FRAMES, STRIDE).reshape(B, FRAMES * STRIDE)
+    frames = _spans(torch.cat([torch.full_like(f_in, FRAMES), FRAMES - f_in]), torch.cat([f_in, f_tgt]),
+                    u["spans"].view(B, 2, sp).transpose(0, 1).reshape(2 * B, sp), cfg.audio_spans).view(2, B, FRAMES)
+    free = ~frames[0]
+    slot = (free.long().cumsum(-1) - 1).clamp_min(0)             # index of each free frame on the compressed axis
+    frames = torch.stack([frames[0], free & frames[1].gather(-1, slot)], 0)                        # [2, B, FRAMES]
+    audio_tok = frames[..., None].expand(2, B, FRAMES, STRIDE).reshape(2, B, FRAMES * STRIDE)
 
-    # 5. pack, modality order then position order (global position = concatenation index)
-    def gather_masks(blk, frames):
-        parts = []
-        for i in range(NUM_MOD):
-            parts.append(per_token(frames) if i == AUDIO else blk[:, NON_AUDIO.index(i), :LENGTHS[i]])
-        return torch.cat(parts, -1)
+    # 5. pack inputs and targets, modality order then position order (global position = concatenation index)
+    parts = [audio_tok if i == AUDIO else blk[:, :, NON_AUDIO.index(i), :LENGTHS[i]] for i in range(NUM_MOD)]
+    chosen = torch.cat(parts, -1)                                                                   # [2, B, TOTAL]
+    width = max(cfg.max_input_tokens, cfg.max_target_tokens)
+    dest = torch.where(chosen, chosen.long().cumsum(-1) - 1, width)              # unchosen go to a dump column
+    pos = torch.zeros(2, B, width + 1, dtype=torch.long, device=device)
+    pos = pos.scatter_(-1, dest, tab["positions"].expand(2, B, M.TOTAL_POSITIONS))[..., :width]
+    valid = tab["width_arange"][:width] < chosen.sum(-1, keepdim=True)
+    pos = pos * valid
     ids_all = torch.cat([tokens[name] for name in M.MODALITY_NAMES], -1)
-    enc_ids, enc_pos, enc_valid = _pack(gather_masks(blk_in, frames_in), ids_all, cfg.max_input_tokens)
-    dec_ids, dec_pos, dec_valid = _pack(gather_masks(blk_tgt, frames_tgt), ids_all, cfg.max_target_tokens)
-    return dict(enc_ids=enc_ids, enc_pos=enc_pos, enc_valid=enc_valid,
-                dec_pos=dec_pos, dec_ids=dec_ids, dec_valid=dec_valid)
+    ids = ids_all.expand(2, B, M.TOTAL_POSITIONS).gather(-1, pos) * valid
+    ni, no = cfg.max_input_tokens, cfg.max_target_tokens
+    return dict(enc_ids=ids[0, :, :ni].contiguous(), enc_pos=pos[0, :, :ni].contiguous(),
+                enc_valid=valid[0, :, :ni].contiguous(), dec_pos=pos[1, :, :no].contiguous(),
+                dec_ids=ids[1, :, :no].contiguous(), dec_valid=valid[1, :, :no].contiguous())
 
 
 def random_tokens(B, device="cpu", generator=None):
