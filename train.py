@@ -89,6 +89,7 @@ device = 'auto'                 # 'auto' (cuda if available), 'cpu', 'cuda', 'cu
 dtype = 'float32'               # 'float32' (TF32 matmuls on CUDA), 'bfloat16' (autocast) or 'float16'
 compile = False                 # torch.compile the trunk (the static-shape part of the model)
 peak_flops = 989e12             # for MFU: the accelerator's dense peak (H100 SXM bf16)
+threads = 0                     # CPU threads for torch (0 = torch's default); 1 is best on a busy machine
 seed = 1337
 # -----------------------------------------------------------------------------------------------------
 _defaults = configurator.settings(globals())
@@ -136,6 +137,8 @@ if master_process:
     os.makedirs(out_dir, exist_ok=True)
 
 torch.manual_seed(seed + seed_offset)
+if threads:
+    torch.set_num_threads(threads)
 if device_type == 'cuda':
     torch.backends.cuda.matmul.allow_tf32 = True   # fp32 matmuls (and the fp32 head under bf16) on TF32 cores
     torch.backends.cudnn.allow_tf32 = True

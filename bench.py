@@ -1,0 +1,153 @@
+"""
+Time nano4M training steps at the report's shape (batch 64, 256 input + 256 target slots, d6-6w512) and the
+batch assembly (masking.build_batch on random token streams) separately, for each dtype / compile asked for:
+
+    python bench.py                                    # float32 and bfloat16, eager
+    python bench.py --dtypes=float32,bfloat16 --compiles=False,True
+    python bench.py --small                            # a tiny shape that runs on a CPU in seconds
+
+Prints one table row per setting: seconds/step, tokens/s, MFU, the batch assembly time and its share of a
+step, and the projected time of the report's 18,311 steps. The step is the one of train.py: forward (autocast
+for bf16), backward, grad clipping, fused AdamW on CUDA, no host sync besides the per-modality head's row
+counts. Batches are assembled beforehand and cycled, so the step time excludes assembly.
+"""
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+
+import configurator
+import masking
+import modalities
+from model import Nano4M, Nano4MConfig
+
+# -----------------------------------------------------------------------------------------------------
+batch_size = 64
+input_budget = (256, 256)       # every slot filled: the report's padded shape, worst case for the head
+target_budget = (256, 256)
+n_enc_layer = 6
+n_dec_layer = 6
+n_embd = 512
+n_head = 8
+dtypes = 'float32,bfloat16'     # comma-separated
+compiles = 'False'              # comma-separated: False, True
+steps = 20                      # timed steps per setting
+warmup = 5                      # untimed steps first (compilation happens here)
+assembly_batches = 10           # batches assembled (and timed) from random token streams
+total_iters = 18311             # the report's run, for the projection
+peak_flops = 989e12             # H100 SXM dense bf16; MFU of the fp32 rows is against this too
+device = 'auto'
+threads = 0                     # CPU threads for torch (0 = torch's default)
+seed = 1337
+small = False                   # tiny shape for CPU: d1-1w64, batch 4, 32 + 32 slots
+# -----------------------------------------------------------------------------------------------------
+_args = ['--small=True' if a == '--small' else a for a in sys.argv[1:]]
+try:
+    globals().update(configurator.apply_overrides(configurator.settings(globals()), _args))
+except configurator.ConfigError as e:
+    raise SystemExit(f"bench.py: {e}")
+if small:
+    batch_size, input_budget, target_budget = 4, (32, 32), (32, 32)
+    n_enc_layer, n_dec_layer, n_embd, n_head = 1, 1, 64, 1
+    steps, warmup = 5, 2
+if device == 'auto':
+    device = 'cuda' if torch.cuda.is_available() else 'cpu'
+device_type = 'cuda' if 'cuda' in device else 'cpu'
+if threads:
+    torch.set_num_threads(threads)
+if device_type == 'cuda':
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+
+
+def sync():
+    if device_type == 'cuda':
+        torch.cuda.synchronize()
+
+
+mask_cfg = masking.MaskingConfig(input_budget=input_budget, target_budget=target_budget)
+n_in, n_out = mask_cfg.max_input_tokens, mask_cfg.max_target_tokens
+gen = torch.Generator().manual_seed(seed)
+
+
+def random_tokens():
+    """One random view per sample, as gather_views returns it: ids in each modality's range, a caption of
+    a few ids then end-of-text padding."""
+    tokens = {m.name: torch.randint(m.vocab, (batch_size, m.length), generator=gen) for m in modalities.MODALITIES}
+    tokens['caption'][:, 6:] = modalities.CAPTION_PAD
+    return tokens
+
+
+def assemble(tokens):
+    batch = masking.build_batch(tokens, mask_cfg, gen)
+    if device_type == 'cuda':
+        return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+# batch assembly, timed alone (masking + the host-to-device copy; the memmap read is excluded: it is a
+# 140 KB gather per batch)
+streams = [random_tokens() for _ in range(assembly_batches)]
+assemble(streams[0])
+sync()
+t0 = time.perf_counter()
+batches = [assemble(t) for t in streams]
+sync()
+assembly_s = (time.perf_counter() - t0) / assembly_batches
+
+print(f"device {device}" + (f" ({torch.cuda.get_device_name()})" if device_type == 'cuda' else '') +
+      f", torch {torch.__version__}, batch {batch_size}, {n_in} input + {n_out} target slots, "
+      f"d{n_enc_layer}-{n_dec_layer}w{n_embd}")
+rows = []
+for dtype in dtypes.split(','):
+    for compile_flag in compiles.split(','):
+        compile_on = {'true': True, 'false': False}[compile_flag.strip().lower()]
+        dtype = dtype.strip()
+        torch.manual_seed(seed)
+        model = Nano4M(Nano4MConfig(n_enc_layer=n_enc_layer, n_dec_layer=n_dec_layer, n_embd=n_embd,
+                                    n_head=n_head)).to(device)
+        optimizer = model.configure_optimizers(0.05, 1e-4, (0.9, 0.95), device_type)
+        if compile_on:
+            model.compile_trunk()
+        ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16}[dtype]
+        ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
+
+        def step(batch):
+            with ctx:
+                loss, _ = model(batch['enc_ids'], batch['enc_pos'], batch['enc_valid'], batch['dec_pos'],
+                                batch['dec_valid'], batch['dec_ids'])
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return loss
+
+        t0 = time.perf_counter()
+        for i in range(warmup):
+            step(batches[i % len(batches)])
+        sync()
+        warm_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for i in range(steps):
+            loss = step(batches[i % len(batches)])
+        sync()
+        dt = (time.perf_counter() - t0) / steps
+        if not torch.isfinite(loss):
+            print(f"warning: non-finite loss with {dtype}, compile={compile_on}")
+        mfu = model.estimate_mfu(batch_size, n_in, n_out, dt, peak_flops)
+        rows.append((dtype, str(compile_on), f"{dt:.4f}", f"{batch_size * (n_in + n_out) / dt:,.0f}",
+                     f"{mfu * 100:.1f}%" if device_type == 'cuda' else '-', f"{assembly_s * 1000:.1f}", f"{assembly_s / dt * 100:.0f}%",
+                     f"{total_iters * dt / 3600:.2f} h", f"{warm_s:.1f}"))
+        del model, optimizer
+        if device_type == 'cuda':
+            torch.cuda.empty_cache()
+
+header = ("dtype", "compile", "s/step", "tokens/s", "MFU", "assembly ms", "assembly/step",
+          f"{total_iters} steps", "warmup s")
+widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+print(" | ".join(h.ljust(w) for h, w in zip(header, widths)))
+print("-+-".join("-" * w for w in widths))
+for r in rows:
+    print(" | ".join(c.ljust(w) for c, w in zip(r, widths)))
+print(f"(MFU against peak_flops={peak_flops:.3g}; the head counted at the mean modality vocab)")
