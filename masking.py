@@ -13,8 +13,15 @@ the padded encoder/decoder batch of docs/interfaces.md. Per sample it:
      contiguous frame spans for audio (a frame = the codebook pair (2t, 2t+1), never split),
   5. packs the chosen tokens (modality order, then position order) into fixed-size padded tensors.
 
-Everything is vectorized over the batch and free of host syncs (no .item(), no boolean indexing), so it
-runs on the inputs' device (CPU or CUDA) without stalling the GPU queue.
+A sample's total is exactly its drawn budget unless the modalities it may use (positive alpha) hold fewer
+tokens than that (then it takes all of them), or, rarely, when only audio has room left and its share is odd
+(then audio rounds down to whole frames and the total is one short).
+
+Everything is vectorized over the batch and free of host syncs (no .item(), no boolean indexing, no
+host-to-device copies), so it runs on the inputs' device (CPU or CUDA) without stalling the GPU queue. On
+CUDA the ~370 small ops are captured once into a CUDA graph and replayed (build_batch(..., cuda_graph=True),
+the default). Measured for a batch of 64, default config: H200 0.68 ms per call (graph; 0.45 ms of host
+time), 3.8 ms op by op; CPU about 6.5 ms of CPU time, single thread. `python masking.py` times it.
 
 MaskingConfig fields (train.py builds it from its module-level variables of the same names):
 
@@ -186,10 +193,9 @@ def _build_tables(cfg, device):
 def _tables(cfg, device):
     # per-component parameters as device tensors, built once per (config, device): creating them on every
     # call would be a host-to-device copy, which synchronizes the CUDA stream
+    # (never evicted: captured CUDA graphs read these tensors)
     key = (repr(cfg), str(device))
     if key not in _TABLES:
-        if len(_TABLES) > 16:
-            _TABLES.clear()
         _TABLES[key] = _build_tables(cfg, device)
     return _TABLES[key]
 
@@ -353,8 +359,9 @@ def build_batch(tokens, cfg, generator=None, cuda_graph=True):
     dec_valid (see docs/interfaces.md), on the tokens' device. `generator` (on that device) makes it
     reproducible. No host-device synchronization: on CUDA the work is only queued.
 
-    On CUDA the ~360 small ops are replayed as one captured CUDA graph (cuda_graph=True): launching them one
-    by one costs the host ~4 ms, the replay ~0.1 ms. The graph is a pure function of the tokens and of the
+    On CUDA the ~370 small ops are replayed as one captured CUDA graph (cuda_graph=True, captured on the
+    first call for each batch size): launching them one by one costs the host ~4 ms, the replay plus the
+    input/output copies ~0.4 ms. The graph is a pure function of the tokens and of the
     random numbers, which are drawn outside it from `generator`, so both paths give identical batches."""
     missing = [m.name for m in M.MODALITIES if m.name not in tokens]
     if missing:
@@ -394,8 +401,8 @@ def _graphed(cfg, B, device):
         n_u, n_z = _num_draws(cfg)
         static_in = {m.name: torch.zeros(B, m.length, dtype=torch.long, device=device) for m in M.MODALITIES}
         static_in["caption"].fill_(M.CAPTION_PAD)
-        static_in["U"] = torch.rand(B, n_u, device=device)
-        static_in["Z"] = torch.randn(B, n_z, device=device)
+        static_in["U"] = torch.full((B, n_u), 0.5, device=device)   # (not torch.rand: leave the global RNG alone)
+        static_in["Z"] = torch.zeros(B, n_z, device=device)
         run = lambda: _assemble(static_in, static_in["U"], static_in["Z"], cfg)
         try:
             side = torch.cuda.Stream(device)

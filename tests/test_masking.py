@@ -13,6 +13,15 @@ N = 2000  # samples per statistical check (one vectorized batch)
 AUDIO, CAPTION = K.AUDIO, K.CAPTION
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # the tensors here are small; intra-op threads only fight the other test processes for the cores
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def run(cfg, B=N, seed=0, device="cpu"):
     g = torch.Generator(device=device).manual_seed(seed)
     toks = K.random_tokens(B, device, g)
@@ -121,6 +130,24 @@ def test_dirichlet_and_gamma_statistics():
         assert abs(x.mean() - a) < 0.03 * a + 0.01 and abs(x.var() - a) < 0.08 * a + 0.01
     # all-zero row -> zeros, not NaN
     assert (K.sample_dirichlet(torch.zeros(3, 5), g) == 0).all()
+
+
+def test_allocate_water_filling_and_audio_parity():
+    p = torch.tensor([[0.7, 0.1, 0.2, 0.0, 0.0]], dtype=torch.float64)
+    cap = torch.tensor([[20, 196, 196, 512, 6]])
+    # rgb is capped at 20; the 80 it cannot take go to depth/normal 1:2 (26.7 / 53.3), the remainder token
+    # to the largest fractional part
+    assert K.allocate(torch.tensor([100]), p, cap).tolist() == [[20, 27, 53, 0, 0]]
+    # audio 6.6 -> 7 by largest remainder, odd: its odd token moves to the caption (which has room)
+    p = torch.tensor([[0.0, 0.0, 0.0, 0.6, 0.4]], dtype=torch.float64)
+    assert K.allocate(torch.tensor([11]), p, cap).tolist() == [[0, 0, 0, 6, 5]]
+    # nothing else has room: audio rounds down (total one short), or up when min_total asks for it
+    assert K.allocate(torch.tensor([15]), p, cap).tolist() == [[0, 0, 0, 8, 6]]
+    p = torch.tensor([[0.0, 0.0, 0.0, 1.0, 0.0]], dtype=torch.float64)
+    assert K.allocate(torch.tensor([1]), p, cap, torch.tensor([1])).tolist() == [[0, 0, 0, 2, 0]]
+    # more asked than there is: everything with a positive share, nothing for a zero share
+    p = torch.tensor([[0.2, 0.2, 0.0, 0.3, 0.3]], dtype=torch.float64)
+    assert K.allocate(torch.tensor([5000]), p, cap).tolist() == [[20, 196, 0, 512, 6]]
 
 
 def test_zero_alpha_gives_nothing():
