@@ -739,6 +739,11 @@ def load_structure_models(device):
     return depth, normal
 
 
+# DSINE predicts normals in the OpenCV camera frame (x right, y down, z into the scene); the raw layout (and
+# ToyZoo) uses OpenGL's (x right, y up, z toward the viewer), so y and z flip.
+DSINE_TO_RAW = (1.0, -1.0, -1.0)
+
+
 def predict_structure(images, models, batch_size=16):
     """uint8 keyframes -> (depth uint16 list, normals uint8 list), 224x224 each."""
     import torch
@@ -760,7 +765,8 @@ def predict_structure(images, models, batch_size=16):
                 n = n.permute(2, 0, 1)
             n = torch.nn.functional.interpolate(n[None], size=(FRAME_SIZE, FRAME_SIZE), mode="bilinear",
                                                 align_corners=False)[0]
-            normals.append(normals_to_u8(torch.nn.functional.normalize(n, dim=0).cpu().numpy()))
+            n = torch.nn.functional.normalize(n, dim=0) * torch.tensor(DSINE_TO_RAW)[:, None, None]
+            normals.append(normals_to_u8(n.cpu().numpy()))
     return depths, normals
 
 
@@ -1093,8 +1099,11 @@ def main(argv=None, fetch=fetch_ytdlp, oracle_models=None):
         raw = rawdata.raw_dir(args.dataset, args.data_root)
         os.makedirs(raw, exist_ok=True)
         classes = args.classes.split(",") if args.classes else None
-        return build_toyzoo(raw, clips_per_class=args.clips_per_class, difficulty=args.difficulty, seed=args.seed,
-                            workers=args.workers, classes=classes)
+        rows = build_toyzoo(raw, clips_per_class=args.clips_per_class, difficulty=args.difficulty, seed=args.seed,
+                            workers=args.workers, classes=classes)  # writes its own manifest.jsonl
+        table = dataset_table(rows, removed={})
+        print(table_markdown(table))
+        return rows, table
     if src in (["manifest"], ["folder"]):
         if not args.path:
             raise SystemExit(f"--source={src[0]} needs --path=...")
