@@ -292,17 +292,6 @@ def depth_picture(depth):
     return colormap(1.0 - (d - lo) / max(hi - lo, 1e-6))
 
 
-def raw_audio_window(wave, center_s, sr=AUDIO_SR, length=AUDIO_WINDOW):
-    """The view's audio window: `length` samples centred on the keyframe time, clamped to the clip, zero
-    padded when the clip is shorter (the same window tokenize_all.py tokenizes)."""
-    start = int(round(center_s * sr)) - length // 2
-    start = max(0, min(start, len(wave) - length))
-    out = np.zeros(length, dtype=np.float32)
-    piece = wave[start:start + length]
-    out[:len(piece)] = piece
-    return out
-
-
 def _write_text(path, text):
     from rawdata import atomic_path
     tmp = atomic_path(path)
@@ -423,7 +412,7 @@ def main(argv=None):
     import modalities as M
     from model import load_checkpoint
     from modality_tokenizers import load_tokenizer, pick_device
-    from rawdata import raw_dir, read_manifest, read_wav, read_png, atomic_path
+    from rawdata import raw_dir, read_manifest, read_png
 
     cfg = configurator.apply_overrides(DEFAULTS, sys.argv[1:] if argv is None else argv)
     cond, target, n_prefix, run_name = resolve_task(cfg)
@@ -503,17 +492,14 @@ def main(argv=None):
         """The raw file of this view, or None."""
         v = cfg["view"]
         try:
-            if modality == "tok_audio":
-                wave, sr = read_wav(os.path.join(rdir, row["audio"]))
-                if sr != AUDIO_SR:
-                    return None
-                times = row.get("keyframe_times") or [len(wave) / sr / 2] * M.NUM_VIEWS
-                return raw_audio_window(wave, times[v])
+            if modality == "tok_audio":   # the very window tokenize_all.py tokenized (resampled if needed)
+                from tokenize_all import load_audio, audio_windows
+                return audio_windows(load_audio(row, rdir), row["keyframe_times"])[v]
             if modality == "caption":
                 return row.get("caption")
             key = {"tok_rgb": "frames", "tok_depth": "depths", "tok_normal": "normals"}[modality]
             return read_png(os.path.join(rdir, row[key][v])) if row.get(key) else None
-        except (FileNotFoundError, ValueError) as e:
+        except (FileNotFoundError, ValueError, KeyError, IndexError, TypeError) as e:
             print(f"note: raw ground truth of {row['clip_id']} unavailable ({e})")
             return None
 
