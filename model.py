@@ -230,17 +230,18 @@ class Nano4M(nn.Module):
         ids = dec_ids.reshape(-1)
         mod = torch.where(dec_valid.reshape(-1), self.pos_modality[dec_pos].reshape(-1), len(MODALITIES))
         order = torch.argsort(mod, stable=True)
-        counts = torch.bincount(mod, minlength=len(MODALITIES) + 1).tolist()
+        counts_t = torch.bincount(mod, minlength=len(MODALITIES) + 1)
+        counts = counts_t.tolist()
         hs = h[order].split(counts)
         idss = ids[order].split(counts)
         per_modality, means = {}, []
         for m, name in enumerate(MODALITY_NAMES):
             n = counts[m]
             if n == 0:
-                per_modality[name] = (torch.zeros((), device=h.device), torch.zeros((), device=h.device))
+                per_modality[name] = (torch.zeros((), device=h.device), counts_t[m].float())
                 continue
             sum_ce = F.cross_entropy(self.modality_logits(hs[m], m), idss[m], reduction="sum")
-            per_modality[name] = (sum_ce.detach(), torch.tensor(float(n), device=h.device))
+            per_modality[name] = (sum_ce.detach(), counts_t[m].float())
             means.append(sum_ce / n)
         # no targets at all: a zero that still reaches the graph, so backward() and DDP stay happy
         loss = torch.stack(means).mean() if means else h.float().sum() * 0.0

@@ -165,21 +165,24 @@ num_clips = {s: (n_train if s == 'train' else len(a['label'])) for s, a in split
 if master_process:
     print(f"data: {tok_path}, " + ", ".join(f"{s} {n} clips" for s, n in num_clips.items()))
 
-data_gen = torch.Generator().manual_seed(seed + seed_offset)   # clip/view choice and masking of train batches
+# two generators so that runs are reproducible and resumable: clip/view choice on the host, masking where the
+# model runs (masking.build_batch is sync-free and CUDA-graphed on the GPU, so it costs the host ~nothing)
+data_gen = torch.Generator().manual_seed(seed + seed_offset)
+mask_gen = torch.Generator(device=device).manual_seed(seed + seed_offset + 1)
 
 
-def get_batch(split, generator):
-    """One batch as a dict of device tensors (see masking.build_batch), drawn with generator."""
+def get_batch(split, data_generator, mask_generator):
+    """One batch as a dict of device tensors (see masking.build_batch): batch_size random (clip, view)
+    pairs read from the memmaps, moved to the device, masked there."""
     n = num_clips[split]
-    clips = torch.randint(n, (batch_size,), generator=generator).numpy()
-    views = torch.randint(modalities.NUM_VIEWS, (batch_size,), generator=generator).numpy()
+    clips = torch.randint(n, (batch_size,), generator=data_generator).numpy()
+    views = torch.randint(modalities.NUM_VIEWS, (batch_size,), generator=data_generator).numpy()
     tokens, _labels = modalities.gather_views(splits[split], clips, views)
-    batch = masking.build_batch(tokens, mask_cfg, generator)
     if device_type == 'cuda':
-        batch = {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+        tokens = {k: v.pin_memory().to(device, non_blocking=True) for k, v in tokens.items()}
     else:
-        batch = {k: v.to(device) for k, v in batch.items()}
-    return batch
+        tokens = {k: v.to(device) for k, v in tokens.items()}
+    return masking.build_batch(tokens, mask_cfg, mask_generator)
 
 
 def model_inputs(batch):
@@ -218,13 +221,14 @@ optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta
 if checkpoint is not None:
     optimizer.load_state_dict(checkpoint['optimizer'])
     rng = checkpoint['rng']
-    data_states = rng['data']
-    if len(data_states) == ddp_world_size:
-        data_gen.set_state(data_states[ddp_rank].cpu())
+    if len(rng['data']) == ddp_world_size:
+        data_gen.set_state(rng['data'][ddp_rank]['data'].cpu())
+        mask_gen.set_state(rng['data'][ddp_rank]['mask'].cpu())
     else:   # resumed on a different world size: the curve cannot continue exactly; reseed per iter
-        print(f"rank {ddp_rank}: checkpoint has {len(data_states)} data-rng states, world size "
-              f"{ddp_world_size}; reseeding the data rng")
+        print(f"rank {ddp_rank}: checkpoint has {len(rng['data'])} data-rng states, world size "
+              f"{ddp_world_size}; reseeding the data rngs")
         data_gen.manual_seed(seed + seed_offset + 1000003 * iter_num)
+        mask_gen.manual_seed(seed + seed_offset + 1000003 * iter_num + 1)
     torch.set_rng_state(rng['torch'].cpu())
     if device_type == 'cuda' and rng.get('cuda') is not None:
         torch.cuda.set_rng_state(rng['cuda'].cpu())
@@ -245,11 +249,11 @@ def estimate_loss():
     out = {}
     model.eval()
     for split in splits:
-        gen = torch.Generator().manual_seed(seed + 7919)
+        gens = (torch.Generator().manual_seed(seed + 7919), torch.Generator(device=device).manual_seed(seed + 7920))
         sums = {name: 0.0 for name in modalities.MODALITY_NAMES}
         counts = {name: 0.0 for name in modalities.MODALITY_NAMES}
         for _ in range(eval_iters):
-            batch = get_batch(split, gen)
+            batch = get_batch(split, *gens)
             with ctx:
                 _, per_modality = model(*model_inputs(batch))
             for name, (s, c) in per_modality.items():
@@ -274,8 +278,8 @@ def get_lr(it):
 
 
 def rng_states(data_state):
-    """RNG states to store: the data rng of every rank (as it was before drawing the upcoming batch), and
-    torch's. All ranks must call this together under DDP."""
+    """RNG states to store: the data rngs of every rank (as they were before drawing the upcoming batch),
+    and torch's. All ranks must call this together under DDP."""
     states = [data_state]
     if ddp:
         states = [None] * ddp_world_size
@@ -308,8 +312,12 @@ if wandb_log and master_process:
 # -----------------------------------------------------------------------------------------------------
 # training loop
 
-data_state = data_gen.get_state()   # the data rng before the batch of the current iteration
-batch = get_batch('train', data_gen)
+def data_rng_state():
+    return {'data': data_gen.get_state(), 'mask': mask_gen.get_state()}
+
+
+data_state = data_rng_state()   # the data rngs before the batch of the current iteration
+batch = get_batch('train', data_gen, mask_gen)
 t0 = time.time()
 local_iter_num = 0
 running_mfu = -1.0
@@ -346,8 +354,8 @@ while True:
             loss, per_modality = model(*model_inputs(batch))
             loss = loss / gradient_accumulation_steps
         scaler.scale(loss).backward()
-        data_state = data_gen.get_state()
-        batch = get_batch('train', data_gen)
+        data_state = data_rng_state()
+        batch = get_batch('train', data_gen, mask_gen)
     if grad_clip != 0.0:
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)

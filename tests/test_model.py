@@ -37,8 +37,13 @@ def tiny(**kw):
     return Nano4M(Nano4MConfig(**{**TINY, **kw}))
 
 
-def test_default_model_is_about_96M_params():
-    model = Nano4M(Nano4MConfig())
+@pytest.fixture(scope="module")
+def default_model():
+    return Nano4M(Nano4MConfig())
+
+
+def test_default_model_is_about_96M_params(default_model):
+    model = default_model
     n = model.get_num_params()
     assert 94e6 < n < 98e6, n
     assert model.config.n_embd // model.config.n_head == 64
@@ -146,17 +151,17 @@ def test_bf16_autocast_keeps_the_head_in_float32():
         loss, _ = run(model, b)
     assert logits.dtype == torch.float32 and logits.shape == (5, 2048)
     loss32, _ = run(model, b)
-    assert torch.isfinite(loss) and abs(float(loss) - float(loss32)) < 0.05
+    assert torch.isfinite(loss) and abs(loss.item() - loss32.item()) < 0.05
 
 
-def test_optimizer_groups_and_mfu():
+def test_optimizer_groups_and_mfu(default_model):
     model = tiny(bias=True)
     opt = model.configure_optimizers(0.05, 1e-4, (0.9, 0.95), "cpu")
     decay, no_decay = opt.param_groups
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
     assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
-    big = Nano4M(Nano4MConfig())
+    big = default_model
     flops = big.flops_per_step(64, 256, 256)
     # the 6 * params * tokens rule, per stream: inputs pass the encoder, targets the decoder and the head
     # (at the mean modality vocab); ours adds attention scores and the cross-attention keys/values

@@ -93,21 +93,21 @@ def test_loss_falls(data_root, tmp_path):
 
 
 def test_resume_continues_the_same_curve(data_root, tmp_path):
-    common = ["--lr_decay_iters=12", "--warmup_iters=2", "--eval_interval=6"]
-    train(data_root, tmp_path / "straight", "--max_iters=12", *common)
-    train(data_root, tmp_path / "split", "--max_iters=6", *common)
-    train(data_root, tmp_path / "split", "--max_iters=12", "--init_from=resume", *common)
+    common = ["--lr_decay_iters=10", "--warmup_iters=2", "--eval_interval=5", "--eval_iters=2"]
+    train(data_root, tmp_path / "straight", "--max_iters=10", *common)
+    train(data_root, tmp_path / "split", "--max_iters=5", *common)
+    train(data_root, tmp_path / "split", "--max_iters=10", "--init_from=resume", *common)
     straight = read_jsonl(tmp_path / "straight" / "train_log.jsonl")
     split = read_jsonl(tmp_path / "split" / "train_log.jsonl")
-    assert [r["iter"] for r in straight] == list(range(13))
-    assert [r["iter"] for r in split] == list(range(7)) + list(range(6, 13))   # iter 6 is redone on resume
-    after = {r["iter"]: r["loss"] for r in split[7:]}
-    for r in straight[6:]:
+    assert [r["iter"] for r in straight] == list(range(11))
+    assert [r["iter"] for r in split] == list(range(6)) + list(range(5, 11))   # iter 5 is redone on resume
+    after = {r["iter"]: r["loss"] for r in split[6:]}
+    for r in straight[5:]:
         assert abs(r["loss"] - after[r["iter"]]) <= 1e-6, (r["iter"], r["loss"], after[r["iter"]])
-    assert straight[7]["loss"] != straight[6]["loss"]     # it really trained on
+    assert len({r["loss"] for r in straight[5:]}) > 1     # it really trained on
     ev_straight = read_jsonl(tmp_path / "straight" / "log.jsonl")[-1]
     ev_split = read_jsonl(tmp_path / "split" / "log.jsonl")[-1]
-    assert ev_straight["iter"] == ev_split["iter"] == 12
+    assert ev_straight["iter"] == ev_split["iter"] == 10
     assert abs(ev_straight["val"]["loss"] - ev_split["val"]["loss"]) <= 1e-6
 
 
@@ -131,6 +131,8 @@ def test_typo_and_wrong_type_are_refused(data_root, tmp_path):
     assert "unknown setting 'batchsize'" in proc.stderr and "batch_size" in proc.stderr
     proc = train(data_root, tmp_path, "--max_iters=2.5", check=False)
     assert proc.returncode != 0 and "expects an int" in proc.stderr
+    proc = train(data_root, tmp_path, "--input_alphas=(1.0, 1.0)", check=False)   # masking validates it
+    assert proc.returncode != 0 and "bad masking settings" in proc.stderr
     assert not os.path.exists(tmp_path / "ckpt.pt")
 
 
