@@ -110,12 +110,16 @@ except ValueError as e:
 # DDP (torchrun sets RANK / LOCAL_RANK / WORLD_SIZE)
 ddp = int(os.environ.get('RANK', -1)) != -1
 if ddp:
-    init_process_group(backend='nccl')
     ddp_rank = int(os.environ['RANK'])
     ddp_local_rank = int(os.environ['LOCAL_RANK'])
     ddp_world_size = int(os.environ['WORLD_SIZE'])
-    device = f'cuda:{ddp_local_rank}'
-    torch.cuda.set_device(device)
+    if device == 'cpu' or not torch.cuda.is_available():   # CPU DDP (gloo): for trying the code path
+        init_process_group(backend='gloo')
+        device = 'cpu'
+    else:
+        init_process_group(backend='nccl')
+        device = f'cuda:{ddp_local_rank}'
+        torch.cuda.set_device(device)
     master_process = ddp_rank == 0
     seed_offset = ddp_rank
     if gradient_accumulation_steps % ddp_world_size != 0:
@@ -239,7 +243,7 @@ if compile:
     print("compiling the trunk (takes a minute)...")
     model.compile_trunk()
 if ddp:
-    model = DDP(model, device_ids=[ddp_local_rank])
+    model = DDP(model, device_ids=[ddp_local_rank] if device_type == 'cuda' else None)
 
 
 @torch.no_grad()
@@ -374,7 +378,8 @@ while True:
                                          mask_cfg.max_input_tokens, mask_cfg.max_target_tokens, dt, peak_flops)
             running_mfu = mfu if running_mfu == -1.0 else 0.9 * running_mfu + 0.1 * mfu
         print(f"iter {iter_num}: loss {lossf:.4f} | " + " ".join(f"{k}={v:.3f}" for k, v in per.items()) +
-              f" | lr {lr:.2e} | {tokens_per_iter / dt:,.0f} tok/s | {dt * 1000:.1f} ms | mfu {running_mfu * 100:.2f}%")
+              f" | lr {lr:.2e} | {tokens_per_iter / dt:,.0f} tok/s | {dt * 1000:.1f} ms" +
+              (f" | mfu {running_mfu * 100:.2f}%" if device_type == 'cuda' and running_mfu >= 0 else ''))
         append_jsonl('train_log.jsonl', {'iter': iter_num, 'loss': lossf, **per, 'lr': lr, 'ms': dt * 1000})
         if wandb_log:
             wandb.log({'iter': iter_num, 'train/step_loss': lossf, 'lr': lr, 'mfu': running_mfu})
