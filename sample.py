@@ -115,6 +115,7 @@ def generate(model, tokens, known, target, steps=16, schedule="maskgit", tempera
     remask_noise: MaskGIT's annealed randomness on the confidences: Gumbel noise scaled by
         remask_noise * (1 - progress) is added to the log-probability of each sampled token before ranking.
     generator: torch.Generator for every random draw (reproducible; may live on the CPU for a GPU model).
+    The model is used as it is: put it in eval mode first (model.load_checkpoint does), or dropout samples too.
 
     Returns LongTensor [B, L_target] of the target modality's ids (in [0, vocab_target)).
     """
