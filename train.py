@@ -347,7 +347,7 @@ while True:
                 if iter_num > 0:
                     print(f"saving checkpoint to {out_dir}")
                     save_checkpoint(rng)
-    if iter_num == 0 and eval_only:
+    if eval_only:
         break
 
     # forward / backward, with gradient accumulation; the next batch is drawn while the GPU works

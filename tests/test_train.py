@@ -77,6 +77,8 @@ def test_loss_falls(data_root, tmp_path):
           "--log_interval=25")
     evals = read_jsonl(tmp_path / "log.jsonl")
     assert [e["iter"] for e in evals] == [0, 75, 150]
+    steps = read_jsonl(tmp_path / "train_log.jsonl")
+    assert steps[0]["lr"] == pytest.approx(1e-2 / 11) and steps[-1]["lr"] == pytest.approx(1e-3)  # warmup, cosine
     first, last = evals[0], evals[-1]
     for split in ("train", "val"):
         assert last[split]["loss"] < first[split]["loss"] - 1.0, (split, first[split], last[split])
@@ -115,7 +117,7 @@ def test_bf16_follows_fp32(data_root, tmp_path):
     runs = {}
     for dtype in ("float32", "bfloat16"):
         train(data_root, tmp_path / dtype, "--max_iters=30", "--lr_decay_iters=30", "--eval_interval=1000",
-              f"--dtype={dtype}")
+              f"--dtype={dtype}", "--max_train_clips=24")
         runs[dtype] = [r["loss"] for r in read_jsonl(tmp_path / dtype / "train_log.jsonl")]
     fp32, bf16 = runs["float32"], runs["bfloat16"]
     assert len(fp32) == len(bf16) == 31
@@ -133,6 +135,8 @@ def test_typo_and_wrong_type_are_refused(data_root, tmp_path):
     assert proc.returncode != 0 and "expects an int" in proc.stderr
     proc = train(data_root, tmp_path, "--input_alphas=(1.0, 1.0)", check=False)   # masking validates it
     assert proc.returncode != 0 and "bad masking settings" in proc.stderr
+    proc = train(data_root, tmp_path, "--max_train_clips=49", check=False)          # the data has 48
+    assert proc.returncode != 0 and "only 48 train clips" in proc.stderr
     assert not os.path.exists(tmp_path / "ckpt.pt")
 
 
