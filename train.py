@@ -159,6 +159,8 @@ for _m in modalities.MODALITIES:
     _v = meta['modalities'].get(_m.name, {}).get('vocab')
     if _v is None or _v > _m.vocab:
         raise SystemExit(f"{tok_path}/meta.json: modality {_m.name} has vocab {_v}, expected <= {_m.vocab}")
+if 'train' not in meta['splits']:
+    raise SystemExit(f"{tok_path}/meta.json has no train split (splits: {list(meta['splits'])})")
 splits = {s: modalities.open_split(tok_path, s, meta) for s in ('train', 'val') if s in meta['splits']}
 n_train = len(splits['train']['label'])
 if max_train_clips:

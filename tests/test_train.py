@@ -131,7 +131,7 @@ def test_typo_and_wrong_type_are_refused(data_root, tmp_path):
     proc = train(data_root, tmp_path, "--batchsize=8", check=False)
     assert proc.returncode != 0
     assert "unknown setting 'batchsize'" in proc.stderr and "batch_size" in proc.stderr
-    proc = train(data_root, tmp_path, "--max_iters=2.5", check=False)
+    proc = train(data_root, tmp_path, "--max_iters=2.5", check=False)   # (more types: test_configurator_parsing)
     assert proc.returncode != 0 and "expects an int" in proc.stderr
     proc = train(data_root, tmp_path, "--input_alphas=(1.0, 1.0)", check=False)   # masking validates it
     assert proc.returncode != 0 and "bad masking settings" in proc.stderr
