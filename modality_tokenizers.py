@@ -28,7 +28,8 @@ IMAGE_SIZE = 224
 PATCH = 16
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-DEFAULT_CODES = {"tok_rgb": 1024, "tok_depth": 512, "tok_normal": 512, "tok_audio": 1024}
+# patch codebooks: (mean codes, shape codes), whose product fills each image modality's id range
+DEFAULT_CODES = {"tok_rgb": (64, 256), "tok_depth": (32, 256), "tok_normal": (32, 256), "tok_audio": 1024}
 
 
 def pick_device(device="auto"):
@@ -349,58 +350,95 @@ def unpatchify(v, channels, down=2):
 
 
 class PatchKMeansTokenizer:
+    """One id per 16x16 patch, as a product of two small k-means codebooks: the patch's mean (per channel)
+    and its mean-removed shape (8x8 per channel): id = mean_code * shape_codes + shape_code.
+    Why a product: with one codebook of 1,024 entries an object's colour and its layout compete for the
+    same entries (a grey cat on green grass decoded green); splitting them gives 64 x 256 = 16,384
+    combinations, fills rgb's id range exactly, and fitting 64 + 256 centroids is cheaper than 1,024."""
     kind = "patch_kmeans"
 
-    def __init__(self, modality, codebook, settings=None, device="cpu"):
+    def __init__(self, modality, means, shapes, settings=None, device="cpu"):
         self.modality = M.SHORT_NAMES.get(modality, modality)
         self.device = pick_device(device)
-        self.codebook = codebook.to(self.device, torch.float32)     # [K, C * 8 * 8]
+        self.means = means.to(self.device, torch.float32)      # [Km, C]
+        self.shapes = shapes.to(self.device, torch.float32)    # [Ks, C * 8 * 8], zero mean per channel
         self.settings = dict(settings or {})
         self.down = int(self.settings.get("down", 2))
         self.channels = 1 if self.modality == "tok_depth" else 3
         self.depth_ref = tuple(self.settings.get("depth_ref", (0.0, 1.0)))
-        if self.codebook.shape[0] > M.BY_NAME[self.modality].vocab:
-            raise ValueError(f"{self.modality}: codebook of {self.codebook.shape[0]} > vocab "
+        self.size = self.means.shape[0] * self.shapes.shape[0]
+        if self.size > M.BY_NAME[self.modality].vocab:
+            raise ValueError(f"{self.modality}: {self.means.shape[0]} x {self.shapes.shape[0]} codes > vocab "
                              f"{M.BY_NAME[self.modality].vocab}")
 
     @classmethod
-    def fit(cls, modality, patches, codes, iters=20, seed=1337, device="cpu", down=2, depth_ref=(0.0, 1.0),
-            verbose=False, **settings):
+    def helper(cls, modality, device="cpu"):
+        """An unfitted instance, for its patch_vectors() when collecting training patches."""
+        return cls(modality, torch.zeros(1, 1), torch.zeros(1, 1), {}, device)
+
+    @staticmethod
+    def split(v, channels):
+        """patch vectors [N, C*pp] -> (per-channel means [N, C], mean-removed shapes [N, C*pp])."""
+        v = v.reshape(v.shape[0], channels, -1)
+        mu = v.mean(-1)
+        return mu, (v - mu[..., None]).reshape(v.shape[0], -1)
+
+    @classmethod
+    def fit(cls, modality, patches, mean_codes, shape_codes, iters=20, seed=1337, device="cpu", down=2,
+            depth_ref=(0.0, 1.0), verbose=False, **settings):
         """patches [N, D] from patch_vectors() of training images."""
         modality = M.SHORT_NAMES.get(modality, modality)
-        if codes > M.BY_NAME[modality].vocab:
-            raise ValueError(f"{modality}: codebook size {codes} > its id range {M.BY_NAME[modality].vocab}")
+        if mean_codes * shape_codes > M.BY_NAME[modality].vocab:
+            raise ValueError(f"{modality}: {mean_codes} x {shape_codes} codes > its id range "
+                             f"{M.BY_NAME[modality].vocab}")
         device = pick_device(device)
         x = _as_tensor(patches, device)
-        c, mse = kmeans(x, codes, iters, seed, verbose=verbose)
-        settings.update(codes=codes, iters=iters, seed=seed, down=down, depth_ref=list(map(float, depth_ref)),
-                        fit_vectors=int(x.shape[0]), mse=mse, variance=x.var(0).sum().item())
-        return cls(modality, c.cpu(), settings, device)
+        channels = 1 if modality == "tok_depth" else 3
+        mu, shape = cls.split(x, channels)
+        means, _ = kmeans(mu, mean_codes, iters, seed, verbose=verbose)
+        shapes, _ = kmeans(shape, shape_codes, iters, seed + 1, verbose=verbose)
+        settings.update(mean_codes=mean_codes, shape_codes=shape_codes, codes=mean_codes * shape_codes,
+                        iters=iters, seed=seed, down=down, depth_ref=list(map(float, depth_ref)),
+                        fit_vectors=int(x.shape[0]), variance=x.var(0).sum().item())
+        tok = cls(modality, means.cpu(), shapes.cpu(), settings, device)
+        tok.settings["mse"] = ((tok.vectors_from_ids(tok.ids_from_vectors(x)) - x) ** 2).sum(1).mean().item()
+        return tok
 
     def patch_vectors(self, images):
         """Raw images -> patch vectors [B, 196, D] (and depth's per-image mean/std)."""
         x, stats = images_to_unit(images, self.modality, self.device)
         return patchify(x, self.down), stats
 
+    def ids_from_vectors(self, v):
+        """[N, D] -> ids [N]: the nearest mean, then the nearest shape to the mean-removed patch."""
+        mu, shape = self.split(v, self.channels)
+        return nearest(mu, self.means) * self.shapes.shape[0] + nearest(shape, self.shapes)
+
+    def vectors_from_ids(self, ids):
+        """ids [...] -> patch vectors [..., D] = mean code + shape code."""
+        a, b = ids // self.shapes.shape[0], ids % self.shapes.shape[0]
+        v = self.means[a][..., None] + self.shapes[b].reshape(*b.shape, self.channels, -1)
+        return v.reshape(*b.shape, -1)
+
     def encode(self, images):
         v, _ = self.patch_vectors(images)
         B, N, D = v.shape
-        return nearest(v.reshape(B * N, D), self.codebook).view(B, N)
+        return self.ids_from_vectors(v.reshape(B * N, D)).view(B, N)
 
     @torch.no_grad()
     def decode(self, ids):
-        ids = _as_tensor(ids, self.device, torch.long).clamp(0, self.codebook.shape[0] - 1)
-        x = unpatchify(self.codebook[ids], self.channels, self.down)
+        ids = _as_tensor(ids, self.device, torch.long).clamp(0, self.size - 1)
+        x = unpatchify(self.vectors_from_ids(ids), self.channels, self.down)
         return unit_to_images(x, self.modality, self.depth_ref)
 
     def save(self, path):
-        _atomic_torch_save({"kind": self.kind, "modality": self.modality, "codebook": self.codebook.cpu(),
-                            "settings": self.settings}, path)
+        _atomic_torch_save({"kind": self.kind, "modality": self.modality, "means": self.means.cpu(),
+                            "shapes": self.shapes.cpu(), "settings": self.settings}, path)
 
     @classmethod
     def load(cls, path, device="cpu"):
         d = torch.load(path, map_location="cpu", weights_only=False)
-        return cls(d["modality"], d["codebook"], d["settings"], device)
+        return cls(d["modality"], d["means"], d["shapes"], d["settings"], device)
 
 
 # ---------------------------------------------------------------------------------------------------

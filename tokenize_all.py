@@ -36,6 +36,15 @@ FILE_KEYS = {"tok_rgb": "frames", "tok_depth": "depths", "tok_normal": "normals"
 MIN_SR, MAX_SR = 4000, 384000   # rates we resample from; anything outside is a broken file
 
 
+def codes_arg(text):
+    """'64x256' -> (64, 256)"""
+    try:
+        a, b = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected MEANSxSHAPES like 64x256, got {text!r}") from None
+    return a, b
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="toyzoo")
@@ -46,13 +55,13 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=1337)
     # offline codebooks
-    p.add_argument("--rgb_codes", type=int, default=T.DEFAULT_CODES["tok_rgb"])
-    p.add_argument("--depth_codes", type=int, default=T.DEFAULT_CODES["tok_depth"])
-    p.add_argument("--normal_codes", type=int, default=T.DEFAULT_CODES["tok_normal"])
+    for m in IMAGE_MODALITIES:
+        p.add_argument(f"--{m[4:]}_codes", type=codes_arg, default=T.DEFAULT_CODES[m],
+                       help="patch codebook as MEANSxSHAPES, default %s" % "x".join(map(str, T.DEFAULT_CODES[m])))
     p.add_argument("--audio_codes", type=int, default=T.DEFAULT_CODES["tok_audio"], help="per level, <= 1024")
     p.add_argument("--kmeans_iters", type=int, default=20)
-    p.add_argument("--fit_clips", type=int, default=300, help="train clips read to fit the codebooks")
-    p.add_argument("--fit_vectors", type=int, default=60000, help="vectors (frames / patches) per codebook fit")
+    p.add_argument("--fit_clips", type=int, default=100, help="train clips read to fit the codebooks")
+    p.add_argument("--fit_vectors", type=int, default=40000, help="vectors (frames / patches) per codebook fit")
     p.add_argument("--griffin_lim_iters", type=int, default=32, help="mel_rvq decoding")
     return p.parse_args(argv)
 
@@ -168,7 +177,7 @@ def codebook_settings(args, modality, train_ids):
     if modality == "tok_audio":
         s.update(kind="mel_rvq", codes=args.audio_codes)
     else:
-        s.update(kind="patch_kmeans", codes=getattr(args, modality[4:] + "_codes"))
+        s.update(kind="patch_kmeans", codes=list(getattr(args, modality[4:] + "_codes")))
     return s
 
 
@@ -203,8 +212,7 @@ def fit_codebooks(args, rows, raw, tok_path, device):
     pick = rng.permutation(len(train))[:args.fit_clips]
     vecs = {m: [] for m in todo}
     depth_stats = []
-    helpers = {m: T.PatchKMeansTokenizer(m, torch.zeros(1, 1), {"down": 2}, device) for m in todo
-               if m != "tok_audio"}
+    helpers = {m: T.PatchKMeansTokenizer.helper(m, device) for m in todo if m != "tok_audio"}
     for i in tqdm(sorted(pick), desc="reading train clips for codebooks"):
         row = train[i]
         if "tok_audio" in todo:
@@ -230,7 +238,7 @@ def fit_codebooks(args, rows, raw, tok_path, device):
             if m == "tok_depth":
                 s = torch.cat(depth_stats)
                 ref = (s[:, 0].median().item(), s[:, 1].median().item())
-            tok = T.PatchKMeansTokenizer.fit(m, x, codes=fit["codes"], iters=args.kmeans_iters, seed=args.seed,
+            tok = T.PatchKMeansTokenizer.fit(m, x, *fit["codes"], iters=args.kmeans_iters, seed=args.seed,
                                              device=device, depth_ref=ref, fit=fit)
             err = f"mse {tok.settings['mse']:.4f}"
         print(f"fitted {m}: {fit['codes']} codes on {len(x)} vectors in {time.time() - t0:.1f}s "

@@ -21,7 +21,7 @@ import tokenize_all  # noqa: E402
 CLASSES = ["cow", "dog", "duck"]
 SPLITS = ["train", "train", "train", "val", "test"]   # per class -> 15 clips
 # tiny codebooks so fitting takes a fraction of a second
-FAST = ["--audio_codes=16", "--rgb_codes=16", "--depth_codes=8", "--normal_codes=8", "--kmeans_iters=4",
+FAST = ["--audio_codes=16", "--rgb_codes=4x8", "--depth_codes=2x8", "--normal_codes=2x8", "--kmeans_iters=4",
         "--fit_clips=4", "--fit_vectors=4000", "--batch_size=2", "--device=cpu"]
 
 
@@ -99,7 +99,7 @@ def test_shapes_ranges_meta(tokenized):
             assert a.max() < m.vocab
         audio = np.asarray(arrays["tok_audio"]).astype(int)
         assert audio[..., 0::2].max() < 16 and audio[..., 1::2].min() >= 1024 and audio[..., 1::2].max() < 1040
-        assert np.asarray(arrays["tok_rgb"]).max() < 16
+        assert np.asarray(arrays["tok_rgb"]).max() < 32
         labels = np.asarray(arrays["label"])
         assert [CLASSES[i] for i in labels] == [c.split("_")[0] for c in arrays["clip_ids"]]
         captions = [M.decode_caption(r) for r in np.asarray(arrays["caption"])]

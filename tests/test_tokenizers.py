@@ -104,26 +104,28 @@ def images(modality, n=6, seed=0):
     return out
 
 
-@pytest.mark.parametrize("modality,codes", [("tok_rgb", 64), ("tok_depth", 32), ("tok_normal", 32)])
-def test_patch_kmeans(modality, codes, tmp_path):
+@pytest.mark.parametrize("modality,means,shapes", [("tok_rgb", 8, 32), ("tok_depth", 4, 16),
+                                                  ("tok_normal", 8, 16)])
+def test_patch_kmeans(modality, means, shapes, tmp_path):
     train, test = images(modality, seed=1), images(modality, n=3, seed=2)
-    helper = T.PatchKMeansTokenizer(modality, torch.zeros(1, 1))
-    v, _ = helper.patch_vectors(train)
-    tok = T.PatchKMeansTokenizer.fit(modality, v.reshape(-1, v.shape[-1]), codes=codes, iters=8, seed=0)
+    v, _ = T.PatchKMeansTokenizer.helper(modality).patch_vectors(train)
+    tok = T.PatchKMeansTokenizer.fit(modality, v.reshape(-1, v.shape[-1]), means, shapes, iters=8, seed=0)
     ids = tok.encode(test)
-    assert ids.shape == (3, 196) and ids.min() >= 0 and ids.max() < codes
-    # reconstruction error of the coded patches vs. a random codebook entry per patch
+    assert ids.shape == (3, 196) and ids.min() >= 0 and ids.max() < means * shapes
+    # reconstruction error of the coded patches vs. a random code per patch
     vt, _ = tok.patch_vectors(test)
     vt = vt.reshape(-1, vt.shape[-1])
-    err = ((tok.codebook[ids.flatten()] - vt) ** 2).sum(1).mean().item()
-    rand = torch.randint(0, codes, (len(vt),), generator=torch.Generator().manual_seed(0))
-    err_rand = ((tok.codebook[rand] - vt) ** 2).sum(1).mean().item()
+    err = ((tok.vectors_from_ids(ids.flatten()) - vt) ** 2).sum(1).mean().item()
+    rand = torch.randint(0, means * shapes, (len(vt),), generator=torch.Generator().manual_seed(0))
+    err_rand = ((tok.vectors_from_ids(rand) - vt) ** 2).sum(1).mean().item()
     print(f"\n{modality}: patch mse {err:.4f} vs random code {err_rand:.4f}")
     assert err < 0.2 * err_rand
     dec = tok.decode(ids)
     assert dec.shape == ((3, 224, 224) if modality == "tok_depth" else (3, 224, 224, 3))
     assert dec.dtype == (np.uint16 if modality == "tok_depth" else np.uint8)
-    assert torch.equal(T.nearest(tok.codebook, tok.codebook)[ids.flatten()], ids.flatten())
+    # exact: every code's vector quantises back to that code
+    every = torch.arange(means * shapes)
+    assert torch.equal(tok.ids_from_vectors(tok.vectors_from_ids(every)), every)
     if modality != "tok_depth":   # depth is re-standardised per image, so only rgb/normals are pixel-exact
         assert torch.equal(tok.encode(dec), ids)
     path = str(tmp_path / "c.pt")
