@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from modalities import (MODALITIES, MODALITY_NAMES, BY_NAME, SHORT_NAMES, POS_OFFSETS, CAPTION_PAD,
-                        AUDIO_FRAMES, AUDIO_CODEBOOKS, AUDIO_WINDOW, AUDIO_SR, modality_index, caption_valid)
+                        AUDIO_FRAMES, AUDIO_CODEBOOKS, modality_index, caption_valid)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import sample  # noqa: E402
 from modalities import (MODALITIES, BY_NAME, POS_OFFSETS, CAPTION_PAD, modality_index, encode_caption,  # noqa: E402
-                        caption_text, caption_valid, position_modality)
+                        caption_text, caption_valid)
 from model import Nano4M, Nano4MConfig  # noqa: E402
 
 A0 = POS_OFFSETS[modality_index("audio")]
@@ -287,9 +287,12 @@ def make_fixture(root, n_clips=4, with_raw=True):
     K = 16
     # 2 Griffin-Lim iterations instead of 32: the fixture tests the plumbing, not the sound
     MelRVQTokenizer(torch.randn(2, K, 80) - 4.0, {"griffin_lim_iters": 2}).save(os.path.join(tok, "codebooks", "tok_audio.pt"))
-    for name, dim in (("tok_rgb", 192), ("tok_depth", 64), ("tok_normal", 192)):
-        cb = torch.rand(K, dim) if name == "tok_rgb" else torch.randn(K, dim)
-        PatchKMeansTokenizer(name, cb).save(os.path.join(tok, "codebooks", f"{name}.pt"))
+    for name, ch in (("tok_rgb", 3), ("tok_depth", 1), ("tok_normal", 3)):
+        # 4 patch means x 4 mean-removed 8x8 shapes = K ids
+        means = torch.rand(4, ch) if name == "tok_rgb" else torch.randn(4, ch) * 0.3
+        shapes = torch.randn(4, ch, 64) * 0.1
+        shapes = (shapes - shapes.mean(-1, keepdim=True)).reshape(4, ch * 64)
+        PatchKMeansTokenizer(name, means, shapes).save(os.path.join(tok, "codebooks", f"{name}.pt"))
     classes = ["cat", "dog"]
     rng = np.random.default_rng(0)
     labels = np.arange(n_clips) % 2
