@@ -503,7 +503,7 @@ def draw_scene(rng, cls, difficulty):
     spot_col = _colour(pal, "spot") if "spot" in pal else None
     fov = np.deg2rad(rng.uniform(38, 55))
     # camera on a circle around the animal, far enough that the animal fills a similar share of the frame
-    dist = size * rng.uniform(1.1, 1.8) * 0.5 / np.tan(fov / 2) * (1 + 0.4 * d * rng.random())
+    dist = size * rng.uniform(1.3, 2.0) * 0.5 / np.tan(fov / 2) * (1 + 0.4 * d * rng.random())
     az = rng.uniform(0, 2 * np.pi)
     height = size * rng.uniform(0.25, 1.1) + 0.15
     cam = np.array([dist * np.cos(az), height, dist * np.sin(az)])
@@ -528,7 +528,7 @@ def draw_scene(rng, cls, difficulty):
                 speed=size * rng.uniform(0, 0.04), gait_hz=rng.uniform(0.4, 1.0),
                 gait_amp=rng.uniform(0.0, 0.35), nod_amp=rng.uniform(0.0, 0.15), wag_hz=rng.uniform(0.3, 1.5),
                 phase=rng.uniform(0, 2 * np.pi), fov=fov, cam=cam, target=target, sun=sun,
-                sun_col=np.array([1.0, 0.95, 0.85]) * rng.uniform(0.8, 1.1), ambient=rng.uniform(0.3, 0.5),
+                sun_col=np.array([1.0, 0.96, 0.9]) * rng.uniform(0.7, 1.0), ambient=rng.uniform(0.45, 0.65),
                 sky=sky, ground=ground, ground_phase=rng.uniform(0, 2 * np.pi, 2),
                 fog=rng.uniform(25, 60) * size, props=props)
 
@@ -747,7 +747,8 @@ def render_view(scene, t, size=SIZE):
     # shading in linear light (albedos are sRGB-ish, squared-ish by the 2.2 power): sky ambient (brighter
     # facing up) + sun (Lambert, shadowed), fog toward the horizon colour with distance
     zen, hor = np.asarray(scene["sky"][0]) ** 2.2, np.asarray(scene["sky"][1]) ** 2.2
-    amb = scene["ambient"] * (0.6 + 0.4 * nw[:, 1:2]) * (0.5 * zen + 0.5 * hor)
+    # mostly white ambient light, a little tinted by the sky, so that an animal keeps its colour
+    amb = scene["ambient"] * (0.6 + 0.4 * nw[:, 1:2]) * (0.7 + 0.15 * zen + 0.15 * hor)
     sun = scene["sun_col"] * np.clip(nw @ L, 0, None)[:, None] * lit[:, None]
     col = alb * (amb + sun)
     fog = 1 - np.exp(-np.where(hit, depth, 0) / scene["fog"])

