@@ -14,8 +14,8 @@ import modalities as M  # noqa: E402
 
 
 def write_dataset(root, name="synth", n_train=48, n_val=16, n_classes=4, noise=0.1, seed=0):
-    """A learnable tokenized dataset in the layout of modalities.py: every stream is a per-class template
-    (the same for all clips of the class, shifted a little per view) with a fraction of random tokens."""
+    """A learnable tokenized dataset in the layout of modalities.py: every image/audio stream is its class's
+    template with a fraction `noise` of random tokens; the caption names the class."""
     rng = np.random.default_rng(seed)
     tok = os.path.join(root, name, "tok")
     templates = {m.name: rng.integers(0, m.vocab, size=(n_classes, m.length)) for m in M.MODALITIES if m.per_view}
@@ -30,7 +30,6 @@ def write_dataset(root, name="synth", n_train=48, n_val=16, n_classes=4, noise=0
         for m in M.MODALITIES:
             if m.per_view:
                 arr = templates[m.name][labels][:, None, :].repeat(M.NUM_VIEWS, axis=1)
-                arr = np.roll(arr, 0, axis=-1)
                 noisy = rng.random(arr.shape) < noise
                 arr = np.where(noisy, rng.integers(0, m.vocab, size=arr.shape), arr)
             else:   # caption: 'a photo of a classN' as made-up BPE ids, end-of-text, padding
