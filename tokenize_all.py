@@ -57,7 +57,7 @@ def parse_args(argv=None):
     # offline codebooks
     for m in IMAGE_MODALITIES:
         p.add_argument(f"--{m[4:]}_codes", type=codes_arg, default=T.DEFAULT_CODES[m],
-                       help="patch codebook as MEANSxSHAPES, default %s" % "x".join(map(str, T.DEFAULT_CODES[m])))
+                       help="patch codebook as MEANSxSHAPES, default %dx%d" % T.DEFAULT_CODES[m])
     p.add_argument("--audio_codes", type=int, default=T.DEFAULT_CODES["tok_audio"], help="per level, <= 1024")
     p.add_argument("--kmeans_iters", type=int, default=20)
     p.add_argument("--fit_clips", type=int, default=100, help="train clips read to fit the codebooks")
