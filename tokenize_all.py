@@ -14,6 +14,8 @@ View v of a clip is keyframe v, its depth and normal maps, and the 3.41 s audio 
 keyframe's time (clamped to the clip). The offline codebooks are fitted on the train split first and reused
 when present with the same settings. Resumable: each split is written through preallocated `.partial`
 memmaps and a progress file, flushed after every batch; a rerun continues where the last one stopped.
+The same command gives the same files on the same kind of device; a codebook fitted on a GPU differs from
+one fitted on the CPU (float summation order), so keep one dataset's tokens from one run.
 """
 import argparse
 import hashlib
