@@ -57,15 +57,15 @@ split = 'test'
 probes = 'all'
 num_clips = 0            # 0 = every clip of the split; else the first num_clips in clip_id order
 gallery = 100            # retrieval gallery size G
-structure_views = 10     # views per clip for rgb -> depth / normal (all 10 = many samples)
+structure_views = 2      # views per clip for rgb -> depth / normal (110 test clips x 2 = 220 images, 43k tokens)
 memo_clips = 0           # clips per side of the memorization probe (0 = as many as the eval set)
 suffix_frac = 0.2        # the memorization probe / continuation predict this last fraction of the audio
-gen_per_class = 3        # generation probes: clips (and class-only samples) per class
+gen_per_class = 2        # generation probes: clips (and class-only samples) per class
 gen_steps = 16
 gen_schedule = 'maskgit'
 gen_temperature = 1.0
 gen_guidance = 1.0
-clf_per_class = 20       # decoded train clips per class for the offline audio classifier
+clf_per_class = 10       # decoded train clips per class for the offline audio classifier
 batch_size = 32
 ce_batches = 8           # ce probe: batches of batch_size masked (clip, view) draws
 dataset = ''             # '' = the checkpoint's
@@ -116,10 +116,11 @@ def clustered_accuracy(correct, valid=None, z=1.96):
     v = np.ones_like(c) if valid is None else np.asarray(valid, dtype=np.float64)
     k, n = (c * v).sum(axis=1), v.sum(axis=1)
     acc = float(k.sum() / max(n.sum(), 1))
+    w_lo, w_hi = wilson_ci(k.sum(), n.sum(), z)       # never narrower than the token-level Wilson interval
     if len(k) < 2:
-        return acc, float("nan"), float("nan")
+        return acc, w_lo, w_hi
     se = math.sqrt(((k - acc * n) ** 2).sum() / (len(k) * (len(k) - 1))) / max(n.mean(), 1e-12)
-    return acc, max(acc - z * se, 0.0), min(acc + z * se, 1.0)
+    return acc, min(max(acc - z * se, 0.0), w_lo), max(min(acc + z * se, 1.0), w_hi)
 
 
 def bootstrap_ci(stat, sizes, reps=200, seed=0):
@@ -451,6 +452,14 @@ def probe_class(ctx):
     scores = caption_class_scores(score_fn, names)
     out = classification_metrics(scores, labels, names, seed=ctx["seed"])
     out["selection"] = ctx["selection"]
+    # the hypotheses must be what training saw: compare with the stored captions of these clips
+    hyps = caption_hypotheses(names)
+    cap = tokens["caption"]
+    same = [np.array_equal(cap[i][M.caption_valid(cap[i])].numpy(), hyps[labels[i]]) for i in range(len(labels))]
+    out["hypothesis_equals_stored_caption"] = float(np.mean(same))
+    if not all(same):
+        print(f"  warning: {100 * (1 - np.mean(same)):.1f}% of the clips' stored captions differ from "
+              "encode_caption(caption_text(class)); the class hypotheses may not be what training saw")
     C = len(names)
     add_row(ctx, "class", "audio -> class top-1", out["top1"]["value"], out["top1"]["ci"], out["n"], 1 / C,
             "chance 1/C", REPORT["class_top1"])
@@ -577,11 +586,26 @@ def gen_selection(ctx):
     return picked, ctx["views_of"][picked]
 
 
-def audio_tokenizer(ctx):
-    if "audio_tok" not in ctx:
+class ProbeSkipped(Exception):
+    """A probe that does not apply here (a tokenizer that cannot decode offline, a missing extra)."""
+
+
+def load_decoder(ctx, name):
+    """The dataset's tokenizer for modality `name`, or ProbeSkipped naming why it cannot decode here."""
+    key = f"tok:{name}"
+    if key not in ctx:
         import modality_tokenizers
-        ctx["audio_tok"] = modality_tokenizers.load_tokenizer(ctx["tok_path"], ctx["meta"], "tok_audio", ctx["device"])
-    return ctx["audio_tok"]
+        kind = ctx["meta"]["modalities"].get(name, {}).get("tokenizer")
+        try:
+            ctx[key] = modality_tokenizers.load_tokenizer(ctx["tok_path"], ctx["meta"], name, ctx["device"])
+        except Exception as e:
+            raise ProbeSkipped(f"the {name} tokenizer ({kind}) cannot be loaded to decode here: "
+                               f"{type(e).__name__}: {str(e)[:300]}") from e
+    return ctx[key]
+
+
+def audio_tokenizer(ctx):
+    return load_decoder(ctx, "tok_audio")
 
 
 def decode_audio(ctx, ids, bs=16):
@@ -785,9 +809,8 @@ def probe_resnet(ctx):
         net = resnet50(weights=weights if ctx["resnet_weights"] == "imagenet" else None).eval().to(ctx["device"])
     except Exception as e:  # no cached weights and no network
         return {"skipped": f"ResNet-50 ImageNet weights unavailable ({type(e).__name__}: {str(e)[:200]})"}
-    import modality_tokenizers
     import sample
-    tok = modality_tokenizers.load_tokenizer(ctx["tok_path"], ctx["meta"], "tok_rgb", ctx["device"])
+    tok = load_decoder(ctx, "tok_rgb")
     clips, views = gen_selection(ctx)
     tokens, labels = tokens_of(ctx, ctx["split"], clips, views)
     keep = np.array([ctx["class_names"][c] in IMAGENET_CLASSES for c in labels])
@@ -1121,7 +1144,7 @@ def run(settings):
             res = PROBES[name](ctx)
             status = "skipped" if "skipped" in res else "ok"
             res = {"status": status, **({"reason": res["skipped"]} if status == "skipped" else {}), **res}
-        except (ImportError, FileNotFoundError, NotImplementedError) as e:
+        except (ProbeSkipped, ImportError, FileNotFoundError, NotImplementedError) as e:
             res = {"status": "skipped", "reason": f"{type(e).__name__}: {e}"}
         except Exception as e:
             traceback.print_exc()

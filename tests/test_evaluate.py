@@ -159,7 +159,7 @@ def _make_fixture(root, classes=("cat", "pig", "pigeon"), n={"train": 6, "test":
     cb = torch.randn(2, K, 80) * 0.5 - 4
     MelRVQTokenizer(cb, {"griffin_lim_iters": 2}).save(os.path.join(tok, "codebooks", "tok_audio.pt"))
     meta["modalities"]["tok_rgb"].update(tokenizer="patch_kmeans", codebook="codebooks/tok_rgb.pt")
-    PatchKMeansTokenizer("tok_rgb", torch.rand(64, 3 * 8 * 8), {"down": 2}).save(
+    PatchKMeansTokenizer.fit("tok_rgb", torch.rand(256, 3 * 8 * 8), 4, 8, iters=2).save(
         os.path.join(tok, "codebooks", "tok_rgb.pt"))
     for split, count in n.items():
         os.makedirs(os.path.join(tok, split))
