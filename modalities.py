@@ -146,8 +146,9 @@ def caption_valid(caption):
     """[..., CAPTION_LEN] ids -> bool mask of the tokens that count: the text and its first end-of-text.
     The padding after it is never an input or a target."""
     is_pad = caption == CAPTION_PAD
-    first_pad = torch.cumsum(is_pad.long(), dim=-1)
-    return first_pad <= 1 if torch.is_tensor(caption) else np.cumsum(is_pad, axis=-1) <= 1
+    if torch.is_tensor(caption):
+        return torch.cumsum(is_pad.long(), dim=-1) <= 1
+    return np.cumsum(is_pad, axis=-1) <= 1
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -64,6 +64,7 @@ mixture = None                  # None or a list of component dicts, each with a
                                 # masking.single_source_mixture(...) in a config file)
 min_input_tokens = 1
 audio_spans = (1, 4)            # contiguous audio spans per sample, inclusive range
+mixture_per_batch = False       # one mixture component per batch (uniform shapes: cheap on a CPU) vs per sample
 # model
 n_enc_layer = 6
 n_dec_layer = 6
@@ -188,7 +189,17 @@ def get_batch(split, data_generator, mask_generator):
         tokens = {k: v.pin_memory().to(device, non_blocking=True) for k, v in tokens.items()}
     else:
         tokens = {k: v.to(device) for k, v in tokens.items()}
-    return masking.build_batch(tokens, mask_cfg, mask_generator)
+    batch = masking.build_batch(tokens, mask_cfg, mask_generator)
+    return trim_padding(batch) if device_type == 'cpu' and not compile else batch
+
+
+def trim_padding(batch):
+    """Drop the padded columns no sample of this batch uses (masking packs each sample's tokens first).
+    The fixed widths only serve torch.compile and the GPU; on a CPU a mixture with a whole-audio component
+    would otherwise pay for 512 + 512 slots on every sample."""
+    n_in = int(batch['enc_valid'].sum(1).max())
+    n_out = max(int(batch['dec_valid'].sum(1).max()), 1)
+    return {k: v[:, :n_in] if k.startswith('enc') else v[:, :n_out] for k, v in batch.items()}
 
 
 def model_inputs(batch):

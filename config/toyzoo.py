@@ -1,7 +1,13 @@
-# A small run on the synthetic ToyZoo world that fits ~10 minutes on 2 CPU cores (first version; tune on
-# real ToyZoo tokens). At this width the 50,304-row embedding and head and the per-modality logits cost more
-# than the trunk, so the budgets are kept small and the steps many.
+# The embedded default: a small run on the synthetic ToyZoo world, sized for ~10 minutes of training on
+# 2 CPU cores (the whole quickstart -- prepare, tokenize, train -- in about 15 minutes).
 #   python prepare_data.py && python tokenize_all.py && python train.py config/toyzoo.py
+#
+# Masking: the usual 4M Dirichlet recipe for half the samples, and for the other half one of the report's
+# "whole modality from one other" conditions (its second fix), so that what sample.py and evaluate.py ask at
+# inference -- audio -> caption (classification), caption -> audio (class-only generation), audio <-> rgb
+# (retrieval), rgb -> depth / normal -- is a condition the model has seen in training.
+# At this width the 50,304-row embedding and head cost more than the trunk; on a CPU train.py trims the
+# padded slots a batch does not use, so the whole-audio components only cost what they use.
 
 out_dir = 'out/toyzoo'
 dataset = 'toyzoo'
@@ -20,7 +26,24 @@ min_lr = 2e-5
 n_enc_layer, n_dec_layer, n_embd, n_head = 2, 2, 128, 2
 
 input_budget = (8, 64)
-target_budget = (8, 32)
+target_budget = (8, 64)
+_none = (0.0,) * 5
+
+
+def _whole(source, target, weight):
+    return dict(weight=weight, input_full=(source,), input_alphas=_none, input_budget=(0, 0),
+                target_full=(target,), target_alphas=_none, target_budget=(0, 0))
+
+
+mixture = [dict(weight=0.5),                    # the 4M recipe with the budgets above
+           _whole('audio', 'caption', 0.1),     # audio -> class
+           _whole('caption', 'audio', 0.1),     # class-only generation
+           _whole('audio', 'rgb', 0.075),       # retrieval, both ways
+           _whole('rgb', 'audio', 0.075),
+           _whole('rgb', 'depth', 0.075),       # structure from rgb
+           _whole('rgb', 'normal', 0.075)]
+
+mixture_per_batch = True        # one component per batch: on a CPU the unused padding is dropped
 
 device = 'cpu'
 dtype = 'float32'

@@ -287,3 +287,20 @@ def test_cuda_graph_and_eager_agree_without_sync():
     K.build_batch(toks, cfg, torch.Generator(device="cuda").manual_seed(3))
     assert all(torch.equal(before[k], out[True][k]) for k in before)
     check_structure({k: v.cpu() for k, v in toks.items()}, {k: v.cpu() for k, v in out[True].items()}, cfg)
+
+
+def test_mixture_per_batch_gives_one_component_per_batch():
+    mix = K.single_source_mixture(sources=("caption", "rgb"), target="audio", weight=0.5)
+    per_sample = K.MaskingConfig(mixture=mix)
+    per_batch = K.MaskingConfig(mixture=mix, mixture_per_batch=True)
+    _, b = run(per_sample, B=64)
+    whole_audio = per_modality(chosen_masks(b, "dec"))[:, AUDIO] == 512
+    assert 0 < whole_audio.sum() < 64                      # 4M: components mix inside a batch
+    kinds = set()
+    for seed in range(12):
+        toks, b = run(per_batch, B=64, seed=seed)
+        check_structure(toks, b, per_batch)
+        whole_audio = per_modality(chosen_masks(b, "dec"))[:, AUDIO] == 512
+        assert whole_audio.all() or not whole_audio.any()  # one component for the whole batch
+        kinds.add(bool(whole_audio[0]))
+    assert kinds == {True, False}                          # ... and still both kinds across batches
