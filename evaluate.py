@@ -52,7 +52,7 @@ import modalities as M
 
 # -----------------------------------------------------------------------------------------------------
 # settings (override with --key=value, see configurator.py)
-out_dir = 'out'
+out_dir = 'out/toyzoo'          # the checkpoint dir to evaluate (default: the quickstart run)
 split = 'test'
 probes = 'all'
 num_clips = 0            # 0 = every clip of the split; else the first num_clips in clip_id order

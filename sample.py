@@ -343,7 +343,7 @@ def _html_escape(s):
 # the command line
 
 DEFAULTS = dict(
-    out_dir="out",             # checkpoint dir: reads out_dir/ckpt.pt; its config names dataset / data_root
+    out_dir="out/toyzoo",      # checkpoint dir (default: the quickstart run): reads out_dir/ckpt.pt; its config names dataset / data_root
     mode="",                   # 'class_only' | 'continuation' | '' (then --cond / --target)
     cond="caption",            # comma list of conditioning modalities (rgb, depth, normal, audio, caption);
                                # '' = unconditional
