@@ -1058,7 +1058,7 @@ def parse_args(argv=None):
     p.add_argument("--classes", default=None, help="comma-separated subset of classes (default: all)")
     # toyzoo
     p.add_argument("--clips_per_class", type=int, default=100)
-    p.add_argument("--difficulty", type=float, default=0.5)
+    p.add_argument("--difficulty", type=float, default=0.25)
     p.add_argument("--workers", type=int, default=2)
     # web
     p.add_argument("--audioset_csvs", default=None, help="local AudioSet segment CSVs, comma-separated (default: download)")

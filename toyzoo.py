@@ -25,7 +25,7 @@ Conventions of the written maps (see rawdata.py for the files):
 Determinism: every clip draws from its own generator seeded by (seed, class, index), so the bytes do not
 depend on the number of workers, on the class subset, or on resumption.
 
-    python toyzoo.py --out=data/toyzoo/raw --clips_per_class=100 --difficulty=0.5 --workers=2
+    python toyzoo.py --out=data/toyzoo/raw --clips_per_class=100 --difficulty=0.25 --workers=2
 """
 import json
 import os
@@ -157,16 +157,20 @@ def _confuser(rng, cls):
     return others[rng.integers(len(others))]
 
 
-def draw_voice(rng, cls, difficulty):
-    """This clip's individual voice: each call type of the class, jittered and pulled toward a confuser."""
+WORLD_VERSION = 2   # bump when the same seed would draw a different world (2: build and confuser shared)
+
+
+def draw_voice(rng, cls, difficulty, build=0.0, conf=None):
+    """This clip's individual voice: each call type of the class, jittered and pulled toward a confuser.
+    `build` is the animal's size as a z-score, shared with its picture: a bigger animal calls lower."""
     d = difficulty
-    conf = _confuser(rng, cls)
+    conf = _confuser(rng, cls) if conf is None else conf
     w = d * rng.uniform(0.0, 0.6)
     voice = []
     for (p, ct) in CALLS[cls]:
         _, other = CALLS[conf][rng.integers(len(CALLS[conf]))]
         v = _blend_call(ct, other, w)
-        v["f0"] = float(v["f0"] * 2 ** (rng.normal(0, 1.0 + 3.0 * d) / 12))
+        v["f0"] = float(v["f0"] * 2 ** ((rng.normal(0, 1.0 + 3.0 * d) - 3.0 * build) / 12))
         v["dur"] = tuple(float(x) * float(np.exp(rng.normal(0, 0.1 + 0.2 * d))) for x in v["dur"])
         v["dur"] = (min(v["dur"]), max(v["dur"]))
         v["gap"] = float(v["gap"] * np.exp(rng.normal(0, 0.2)))
@@ -479,18 +483,19 @@ def _rot_x(a):
     return np.array([[1, 0, 0], [0, c, -s], [0, s, c]])
 
 
-def draw_scene(rng, cls, difficulty):
-    """Everything the ten keyframes of a clip share: animal, colours, motion, camera, light, background."""
+def draw_scene(rng, cls, difficulty, build=0.0, conf=None):
+    """Everything the ten keyframes of a clip share: animal, colours, motion, camera, light, background.
+    `build` (size z-score) and `conf` (the confusable class it leans toward) are shared with the voice."""
     d = difficulty
     parts, size = animal_parts(cls)
-    size = size * float(np.exp(rng.normal(0, 0.1)))
+    size = size * float(np.exp(0.1 * build))
     # colours: the class palette (alternatives more often at high difficulty), jittered, and pulled toward
     # a confusable class's colour by up to 0.35 * difficulty
     pals = PALETTES[cls]
     probs = np.array([p for p, _ in pals])
     probs[1:] *= 1 + 2 * d
     pal = pals[int(rng.choice(len(pals), p=probs / probs.sum()))][1]
-    conf = _confuser(rng, cls)
+    conf = _confuser(rng, cls) if conf is None else conf
     conf_body = _colour(PALETTES[conf][0][1], "body")
     w = d * rng.uniform(0, 0.35)
     tint = np.exp(rng.normal(0, 0.05 + 0.12 * d, 3))
@@ -803,12 +808,16 @@ def _rngs(seed, cls, index):
 def clip_params(seed, cls, index, difficulty):
     """Every drawn per-clip parameter (no rendering)."""
     rng, _ = _rngs(seed, cls, index)
-    voice, conf, w = draw_voice(rng, cls, difficulty)
+    # what sound and picture of one clip share beyond the class (so that retrieval can find the very clip,
+    # not only its class): the animal's build -- bigger looks bigger and calls lower -- and the confusable
+    # class both its voice and its colouring lean toward
+    build = float(rng.normal())
+    voice, conf, w = draw_voice(rng, cls, difficulty, build)
     schedule = draw_schedule(rng, voice)
     d = difficulty
     snr_db = (1 - d) * rng.uniform(20, 35) + d * rng.uniform(-3, 8)
     audio_scene = dict(snr_db=float(snr_db), noise_alpha=float(rng.uniform(0, 2)), peak=float(rng.uniform(0.3, 0.9)))
-    scene = draw_scene(rng, cls, difficulty)
+    scene = draw_scene(rng, cls, difficulty, build, conf)
     return dict(cls=cls, voice=voice, confuser=conf, blend=w, schedule=schedule, audio_scene=audio_scene,
                 scene=scene)
 
@@ -863,7 +872,7 @@ def _make_clip_job(args):
     return make_clip(*args)
 
 
-def build_toyzoo(raw_dir, clips_per_class=100, difficulty=0.5, seed=1337, workers=2, classes=None):
+def build_toyzoo(raw_dir, clips_per_class=100, difficulty=0.25, seed=1337, workers=2, classes=None):
     """Write a ToyZoo dataset under raw_dir (clips/<clip_id>/... and manifest.jsonl) and return its rows.
     Resumable: complete clips are kept. Refuses to mix clips of another seed or difficulty in raw_dir."""
     classes = sorted(CLASSES if classes is None else classes)
@@ -878,7 +887,7 @@ def build_toyzoo(raw_dir, clips_per_class=100, difficulty=0.5, seed=1337, worker
     os.makedirs(os.path.join(raw_dir, "clips"), exist_ok=True)
     # the world's settings travel with the clips, so that a resumed run never mixes two worlds
     cfg_path = os.path.join(raw_dir, "toyzoo.json")
-    cfg = dict(seed=int(seed), difficulty=difficulty)
+    cfg = dict(seed=int(seed), difficulty=difficulty, world=WORLD_VERSION)
     if os.path.exists(cfg_path):
         with open(cfg_path) as f:
             old = json.load(f)
@@ -934,7 +943,7 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description="generate a ToyZoo raw dataset (prepare_data.py is the real entry)")
     ap.add_argument("--out", default="data/toyzoo/raw")
     ap.add_argument("--clips_per_class", type=int, default=100)
-    ap.add_argument("--difficulty", type=float, default=0.5)
+    ap.add_argument("--difficulty", type=float, default=0.25)
     ap.add_argument("--seed", type=int, default=1337)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--classes", default=None, help="comma-separated subset, default all 11")

@@ -17,9 +17,9 @@ log_interval = 25
 wandb_run_name = 'toyzoo-d2-2w128'
 
 batch_size = 16
-max_iters = 2000
-lr_decay_iters = 2000
-warmup_iters = 100              # ~5% of the run, as 916 / 18,311 in the report
+max_iters = 1500
+lr_decay_iters = 1500
+warmup_iters = 75               # 5% of the run, as 916 / 18,311 in the report
 learning_rate = 2e-3            # a small model on a small world: a higher peak than the report's 1e-4
 min_lr = 2e-5
 
@@ -35,11 +35,11 @@ def _whole(source, target, weight):
                 target_full=(target,), target_alphas=_none, target_budget=(0, 0))
 
 
-mixture = [dict(weight=0.5),                    # the 4M recipe with the budgets above
-           _whole('audio', 'caption', 0.1),     # audio -> class
+mixture = [dict(weight=0.3),                    # the 4M recipe with the budgets above
+           _whole('audio', 'caption', 0.25),    # audio -> class (the slowest to learn: weighted up)
            _whole('caption', 'audio', 0.1),     # class-only generation
-           _whole('audio', 'rgb', 0.075),       # retrieval, both ways
-           _whole('rgb', 'audio', 0.075),
+           _whole('audio', 'rgb', 0.1),         # retrieval, both ways
+           _whole('rgb', 'audio', 0.1),
            _whole('rgb', 'depth', 0.075),       # structure from rgb
            _whole('rgb', 'normal', 0.075)]
 
