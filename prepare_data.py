@@ -64,9 +64,9 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 import numpy as np
 
 import rawdata
+from modalities import AUDIO_WINDOW  # samples in one 3.41 s model window
 from rawdata import RAW_SR, RAW_VIEWS, FRAME_SIZE, SPLITS
 
-AUDIO_WINDOW = 81920  # samples in one 3.41 s model window (modalities.AUDIO_WINDOW)
 CLIP_SECONDS = 10.0   # an AudioSet / VGGSound segment; longer folder recordings are cut to this
 
 # ---------------------------------------------------------------------------------------------------
