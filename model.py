@@ -221,37 +221,40 @@ class Nano4M(nn.Module):
         with torch.autocast(device_type=h.device.type, enabled=False):
             return h.float() @ self.lm_head.weight[:vocab].float().t()
 
-    def per_modality_loss(self, h, dec_pos, dec_ids, dec_valid):
+    def target_counts(self, dec_pos, dec_valid):
+        """-> HostCounts: each modality's number of valid targets (and the padding's, last), copied to the
+        host without waiting. train.py calls this when it makes a batch, long before the step's head needs
+        the numbers, so the step never stalls the GPU queue to read them."""
+        mod = torch.where(dec_valid, self.pos_modality[dec_pos], len(MODALITIES))
+        return HostCounts(torch.bincount(mod.reshape(-1), minlength=len(MODALITIES) + 1))
+
+    def per_modality_loss(self, h, dec_pos, dec_ids, dec_valid, dec_counts=None):
         """-> (loss, {name: (sum_ce, count)}). Sorts the valid target rows by modality so each modality's
-        logits are one matmul over its own id range; the row counts are read on the host once (the only
-        sync of a training step)."""
+        logits are one matmul over its own id range. The row counts must be known on the host: from
+        dec_counts (see target_counts) if given, else read here, which waits for the whole forward pass."""
         D = h.size(-1)
         h = h.reshape(-1, D)
         ids = dec_ids.reshape(-1)
         mod = torch.where(dec_valid.reshape(-1), self.pos_modality[dec_pos].reshape(-1), len(MODALITIES))
         order = torch.argsort(mod, stable=True)
         counts_t = torch.bincount(mod, minlength=len(MODALITIES) + 1)
-        counts = counts_t.tolist()
-        hs = h[order].split(counts)
-        idss = ids[order].split(counts)
+        counts = dec_counts.tolist() if dec_counts is not None else counts_t.tolist()
+        vocabs = [m.vocab for m in MODALITIES]
+        sums = PerModalityCE.apply(h[order], self.lm_head.weight, ids[order], counts[:len(MODALITIES)], vocabs)
         per_modality, means = {}, []
         for m, name in enumerate(MODALITY_NAMES):
-            n = counts[m]
-            if n == 0:
-                per_modality[name] = (torch.zeros((), device=h.device), counts_t[m].float())
-                continue
-            sum_ce = F.cross_entropy(self.modality_logits(hs[m], m), idss[m], reduction="sum")
-            per_modality[name] = (sum_ce.detach(), counts_t[m].float())
-            means.append(sum_ce / n)
+            per_modality[name] = (sums[m].detach(), counts_t[m].float())
+            if counts[m]:
+                means.append(sums[m] / counts[m])
         # no targets at all: a zero that still reaches the graph, so backward() and DDP stay happy
         loss = torch.stack(means).mean() if means else h.float().sum() * 0.0
         return loss, per_modality
 
-    def forward(self, enc_ids, enc_pos, enc_valid, dec_pos, dec_valid, dec_ids=None):
+    def forward(self, enc_ids, enc_pos, enc_valid, dec_pos, dec_valid, dec_ids=None, dec_counts=None):
         h = self.decode_hidden(enc_ids, enc_pos, enc_valid, dec_pos, dec_valid)
         if dec_ids is None:
             return h
-        return self.per_modality_loss(h, dec_pos, dec_ids, dec_valid)
+        return self.per_modality_loss(h, dec_pos, dec_ids, dec_valid, dec_counts)
 
     def compile_trunk(self, **kwargs):
         """torch.compile the static-shape trunk only; the per-modality head's row counts vary per batch.
@@ -288,6 +291,74 @@ class Nano4M(nn.Module):
         """Model FLOPs utilization of a step that took dt seconds. peak_flops: the accelerator's dense peak
         for the dtype used (H100 SXM bf16 989e12; for fp32 via TF32 pass ~494e12)."""
         return self.flops_per_step(batch_size, n_in, n_out) / dt / peak_flops
+
+
+class PerModalityCE(torch.autograd.Function):
+    """Summed cross-entropy of each modality's rows (h and ids sorted by modality, counts rows each) over its
+    own id range, weight[:vocab], in float32: the numbers of F.cross_entropy(h_m @ weight[:vocab_m].T, ids_m,
+    reduction="sum"), for less memory traffic. Each modality's logits are kept once and turned into their
+    gradient in place (softmax minus one-hot), and the head's gradient is a single buffer rather than one
+    full-size zero-padded tensor per modality slice. Counts may be zero; rows beyond sum(counts) (the
+    padding) get a zero gradient.
+    Measured on an H100 (bench.py, bf16 + compile): 9% faster per step than F.cross_entropy per modality,
+    with the counts read ahead. Compiling the two elementwise passes and running the matmuls in bf16 with
+    float32 accumulation was slower there (host overhead), so this stays plain eager float32 / TF32."""
+
+    @staticmethod
+    def forward(ctx, h, weight, ids, counts, vocabs):
+        with torch.autocast(device_type=h.device.type, enabled=False):
+            saved, sums = [], []
+            sizes = list(counts) + [h.size(0) - sum(counts)]       # the modalities', then the padding rows
+            for h_m, ids_m, vocab in zip(h.split(sizes), ids.split(sizes), vocabs):
+                if h_m.size(0) == 0:
+                    saved.append(None)
+                    sums.append(h.new_zeros((), dtype=torch.float32))
+                    continue
+                logits = h_m.float() @ weight[:vocab].float().t()
+                lse = torch.logsumexp(logits, dim=1)
+                sums.append((lse - logits.gather(1, ids_m[:, None]).squeeze(1)).sum())
+                saved.append((logits, lse))
+        ctx.saved, ctx.counts = saved, list(counts)
+        ctx.save_for_backward(h, weight, ids)
+        return torch.stack(sums)
+
+    @staticmethod
+    def backward(ctx, grad_sums):
+        h, weight, ids = ctx.saved_tensors
+        grad_h = torch.zeros(h.shape, dtype=torch.float32, device=h.device)
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        with torch.autocast(device_type=h.device.type, enabled=False):
+            start = 0
+            for m, n in enumerate(ctx.counts):
+                if n == 0:
+                    continue
+                logits, lse = ctx.saved[m]
+                ctx.saved[m] = None                                                  # free as we go
+                vocab = logits.size(1)
+                grad = logits.sub_(lse[:, None]).exp_()                              # softmax, in place
+                grad[torch.arange(n, device=h.device), ids[start:start + n]] -= 1.0  # minus the one-hot
+                grad.mul_(grad_sums[m])
+                grad_h[start:start + n] = grad @ weight[:vocab].float()
+                grad_w[:vocab].addmm_(grad.t(), h[start:start + n].float())
+                start += n
+        return grad_h.to(h.dtype), grad_w.to(weight.dtype), None, None, None
+
+
+class HostCounts:
+    """A small device tensor copied to the host without blocking. tolist() waits for that copy alone, not
+    for the work queued on the GPU after it (a plain .tolist() waits for everything queued so far)."""
+
+    def __init__(self, counts):
+        self.host = counts.to("cpu", non_blocking=True)
+        self.copied = None
+        if counts.is_cuda:
+            self.copied = torch.cuda.Event()
+            self.copied.record()
+
+    def tolist(self):
+        if self.copied is not None:
+            self.copied.synchronize()
+        return self.host.tolist()
 
 
 def load_checkpoint(path, device="cpu"):

@@ -190,7 +190,12 @@ def get_batch(split, data_generator, mask_generator):
     else:
         tokens = {k: v.to(device) for k, v in tokens.items()}
     batch = masking.build_batch(tokens, mask_cfg, mask_generator)
-    return trim_padding(batch) if device_type == 'cpu' and not compile else batch
+    if device_type == 'cpu' and not compile:
+        batch = trim_padding(batch)
+    # the head needs each modality's target count on the host: start that copy now, so that reading it in
+    # the step waits for this copy only and never drains the GPU queue (Nano4M.target_counts)
+    batch['dec_counts'] = raw_model.target_counts(batch['dec_pos'], batch['dec_valid'])
+    return batch
 
 
 def trim_padding(batch):
@@ -204,7 +209,7 @@ def trim_padding(batch):
 
 def model_inputs(batch):
     return (batch['enc_ids'], batch['enc_pos'], batch['enc_valid'], batch['dec_pos'], batch['dec_valid'],
-            batch['dec_ids'])
+            batch['dec_ids'], batch['dec_counts'])
 
 
 # -----------------------------------------------------------------------------------------------------

@@ -193,3 +193,45 @@ def test_compile_trunk_keeps_state_dict_keys():
     keys = list(model.state_dict())
     model.compile_trunk()
     assert list(model.state_dict()) == keys
+
+
+def test_per_modality_ce_matches_cross_entropy_with_empty_modalities_and_padding():
+    """The fused head gives F.cross_entropy's sums and gradients over each modality's own id prefix; a
+    modality with no rows gives 0, and padding rows after the counted ones get no gradient."""
+    from model import PerModalityCE
+    torch.manual_seed(0)
+    vocabs, counts, pad = [50, 30, 30, 10, 80], [7, 0, 5, 3, 1], 4
+    n = sum(counts) + pad
+    h = torch.randn(n, 16, dtype=torch.float32, requires_grad=True)
+    w = torch.randn(80, 16, requires_grad=True)
+    ids = torch.cat([torch.randint(v, (c,)) for v, c in zip(vocabs, counts)] + [torch.zeros(pad, dtype=torch.long)])
+    upstream = torch.randn(5)
+    sums = PerModalityCE.apply(h, w, ids, counts, vocabs)
+    (sums * upstream).sum().backward()
+    got_h, got_w = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    ref, start = [], 0
+    for c, v in zip(counts, vocabs):
+        ref.append(F.cross_entropy(h[start:start + c] @ w[:v].t(), ids[start:start + c], reduction="sum")
+                   if c else torch.zeros(()))
+        start += c
+    ref = torch.stack(ref)
+    (ref * upstream).sum().backward()
+    assert sums[1].item() == 0.0
+    torch.testing.assert_close(sums, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_h, h.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_w, w.grad, rtol=1e-5, atol=1e-5)
+    assert got_h[sum(counts):].abs().max().item() == 0.0
+
+
+def test_counts_copied_ahead_give_the_same_loss():
+    """train.py hands the head its per-modality row counts made when the batch was drawn (target_counts);
+    the loss and its parts equal those of the model reading the counts itself."""
+    model, b = tiny(), random_batch()
+    loss_a, parts_a = run(model, b)
+    counts = model.target_counts(b["dec_pos"], b["dec_valid"])
+    loss_b, parts_b = model(b["enc_ids"], b["enc_pos"], b["enc_valid"], b["dec_pos"], b["dec_valid"], b["dec_ids"],
+                            counts)
+    assert torch.equal(loss_a, loss_b)
+    for name in parts_a:
+        assert torch.equal(parts_a[name][0], parts_b[name][0]) and torch.equal(parts_a[name][1], parts_b[name][1])
