@@ -3,13 +3,13 @@ Time nano4M training steps at the report's shape (batch 64, 256 input + 256 targ
 batch assembly (masking.build_batch on random token streams) separately, for each dtype / compile asked for:
 
     python bench.py                                    # float32 and bfloat16, eager
-    python bench.py --dtypes=float32,bfloat16 --compiles=False,True
+    python bench.py --dtypes=float32,bfloat16 --compiles=False,True,reduce-overhead
     python bench.py --small                            # a tiny shape that runs on a CPU in seconds
 
 Prints one table row per setting: seconds/step, tokens/s, MFU, the batch assembly time and its share of a
 step, and the projected time of the report's 18,311 steps. The step is the one of train.py: forward (autocast
-for bf16), backward, grad clipping, fused AdamW on CUDA, no host sync besides the per-modality head's row
-counts. Batches are assembled beforehand and cycled, so the step time excludes assembly.
+for bf16), backward, grad clipping, fused AdamW on CUDA, the per-modality head's row counts copied to the host
+ahead (counts_ahead). Batches are assembled beforehand and cycled, so the step time excludes assembly.
 """
 import sys
 import time
@@ -31,7 +31,8 @@ n_dec_layer = 6
 n_embd = 512
 n_head = 8
 dtypes = 'float32,bfloat16'     # comma-separated
-compiles = 'False'              # comma-separated: False, True
+compiles = 'False'              # comma-separated: False, True (default mode), or a torch.compile mode
+                                # such as reduce-overhead (the trunk as CUDA graphs)
 steps = 20                      # timed steps per setting
 warmup = 5                      # untimed steps first (compilation happens here)
 assembly_batches = 10           # batches assembled (and timed) from random token streams
@@ -40,6 +41,8 @@ peak_flops = 989e12             # H100 SXM dense bf16; MFU of the fp32 rows is a
 device = 'auto'
 threads = 0                     # CPU threads for torch (0 = torch's default)
 seed = 1337
+counts_ahead = True             # as train.py: the head's per-modality row counts copied to the host when the
+                                # batch is made; False reads them mid-step (a sync that drains the GPU queue)
 small = False                   # tiny shape for CPU: d1-1w64, batch 4, 32 + 32 slots
 # -----------------------------------------------------------------------------------------------------
 _args = ['--small=True' if a == '--small' else a for a in sys.argv[1:]]
@@ -107,21 +110,26 @@ print(f"device {device}" + (f" ({torch.cuda.get_device_name()})" if device_type 
 rows = []
 for dtype in dtypes.split(','):
     for compile_flag in compiles.split(','):
-        compile_on = {'true': True, 'false': False}[compile_flag.strip().lower()]
+        compile_flag = compile_flag.strip()
+        compile_on = compile_flag.lower() != 'false'
+        compile_mode = 'default' if compile_flag.lower() in ('true', 'false') else compile_flag
         dtype = dtype.strip()
         torch.manual_seed(seed)
         model = Nano4M(Nano4MConfig(n_enc_layer=n_enc_layer, n_dec_layer=n_dec_layer, n_embd=n_embd,
                                     n_head=n_head)).to(device)
         optimizer = model.configure_optimizers(0.05, 1e-4, (0.9, 0.95), device_type)
         if compile_on:
-            model.compile_trunk()
+            model.compile_trunk(mode=compile_mode)
         ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16}[dtype]
         ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
 
-        def step(batch):
+        counts = [model.target_counts(b['dec_pos'], b['dec_valid']) if counts_ahead else None for b in batches]
+
+        def step(i):
+            batch = batches[i % len(batches)]
             with ctx:
                 loss, _ = model(batch['enc_ids'], batch['enc_pos'], batch['enc_valid'], batch['dec_pos'],
-                                batch['dec_valid'], batch['dec_ids'])
+                                batch['dec_valid'], batch['dec_ids'], counts[i % len(batches)])
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
@@ -130,18 +138,18 @@ for dtype in dtypes.split(','):
 
         t0 = time.perf_counter()
         for i in range(warmup):
-            step(batches[i % len(batches)])
+            step(i)
         sync()
         warm_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         for i in range(steps):
-            loss = step(batches[i % len(batches)])
+            loss = step(i)
         sync()
         dt = (time.perf_counter() - t0) / steps
         if not torch.isfinite(loss):
-            print(f"warning: non-finite loss with {dtype}, compile={compile_on}")
+            print(f"warning: non-finite loss with {dtype}, compile={compile_flag}")
         mfu = model.estimate_mfu(batch_size, n_in, n_out, dt, peak_flops)
-        rows.append((dtype, str(compile_on), f"{dt:.4f}", f"{batch_size * (n_in + n_out) / dt:,.0f}",
+        rows.append((dtype, compile_flag, f"{dt:.4f}", f"{batch_size * (n_in + n_out) / dt:,.0f}",
                      f"{mfu * 100:.1f}%" if device_type == 'cuda' else '-', f"{assembly_s * 1000:.1f}", f"{assembly_s / dt * 100:.0f}%",
                      f"{total_iters * dt / 3600:.2f} h", f"{warm_s:.1f}"))
         del model, optimizer
