@@ -265,13 +265,28 @@ class Nano4M(nn.Module):
     # -----------------------------------------------------------------------------------------------
     # training helpers (nanoGPT-style)
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
-        """AdamW; weight decay on matrices and embeddings (>= 2-D), none on norms, biases, vectors."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
-        groups = [{"params": decay, "weight_decay": weight_decay},
-                  {"params": no_decay, "weight_decay": 0.0}]
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, block_lr_scale=1.0):
+        """AdamW; weight decay on matrices and embeddings (>= 2-D), none on norms, biases, vectors.
+        block_lr_scale: the learning rate of the encoder/decoder blocks relative to the rest (token, modality
+        and position embeddings, mask token, head). Every group carries its 'lr_scale'; train.py multiplies
+        the scheduled lr by it. Below 1 helps a small, fast-trained model: at a high lr Adam's first noisy
+        steps move the small-init block weights far enough to swamp which token is which, while the
+        embeddings still need the high lr (measured on ToyZoo: audio -> class 80% vs 18% after 150 steps,
+        d2-2w128, lr 2e-3, block_lr_scale 0.25 vs 1)."""
+        in_block = lambda name: name.startswith(("encoder.", "decoder."))
+        named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        if block_lr_scale == 1.0:
+            parts = [(1.0, [p for _, p in named])]
+        else:
+            parts = [(1.0, [p for n, p in named if not in_block(n)]),
+                     (block_lr_scale, [p for n, p in named if in_block(n)])]
+        groups = []
+        for scale, params in parts:
+            for matrices in (True, False):
+                ps = [p for p in params if (p.dim() >= 2) == matrices]
+                if ps:
+                    groups.append({"params": ps, "weight_decay": weight_decay if matrices else 0.0,
+                                   "lr": learning_rate * scale, "lr_scale": scale})
         use_fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
         extra = {"fused": True} if use_fused else {}
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **extra)

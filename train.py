@@ -75,6 +75,7 @@ bias = False
 dec_same_modality = True
 # adamw optimizer
 learning_rate = 1e-4
+block_lr_scale = 1.0            # the encoder/decoder blocks' lr as a fraction of the rest's (model.configure_optimizers)
 max_iters = 18311
 weight_decay = 0.05
 beta1 = 0.9
@@ -239,7 +240,7 @@ if master_process:
     print(f"model: {model.get_num_params() / 1e6:.2f}M parameters, {model_args}")
 
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
-optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type, block_lr_scale)
 if checkpoint is not None:
     optimizer.load_state_dict(checkpoint['optimizer'])
     rng = checkpoint['rng']
@@ -346,7 +347,7 @@ running_mfu = -1.0
 while True:
     lr = get_lr(iter_num)
     for param_group in optimizer.param_groups:
-        param_group['lr'] = lr
+        param_group['lr'] = lr * param_group.get('lr_scale', 1.0)
 
     if iter_num % eval_interval == 0:
         rng = rng_states(data_state)

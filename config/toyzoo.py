@@ -21,6 +21,7 @@ max_iters = 1500
 lr_decay_iters = 1500
 warmup_iters = 75               # 5% of the run, as 916 / 18,311 in the report
 learning_rate = 2e-3            # a small model on a small world: a higher peak than the report's 1e-4
+block_lr_scale = 0.25           # ... for the embeddings and head; the blocks get 5e-4 (see model.configure_optimizers)
 min_lr = 2e-5
 
 n_enc_layer, n_dec_layer, n_embd, n_head = 2, 2, 128, 2

@@ -235,3 +235,20 @@ def test_counts_copied_ahead_give_the_same_loss():
     assert torch.equal(loss_a, loss_b)
     for name in parts_a:
         assert torch.equal(parts_a[name][0], parts_b[name][0]) and torch.equal(parts_a[name][1], parts_b[name][1])
+
+
+def test_block_lr_scale_splits_groups_and_train_scales_them():
+    """block_lr_scale gives the encoder/decoder blocks their own groups at a fraction of the lr; every other
+    parameter keeps the full lr; weight decay still only on matrices."""
+    model = tiny(bias=True)
+    opt = model.configure_optimizers(0.05, 2e-3, (0.9, 0.95), "cpu", block_lr_scale=0.25)
+    blocks = {id(p) for n, p in model.named_parameters() if n.startswith(("encoder.", "decoder."))}
+    seen = 0
+    for g in opt.param_groups:
+        in_blocks = {id(p) in blocks for p in g["params"]}
+        assert len(in_blocks) == 1
+        assert g["lr_scale"] == (0.25 if in_blocks.pop() else 1.0) and g["lr"] == 2e-3 * g["lr_scale"]
+        assert g["weight_decay"] == (0.05 if g["params"][0].dim() >= 2 else 0.0)
+        assert all((p.dim() >= 2) == (g["params"][0].dim() >= 2) for p in g["params"])
+        seen += len(g["params"])
+    assert seen == len(list(model.parameters())) and len(opt.param_groups) == 4
