@@ -464,10 +464,10 @@ def _assemble(tokens, U, Z, cfg):
 
     # 4a. rgb / depth / normal / caption: one random order per modality over its available tokens; inputs are
     # the first n_in of that order, targets the next n_tgt (a uniform subset of what the inputs left).
-    # Caption: random tokens too. It has only ~6 valid tokens ("a photo of a cat" + end-of-text) and its
-    # Dirichlet share usually exceeds that, so it is mostly all-in or all-out anyway; when it is split, random
-    # tokens keep the budgets exact, and the class word sits at a random place among few tokens, so spans
-    # (4M's choice for long text) would buy nothing here.
+    # Caption: random tokens too. It has 16 tokens ("a photo of a cat", end-of-text, then end-of-text padding:
+    # all of them count, see modalities.caption_valid) and its Dirichlet share often covers them all; when it
+    # is split, random tokens keep the budgets exact, and the class word sits at a random place among few
+    # tokens, so spans (4M's choice for long text) would buy nothing here.
     cap_row = torch.nn.functional.pad(cap_valid, (0, BLOCK - M.CAPTION_LEN))
     avail_blk = torch.cat([tab["grid_block"].expand(B, n_blk - 1, BLOCK), cap_row[:, None]], 1)    # [B, 4, BLOCK]
     scores = torch.where(avail_blk, u["scores"].view(B, n_blk, BLOCK), 2.0)

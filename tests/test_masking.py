@@ -304,3 +304,17 @@ def test_mixture_per_batch_gives_one_component_per_batch():
         assert whole_audio.all() or not whole_audio.any()  # one component for the whole batch
         kinds.add(bool(whole_audio[0]))
     assert kinds == {True, False}                          # ... and still both kinds across batches
+
+
+def test_caption_query_set_does_not_reveal_its_length():
+    """A whole-caption target is all 16 positions whatever the text's length, so the decoder's queries cannot
+    tell "a photo of a coyote" (6 BPE ids) from "a photo of a cat" (5)."""
+    none = (0.0,) * 5
+    cfg = K.MaskingConfig(mixture=[dict(weight=1.0, input_full=("audio",), input_alphas=none, input_budget=(0, 0),
+                                        target_full=("caption",), target_alphas=none, target_budget=(0, 0))])
+    toks = K.random_tokens(2, generator=torch.Generator().manual_seed(0))
+    toks["caption"][0] = torch.from_numpy(M.encode_caption(M.caption_text("coyote")))
+    toks["caption"][1] = torch.from_numpy(M.encode_caption(M.caption_text("cat")))
+    b = K.build_batch(toks, cfg, torch.Generator().manual_seed(1))
+    assert b["dec_valid"].sum(1).tolist() == [M.CAPTION_LEN, M.CAPTION_LEN]
+    assert torch.equal(b["dec_pos"][0], b["dec_pos"][1])
