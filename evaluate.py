@@ -213,6 +213,23 @@ def retrieval_metrics(scores, ks=(1, 5, 10)):
     return out
 
 
+def class_level_retrieval(scores, labels, ks=(1, 5, 10)):
+    """What a retrieval score matrix knows of the class alone. top1_same_class: how often the best candidate
+    (ties shared fairly) is of the query's class, against the chance of drawing one. class_only_ceiling: the
+    R@k of a scorer that knows the class perfectly and nothing else (min(1, k / same-class candidates)): an
+    R@k above it needs the very clip, not only its class."""
+    s = np.nan_to_num(np.asarray(scores, dtype=np.float64), nan=-np.inf)
+    labels = np.asarray(labels)
+    G = len(s)
+    same = labels[:, None] == labels[None, :]
+    top = s == s.max(axis=1, keepdims=True)
+    hit = (top & same).sum(axis=1) / top.sum(axis=1)
+    n_same = same.sum(axis=1)
+    return {"top1_same_class": {"value": float(hit.mean()), "ci": wilson_ci(hit.sum(), G),
+                                "chance": float((n_same / G).mean())},
+            "class_only_ceiling": {f"R@{k}": float(np.minimum(1.0, k / n_same).mean()) for k in ks if k <= G}}
+
+
 # -----------------------------------------------------------------------------------------------------
 # caption hypotheses: the exact tokenized caption of each class, as training saw it
 
@@ -474,7 +491,7 @@ def probe_retrieval(ctx):
     G = min(ctx["gallery"], len(order))
     clips = order[:G]
     views = ctx["views_of"][clips]
-    tokens, _ = tokens_of(ctx, ctx["split"], clips, views)
+    tokens, labels = tokens_of(ctx, ctx["split"], clips, views)
     out = {"gallery": f"the first {G} clips of the {ctx['split']} split in clip_id order, one view each "
                       f"(view drawn per clip from seed {ctx['seed']}); score(q, c) = mean log-prob of all of c's "
                       "target tokens given all of q's tokens (exact: G decoder passes, each scoring every candidate)"}
@@ -487,6 +504,9 @@ def probe_retrieval(ctx):
         r = retrieval_metrics(s)
         # the same scores with each candidate's mean score over queries removed (its prior likelihood)
         r["prior_removed"] = retrieval_metrics(s - s.mean(axis=0, keepdims=True))
+        # does the score know the class at all? (the goal's R@5 >= 80% is above what the class alone can give)
+        r["class_level"] = class_level_retrieval(s, labels)
+        r["prior_removed"]["class_level"] = class_level_retrieval(s - s.mean(axis=0, keepdims=True), labels)
         out[key] = r
         for k in (1, 5, 10):
             if f"R@{k}" in r:
@@ -496,6 +516,12 @@ def probe_retrieval(ctx):
             p = r["prior_removed"]["R@5"]
             add_row(ctx, "retrieval", f"{key} R@5, candidate prior removed", p["value"], p["ci"], G, 5 / G,
                     "chance k/G")
+        c = r["prior_removed"]["class_level"]
+        add_row(ctx, "retrieval", f"{key} top-1 of the same class, prior removed", c["top1_same_class"]["value"],
+                c["top1_same_class"]["ci"], G, c["top1_same_class"]["chance"], "chance")
+        if "R@5" in c["class_only_ceiling"]:
+            print(f"  {key}: a scorer that knew only the class would reach R@5 "
+                  f"{100 * c['class_only_ceiling']['R@5']:.1f}% on this gallery")
     return out
 
 

@@ -80,6 +80,18 @@ def test_retrieval_perfect_and_constant():
     assert r["curve"][-1] == pytest.approx(1.0) and len(r["curve"]) == G
 
 
+def test_class_level_retrieval_known_answers():
+    labels = np.repeat(np.arange(4), 5)                      # 4 classes x 5 clips, gallery 20
+    same = (labels[:, None] == labels[None, :]).astype(float)
+    c = E.class_level_retrieval(same, labels)                # knows the class, nothing else
+    assert c["top1_same_class"]["value"] == 1.0
+    assert c["top1_same_class"]["chance"] == pytest.approx(5 / 20)
+    assert c["class_only_ceiling"]["R@1"] == pytest.approx(1 / 5) and c["class_only_ceiling"]["R@5"] == 1.0
+    assert E.retrieval_metrics(same)["R@1"]["value"] == pytest.approx(1 / 5)    # ... which is that ceiling
+    c = E.class_level_retrieval(np.ones((20, 20)), labels)  # knows nothing
+    assert c["top1_same_class"]["value"] == pytest.approx(5 / 20)
+
+
 # --- caption hypotheses: exact tokenized caption, no substring matching
 
 def test_pig_and_pigeon_are_distinct_hypotheses():
