@@ -230,6 +230,22 @@ def class_level_retrieval(scores, labels, ks=(1, 5, 10)):
             "class_only_ceiling": {f"R@{k}": float(np.minimum(1.0, k / n_same).mean()) for k in ks if k <= G}}
 
 
+def token_histograms(ids, vocab):
+    """ids [N, L] -> float [N, vocab]: each row's share of every id (a bag of tokens)."""
+    ids = np.asarray(ids, dtype=np.int64)
+    h = np.zeros((len(ids), vocab))
+    np.add.at(h, (np.arange(len(ids))[:, None], ids), 1.0)
+    return h / max(ids.shape[1], 1)
+
+
+def fit_token_judge(ids, labels, num_classes, vocab):
+    """A judge that is not the model under test and needs no decoder: multinomial logistic regression on the
+    token histograms of ground-truth clips. Returns a function ids [N, L] -> predicted class [N]."""
+    from audio_features import fit_logreg, predict_proba
+    clf = fit_logreg(token_histograms(ids, vocab), labels, num_classes)
+    return lambda x: predict_proba(clf, token_histograms(x, vocab)).argmax(1)
+
+
 # -----------------------------------------------------------------------------------------------------
 # caption hypotheses: the exact tokenized caption of each class, as training saw it
 
@@ -456,6 +472,19 @@ def probe_entropy(ctx):
     return out
 
 
+def token_judge(ctx):
+    """fit_token_judge on the audio ids of every train clip, one seeded view each (cached per evaluation)."""
+    if "token_judge" not in ctx:
+        src = "train" if "train" in ctx["arrays"] else ctx["split"]
+        arrays = ctx["arrays"][src]
+        clips = clip_order(arrays)
+        tokens, y = tokens_of(ctx, src, clips, seeded_views(len(arrays["label"]), 3, ctx["seed"])[clips])
+        judge = fit_token_judge(tokens["tok_audio"].numpy(), y, len(ctx["class_names"]), M.BY_NAME["tok_audio"].vocab)
+        ctx["token_judge"] = (judge, f"logistic regression on audio token histograms of {len(y)} {src} clips "
+                                     "(one view each)")
+    return ctx["token_judge"]
+
+
 def probe_class(ctx):
     clips, views = ctx["eval_clips"], ctx["eval_views"]
     tokens, labels = tokens_of(ctx, ctx["split"], clips, views)
@@ -483,6 +512,13 @@ def probe_class(ctx):
     if "top5" in out:
         add_row(ctx, "class", "audio -> class top-5", out["top5"]["value"], out["top5"]["ci"], out["n"],
                 min(5 / C, 1.0), "chance 5/C", REPORT["class_top5"])
+    # what the tokens allow: the same clips classified by a linear probe on their audio token histograms
+    judge, how = token_judge(ctx)
+    k = int((judge(tokens["tok_audio"].numpy()) == labels).sum())
+    out["token_histogram_probe"] = {"value": k / len(labels), "ci": wilson_ci(k, len(labels)), "n": int(len(labels)),
+                                    "judge": how}
+    add_row(ctx, "class", "reference: linear probe on token histograms", k / len(labels),
+            wilson_ci(k, len(labels)), int(len(labels)), 1 / C, "chance 1/C")
     return out
 
 
@@ -724,6 +760,15 @@ def probe_generation(ctx):
         label = "decoded ground truth (classifier ceiling)" if setting == "gt" else f"{setting} samples"
         add_row(ctx, "generation", f"classifier acc on {label}", acc, wilson_ci(k, len(y)), int(len(y)), 1 / C,
                 "chance 1/C")
+    # the same question in token space: no decoder in the loop, so a miss here is the model's, not the decoder's
+    judge, how = token_judge(ctx)
+    out["token_judge"] = how
+    for setting, ids in (("gt", gen["gt_ids"]), ("class_only", gen["class_only_ids"])):
+        k = int((judge(ids) == y).sum())
+        out[f"{setting}_token_judge_acc"] = {"value": k / len(y), "ci": wilson_ci(k, len(y)), "n": int(len(y))}
+        label = "ground-truth ids (judge ceiling)" if setting == "gt" else f"{setting} ids"
+        add_row(ctx, "generation", f"token judge acc on {label}", k / len(y), wilson_ci(k, len(y)), int(len(y)),
+                1 / C, "chance 1/C")
     # diversity within a class, standardized features, generated / ground truth
     z = {s: (e - clf["mean"]) / clf["std"] for s, e in emb.items()}
     for setting in ("class_only", "continuation"):

@@ -92,6 +92,17 @@ def test_class_level_retrieval_known_answers():
     assert c["top1_same_class"]["value"] == pytest.approx(5 / 20)
 
 
+def test_token_judge_known_answers():
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(4), 10)
+    ids = rng.integers(0, 16, (40, 32)) + 16 * y[:, None]     # each class draws from its own 16 ids
+    judge = E.fit_token_judge(ids, y, 4, 64)
+    test = rng.integers(0, 16, (8, 32)) + 16 * np.repeat(np.arange(4), 2)[:, None]
+    assert (judge(test) == np.repeat(np.arange(4), 2)).all()
+    h = E.token_histograms(ids, 64)
+    assert h.shape == (40, 64) and np.allclose(h.sum(1), 1.0)
+
+
 # --- caption hypotheses: exact tokenized caption, no substring matching
 
 def test_pig_and_pigeon_are_distinct_hypotheses():
