@@ -539,10 +539,11 @@ def probe_retrieval(ctx):
         key = f"{q[4:]}->{c[4:]}"
         r = retrieval_metrics(s)
         # the same scores with each candidate's mean score over queries removed (its prior likelihood)
-        r["prior_removed"] = retrieval_metrics(s - s.mean(axis=0, keepdims=True))
+        s_pr = s - s.mean(axis=0, keepdims=True)
+        r["prior_removed"] = retrieval_metrics(s_pr)
         # does the score know the class at all? (the goal's R@5 >= 80% is above what the class alone can give)
         r["class_level"] = class_level_retrieval(s, labels)
-        r["prior_removed"]["class_level"] = class_level_retrieval(s - s.mean(axis=0, keepdims=True), labels)
+        r["prior_removed"]["class_level"] = class_level_retrieval(s_pr, labels)
         out[key] = r
         for k in (1, 5, 10):
             if f"R@{k}" in r:
