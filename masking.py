@@ -36,14 +36,15 @@ MaskingConfig fields (train.py builds it from its module-level variables of the 
                     their valid tokens), on top of the Dirichlet budget shared by the other modalities.
   target_full       modality names whose every token not used as input becomes a target.
   mixture           None, or a list of dicts, one per component: 'weight' (relative probability) plus any of
-                    input_budget, target_budget, input_alphas, target_alphas, input_full, target_full, which
-                    override the top-level values for samples that draw this component. An empty dict
-                    (besides 'weight') is the plain top-level recipe. See single_source_mixture().
+                    input_budget, target_budget, input_alphas, target_alphas, input_full, target_full,
+                    audio_spans, which override the top-level values for samples that draw this component.
+                    An empty dict (besides 'weight') is the plain top-level recipe. See single_source_mixture().
   min_input_tokens  the encoder never sees fewer inputs than this (an empty encoder gave NaNs in the report's
                     code): the drawn input budget is raised to it, and every component must be able to give
                     inputs (a positive input alpha or an input_full modality).
-  audio_spans       (lo, hi) inclusive: the number of contiguous audio spans drawn per sample, separately for
-                    the inputs and the targets.
+  audio_spans       (lo, hi) inclusive, 1 <= lo <= hi <= 256: the number of contiguous audio spans drawn per
+                    sample, separately for the inputs and the targets. A high count scatters the frames, as
+                    MaskGIT's decoding does (see config/toyzoo.py's caption + audio -> audio component).
   mixture_per_batch False (4M): each sample draws its own mixture component. True: one component for the
                     whole batch, so a batch has one shape; on a CPU train.py then drops the unused padding,
                     which makes mixtures with whole-modality components ~3x cheaper there.
@@ -78,7 +79,7 @@ STRIDE = M.AUDIO_CODEBOOKS          # audio tokens per frame: spans are aligned 
 # rgb, depth, normal and caption are picked together as one [B, 4, 196] block (caption padded)
 NON_AUDIO = tuple(i for i in range(NUM_MOD) if i != AUDIO)
 BLOCK = max(LENGTHS[i] for i in NON_AUDIO)
-COMPONENT_KEYS = ("weight", "input_budget", "target_budget", "input_alphas", "target_alphas",
+COMPONENT_KEYS = ("weight", "input_budget", "target_budget", "input_alphas", "target_alphas", "audio_spans",
                   "input_full", "target_full")
 
 
@@ -97,9 +98,6 @@ class MaskingConfig:
 
     def __post_init__(self):
         self.components()  # validates everything now rather than at the first batch
-        lo, hi = self.audio_spans
-        if not 1 <= lo <= hi:
-            raise ValueError(f"audio_spans={self.audio_spans}: need 1 <= lo <= hi")
         if self.min_input_tokens < 1:
             raise ValueError(f"min_input_tokens={self.min_input_tokens}: must be >= 1")
 
@@ -108,7 +106,7 @@ class MaskingConfig:
         alphas as 5 floats, full as 5 bools."""
         base = dict(weight=1.0, input_budget=self.input_budget, target_budget=self.target_budget,
                     input_alphas=self.input_alphas, target_alphas=self.target_alphas,
-                    input_full=self.input_full, target_full=self.target_full)
+                    input_full=self.input_full, target_full=self.target_full, audio_spans=self.audio_spans)
         raw = [{}] if self.mixture is None else list(self.mixture)
         if not raw:
             raise ValueError("mixture is an empty list: use None for the plain recipe")
@@ -126,6 +124,10 @@ class MaskingConfig:
                 if not 0 <= lo <= hi:
                     raise ValueError(f"{where}: {key}={c[key]} needs 0 <= lo <= hi")
                 c[key] = (int(lo), int(hi))
+            lo, hi = c["audio_spans"]
+            if not 1 <= lo <= hi <= FRAMES:
+                raise ValueError(f"{where}: audio_spans={c['audio_spans']} needs 1 <= lo <= hi <= {FRAMES}")
+            c["audio_spans"] = (int(lo), int(hi))
             for key in ("input_alphas", "target_alphas"):
                 a = tuple(float(x) for x in c[key])
                 if len(a) != NUM_MOD or min(a) < 0:
@@ -157,6 +159,10 @@ class MaskingConfig:
         widths = [c["target_budget"][1] + sum(n for n, f in zip(LENGTHS, c["target_full"]) if f)
                   for c in self.components()]
         return max(1, min(max(widths), M.TOTAL_POSITIONS))
+
+    @property
+    def max_audio_spans(self):
+        return max(c["audio_spans"][1] for c in self.components())
 
 
 def single_source_mixture(sources=("caption", "rgb"), target="audio", weight=0.2):
@@ -191,7 +197,8 @@ def _build_tables(cfg, device):
                 width_arange=torch.arange(M.TOTAL_POSITIONS + 1, device=device),
                 input_budget=t("input_budget", torch.long), target_budget=t("target_budget", torch.long),
                 input_alphas=t("input_alphas", torch.float32), target_alphas=t("target_alphas", torch.float32),
-                input_full=t("input_full", torch.bool), target_full=t("target_full", torch.bool))
+                input_full=t("input_full", torch.bool), target_full=t("target_full", torch.bool),
+                audio_spans=t("audio_spans", torch.long))
 
 
 def _tables(cfg, device):
@@ -325,30 +332,30 @@ def _draw_counts(comp, tab, which, cap, p, u, min_total):
 # ---------------------------------------------------------------------------------------------------
 # audio spans
 
-def _spans(length, n, u, spans_range):
+def _spans(length, n, u, lo, hi):
     """Contiguous spans along a frame axis of `length` [N] frames (<= FRAMES) covering exactly n [N] frames,
-    from uniforms u [N, 2 * spans_range[1]]. Returns a bool mask [N, FRAMES] (only the first `length`
-    entries of a row can be True).
+    from uniforms u [N, 2 * H] (H >= every hi). lo, hi [N]: each row's inclusive range of span counts.
+    Returns a bool mask [N, FRAMES] (only the first `length` entries of a row can be True).
 
-    Construction: per sample draw s spans (uniform in spans_range, at most n). Cut the n chosen frames into s
+    Construction: per sample draw s spans (uniform in [lo, hi], at most n). Cut the n chosen frames into s
     span lengths and the length - n free frames into s + 1 gaps (before, between, after the spans), each a
     random partition given by sorted uniform cut points (unused cuts sit at the end and give empty parts).
     Span i starts after gaps 0..i and spans 0..i-1. Rounding can give an empty span or an empty inner gap
     (two spans merge), so a sample has at most s runs."""
     N, device = n.shape[0], n.device
-    lo, hi = spans_range
-    s = torch.minimum(lo + (u[:, 0] * (hi - lo + 1)).long(), torch.full_like(n, hi))
+    H = u.shape[1] // 2
+    s = torch.minimum(lo + (u[:, 0] * (hi - lo + 1)).long(), hi)
     s = torch.minimum(s, n.clamp_min(1))
-    j = torch.arange(hi, device=device)
-    cut_u = torch.where(j[: hi - 1] < (s - 1)[:, None], u[:, 1:hi], 1.0)
-    gap_u = torch.where(j < s[:, None], u[:, hi:2 * hi], 1.0)
+    j = torch.arange(H, device=device)
+    cut_u = torch.where(j[: H - 1] < (s - 1)[:, None], u[:, 1:H], 1.0)
+    gap_u = torch.where(j < s[:, None], u[:, H:2 * H], 1.0)
     zero = torch.zeros(N, 1, dtype=torch.long, device=device)
     cuts = (cut_u.sort(-1).values * n[:, None]).round().long()
-    span_len = torch.diff(cuts, dim=-1, prepend=zero, append=n[:, None])                    # [N, hi]
+    span_len = torch.diff(cuts, dim=-1, prepend=zero, append=n[:, None])                    # [N, H]
     free = length - n
     gcuts = (gap_u.sort(-1).values * free[:, None]).round().long()
-    gaps = torch.diff(gcuts, dim=-1, prepend=zero, append=free[:, None])                     # [N, hi + 1]
-    starts = gaps[:, :hi].cumsum(-1) + span_len.cumsum(-1) - span_len
+    gaps = torch.diff(gcuts, dim=-1, prepend=zero, append=free[:, None])                     # [N, H + 1]
+    starts = gaps[:, :H].cumsum(-1) + span_len.cumsum(-1) - span_len
     edges = torch.zeros(N, FRAMES + 1, dtype=torch.long, device=device)
     edges.scatter_add_(-1, torch.cat([starts, starts + span_len], -1),
                        torch.cat([torch.ones_like(starts), -torch.ones_like(starts)], -1))
@@ -428,7 +435,7 @@ def _graphed(cfg, B, device):
 def _draw_sizes(cfg):
     """How many uniforms per sample each step takes (slices of one [B, n] draw)."""
     return dict(comp=1, budget=2, gamma=GAMMA_ROUNDS * 2 * NUM_MOD, boost=2 * NUM_MOD,
-                scores=len(NON_AUDIO) * BLOCK, spans=2 * 2 * cfg.audio_spans[1])
+                scores=len(NON_AUDIO) * BLOCK, spans=2 * 2 * cfg.max_audio_spans)
 
 
 def _num_draws(cfg):
@@ -442,7 +449,7 @@ def _assemble(tokens, U, Z, cfg):
     B, device = U.shape[0], U.device
     tab = _tables(cfg, device)
     n_blk = len(NON_AUDIO)
-    sp = 2 * cfg.audio_spans[1]
+    sp = 2 * cfg.max_audio_spans
     u, at = {}, 0
     for key, n in _draw_sizes(cfg).items():
         u[key], at = U[:, at:at + n], at + n
@@ -482,8 +489,10 @@ def _assemble(tokens, U, Z, cfg):
     # Both are drawn in one call, stacked as [2 * B] rows.
     f_in = n_in[:, AUDIO] // STRIDE
     f_tgt = n_tgt[:, AUDIO] // STRIDE
+    spans = tab["audio_spans"][comp].repeat(2, 1)                                                    # [2B, 2]
     frames = _spans(torch.cat([torch.full_like(f_in, FRAMES), FRAMES - f_in]), torch.cat([f_in, f_tgt]),
-                    u["spans"].view(B, 2, sp).transpose(0, 1).reshape(2 * B, sp), cfg.audio_spans).view(2, B, FRAMES)
+                    u["spans"].view(B, 2, sp).transpose(0, 1).reshape(2 * B, sp),
+                    spans[:, 0], spans[:, 1]).view(2, B, FRAMES)
     free = ~frames[0]
     slot = (free.long().cumsum(-1) - 1).clamp_min(0)             # index of each free frame on the compressed axis
     frames = torch.stack([frames[0], free & frames[1].gather(-1, slot)], 0)                        # [2, B, FRAMES]

@@ -179,6 +179,35 @@ def test_audio_spans_contiguous():
         assert (cover[16:-16] > 0.05).all() and abs(cover[:64].mean() - cover[-64:].mean()) < 0.03
 
 
+def test_audio_spans_per_component():
+    """A component may scatter its audio frames (many spans, as MaskGIT's decoding leaves them) while another
+    keeps the top-level contiguous spans; the batch tells them apart by their run counts."""
+    audio_only = (0, 0, 0, 1, 0)
+    scattered = dict(weight=1.0, input_full=("caption",), input_alphas=audio_only, input_budget=(100, 400),
+                     target_full=("audio",), target_alphas=(0.0,) * 5, target_budget=(0, 0), audio_spans=(64, 128))
+    plain = dict(weight=1.0, input_alphas=audio_only, target_alphas=audio_only, input_budget=(100, 400),
+                 target_budget=(2, 100))
+    cfg = K.MaskingConfig(mixture=[scattered, plain], audio_spans=(1, 3))
+    assert cfg.max_audio_spans == 128
+    toks, b = run(cfg)
+    enc, dec = check_structure(toks, b, cfg)
+    pe, pd = per_modality(enc), per_modality(dec)
+    a0 = M.POS_OFFSETS[AUDIO]
+    fin = enc[:, a0:a0 + 512:2]
+    is_scattered = pe[:, CAPTION] > 0
+    assert 0.4 < is_scattered.float().mean() < 0.6
+    # the scattered component: the whole caption and many input runs (64-128 spans, some merge where a gap
+    # rounds to zero); every audio token not given is a target
+    assert (runs(fin[is_scattered]) >= 20).all() and runs(fin[is_scattered]).float().mean() > 40
+    assert (pe[is_scattered, AUDIO] + pd[is_scattered, AUDIO] == 512).all()
+    # the plain component keeps at most 3 input spans
+    assert (runs(fin[~is_scattered]) <= 3).all()
+    with pytest.raises(ValueError, match="audio_spans"):
+        K.MaskingConfig(mixture=[dict(weight=1.0, audio_spans=(0, 4))])
+    with pytest.raises(ValueError, match="audio_spans"):
+        K.MaskingConfig(audio_spans=(1, 300))
+
+
 def test_single_source_mixture_full_modalities():
     cfg = K.MaskingConfig(mixture=K.single_source_mixture(sources=("caption", "rgb"), target="audio", weight=0.4))
     assert cfg.max_target_tokens == 512 and cfg.max_input_tokens == 256
