@@ -18,7 +18,9 @@ given token plus every target token decoded so far, the decoder queries target p
 one token is sampled per query from the (temperature / top-k / top-p filtered) logits over the target
 modality's own ids, and some of them are committed: MaskGIT keeps the most confident ones so that the
 cosine schedule's count stays masked, ROAR keeps a random subset of that size (it only queries those).
-A committed token is never re-masked, so every position is decoded exactly once.
+A committed token is never re-masked, so every position is decoded exactly once. Audio is committed in
+whole frames (both codebook tokens of a frame at once, a frame's confidence the sum of its tokens'), the
+unit training masks it in: a half-decoded frame is an input the model never saw.
 """
 import math
 import os
@@ -175,8 +177,11 @@ def generate(model, tokens, known, target, steps=16, schedule="maskgit", tempera
     out = flat_ids[:, t_start:t_start + t_len].clone()
     out = torch.where(flat_given[:, t_start:t_start + t_len], out, torch.zeros_like(out))
     masked = ~flat_given[:, t_start:t_start + t_len]           # target positions still to decode
-    n_unknown = masked.sum(dim=1)
     t_pos = flat_pos[:, t_start:t_start + t_len]
+    # the commit unit: an audio frame (its codebook pair, as training masks it) or one token
+    group = AUDIO_CODEBOOKS if target == "tok_audio" else 1
+    units = lambda x: x.view(B, t_len // group, group)
+    n_unknown = units(masked).any(-1).sum(dim=1)               # units with something to decode
 
     def run(ids_now, enc_mask, query, add_null):
         """One pass: encoder on the flat entries where enc_mask, decoder on the target positions where
@@ -196,14 +201,14 @@ def generate(model, tokens, known, target, steps=16, schedule="maskgit", tempera
             break
         progress = step / max(steps - 1, 1)
         temp = temperature if temperature_end is None else temperature + (temperature_end - temperature) * progress
-        keep_masked = masked_count(n_unknown, step, steps, count_schedule)     # [B]
-        n_commit = masked.sum(dim=1) - keep_masked                              # [B], >= 0
+        masked_u = units(masked).any(-1)                                        # [B, units]
+        keep_masked = masked_count(n_unknown, step, steps, count_schedule)     # [B], in units
+        n_commit = masked_u.sum(dim=1) - keep_masked                            # [B], >= 0
         if schedule == "roar":
-            # random order: pick this step's positions first, then query only them and accept all
-            score = torch.where(masked, _rand((B, t_len), generator, device), torch.full_like(out, -1.0,
-                                                                                          dtype=torch.float))
+            # random order: pick this step's units first, then query only them and accept all
+            score = torch.where(masked_u, _rand(masked_u.shape, generator, device), -1.0)
             rank = torch.argsort(torch.argsort(score, dim=1, descending=True), dim=1)
-            query = masked & (rank < n_commit[:, None])
+            query = masked & (rank < n_commit[:, None]).repeat_interleave(group, dim=1)
         else:
             query = masked
         if not query.any():
@@ -239,9 +244,11 @@ def generate(model, tokens, known, target, steps=16, schedule="maskgit", tempera
             if remask_noise > 0:
                 logp = logp + remask_noise * (1.0 - progress) * _gumbel(logp.shape, generator, device)
             conf[rows, cols] = logp
-            # the n_commit most confident masked positions of each row (stable ties: lower index first)
-            rank = torch.argsort(torch.argsort(-conf, dim=1, stable=True), dim=1)
-            commit = masked & (rank < n_commit[:, None])
+            # a unit's confidence: the summed log-probability of its masked tokens
+            conf_u = torch.where(masked_u, units(torch.where(masked, conf, 0.0)).sum(-1), float("-inf"))
+            # the n_commit most confident masked units of each row (stable ties: lower index first)
+            rank = torch.argsort(torch.argsort(-conf_u, dim=1, stable=True), dim=1)
+            commit = masked & (rank < n_commit[:, None]).repeat_interleave(group, dim=1)
         out = torch.where(commit, cand, out)
         masked = masked & ~commit
     assert not masked.any(), "schedule left positions undecoded"

@@ -107,10 +107,11 @@ def test_schedule_decodes_every_position_once_and_keeps_given(schedule):
     ka = known["audio"]
     # the given audio tokens come back unchanged
     assert torch.equal(out[ka], tokens["audio"][ka])
+    frame = lambda positions: {(p - A0) // 2 for p in positions}
     for b in range(3):
         unknown = set((A0 + torch.nonzero(~ka[b])[:, 0]).tolist())
         given = set((A0 + torch.nonzero(ka[b])[:, 0]).tolist())
-        U = len(unknown)
+        U = len(frame(unknown))       # audio is committed in whole frames: the schedule counts frames
         committed_so_far = set()
         still = U
         for s, call in enumerate(model.calls):
@@ -131,14 +132,16 @@ def test_schedule_decodes_every_position_once_and_keeps_given(schedule):
             keep = sample.masked_count(U, s, S)
             if schedule == "maskgit":
                 # MaskGIT queries every still-masked position
-                assert dec == unknown - committed_so_far and len(dec) == still
+                assert dec == unknown - committed_so_far and len(frame(dec)) == still
                 # committed this step = queried now but not at the next step (all of them at the last)
                 committed = dec - rows_of(model.calls[s + 1], b)[1] if s + 1 < S else dec
             else:
                 # ROAR queries only this step's positions, and accepts them all
                 committed = dec
                 assert dec <= unknown - committed_so_far
-            assert len(committed) == still - keep, (s, b)
+            assert len(frame(committed)) == still - keep, (s, b)
+            # never half a frame: a committed frame's every unknown token is committed with it
+            assert committed == {p for p in unknown if (p - A0) // 2 in frame(committed)}
             assert not (committed & committed_so_far)
             committed_so_far |= committed
             still = keep
