@@ -167,9 +167,16 @@ def _check_windows(waves, device):
 # audio, offline: 2-level residual k-means on log-mel frames
 
 class MelRVQTokenizer:
-    """Each 75 Hz log-mel frame f is coded as (i, j) with i = nearest(f, C1), j = nearest(f - C1[i], C2);
+    """Each 75 Hz log-mel frame f is coded as (i, j): i = the level-1 code, j = nearest(f - C1[i], C2);
     the 512-id stream is modalities.interleave_audio of [i-codes, j-codes]. Decoding sums C1[i] + C2[j] and
-    inverts the mel with Griffin-Lim."""
+    inverts the mel with Griffin-Lim.
+
+    Level 1 codes the frame's spectral SHAPE (level1="shape", the default since the codebooks record it):
+    i = nearest(f - mean(f), C1), with C1 fitted on mean-removed frames, and level 2 codes what is left,
+    loudness included. Coding the raw spectrum first (level1="spectrum", the older codebooks) spends level 1
+    on how loud a frame is, which says little about what called: on ToyZoo a small CNN on the tokens tells
+    the class of a 3.4 s view 89% of the time with shape-first codes, 85% with spectrum-first ones (97% on
+    the log-mel itself; README, "where the fault is")."""
     kind = "mel_rvq"
 
     def __init__(self, codebooks, settings=None, device="cpu"):
@@ -177,28 +184,44 @@ class MelRVQTokenizer:
         self.codebooks = codebooks.to(self.device, torch.float32)   # [2, K, 80], K <= 1024
         self.settings = dict(settings or {})
         self.griffin_lim_iters = int(self.settings.get("griffin_lim_iters", 32))
+        self.level1_mode = self.settings.get("level1", "spectrum")   # codebooks saved before it was a setting
+        if self.level1_mode not in ("shape", "spectrum"):
+            raise ValueError(f"mel_rvq level1={self.level1_mode!r}: expected 'shape' or 'spectrum'")
+
+    @staticmethod
+    def _level1_input(f, mode):
+        return f - f.mean(dim=-1, keepdim=True) if mode == "shape" else f
 
     @classmethod
-    def fit(cls, frames, codes=1024, iters=20, seed=1337, device="cpu", verbose=False, **settings):
+    def fit(cls, frames, codes=1024, iters=20, seed=1337, device="cpu", verbose=False, level1="shape",
+            **settings):
         """frames [N, 80] log-mel vectors from the training split."""
         if codes > M.AUDIO_CODEBOOK_SIZE:
             raise ValueError(f"audio codebook size {codes} > {M.AUDIO_CODEBOOK_SIZE} (the id range per codebook)")
+        if level1 not in ("shape", "spectrum"):
+            raise ValueError(f"mel_rvq level1={level1!r}: expected 'shape' or 'spectrum'")
         device = pick_device(device)
         x = _as_tensor(frames, device)
-        c1, mse1 = kmeans(x, codes, iters, seed, verbose=verbose)
-        residual = x - c1[nearest(x, c1)]
+        q = cls._level1_input(x, level1)
+        c1, mse1 = kmeans(q, codes, iters, seed, verbose=verbose)
+        residual = x - c1[nearest(q, c1)]
         c2, mse2 = kmeans(residual, codes, iters, seed + 1, verbose=verbose)
-        settings.update(codes=codes, iters=iters, seed=seed, n_fft=N_FFT, hop=HOP, n_mels=N_MELS,
+        # mse_level1: level 1's error in the space it codes; mse_level2: the final reconstruction error
+        settings.update(codes=codes, iters=iters, seed=seed, n_fft=N_FFT, hop=HOP, n_mels=N_MELS, level1=level1,
                         fit_vectors=int(x.shape[0]), mse_level1=mse1, mse_level2=mse2,
                         variance=x.var(0).sum().item())
         return cls(torch.stack([c1, c2]).cpu(), settings, device)
+
+    def level1(self, f):
+        """log-mel frames [N, 80] -> their level-1 codes [N]."""
+        return nearest(self._level1_input(f, self.level1_mode), self.codebooks[0])
 
     def codes(self, waves):
         """windows [B, 81920] -> codes [B, 2, 256] (long)."""
         f = log_mel(_check_windows(waves, self.device))
         B, T, D = f.shape
         f = f.reshape(B * T, D)
-        i = nearest(f, self.codebooks[0])
+        i = self.level1(f)
         j = nearest(f - self.codebooks[0][i], self.codebooks[1])
         return torch.stack([i.view(B, T), j.view(B, T)], dim=1)
 

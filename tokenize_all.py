@@ -177,7 +177,7 @@ def codebook_settings(args, modality, train_ids):
          "fit_vectors": args.fit_vectors,
          "train_clips_sha1": hashlib.sha1("\n".join(train_ids).encode()).hexdigest()}
     if modality == "tok_audio":
-        s.update(kind="mel_rvq", codes=args.audio_codes)
+        s.update(kind="mel_rvq", codes=args.audio_codes, level1="shape")
     else:
         s.update(kind="patch_kmeans", codes=list(getattr(args, modality[4:] + "_codes")))
     return s

@@ -70,13 +70,20 @@ def test_mel_rvq_ids_and_reconstruction(mel_tok, waves):
 def test_mel_rvq_exact_parts(mel_tok, waves, tmp_path):
     c1 = mel_tok.codebooks[0]
     assert torch.equal(T.nearest(c1, c1), torch.arange(len(c1)))     # codebook vector -> its own id
+    assert mel_tok.settings["level1"] == "shape"
+    # level 1 codes the spectral shape: a frame 3 nats louder everywhere keeps its level-1 code
+    f = T.log_mel(torch.from_numpy(waves)).reshape(-1, 80)
+    assert torch.equal(mel_tok.level1(f + 3.0), mel_tok.level1(f))
+    # codebooks saved before level1 was a setting code the raw spectrum first, as they were fitted
+    old = T.MelRVQTokenizer(mel_tok.codebooks, {k: v for k, v in mel_tok.settings.items() if k != "level1"})
+    assert old.level1_mode == "spectrum" and torch.equal(old.level1(f), T.nearest(f, c1))
     codes = mel_tok.codes(waves)
     feats = mel_tok.codes_to_features(codes)
     # decoding to features and re-quantising gives the same level-1 codes for almost every frame
     # (not all: RVQ's greedy search need not map c1[i] + c2[j] back to i), and identical features
-    again = mel_tok.codes_to_features(torch.stack([T.nearest(feats.reshape(-1, 80), c1).view(4, 256),
+    again = mel_tok.codes_to_features(torch.stack([mel_tok.level1(feats.reshape(-1, 80)).view(4, 256),
                                                    codes[:, 1]], 1))
-    agree = (T.nearest(feats.reshape(-1, 80), c1).view(4, 256) == codes[:, 0]).float().mean().item()
+    agree = (mel_tok.level1(feats.reshape(-1, 80)).view(4, 256) == codes[:, 0]).float().mean().item()
     print(f"\nmel_rvq level-1 re-quantisation agreement {agree:.3f}")
     assert agree > 0.9 and again.shape == feats.shape
     path = str(tmp_path / "a.pt")
