@@ -157,7 +157,9 @@ def _confuser(rng, cls):
     return others[rng.integers(len(others))]
 
 
-WORLD_VERSION = 2   # bump when the same seed would draw a different world (2: build and confuser shared)
+# bump when the same seed would draw a different world (2: build and confuser shared; 3: the camera frames the
+# class's typical size, not the clip's, so that a bigger animal does look bigger)
+WORLD_VERSION = 3
 
 
 def draw_voice(rng, cls, difficulty, build=0.0, conf=None):
@@ -487,8 +489,8 @@ def draw_scene(rng, cls, difficulty, build=0.0, conf=None):
     """Everything the ten keyframes of a clip share: animal, colours, motion, camera, light, background.
     `build` (size z-score) and `conf` (the confusable class it leans toward) are shared with the voice."""
     d = difficulty
-    parts, size = animal_parts(cls)
-    size = size * float(np.exp(0.1 * build))
+    parts, base = animal_parts(cls)
+    size = base * float(np.exp(0.3 * build))     # this animal; the camera and the set are scaled to `base`
     # colours: the class palette (alternatives more often at high difficulty), jittered, and pulled toward
     # a confusable class's colour by up to 0.35 * difficulty
     pals = PALETTES[cls]
@@ -507,10 +509,11 @@ def draw_scene(rng, cls, difficulty, build=0.0, conf=None):
         cols[p["col"]] = np.clip(c * tint, 0, 1)
     spot_col = _colour(pal, "spot") if "spot" in pal else None
     fov = np.deg2rad(rng.uniform(38, 55))
-    # camera on a circle around the animal, far enough that the animal fills a similar share of the frame
-    dist = size * rng.uniform(1.3, 2.0) * 0.5 / np.tan(fov / 2) * (1 + 0.4 * d * rng.random())
+    # camera on a circle around the animal, as far as the class's typical size asks: the share of the frame
+    # an animal fills follows its build (a build 1 z larger looks 35% larger), which its voice shares
+    dist = base * rng.uniform(1.45, 1.85) * 0.5 / np.tan(fov / 2) * (1 + 0.4 * d * rng.random())
     az = rng.uniform(0, 2 * np.pi)
-    height = size * rng.uniform(0.25, 1.1) + 0.15
+    height = base * rng.uniform(0.25, 1.1) + 0.15
     cam = np.array([dist * np.cos(az), height, dist * np.sin(az)])
     target = np.array([rng.normal(0, 0.12), rng.uniform(0.3, 0.55), rng.normal(0, 0.12)]) * size
     sun_el, sun_az = np.deg2rad(rng.uniform(25, 70)), rng.uniform(0, 2 * np.pi)
@@ -523,19 +526,19 @@ def draw_scene(rng, cls, difficulty, build=0.0, conf=None):
     side = np.array([-back[2], 0, back[0]])
     props = []
     for _ in range(int(rng.integers(0, 2 + int(3 * d)))):
-        r = size * rng.uniform(0.2, 0.7) * np.array([1, rng.uniform(0.5, 1.0), 1]) * rng.uniform(0.8, 1.2, 3)
-        pos = back * size * rng.uniform(1.6, 6) + side * size * rng.uniform(-3, 3)
+        r = base * rng.uniform(0.2, 0.7) * np.array([1, rng.uniform(0.5, 1.0), 1]) * rng.uniform(0.8, 1.2, 3)
+        pos = back * base * rng.uniform(1.6, 6) + side * base * rng.uniform(-3, 3)
         pos[1] = r[1] * rng.uniform(0.2, 0.6)
         props.append((pos, r, np.clip(np.array(PROPS[rng.integers(len(PROPS))]) *
                                       np.exp(rng.normal(0, 0.1, 3)), 0, 1)))
-    return dict(cls=cls, size=size, yaw=rng.uniform(0, 2 * np.pi), cols=cols, spot_col=spot_col,
+    return dict(cls=cls, size=size, base=base, yaw=rng.uniform(0, 2 * np.pi), cols=cols, spot_col=spot_col,
                 spot_freq=rng.uniform(7, 11, 3), spot_phase=rng.uniform(0, 2 * np.pi, 3),
                 speed=size * rng.uniform(0, 0.04), gait_hz=rng.uniform(0.4, 1.0),
                 gait_amp=rng.uniform(0.0, 0.35), nod_amp=rng.uniform(0.0, 0.15), wag_hz=rng.uniform(0.3, 1.5),
                 phase=rng.uniform(0, 2 * np.pi), fov=fov, cam=cam, target=target, sun=sun,
                 sun_col=np.array([1.0, 0.96, 0.9]) * rng.uniform(0.7, 1.0), ambient=rng.uniform(0.45, 0.65),
                 sky=sky, ground=ground, ground_phase=rng.uniform(0, 2 * np.pi, 2),
-                fog=rng.uniform(25, 60) * size, props=props)
+                fog=rng.uniform(25, 60) * base, props=props)
 
 
 def scene_ellipsoids(scene, t):
@@ -721,7 +724,7 @@ def render_view(scene, t, size=SIZE):
     P = O[:, None] + D * np.where(np.isfinite(depth), depth, 0.0)[None]   # hit points [3, N] (sky: unused)
     gx, gz = P[0, is_gnd], P[2, is_gnd]
     ph = scene["ground_phase"]
-    sz = scene["size"]
+    sz = scene["base"]      # the ground's pattern has the set's scale, not the animal's
     fade = np.exp(-depth[is_gnd] / (8 * sz))    # the pattern fades with distance instead of aliasing
     var = 1 + 0.12 * fade * np.sin(gx / sz * 0.9 + ph[0]) * np.sin(gz / sz * 0.7 + ph[1])
     alb[is_gnd] = scene["ground"][None] ** 2.2 * var[:, None]
