@@ -1,5 +1,5 @@
 # The embedded default: a small run on the synthetic ToyZoo world, sized for ~10 minutes of training on
-# 2 CPU cores (the whole quickstart -- prepare, tokenize, train -- in about 15 minutes).
+# 2 CPU cores (the whole quickstart -- prepare, tokenize, train -- in about 20 minutes).
 #   python prepare_data.py && python tokenize_all.py && python train.py config/toyzoo.py
 #
 # Masking: the usual 4M Dirichlet recipe for a quarter of the batches; the rest are the report's "whole
