@@ -781,7 +781,10 @@ def probe_generation(ctx):
         pred = predict_proba(clf, emb[setting]).argmax(1)
         k = int((pred == y).sum())
         acc = k / len(y)
-        out[f"{setting}_class_acc"] = {"value": acc, "ci": wilson_ci(k, len(y)), "n": int(len(y))}
+        # how the predictions spread over the classes: a collapsed generator (or a judge thrown off by the
+        # decoder) puts most samples in one class
+        out[f"{setting}_class_acc"] = {"value": acc, "ci": wilson_ci(k, len(y)), "n": int(len(y)),
+                                       "predicted": np.bincount(pred, minlength=C).tolist()}
         label = "decoded ground truth (classifier ceiling)" if setting == "gt" else f"{setting} samples"
         add_row(ctx, "generation", f"classifier acc on {label}", acc, wilson_ci(k, len(y)), int(len(y)), 1 / C,
                 "chance 1/C")
@@ -789,8 +792,10 @@ def probe_generation(ctx):
     judge, how = token_judge(ctx)
     out["token_judge"] = how
     for setting, ids in (("gt", gen["gt_ids"]), ("class_only", gen["class_only_ids"])):
-        k = int((judge(ids) == y).sum())
-        out[f"{setting}_token_judge_acc"] = {"value": k / len(y), "ci": wilson_ci(k, len(y)), "n": int(len(y))}
+        pred = judge(ids)
+        k = int((pred == y).sum())
+        out[f"{setting}_token_judge_acc"] = {"value": k / len(y), "ci": wilson_ci(k, len(y)), "n": int(len(y)),
+                                             "predicted": np.bincount(pred, minlength=C).tolist()}
         label = "ground-truth ids (judge ceiling)" if setting == "gt" else f"{setting} ids"
         add_row(ctx, "generation", f"token judge acc on {label}", k / len(y), wilson_ci(k, len(y)), int(len(y)),
                 1 / C, "chance 1/C")
