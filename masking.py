@@ -44,7 +44,7 @@ MaskingConfig fields (train.py builds it from its module-level variables of the 
                     inputs (a positive input alpha or an input_full modality).
   audio_spans       (lo, hi) inclusive, 1 <= lo <= hi <= 256: the number of contiguous audio spans drawn per
                     sample, separately for the inputs and the targets. A high count scatters the frames, as
-                    MaskGIT's decoding does (see config/toyzoo.py's caption + audio -> audio component).
+                    MaskGIT's decoding does (README: the report's fix 2, the caption + audio -> audio component).
   mixture_per_batch False (4M): each sample draws its own mixture component. True: one component for the
                     whole batch, so a batch has one shape; on a CPU train.py then drops the unused padding,
                     which makes mixtures with whole-modality components ~3x cheaper there.
@@ -162,7 +162,9 @@ class MaskingConfig:
 
     @property
     def max_audio_spans(self):
-        return max(c["audio_spans"][1] for c in self.components())
+        # read straight from the settings (validated at construction): it is asked for on every batch, and
+        # components() re-validates the whole mixture
+        return max(int(c.get("audio_spans", self.audio_spans)[1]) for c in (self.mixture or [{}]))
 
 
 def single_source_mixture(sources=("caption", "rgb"), target="audio", weight=0.2):
