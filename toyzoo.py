@@ -6,13 +6,13 @@ Each clip is 10 s of 24 kHz mono audio plus 10 keyframes (t = 0.5, 1.5, ..., 9.5
 image, depth map and camera-space surface normals, written in the raw layout of rawdata.py:
 
     audio   the class's own call, repeated throughout the clip: a source-filter synthesiser (harmonics of a
-            pitch contour + shaped noise, through formant bumps), with per-clip pitch, tempo, loudness and
-            background noise. Birds (chicken/duck/pigeon) and canids + big cat (dog/coyote/lion) share
-            features on purpose, so that confusions between them mean something.
+            pitch contour + shaped noise, through formant bumps), with per-clip pitch, tempo and loudness,
+            over the ambient noise of the clip's habitat. Birds (chicken/duck/pigeon) and canids + big cat
+            (dog/coyote/lion) share features on purpose, so that confusions between them mean something.
     images  an animal built from ellipsoids (body, head, legs, ears, tail, beak...) in class-typical
-            proportions and colours, standing on a ground plane under a sky, seen by a pinhole camera.
-            Every pixel is found by analytic ray casting (numpy, one image at a time, all rays at once),
-            so the RGB shading, the depth and the normals all come from the very same hit points.
+            proportions and colours, standing on the ground of its habitat under that habitat's sky, seen by a
+            pinhole camera. Every pixel is found by analytic ray casting (numpy, one image at a time, all rays
+            at once), so the RGB shading, the depth and the normals all come from the very same hit points.
 
 `difficulty` in [0, 1] raises the background noise, the per-clip jitter of every parameter, how far a clip's
 voice and colours are pulled toward a confusable class, and the number of distractor props in the scene.
@@ -158,8 +158,9 @@ def _confuser(rng, cls):
 
 
 # bump when the same seed would draw a different world (2: build and confuser shared; 3: the camera frames the
-# class's typical size, not the clip's, so that a bigger animal does look bigger)
-WORLD_VERSION = 3
+# class's typical size, not the clip's, so that a bigger animal does look bigger; 4: a habitat sets both the
+# ground and sky of the picture and the ambient noise of the sound)
+WORLD_VERSION = 4
 
 
 def draw_voice(rng, cls, difficulty, build=0.0, conf=None):
@@ -245,12 +246,15 @@ def synth_call(rng, v, dur, shift, amp):
     return src * env * amp * v["gain"]
 
 
-def colored_noise(rng, n, alpha):
-    """Noise with power spectrum ~ 1/f^alpha (0 white, 1 pink, 2 brown), unit std."""
+def colored_noise(rng, n, alpha, band_hz=0.0):
+    """Noise with power spectrum ~ 1/f^alpha (0 white, 1 pink, 2 brown), unit std; band_hz > 0 adds a
+    half-octave bump of +6 dB there (a habitat's insects, rumble or rustle)."""
     spec = np.fft.rfft(rng.standard_normal(n))
     f = np.fft.rfftfreq(n, 1 / SR)
     f[0] = f[1]
     spec *= f ** (-alpha / 2)
+    if band_hz > 0:
+        spec *= np.sqrt(1 + 3 * np.exp(-0.5 * (np.log2(f / band_hz) / 0.5) ** 2))
     x = np.fft.irfft(spec, n)
     return x / (x.std() + 1e-9)
 
@@ -266,7 +270,7 @@ def render_audio(params, rng):
         out[i:i + len(x)] += x
     a = params["audio_scene"]
     call_rms = np.sqrt(np.mean(out ** 2)) + 1e-9
-    bg = colored_noise(rng, N_SAMPLES, a["noise_alpha"]) * call_rms * 10 ** (-a["snr_db"] / 20)
+    bg = colored_noise(rng, N_SAMPLES, a["noise_alpha"], a.get("band_hz", 0.0)) * call_rms * 10 ** (-a["snr_db"] / 20)
     out = out + bg
     return (out / (np.abs(out).max() + 1e-9) * a["peak"]).astype(np.float32)
 
@@ -467,6 +471,17 @@ SKIES = [((0.25, 0.45, 0.85), (0.72, 0.82, 0.95)),   # (zenith, horizon): clear
          ((0.4, 0.6, 0.9), (0.9, 0.92, 0.95))]       # hazy
 GROUNDS = [(0.3, 0.5, 0.2), (0.6, 0.55, 0.3), (0.45, 0.35, 0.25), (0.8, 0.72, 0.55), (0.88, 0.9, 0.93),
            (0.5, 0.5, 0.5), (0.25, 0.4, 0.18)]
+# Where a clip was filmed, seen in the picture (ground colour, sky) and heard in the sound (the spectrum of the
+# ambient noise between calls): the share of a clip's pairing that is not the animal. Real clips have it too
+# (wind on a beach, insects at dusk, a road's rumble), and without it the picture and the voice share only the
+# class and the build, too little for retrieval to find the very clip (README, "where the fault is").
+# (name, ground colour, sky index, ambient: noise slope alpha (0 white, 1 pink, 2 brown), band centre Hz or 0)
+HABITATS = [("meadow", (0.3, 0.5, 0.2), 0, (1.0, 0)),
+            ("dunes", (0.8, 0.72, 0.55), 3, (2.0, 0)),          # wind
+            ("snow", (0.88, 0.9, 0.93), 1, (0.0, 0)),           # hiss
+            ("mudflat", (0.45, 0.35, 0.25), 2, (0.6, 4500)),    # insects at dusk
+            ("quarry", (0.5, 0.5, 0.5), 1, (1.6, 180)),         # a distant road's rumble
+            ("heath", (0.6, 0.55, 0.3), 0, (0.3, 9000))]        # rustling leaves
 PROPS = [(0.2, 0.4, 0.15), (0.5, 0.5, 0.48), (0.4, 0.3, 0.2), (0.3, 0.45, 0.2)]
 
 
@@ -821,8 +836,16 @@ def clip_params(seed, cls, index, difficulty):
     snr_db = (1 - d) * rng.uniform(20, 35) + d * rng.uniform(-3, 8)
     audio_scene = dict(snr_db=float(snr_db), noise_alpha=float(rng.uniform(0, 2)), peak=float(rng.uniform(0.3, 0.9)))
     scene = draw_scene(rng, cls, difficulty, build, conf)
+    # the habitat, from a generator of its own so that every other draw is world 3's
+    h_rng = np.random.default_rng([int(seed), zlib.crc32(cls.encode()), int(index), 2])
+    h = int(h_rng.integers(len(HABITATS)))
+    _, ground, sky, (alpha, band) = HABITATS[h]
+    scene["sky"] = [np.clip(np.array(c) * np.exp(h_rng.normal(0, 0.06, 3)), 0, 1) for c in SKIES[sky]]
+    scene["ground"] = np.clip(np.array(ground) * np.exp(h_rng.normal(0, 0.1, 3)), 0, 1)
+    audio_scene.update(noise_alpha=float(alpha + h_rng.normal(0, 0.15)),
+                       band_hz=float(band * np.exp(h_rng.normal(0, 0.1))))
     return dict(cls=cls, voice=voice, confuser=conf, blend=w, schedule=schedule, audio_scene=audio_scene,
-                scene=scene)
+                scene=scene, habitat=HABITATS[h][0])
 
 
 def _summary(p):
@@ -830,6 +853,7 @@ def _summary(p):
     s = p["scene"]
     return dict(f0_hz=round(p["voice"][0][1]["f0"], 1), n_calls=len(p["schedule"]), snr_db=round(p["audio_scene"]["snr_db"], 2),
                 confuser=p["confuser"], blend=round(p["blend"], 3), size_m=round(s["size"], 3),
+                habitat=p["habitat"],
                 fov_deg=round(float(np.rad2deg(s["fov"])), 3), n_props=len(s["props"]))
 
 

@@ -256,3 +256,30 @@ def test_classes_separable(zoo):
           f"audio log-mel {acc_audio:.3f}, image foreground colour {acc_image:.3f}")
     assert acc_audio > 0.5
     assert acc_image > 0.25
+
+
+def test_habitat_shared_by_sound_and_picture(zoo):
+    """What a clip's sound and picture share beyond the class: its habitat sets the ground and sky colours and
+    the spectrum of the ambient noise between calls. Both must tell it, on clips the classifier never saw."""
+    d, rows = zoo
+    fb = _mel_filters()
+    names = [h[0] for h in toyzoo.HABITATS]
+    xa, xi, y, fold = [], [], [], []
+    for r in rows:
+        audio, _ = rawdata.read_wav(os.path.join(d, r["audio"]))
+        frames = np.lib.stride_tricks.sliding_window_view(audio, 1024)[::512] * np.hanning(1024)
+        logmel = np.log(fb @ (np.abs(np.fft.rfft(frames, axis=1)) ** 2).T + 1e-8)     # [40, frames]
+        quiet = logmel[:, np.argsort(logmel.mean(0))[:logmel.shape[1] // 10]]      # the quietest 10%: ambient
+        xa.append(quiet.mean(1) - quiet.mean())                                     # its spectral shape
+        rgb, depth = (rawdata.read_png(os.path.join(d, r[k][0])) for k in ("frames", "depths"))
+        sky = depth == toyzoo.SKY_DEPTH
+        xi.append(np.concatenate([rgb[~sky].mean(0), rgb[sky].mean(0) if sky.any() else np.zeros(3)]) / 255)
+        y.append(names.index(r["origin"]["habitat"]))
+        fold.append(r["origin"]["index"] % 3)
+    y, fold = np.array(y), np.array(fold)
+    for what, x, floor in (("ambient sound", np.array(xa), 0.6), ("ground and sky", np.array(xi), 0.6)):
+        right = sum(_logreg_accuracy(x[fold != k], y[fold != k], x[fold == k], y[fold == k], len(names),
+                                     wd=1e-3) * (fold == k).sum() for k in range(3))
+        acc = right / len(y)
+        print(f"\nhabitat from the {what}: {acc:.3f} on held-out clips (chance {1 / len(names):.3f}, n={len(y)})")
+        assert acc > floor, what
