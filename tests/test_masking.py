@@ -347,3 +347,25 @@ def test_caption_query_set_does_not_reveal_its_length():
     b = K.build_batch(toks, cfg, torch.Generator().manual_seed(1))
     assert b["dec_valid"].sum(1).tolist() == [M.CAPTION_LEN, M.CAPTION_LEN]
     assert torch.equal(b["dec_pos"][0], b["dec_pos"][1])
+
+
+def test_toyzoo_config_whole_targets_with_a_side_budget():
+    """config/toyzoo.py's components: a whole input, a whole target, plus exactly 32 tokens of one more
+    modality as targets (audio -> caption + 32 rgb; rgb -> depth or normal + 32 audio in whole frames)."""
+    import runpy
+    c = runpy.run_path(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "config",
+                                    "toyzoo.py"))
+    cfg = K.MaskingConfig(input_budget=c["input_budget"], target_budget=c["target_budget"], mixture=c["mixture"])
+    toks, b = run(cfg, B=1000)
+    enc, dec = check_structure(toks, b, cfg)
+    pe, pd = per_modality(enc), per_modality(dec)
+    cap_n = M.caption_valid(toks["caption"]).sum(1)
+    from_audio = (pe[:, AUDIO] == 512) & (pe.sum(1) == 512)
+    assert (pd[from_audio, CAPTION] == cap_n[from_audio]).all() and (pd[from_audio, 0] == 32).all()
+    assert (pd[from_audio].sum(1) == cap_n[from_audio] + 32).all()
+    from_rgb = (pe[:, 0] == 196) & (pe.sum(1) == 196)
+    whole = (pd[:, 1] == 196) | (pd[:, 2] == 196)
+    assert (whole[from_rgb]).all() and (pd[from_rgb, AUDIO] == 32).all()
+    assert (pd[from_rgb].sum(1) == 196 + 32).all()
+    for frac, want in ((from_audio, 0.45), (from_rgb, 0.15)):
+        assert abs(frac.float().mean() - want) < 0.05
