@@ -270,7 +270,7 @@ def render_audio(params, rng):
         out[i:i + len(x)] += x
     a = params["audio_scene"]
     call_rms = np.sqrt(np.mean(out ** 2)) + 1e-9
-    bg = colored_noise(rng, N_SAMPLES, a["noise_alpha"], a.get("band_hz", 0.0)) * call_rms * 10 ** (-a["snr_db"] / 20)
+    bg = colored_noise(rng, N_SAMPLES, a["noise_alpha"], a["band_hz"]) * call_rms * 10 ** (-a["snr_db"] / 20)
     out = out + bg
     return (out / (np.abs(out).max() + 1e-9) * a["peak"]).astype(np.float32)
 
@@ -817,15 +817,16 @@ def clip_files(cid):
 
 
 def _rngs(seed, cls, index):
-    """Two generators per clip, from (seed, class, index): one for the drawn parameters (cheap to redraw on
-    resumption, for the manifest), one for the sample-level noise of the audio."""
+    """Three generators per clip, from (seed, class, index): one for the drawn parameters (cheap to redraw on
+    resumption, for the manifest), one for the sample-level noise of the audio, one for the habitat (added in
+    world 4 as a stream of its own, so that every other draw stayed world 3's)."""
     key = [int(seed), zlib.crc32(cls.encode()), int(index)]
-    return np.random.default_rng(key + [0]), np.random.default_rng(key + [1])
+    return tuple(np.random.default_rng(key + [k]) for k in range(3))
 
 
 def clip_params(seed, cls, index, difficulty):
     """Every drawn per-clip parameter (no rendering)."""
-    rng, _ = _rngs(seed, cls, index)
+    rng, _, h_rng = _rngs(seed, cls, index)
     # what sound and picture of one clip share beyond the class (so that retrieval can find the very clip,
     # not only its class): the animal's build -- bigger looks bigger and calls lower -- and the confusable
     # class both its voice and its colouring lean toward
@@ -836,8 +837,7 @@ def clip_params(seed, cls, index, difficulty):
     snr_db = (1 - d) * rng.uniform(20, 35) + d * rng.uniform(-3, 8)
     audio_scene = dict(snr_db=float(snr_db), noise_alpha=float(rng.uniform(0, 2)), peak=float(rng.uniform(0.3, 0.9)))
     scene = draw_scene(rng, cls, difficulty, build, conf)
-    # the habitat, from a generator of its own so that every other draw is world 3's
-    h_rng = np.random.default_rng([int(seed), zlib.crc32(cls.encode()), int(index), 2])
+    # the habitat replaces the sky and ground draw_scene made (still drawn: they keep its stream world 3's)
     h = int(h_rng.integers(len(HABITATS)))
     _, ground, sky, (alpha, band) = HABITATS[h]
     scene["sky"] = [np.clip(np.array(c) * np.exp(h_rng.normal(0, 0.06, 3)), 0, 1) for c in SKIES[sky]]
@@ -883,7 +883,7 @@ def make_clip(raw_dir, seed, cls, index, difficulty):
     tmp = os.path.join(raw_dir, "clips", f".{cid}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)      # leftovers of an interrupted run
     os.makedirs(tmp)
-    _, audio_rng = _rngs(seed, cls, index)
+    _, audio_rng, _ = _rngs(seed, cls, index)
     audio, views = render_clip(params, audio_rng)
     rawdata.write_wav(os.path.join(tmp, "audio.wav"), audio)
     for i, (rgb, depth, normals) in enumerate(views):

@@ -178,11 +178,16 @@ def _mel_filters(n_fft=1024, n_mels=40, sr=24000, fmin=50.0, fmax=11000.0):
     return np.maximum(0, np.minimum((f - lo) / (mid - lo), (hi - f) / (hi - mid)))
 
 
+def _logmel(audio, fb, hop=512):
+    """40-band log-mel of a clip -> [40, frames]."""
+    frames = np.lib.stride_tricks.sliding_window_view(audio, 1024)[::hop] * np.hanning(1024)
+    return np.log(fb @ (np.abs(np.fft.rfft(frames, axis=1)) ** 2).T + 1e-8)
+
+
 def _audio_features(audio, fb):
     """mean + std of 40 log-mel bands over the 3.41 s window of each keyframe -> [10, 80]."""
     hop, half = 512, AUDIO_WINDOW // 2
-    frames = np.lib.stride_tricks.sliding_window_view(audio, 1024)[::hop] * np.hanning(1024)
-    logmel = np.log(fb @ (np.abs(np.fft.rfft(frames, axis=1)) ** 2).T + 1e-8)   # [40, frames]
+    logmel = _logmel(audio, fb, hop)
     feats = []
     for t in toyzoo.KEYFRAME_TIMES:
         c = min(max(int(t * 24000), half), len(audio) - half)
@@ -267,8 +272,7 @@ def test_habitat_shared_by_sound_and_picture(zoo):
     xa, xi, y, fold = [], [], [], []
     for r in rows:
         audio, _ = rawdata.read_wav(os.path.join(d, r["audio"]))
-        frames = np.lib.stride_tricks.sliding_window_view(audio, 1024)[::512] * np.hanning(1024)
-        logmel = np.log(fb @ (np.abs(np.fft.rfft(frames, axis=1)) ** 2).T + 1e-8)     # [40, frames]
+        logmel = _logmel(audio, fb)
         quiet = logmel[:, np.argsort(logmel.mean(0))[:logmel.shape[1] // 10]]      # the quietest 10%: ambient
         xa.append(quiet.mean(1) - quiet.mean())                                     # its spectral shape
         rgb, depth = (rawdata.read_png(os.path.join(d, r[k][0])) for k in ("frames", "depths"))
