@@ -55,7 +55,7 @@ import modalities as M
 out_dir = 'out/toyzoo'          # the checkpoint dir to evaluate (default: the quickstart run)
 split = 'test'
 probes = 'all'
-num_clips = 0            # 0 = every clip of the split; else the first num_clips in clip_id order
+num_clips = 0            # 0 = every clip of the split; else the first num_clips (see clip_order)
 gallery = 100            # retrieval gallery size G
 structure_views = 2      # views per clip for rgb -> depth / normal (110 test clips x 2 = 220 images, 43k tokens)
 memo_clips = 0           # clips per side of the memorization probe (0 = as many as the eval set)
@@ -364,9 +364,17 @@ def seeded_views(n, salt, seed):
 
 
 def clip_order(arrays):
-    """Row indices of a split sorted by clip id (the documented selection order)."""
-    ids = arrays["clip_ids"]
-    return np.array(sorted(range(len(ids)), key=lambda i: ids[i]), dtype=np.int64)
+    """Row indices of a split in the documented selection order: round-robin over the classes, each class
+    in clip_id order (the 1st clip of every class, then the 2nd, ...). So the first N clips of a split (a
+    --num_clips subset, the retrieval gallery) hold every class about equally; clip_id order alone would
+    take the first classes of the alphabet only."""
+    ids, labels = arrays["clip_ids"], np.asarray(arrays["label"])
+    by_id = sorted(range(len(ids)), key=lambda i: ids[i])
+    rank, seen = {}, {}
+    for i in by_id:
+        rank[i] = seen.get(labels[i], 0)
+        seen[labels[i]] = rank[i] + 1
+    return np.array(sorted(by_id, key=lambda i: (rank[i], labels[i])), dtype=np.int64)
 
 
 def add_row(ctx, probe, metric, value, ci=None, n=None, random=None, random_name="", report=None, unit="%",
@@ -552,7 +560,7 @@ def probe_retrieval(ctx):
     clips = order[:G]
     views = ctx["views_of"][clips]
     tokens, labels = tokens_of(ctx, ctx["split"], clips, views)
-    out = {"gallery": f"the first {G} clips of the {ctx['split']} split in clip_id order, one view each "
+    out = {"gallery": f"the first {G} clips of the {ctx['split']} split, round-robin over the classes, one view each "
                       f"(view drawn per clip from seed {ctx['seed']}); score(q, c) = mean log-prob of all of c's "
                       "target tokens given all of q's tokens (exact: G decoder passes, each scoring every candidate)"}
     for q, c in (("tok_audio", "tok_rgb"), ("tok_rgb", "tok_audio")):
@@ -663,7 +671,7 @@ def probe_memo(ctx):
 # ---- generation (shared by the generation, fad and resnet probes)
 
 def gen_selection(ctx):
-    """gen_per_class clips of each class: the first ones of the split in clip_id order, their seeded view."""
+    """gen_per_class clips of each class: the first ones of the class in clip_id order, their seeded view."""
     order = ctx["order"][ctx["split"]]
     labels = np.asarray(ctx["arrays"][ctx["split"]]["label"])
     picked = []
@@ -1236,7 +1244,7 @@ def run(settings):
     ctx = dict(s, model=model, ckpt=ckpt, device=dev, tok_path=tok_path, meta=meta, arrays=arrays, order=order,
                class_names=list(meta["class_names"]), eval_clips=eval_clips, eval_views=views_of[eval_clips],
                views_of=views_of, table=[], results={},
-               selection=f"the first {len(eval_clips)} clips of the split in clip_id order, one view per clip drawn "
+               selection=f"the first {len(eval_clips)} clips of the split, round-robin over the classes, one view per clip drawn "
                          f"from numpy default_rng([seed, 1])")
     print(f"evaluating {ckpt_path} (iter {ckpt.get('iter_num')}) on {tok_path} split {s['split']}: "
           f"{len(eval_clips)} clips, device {dev}")

@@ -103,6 +103,17 @@ def test_token_judge_known_answers():
     assert h.shape == (40, 64) and np.allclose(h.sum(1), 1.0)
 
 
+def test_clip_order_round_robin_over_classes():
+    # rows stored out of order; sorted by clip id the classes come in blocks, as a split on disk does
+    ids = ["b_2", "a_1", "c_1", "a_0", "b_0", "a_2", "b_1", "c_0"]
+    labels = [1, 0, 2, 0, 1, 0, 1, 2]
+    order = E.clip_order({"clip_ids": ids, "label": np.array(labels)})
+    assert [ids[i] for i in order] == ["a_0", "b_0", "c_0", "a_1", "b_1", "c_1", "a_2", "b_2"]
+    assert sorted(order.tolist()) == list(range(len(ids)))   # a permutation: every clip once
+    # so any prefix (a --num_clips subset, the retrieval gallery) holds the classes evenly
+    assert sorted(np.array(labels)[order[:6]].tolist()) == [0, 0, 1, 1, 2, 2]
+
+
 # --- caption hypotheses: exact tokenized caption, no substring matching
 
 def test_pig_and_pigeon_are_distinct_hypotheses():
