@@ -123,7 +123,7 @@ for dtype in dtypes.split(','):
         ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16}[dtype]
         ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
 
-        counts = [model.target_counts(b['dec_pos'], b['dec_valid']) if counts_ahead else None for b in batches]
+        counts = [model.target_counts(b['dec_pos'], b['dec_valid'], b['dec_ids']) if counts_ahead else None for b in batches]
 
         def step(i):
             batch = batches[i % len(batches)]

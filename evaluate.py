@@ -251,13 +251,19 @@ def fit_token_judge(ids, labels, num_classes, vocab):
 # -----------------------------------------------------------------------------------------------------
 # caption hypotheses: the exact tokenized caption of each class, as training saw it
 
+def scored_caption(ids):
+    """Caption ids with the positions training does not score set to M.IGNORE_ID."""
+    return torch.where(M.caption_scored(ids), ids, M.IGNORE_ID)
+
+
 def caption_hypotheses(class_names):
-    """-> list of int arrays: each class's caption ids (BPE + its end-of-text), i.e. the valid targets of
-    modalities.encode_caption(caption_text(c)). Two classes with identical ids are an error."""
+    """-> list of int arrays: each class's caption as training scores it, modalities.encode_caption(
+    caption_text(c)) with its trailing padding (after the first end-of-text) set to M.IGNORE_ID: queried,
+    not scored (modalities.caption_scored). Two classes with identical ids are an error."""
     hyps = []
     for c in class_names:
         ids = torch.from_numpy(M.encode_caption(M.caption_text(c)))
-        hyps.append(ids[M.caption_valid(ids)].numpy().astype(np.int64))
+        hyps.append(scored_caption(ids[M.caption_valid(ids)]).numpy().astype(np.int64))
     seen = {}
     for c, h in zip(class_names, hyps):
         key = tuple(h.tolist())
@@ -330,8 +336,9 @@ def iter_target_logits(model, inputs, target, target_idx, device, bs):
 
 
 def score_hypotheses(model, inputs, target, target_idx, hyp_ids, device, bs, reduce="sum", desc=None):
-    """[B, H] log-likelihood of each hypothesis hyp_ids [H, n_t] (ids at target_idx) given each row's input.
-    One decoder pass per row scores all H hypotheses (the decoder never sees target ids)."""
+    """[B, H] log-likelihood of each hypothesis hyp_ids [H, n_t] (ids at target_idx) given each row's input;
+    positions where a hypothesis holds M.IGNORE_ID are queried but not scored (reduce="mean" averages over
+    the scored ones). One decoder pass per row scores all H hypotheses (the decoder never sees target ids)."""
     hyp = torch.as_tensor(np.asarray(hyp_ids), dtype=torch.long, device=device)       # [H, n_t]
     B = next(iter(inputs.values()))[0].size(0)
     out = np.zeros((B, hyp.size(0)))
@@ -339,8 +346,9 @@ def score_hypotheses(model, inputs, target, target_idx, hyp_ids, device, bs, red
     for s, e, logits in tqdm(iter_target_logits(model, inputs, target, target_idx, device, bs),
                              desc=desc, disable=desc is None, leave=False):
         logp = torch.log_softmax(logits, dim=-1)                                     # [b, n_t, V]
-        per = logp[:, cols, hyp]                                                     # [b, H, n_t]
-        red = per.sum(-1) if reduce == "sum" else per.mean(-1)
+        scored = (hyp >= 0).to(logp.dtype)                                            # [H, n_t]
+        per = logp[:, cols, hyp.clamp_min(0)] * scored                               # [b, H, n_t]
+        red = per.sum(-1) if reduce == "sum" else per.sum(-1) / scored.sum(-1)
         out[s:e] = red.double().cpu().numpy()
     return out
 
@@ -428,7 +436,7 @@ def probe_ce(ctx):
             h = model.decode_hidden(b["enc_ids"], b["enc_pos"], b["enc_valid"], b["dec_pos"], b["dec_valid"])
             mod = M.position_modality(b["dec_pos"])
             for m, name in enumerate(M.MODALITY_NAMES):
-                sel = b["dec_valid"] & (mod == m)
+                sel = b["dec_valid"] & (mod == m) & (b["dec_ids"] >= 0)   # scored targets, as in training
                 if not sel.any():
                     continue
                 ce = torch.nn.functional.cross_entropy(model.modality_logits(h[sel], m), b["dec_ids"][sel],
@@ -516,7 +524,8 @@ def probe_class(ctx):
     # the hypotheses must be what training saw: compare with the stored captions of these clips
     hyps = caption_hypotheses(names)
     cap = tokens["caption"]
-    same = [np.array_equal(cap[i][M.caption_valid(cap[i])].numpy(), hyps[labels[i]]) for i in range(len(labels))]
+    same = [np.array_equal(scored_caption(cap[i][M.caption_valid(cap[i])]).numpy(), hyps[labels[i]])
+            for i in range(len(labels))]
     out["hypothesis_equals_stored_caption"] = float(np.mean(same))
     if not all(same):
         print(f"  warning: {100 * (1 - np.mean(same)):.1f}% of the clips' stored captions differ from "

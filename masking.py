@@ -510,7 +510,10 @@ def _assemble(tokens, U, Z, cfg):
     valid = tab["width_arange"][:width] < chosen.sum(-1, keepdim=True)
     pos = pos * valid
     ids_all = torch.cat([tokens[name] for name in M.MODALITY_NAMES], -1)
-    ids = ids_all.expand(2, B, M.TOTAL_POSITIONS).gather(-1, pos) * valid
+    # as targets, the caption's trailing padding is queried but not scored (modalities.caption_scored)
+    cap = tokens["caption"]
+    tgt_all = torch.cat([ids_all[:, :-M.CAPTION_LEN], torch.where(M.caption_scored(cap), cap, M.IGNORE_ID)], -1)
+    ids = torch.stack([ids_all, tgt_all]).gather(-1, pos) * valid
     ni, no = cfg.max_input_tokens, cfg.max_target_tokens
     return dict(enc_ids=ids[0, :, :ni].contiguous(), enc_pos=pos[0, :, :ni].contiguous(),
                 enc_valid=valid[0, :, :ni].contiguous(), dec_pos=pos[1, :, :no].contiguous(),

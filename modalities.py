@@ -154,6 +154,19 @@ def caption_valid(caption):
     return np.ones(np.shape(caption), dtype=bool)
 
 
+IGNORE_ID = -1              # a decoder target that is queried but not scored (see caption_scored)
+
+
+def caption_scored(caption):
+    """[..., CAPTION_LEN] ids -> bool mask of the caption positions the loss scores: the text and its first
+    end-of-text. The padding after that first end-of-text follows from it, so scoring it would only dilute
+    the words: "a photo of a cat" is 5 ids of 16, and with its 11 trailing pads the class word was 1/16 of
+    the caption's length-normalized loss instead of 1/6. The trailing positions stay decoder queries (and
+    inputs) all the same: caption_valid's length leak does not come back."""
+    pad = caption == CAPTION_PAD
+    return (pad.cumsum(-1) if torch.is_tensor(pad) else np.cumsum(pad, -1)) <= 1
+
+
 # ---------------------------------------------------------------------------------------------------
 # the tokenized dataset on disk
 

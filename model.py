@@ -221,16 +221,18 @@ class Nano4M(nn.Module):
         with torch.autocast(device_type=h.device.type, enabled=False):
             return h.float() @ self.lm_head.weight[:vocab].float().t()
 
-    def target_counts(self, dec_pos, dec_valid):
-        """-> HostCounts: each modality's number of valid targets (and the padding's, last), copied to the
+    def target_counts(self, dec_pos, dec_valid, dec_ids):
+        """-> HostCounts: each modality's number of scored targets (and the rest's, last), copied to the
         host without waiting. train.py calls this when it makes a batch, long before the step's head needs
         the numbers, so the step never stalls the GPU queue to read them."""
-        return HostCounts(torch.bincount(self.target_modality(dec_pos, dec_valid).reshape(-1),
+        return HostCounts(torch.bincount(self.target_modality(dec_pos, dec_valid, dec_ids).reshape(-1),
                                          minlength=len(MODALITIES) + 1))
 
-    def target_modality(self, dec_pos, dec_valid):
-        """Modality index of every target slot; len(MODALITIES) for the padding slots."""
-        return torch.where(dec_valid, self.pos_modality[dec_pos], len(MODALITIES))
+    def target_modality(self, dec_pos, dec_valid, dec_ids=None):
+        """Modality index of every target slot; len(MODALITIES) for the padding slots and for the queried
+        but unscored ones (dec_ids == IGNORE_ID, the caption's trailing padding)."""
+        scored = dec_valid if dec_ids is None else dec_valid & (dec_ids >= 0)
+        return torch.where(scored, self.pos_modality[dec_pos], len(MODALITIES))
 
     def per_modality_loss(self, h, dec_pos, dec_ids, dec_valid, dec_counts=None):
         """-> (loss, {name: (sum_ce, count)}). Sorts the valid target rows by modality so each modality's
@@ -239,7 +241,7 @@ class Nano4M(nn.Module):
         D = h.size(-1)
         h = h.reshape(-1, D)
         ids = dec_ids.reshape(-1)
-        mod = self.target_modality(dec_pos, dec_valid).reshape(-1)
+        mod = self.target_modality(dec_pos, dec_valid, dec_ids).reshape(-1)
         order = torch.argsort(mod, stable=True)
         counts_t = torch.bincount(mod, minlength=len(MODALITIES) + 1)
         counts = dec_counts.tolist() if dec_counts is not None else counts_t.tolist()

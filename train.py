@@ -195,7 +195,7 @@ def get_batch(split, data_generator, mask_generator):
         batch = trim_padding(batch)
     # the head needs each modality's target count on the host: start that copy now, so that reading it in
     # the step waits for this copy only and never drains the GPU queue (Nano4M.target_counts)
-    batch['dec_counts'] = raw_model.target_counts(batch['dec_pos'], batch['dec_valid'])
+    batch['dec_counts'] = raw_model.target_counts(batch['dec_pos'], batch['dec_valid'], batch['dec_ids'])
     return batch
 
 

@@ -118,8 +118,13 @@ def test_clip_order_round_robin_over_classes():
 
 def test_pig_and_pigeon_are_distinct_hypotheses():
     hyps = E.caption_hypotheses(["pig", "pigeon"])
-    assert not np.array_equal(hyps[0], hyps[1]) and hyps[0][-1] == M.CAPTION_PAD and hyps[1][-1] == M.CAPTION_PAD
-    assert np.array_equal(hyps[0], M.encode_caption("a photo of a pig")[:len(hyps[0])])
+    assert not np.array_equal(hyps[0], hyps[1])
+    # each is the caption training scores: the text, its end-of-text, then unscored positions
+    for h, name in zip(hyps, ["pig", "pigeon"]):
+        full = M.encode_caption(f"a photo of a {name}")
+        n = int((h >= 0).sum())
+        assert len(h) == M.CAPTION_LEN and h[n - 1] == M.CAPTION_PAD and (h[n:] == M.IGNORE_ID).all()
+        assert np.array_equal(h[:n], full[:n]) and (full[n:] == M.CAPTION_PAD).all()
     V = M.VOCAB_SIZE
 
     def fake_scorer(favoured):
@@ -130,7 +135,7 @@ def test_pig_and_pigeon_are_distinct_hypotheses():
             logp = np.full((length, V), -20.0)
             for p in range(min(length, len(target))):
                 logp[p, target[p]] = 0.0
-            return np.stack([logp[np.arange(length), h].sum() for h in hyp_ids])[None].repeat(2, 0)
+            return np.stack([logp[np.arange(length), h][h >= 0].sum() for h in hyp_ids])[None].repeat(2, 0)
         return score_fn
 
     for i, name in enumerate(["pig", "pigeon"]):

@@ -3,6 +3,7 @@ import os
 import sys
 
 import pytest
+import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -56,11 +57,14 @@ def check_structure(toks, batch, cfg):
     assert batch["enc_ids"].shape == (B, cfg.max_input_tokens)
     assert batch["dec_ids"].shape == (B, cfg.max_target_tokens)
     ids_all = torch.cat([toks[n] for n in M.MODALITY_NAMES], 1)
-    for p in ("enc", "dec"):
+    cap = toks["caption"]
+    # as targets, the caption's padding after its first end-of-text is queried but not scored
+    tgt_all = torch.cat([ids_all[:, :-M.CAPTION_LEN], torch.where(M.caption_scored(cap), cap, M.IGNORE_ID)], 1)
+    for p, want in (("enc", ids_all), ("dec", tgt_all)):
         ids, pos, valid = batch[p + "_ids"], batch[p + "_pos"], batch[p + "_valid"]
         assert ids.dtype == pos.dtype == torch.long and valid.dtype == torch.bool
         # ids are the tokens at the positions; padding is 0
-        assert torch.equal(ids, torch.where(valid, ids_all.gather(1, pos), 0))
+        assert torch.equal(ids, torch.where(valid, want.gather(1, pos), 0))
         assert (pos[~valid] == 0).all() and (ids[~valid] == 0).all()
         # valid slots first, positions strictly increasing (modality order, then position order)
         n = valid.sum(1, keepdim=True)
@@ -347,6 +351,15 @@ def test_caption_query_set_does_not_reveal_its_length():
     b = K.build_batch(toks, cfg, torch.Generator().manual_seed(1))
     assert b["dec_valid"].sum(1).tolist() == [M.CAPTION_LEN, M.CAPTION_LEN]
     assert torch.equal(b["dec_pos"][0], b["dec_pos"][1])
+    # ... but the loss scores only the text and its first end-of-text: the padding after it is queried with
+    # IGNORE_ID as its target (coyote: 6 ids + 1 end-of-text scored; cat: 5 + 1)
+    cap_ids = b["dec_ids"][:, -M.CAPTION_LEN:]
+    assert (cap_ids >= 0).sum(1).tolist() == [7, 6]
+    assert cap_ids[0, 6] == M.CAPTION_PAD and (cap_ids[0, 7:] == M.IGNORE_ID).all()
+    assert cap_ids[1, 5] == M.CAPTION_PAD and (cap_ids[1, 6:] == M.IGNORE_ID).all()
+    assert (b["enc_ids"] >= 0).all()                        # inputs keep their padding ids
+    np_mask = M.caption_scored(toks["caption"].numpy())     # numpy and torch agree
+    assert np.array_equal(np_mask, M.caption_scored(toks["caption"]).numpy())
 
 
 def test_toyzoo_config_whole_targets_with_a_side_budget():

@@ -94,6 +94,27 @@ def test_loss_is_mean_over_modalities_of_per_modality_mean_ce():
             assert abs(float(s / c) - math.log(m.vocab)) < 1.5
 
 
+def test_ignored_targets_are_queried_but_not_scored():
+    """A target slot whose id is M.IGNORE_ID (the caption's trailing padding) still takes part in the decoder
+    as a query, but neither counts in its modality's mean nor changes the loss whatever it would have held."""
+    model, b = tiny(), random_batch()
+    ign = b["dec_valid"] & (torch.rand(b["dec_valid"].shape, generator=torch.Generator().manual_seed(3)) < 0.3)
+    b["dec_ids"] = torch.where(ign, M.IGNORE_ID, b["dec_ids"])
+    loss, per = run(model, b)
+    h = model.decode_hidden(b["enc_ids"], b["enc_pos"], b["enc_valid"], b["dec_pos"], b["dec_valid"])
+    mod = M.position_modality(b["dec_pos"])
+    means = []
+    for m_idx, m in enumerate(M.MODALITIES):
+        sel = b["dec_valid"] & ~ign & (mod == m_idx)
+        assert int(per[m.name][1]) == int(sel.sum())
+        if sel.any():
+            means.append(F.cross_entropy(model.modality_logits(h[sel], m_idx), b["dec_ids"][sel]))
+    torch.testing.assert_close(loss, torch.stack(means).mean(), rtol=1e-5, atol=1e-5)
+    counts = model.target_counts(b["dec_pos"], b["dec_valid"], b["dec_ids"])
+    assert torch.equal(run(model, b)[0], model(*[b[k] for k in ("enc_ids", "enc_pos", "enc_valid", "dec_pos",
+                                                                  "dec_valid", "dec_ids")], counts)[0])
+
+
 def test_padding_does_not_change_the_result():
     model = tiny()
     b = random_batch()
@@ -229,7 +250,7 @@ def test_counts_copied_ahead_give_the_same_loss():
     the loss and its parts equal those of the model reading the counts itself."""
     model, b = tiny(), random_batch()
     loss_a, parts_a = run(model, b)
-    counts = model.target_counts(b["dec_pos"], b["dec_valid"])
+    counts = model.target_counts(b["dec_pos"], b["dec_valid"], b["dec_ids"])
     loss_b, parts_b = model(b["enc_ids"], b["enc_pos"], b["enc_valid"], b["dec_pos"], b["dec_valid"], b["dec_ids"],
                             counts)
     assert torch.equal(loss_a, loss_b)
