@@ -474,7 +474,7 @@ def _assemble(tokens, U, Z, cfg):
     # 4a. rgb / depth / normal / caption: one random order per modality over its available tokens; inputs are
     # the first n_in of that order, targets the next n_tgt (a uniform subset of what the inputs left).
     # Caption: random tokens too. It has 16 tokens ("a photo of a cat", end-of-text, then end-of-text padding:
-    # all of them count, see modalities.caption_valid) and its Dirichlet share often covers them all; when it
+    # all of them can be chosen, see modalities.caption_valid) and its Dirichlet share often covers them all; when it
     # is split, random tokens keep the budgets exact, and the class word sits at a random place among few
     # tokens, so spans (4M's choice for long text) would buy nothing here.
     cap_row = torch.nn.functional.pad(cap_valid, (0, BLOCK - M.CAPTION_LEN))

@@ -144,7 +144,8 @@ def decode_caption(ids):
 
 def caption_valid(caption):
     """[..., CAPTION_LEN] ids -> bool mask of the caption tokens that take part as inputs or targets: all of
-    them, the end-of-text padding included. Where the text ends is part of what is predicted. Masking only
+    them, the end-of-text padding included (as targets the loss scores only up to the first end-of-text, see
+    caption_scored). Where the text ends is part of what is predicted. Masking only
     the text and its first end-of-text would make the number of caption positions (which the decoder sees
     as its queries) tell the model the caption's length, and with it the class wherever one class name has
     its own length: on ToyZoo "coyote" is the only two-id name, and a model trained that way ranked

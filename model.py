@@ -8,7 +8,8 @@ position (see modalities.py). The encoder runs over the inputs; decoder queries 
 plus modality and position embeddings, they attend to each other (within their own modality, as in 4M) and
 cross-attend to the encoder output.
 
-The loss is length-normalized per modality: each modality's cross-entropy is averaged over its own targets,
+The loss is length-normalized per modality: each modality's cross-entropy is averaged over its own scored
+targets (a target whose id is modalities.IGNORE_ID, the caption's trailing padding, is a query only),
 then the modalities present in the batch are averaged with equal weight, so the 512-token audio stream does
 not drown the ~5-token caption. Each modality's logits only span its own id range and are computed in float32
 (bf16 softmax over a 50k vocabulary produced NaNs in the report).
