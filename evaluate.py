@@ -251,11 +251,6 @@ def fit_token_judge(ids, labels, num_classes, vocab):
 # -----------------------------------------------------------------------------------------------------
 # caption hypotheses: the exact tokenized caption of each class, as training saw it
 
-def scored_caption(ids):
-    """Caption ids with the positions training does not score set to M.IGNORE_ID."""
-    return torch.where(M.caption_scored(ids), ids, M.IGNORE_ID)
-
-
 def caption_hypotheses(class_names):
     """-> list of int arrays: each class's caption as training scores it, modalities.encode_caption(
     caption_text(c)) with its trailing padding (after the first end-of-text) set to M.IGNORE_ID: queried,
@@ -263,7 +258,7 @@ def caption_hypotheses(class_names):
     hyps = []
     for c in class_names:
         ids = torch.from_numpy(M.encode_caption(M.caption_text(c)))
-        hyps.append(scored_caption(ids[M.caption_valid(ids)]).numpy().astype(np.int64))
+        hyps.append(M.caption_targets(ids).numpy().astype(np.int64))
     seen = {}
     for c, h in zip(class_names, hyps):
         key = tuple(h.tolist())
@@ -343,11 +338,11 @@ def score_hypotheses(model, inputs, target, target_idx, hyp_ids, device, bs, red
     B = next(iter(inputs.values()))[0].size(0)
     out = np.zeros((B, hyp.size(0)))
     cols = torch.arange(hyp.size(1), device=device)[None, :]
+    scored, hyp = (hyp >= 0).float(), hyp.clamp_min(0)                                # [H, n_t]
     for s, e, logits in tqdm(iter_target_logits(model, inputs, target, target_idx, device, bs),
                              desc=desc, disable=desc is None, leave=False):
         logp = torch.log_softmax(logits, dim=-1)                                     # [b, n_t, V]
-        scored = (hyp >= 0).to(logp.dtype)                                            # [H, n_t]
-        per = logp[:, cols, hyp.clamp_min(0)] * scored                               # [b, H, n_t]
+        per = logp[:, cols, hyp] * scored                                            # [b, H, n_t]
         red = per.sum(-1) if reduce == "sum" else per.sum(-1) / scored.sum(-1)
         out[s:e] = red.double().cpu().numpy()
     return out
@@ -524,8 +519,7 @@ def probe_class(ctx):
     # the hypotheses must be what training saw: compare with the stored captions of these clips
     hyps = caption_hypotheses(names)
     cap = tokens["caption"]
-    same = [np.array_equal(scored_caption(cap[i][M.caption_valid(cap[i])]).numpy(), hyps[labels[i]])
-            for i in range(len(labels))]
+    same = [np.array_equal(M.caption_targets(cap[i]).numpy(), hyps[labels[i]]) for i in range(len(labels))]
     out["hypothesis_equals_stored_caption"] = float(np.mean(same))
     if not all(same):
         print(f"  warning: {100 * (1 - np.mean(same)):.1f}% of the clips' stored captions differ from "

@@ -511,8 +511,7 @@ def _assemble(tokens, U, Z, cfg):
     pos = pos * valid
     ids_all = torch.cat([tokens[name] for name in M.MODALITY_NAMES], -1)
     # as targets, the caption's trailing padding is queried but not scored (modalities.caption_scored)
-    cap = tokens["caption"]
-    tgt_all = torch.cat([ids_all[:, :-M.CAPTION_LEN], torch.where(M.caption_scored(cap), cap, M.IGNORE_ID)], -1)
+    tgt_all = torch.cat([ids_all[:, :-M.CAPTION_LEN], M.caption_targets(tokens["caption"])], -1)
     ids = torch.stack([ids_all, tgt_all]).gather(-1, pos) * valid
     ni, no = cfg.max_input_tokens, cfg.max_target_tokens
     return dict(enc_ids=ids[0, :, :ni].contiguous(), enc_pos=pos[0, :, :ni].contiguous(),

@@ -168,6 +168,12 @@ def caption_scored(caption):
     return (pad.cumsum(-1) if torch.is_tensor(pad) else np.cumsum(pad, -1)) <= 1
 
 
+def caption_targets(caption):
+    """[..., CAPTION_LEN] ids -> the same ids as decoder targets: IGNORE_ID where caption_scored is False."""
+    where = torch.where if torch.is_tensor(caption) else np.where
+    return where(caption_scored(caption), caption, IGNORE_ID)
+
+
 # ---------------------------------------------------------------------------------------------------
 # the tokenized dataset on disk
 
