@@ -182,8 +182,10 @@ class Nano4M(nn.Module):
     def decode_hidden(self, enc_ids, enc_pos, enc_valid, dec_pos, dec_valid):
         """-> decoder output [B, No, D] (after the final LayerNorm), one row per target position."""
         device = enc_ids.device
-        pos_table = self.position_table()
-        x = self.wte(enc_ids) + self.wme(self.pos_modality[enc_pos]) + pos_table[enc_pos]
+        # modality + position embedding of every global position, summed once over the 1,316 positions, so
+        # each token takes one gather rather than two (the modality follows from the position anyway)
+        pos_table = self.position_table() + self.wme(self.pos_modality)
+        x = self.wte(enc_ids) + pos_table[enc_pos]
         x = self.drop(x)
         Ni, No = enc_ids.size(1), dec_pos.size(1)
 
@@ -197,7 +199,7 @@ class Nano4M(nn.Module):
         memory = self.enc_ln_f(x)
 
         dec_mod = self.pos_modality[dec_pos]
-        y = self.mask_token + self.wme(dec_mod) + pos_table[dec_pos]
+        y = self.mask_token + pos_table[dec_pos]
         y = self.drop(y)
         eye_o = torch.eye(No, dtype=torch.bool, device=device)
         dec_mask = dec_valid[:, None, :].expand(-1, No, -1)
