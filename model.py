@@ -319,14 +319,15 @@ class Nano4M(nn.Module):
 
 class PerModalityCE(torch.autograd.Function):
     """Summed cross-entropy of each modality's rows (h and ids sorted by modality, counts rows each) over its
-    own id range, weight[:vocab], in float32: the numbers of F.cross_entropy(h_m @ weight[:vocab_m].T, ids_m,
-    reduction="sum"), for less memory traffic. Each modality's logits are kept once and turned into their
-    gradient in place (softmax minus one-hot), and the head's gradient is a single buffer rather than one
-    full-size zero-padded tensor per modality slice. Counts may be zero; rows beyond sum(counts) (the
-    padding) get a zero gradient.
-    Measured on an H100 (bench.py, bf16 + compile): 9% faster per step than F.cross_entropy per modality,
-    with the counts read ahead. Compiling the two elementwise passes and running the matmuls in bf16 with
-    float32 accumulation was slower there (host overhead), so this stays plain eager float32 / TF32."""
+    own id range, weight[:vocab], in float32: the numbers of F.cross_entropy(h_m @ weight[:vocab].T, ids_m,
+    reduction="sum"), with less memory traffic over the [rows, vocab] logits, the largest tensors of a step:
+    - forward: one log_softmax pass over each modality's logits (logsumexp costs several), kept for backward;
+    - backward: the log-probabilities turn into the softmax in place (one pass), the one-hot is subtracted
+      at the target ids, and the upstream gradient scales the small [rows, D] side of each matmul instead of
+      the [rows, vocab] matrix; the head's gradient is one buffer, not a zero-padded one per modality.
+    Counts may be zero; rows beyond sum(counts) (the padding) get a zero gradient.
+    The matmuls stay float32 (TF32 on CUDA): bf16 head matmuls with float32 accumulation measured no faster
+    on an H100 (see README, Speed)."""
 
     @staticmethod
     def forward(ctx, h, weight, ids, counts, vocabs):
@@ -338,10 +339,9 @@ class PerModalityCE(torch.autograd.Function):
                     saved.append(None)
                     sums.append(h.new_zeros((), dtype=torch.float32))
                     continue
-                logits = h_m.float() @ weight[:vocab].float().t()
-                lse = torch.logsumexp(logits, dim=1)
-                sums.append((lse - logits.gather(1, ids_m[:, None]).squeeze(1)).sum())
-                saved.append((logits, lse))
+                logp = torch.log_softmax(h_m.float() @ weight[:vocab].float().t(), dim=1)
+                sums.append(-logp.gather(1, ids_m[:, None]).sum())
+                saved.append(logp)
         ctx.saved, ctx.counts = saved, list(counts)
         ctx.save_for_backward(h, weight, ids)
         return torch.stack(sums)
@@ -356,14 +356,14 @@ class PerModalityCE(torch.autograd.Function):
             for m, n in enumerate(ctx.counts):
                 if n == 0:
                     continue
-                logits, lse = ctx.saved[m]
+                grad = ctx.saved[m].exp_()                                           # softmax, in place
                 ctx.saved[m] = None                                                  # free as we go
-                vocab = logits.size(1)
-                grad = logits.sub_(lse[:, None]).exp_()                              # softmax, in place
+                vocab = grad.size(1)
                 grad[torch.arange(n, device=h.device), ids[start:start + n]] -= 1.0  # minus the one-hot
-                grad.mul_(grad_sums[m])
-                grad_h[start:start + n] = grad @ weight[:vocab].float()
-                grad_w[:vocab].addmm_(grad.t(), h[start:start + n].float())
+                w_m, h_m = weight[:vocab].float(), h[start:start + n].float()
+                torch.mm(grad, w_m, out=grad_h[start:start + n])
+                grad_h[start:start + n] *= grad_sums[m]
+                grad_w[:vocab].addmm_(grad.t(), h_m * grad_sums[m])
                 start += n
         return grad_h.to(h.dtype), grad_w.to(weight.dtype), None, None, None
 
