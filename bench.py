@@ -44,6 +44,8 @@ seed = 1337
 counts_ahead = True             # as train.py: the head's per-modality row counts copied to the host when the
                                 # batch is made; False reads them mid-step (a sync that drains the GPU queue)
 small = False                   # tiny shape for CPU: d1-1w64, batch 4, 32 + 32 slots
+sdpa_backend = 'auto'           # auto (PyTorch picks), or force one: cudnn, efficient, math (flash takes no mask)
+profile = False                 # after timing, profile a few steps and print the kernels that cost the most
 # -----------------------------------------------------------------------------------------------------
 _args = ['--small=True' if a == '--small' else a for a in sys.argv[1:]]
 try:
@@ -62,6 +64,31 @@ if threads:
 if device_type == 'cuda':
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
+
+
+def sdpa_context():
+    if sdpa_backend == 'auto':
+        return nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    names = {'cudnn': SDPBackend.CUDNN_ATTENTION, 'efficient': SDPBackend.EFFICIENT_ATTENTION,
+             'math': SDPBackend.MATH, 'flash': SDPBackend.FLASH_ATTENTION}
+    if sdpa_backend not in names:
+        raise SystemExit(f"bench.py: --sdpa_backend={sdpa_backend!r}: choose auto or one of {', '.join(names)}")
+    return sdpa_kernel(names[sdpa_backend])
+
+
+def print_profile(step, label):
+    """The kernels of a few steps, most device time first (host time on a CPU)."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device_type == 'cuda' else [])
+    n = 5
+    with torch_profile(activities=activities) as prof:
+        for i in range(n):
+            step(i)
+        sync()
+    key = 'self_cuda_time_total' if device_type == 'cuda' else 'self_cpu_time_total'
+    print(f"\nprofile of {n} steps, {label}:")
+    print(prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=70))
 
 
 def sync():
@@ -136,16 +163,19 @@ for dtype in dtypes.split(','):
             optimizer.zero_grad(set_to_none=True)
             return loss
 
-        t0 = time.perf_counter()
-        for i in range(warmup):
-            step(i)
-        sync()
-        warm_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        for i in range(steps):
-            loss = step(i)
-        sync()
-        dt = (time.perf_counter() - t0) / steps
+        with sdpa_context():
+            t0 = time.perf_counter()
+            for i in range(warmup):
+                step(i)
+            sync()
+            warm_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            for i in range(steps):
+                loss = step(i)
+            sync()
+            dt = (time.perf_counter() - t0) / steps
+            if profile:
+                print_profile(step, f"{dtype}, compile={compile_flag}")
         if not torch.isfinite(loss):
             print(f"warning: non-finite loss with {dtype}, compile={compile_flag}")
         mfu = model.estimate_mfu(batch_size, n_in, n_out, dt, peak_flops)
