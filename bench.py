@@ -56,6 +56,11 @@ if small:
     batch_size, input_budget, target_budget = 4, (32, 32), (32, 32)
     n_enc_layer, n_dec_layer, n_embd, n_head = 1, 1, 64, 1
     steps, warmup = 5, 2
+from torch.nn.attention import SDPBackend
+SDPA_BACKENDS = {'cudnn': SDPBackend.CUDNN_ATTENTION, 'efficient': SDPBackend.EFFICIENT_ATTENTION,
+                 'math': SDPBackend.MATH, 'flash': SDPBackend.FLASH_ATTENTION}
+if sdpa_backend != 'auto' and sdpa_backend not in SDPA_BACKENDS:
+    raise SystemExit(f"bench.py: --sdpa_backend={sdpa_backend!r}: choose auto or one of {', '.join(SDPA_BACKENDS)}")
 if device == 'auto':
     device = 'cuda' if torch.cuda.is_available() else 'cpu'
 device_type = 'cuda' if 'cuda' in device else 'cpu'
@@ -69,12 +74,8 @@ if device_type == 'cuda':
 def sdpa_context():
     if sdpa_backend == 'auto':
         return nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    names = {'cudnn': SDPBackend.CUDNN_ATTENTION, 'efficient': SDPBackend.EFFICIENT_ATTENTION,
-             'math': SDPBackend.MATH, 'flash': SDPBackend.FLASH_ATTENTION}
-    if sdpa_backend not in names:
-        raise SystemExit(f"bench.py: --sdpa_backend={sdpa_backend!r}: choose auto or one of {', '.join(names)}")
-    return sdpa_kernel(names[sdpa_backend])
+    from torch.nn.attention import sdpa_kernel
+    return sdpa_kernel(SDPA_BACKENDS[sdpa_backend])
 
 
 def print_profile(step, label):

@@ -1,0 +1,29 @@
+"""bench.py runs on a CPU at its small shape: one table row per setting, the profile when asked, and a clear
+refusal of an unknown attention backend."""
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def bench(*args):
+    return subprocess.run([sys.executable, "bench.py", "--small", *args], cwd=ROOT, capture_output=True, text=True)
+
+
+def test_bench_small_prints_a_row_per_setting_and_the_profile():
+    r = bench("--dtypes=float32,bfloat16", "--sdpa_backend=math", "--profile=True")
+    assert r.returncode == 0, r.stderr
+    rows = [line for line in r.stdout.splitlines() if line.startswith(("float32 ", "bfloat16 "))]
+    assert len(rows) == 2
+    for row in rows:
+        s_per_step = float(row.split("|")[2])
+        assert s_per_step > 0
+    assert r.stdout.count("profile of 5 steps") == 2
+    assert "aten::mm" in r.stdout
+
+
+def test_bench_refuses_an_unknown_attention_backend():
+    r = bench("--sdpa_backend=fast")
+    assert r.returncode != 0
+    assert "--sdpa_backend='fast'" in r.stderr and "cudnn" in r.stderr
