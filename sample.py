@@ -104,6 +104,8 @@ def generate(model, tokens, known, target, steps=16, schedule="maskgit", tempera
         entry is fully known if it is not the target and fully unknown if it is. For the target, the known
         positions (e.g. the first 80% for continuation) keep their values in the output. Caption padding
         (after the first end-of-text) is never fed, whatever `known` says.
+        A caption target ends at its first end-of-text: once one is decoded (or given), every later position
+        is set to end-of-text (the padding training always saw there) and is no longer decoded.
     schedule: "maskgit" (confidence-ranked commits) or "roar" (random order, accept all of a step).
     count_schedule: "cosine" or "linear": how many positions stay masked after each step.
     temperature, temperature_end: sampling temperature, annealed linearly to temperature_end over the steps
@@ -251,6 +253,14 @@ def generate(model, tokens, known, target, steps=16, schedule="maskgit", tempera
             commit = masked & (rank < n_commit[:, None]).repeat_interleave(group, dim=1)
         out = torch.where(commit, cand, out)
         masked = masked & ~commit
+        if target == "caption":
+            # a caption ends at its first end-of-text and training only ever fed end-of-text after it (the
+            # loss never scored those positions, so the model's guesses there are noise): once an
+            # end-of-text is in, every later position is padding, committed now
+            ended = (out == CAPTION_PAD) & ~masked
+            after = (ended.long().cumsum(dim=1) - ended.long()) > 0
+            out = torch.where(after, torch.full_like(out, CAPTION_PAD), out)
+            masked = masked & ~after
     assert not masked.any(), "schedule left positions undecoded"
     return out
 

@@ -411,3 +411,42 @@ def test_cli_refuses_bad_settings(tmp_path):
         sample.main([f"--out_dir={out_dir}", "--temprature=0.5"])
     with pytest.raises(FileNotFoundError, match="ckpt.pt"):
         sample.main([f"--out_dir={tmp_path}/nowhere", "--mode=class_only"])
+
+
+class CaptionScript(nn.Module):
+    """Caption logits that depend on the position only: id 100 (confidence 10) before caption position 3,
+    end-of-text there (20), and a confident stray id 7 (30) after it: where training scores nothing."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+        self.dummy = nn.Parameter(torch.zeros(1))
+
+    def decode_hidden(self, enc_ids, enc_pos, enc_valid, dec_pos, dec_valid):
+        self.calls.append((enc_ids.clone(), enc_pos.clone(), enc_valid.clone()))
+        return (dec_pos - POS_OFFSETS[modality_index("caption")]).float()[..., None]
+
+    def modality_logits(self, h, m):
+        p = h[:, 0].long()
+        logits = torch.zeros(h.size(0), MODALITIES[m].vocab)
+        logits[p < 3, 100] = 10.0
+        logits[p == 3, CAPTION_PAD] = 20.0
+        logits[p > 3, 7] = 30.0
+        return logits
+
+
+@pytest.mark.parametrize("schedule", ["maskgit", "roar"])
+def test_caption_target_is_padding_after_its_first_end_of_text(schedule):
+    model = CaptionScript()
+    audio = torch.randint(0, 2048, (2, 512), generator=gen(3))
+    out = sample.generate(model, {"audio": audio}, {}, "caption", steps=6, schedule=schedule, temperature=0,
+                          generator=gen())
+    want = torch.tensor([100, 100, 100] + [CAPTION_PAD] * 13)
+    assert torch.equal(out, want.expand(2, -1))
+    # once the end-of-text was in, the stray id never reached the encoder again
+    c0 = POS_OFFSETS[modality_index("caption")]
+    for enc_ids, enc_pos, enc_valid in model.calls:
+        fed = enc_valid & (enc_pos >= c0)
+        for b in range(2):
+            if (fed[b] & (enc_pos[b] == c0 + 3)).any():
+                assert not (fed[b] & (enc_pos[b] > c0 + 3) & (enc_ids[b] == 7)).any()
