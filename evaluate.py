@@ -64,7 +64,7 @@ gen_per_class = 2        # generation probes: clips (and class-only samples) per
 gen_steps = 16
 gen_schedule = 'maskgit'
 gen_temperature = 1.0
-gen_guidance = 1.0
+gen_guidance = 3.0       # classifier-free guidance scale, as sample.py's default (1.0 = conditional pass alone)
 clf_per_class = 10       # decoded train clips per class for the offline audio classifier
 class_views = 10         # class probe: also score this many views per clip (all 10: a tighter per-view figure
                          # and a whole-clip one); 1 = only the seeded view

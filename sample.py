@@ -378,7 +378,8 @@ DEFAULTS = dict(
     temperature_end=None,      # anneal linearly to this over the steps (None = constant)
     top_k=0,                   # 0 = off
     top_p=1.0,                 # 1.0 = off
-    guidance_scale=1.0,        # classifier-free guidance; 1.0 = the conditional model alone
+    guidance_scale=3.0,        # classifier-free guidance; 1.0 = the conditional model alone. 3.0: class-only
+                               # audio judged the right class once decoded 34-43% vs 9-14% at 1.0 (README)
     remask_noise=0.0,          # MaskGIT's annealed Gumbel noise on the confidences
     continuation_frac=0.8,     # continuation: the fraction of the audio frames given
     seed=1337,
