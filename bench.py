@@ -56,7 +56,7 @@ if small:
     batch_size, input_budget, target_budget = 4, (32, 32), (32, 32)
     n_enc_layer, n_dec_layer, n_embd, n_head = 1, 1, 64, 1
     steps, warmup = 5, 2
-from torch.nn.attention import SDPBackend
+from torch.nn.attention import SDPBackend, sdpa_kernel
 SDPA_BACKENDS = {'cudnn': SDPBackend.CUDNN_ATTENTION, 'efficient': SDPBackend.EFFICIENT_ATTENTION,
                  'math': SDPBackend.MATH, 'flash': SDPBackend.FLASH_ATTENTION}
 if sdpa_backend != 'auto' and sdpa_backend not in SDPA_BACKENDS:
@@ -72,10 +72,7 @@ if device_type == 'cuda':
 
 
 def sdpa_context():
-    if sdpa_backend == 'auto':
-        return nullcontext()
-    from torch.nn.attention import sdpa_kernel
-    return sdpa_kernel(SDPA_BACKENDS[sdpa_backend])
+    return nullcontext() if sdpa_backend == 'auto' else sdpa_kernel(SDPA_BACKENDS[sdpa_backend])
 
 
 def print_profile(step, label):
