@@ -125,14 +125,20 @@ def clustered_accuracy(correct, valid=None, z=1.96):
     return acc, min(max(acc - z * se, 0.0), w_lo), max(min(acc + z * se, 1.0), w_hi)
 
 
-def bootstrap_ci(stat, sizes, reps=200, seed=0):
-    """95% percentile interval of stat(*index_arrays) over resampled index arrays, one per set size."""
+def bootstrap_ci(stat, sizes, reps=200, seed=0, point=None):
+    """95% interval of stat(*index_arrays) over resampled index arrays, one per set size.
+    Without point: the percentile interval. With point (stat on the full sets): the basic interval
+    [2 point - q97.5, 2 point - q2.5], which also undoes the resampling bias of a plug-in statistic (a
+    resample repeats items: a Frechet distance grows on it, an entropy shrinks; see probe_entropy)."""
     rng = np.random.default_rng(seed)
     vals = [stat(*[rng.integers(0, n, n) for n in sizes]) for _ in range(reps)]
     vals = np.asarray([v for v in vals if np.isfinite(v)])
     if len(vals) == 0:
         return float("nan"), float("nan")
-    return float(np.percentile(vals, 2.5)), float(np.percentile(vals, 97.5))
+    lo, hi = float(np.percentile(vals, 2.5)), float(np.percentile(vals, 97.5))
+    if point is None:
+        return lo, hi
+    return 2 * float(point) - hi, 2 * float(point) - lo
 
 
 def marginal_entropy(ids, vocab):
@@ -462,10 +468,21 @@ def probe_entropy(ctx):
     V = M.BY_NAME["tok_audio"].vocab
     a = np.asarray(ctx["arrays"][ctx["split"]]["tok_audio"][ctx["eval_clips"]]).reshape(len(ctx["eval_clips"]), -1)
     h = marginal_entropy(a, V)
-    lo, hi = bootstrap_ci(lambda i: marginal_entropy(a[i], V), [len(a)], reps=50, seed=ctx["seed"])
-    out = {"marginal_entropy": h, "ci": [lo, hi], "n_tokens": int(a.size), "n_clips": len(a), "log_vocab": math.log(V)}
-    add_row(ctx, "entropy", "audio marginal entropy (nats)", h, (lo, hi), int(a.size), math.log(V),
-            "log 2048", REPORT["audio_marginal_entropy"], unit="nats")
+    # The plug-in entropy of a sample underestimates the entropy of the distribution it came from, and the
+    # more so the fewer clips (default test split: 27 clips 6.83, 55 7.00, all 110 7.10; the 880 train clips
+    # 7.24). The report's figure is the plug-in, so it stays the headline and the gap's reference; the
+    # bootstrap estimates its bias (resampled clips repeat, so their entropy is lower still) for a corrected
+    # value and its basic interval. (A percentile interval, [6.94, 7.05], excluded the point itself.)
+    rng = np.random.default_rng(ctx["seed"])
+    boot = [marginal_entropy(a[rng.integers(0, len(a), len(a))], V) for _ in range(50)]
+    corrected = 2 * h - float(np.mean(boot))
+    lo, hi = 2 * h - float(np.percentile(boot, 97.5)), 2 * h - float(np.percentile(boot, 2.5))
+    out = {"marginal_entropy": h, "bias_corrected": corrected, "bias_corrected_ci": [lo, hi],
+           "n_tokens": int(a.size), "n_clips": len(a), "log_vocab": math.log(V)}
+    add_row(ctx, "entropy", "audio marginal entropy, plug-in on the split (nats)", h, None, int(a.size),
+            math.log(V), "log 2048", REPORT["audio_marginal_entropy"], unit="nats")
+    add_row(ctx, "entropy", "... bootstrap bias-corrected (nats)", corrected, (lo, hi), int(a.size),
+            math.log(V), "log 2048", None, unit="nats")
     if "train" in ctx["arrays"] and ctx["split"] != "train":
         tr = np.asarray(ctx["arrays"]["train"]["tok_audio"])
         xe = cross_entropy_to_marginal(a, tr, V)
@@ -881,7 +898,7 @@ def probe_fad(ctx):
                 per[name] = fd(frames[setting], frames["gt"], i, i, tail)
         v = fd(frames[setting], frames["gt"], idx_all, idx_all, tail)
         lo, hi = bootstrap_ci(lambda i, j: fd(frames[setting], frames["gt"], i, j, tail), [len(y), len(y)],
-                              reps=30, seed=ctx["seed"])
+                              reps=30, seed=ctx["seed"], point=v)
         out[setting] = {"overall": v, "ci": [lo, hi], "per_class": per, "n_clips": int(len(y))}
     floor = fd(frames["gt"], frames["train"], idx_all, np.arange(len(ref["labels"])))
     out["floor_overall"] = floor

@@ -44,6 +44,21 @@ def test_marginal_entropy():
     assert E.cross_entropy_to_marginal(ids, ids, 16) == pytest.approx(math.log(16), abs=0.01)
 
 
+def test_basic_bootstrap_covers_the_entropy_the_plug_in_underestimates():
+    # 40 clips of 50 uniform ids over 512: the plug-in entropy falls short of log 512, and its resamples
+    # (which repeat clips) fall shorter still, so the percentile interval misses the truth; the basic one not
+    V = 512
+    truth = math.log(V)
+    for seed in range(3):
+        a = np.random.default_rng(seed).integers(0, V, (40, 50))
+        h = E.marginal_entropy(a, V)
+        stat = lambda i: E.marginal_entropy(a[i], V)
+        assert h < truth
+        assert E.bootstrap_ci(stat, [len(a)], reps=100)[1] < truth
+        lo, hi = E.bootstrap_ci(stat, [len(a)], reps=100, point=h)
+        assert lo <= truth <= hi
+
+
 # --- ranking with fair ties
 
 def test_classification_perfect_and_constant_scorer():
