@@ -17,9 +17,10 @@ Probes (--probes=all or a comma list):
   class      audio -> class: every class's caption, tokenized exactly as in training (with its end-of-text),
              scored by its summed log-likelihood given all 512 audio tokens; top-1/top-5, confusion matrix,
              per-class accuracy as a multiple of chance. Baseline: k / #classes.
-  retrieval  audio -> rgb and rgb -> audio over a gallery (the first --gallery clips of the split in clip_id
-             order, one seeded view each): score(q, c) = mean log-prob of c's whole target stream given q.
-             R@1/5/10 and the curve R@k. Baseline: k / G.
+  retrieval  audio -> rgb and rgb -> audio over a gallery (the first --gallery clips of the split taken
+             round-robin over the classes, one seeded view each): score(q, c) = mean log-prob of c's whole
+             target stream given q. R@1/5/10 and the curve R@k; also with each candidate's prior removed, and
+             with both directions' prior-removed scores summed. Baseline: k / G.
   structure  rgb -> depth and rgb -> normal token top-1 (all 196 rgb tokens in, all 196 tokens out).
              Baselines: 1/vocab and always predicting the train split's most frequent token.
   memo       audio-suffix completion top-1 (first 80% of the audio + rgb + caption in, last 20% out) on train
@@ -225,7 +226,8 @@ def class_level_retrieval(scores, labels, ks=(1, 5, 10)):
     """What a retrieval score matrix knows of the class alone. top1_same_class: how often the best candidate
     (ties shared fairly) is of the query's class, against the chance of drawing one. class_only_ceiling: the
     R@k of a scorer that knows the class perfectly and nothing else (min(1, k / same-class candidates)): an
-    R@k above it needs the very clip, not only its class."""
+    R@k above it needs the very clip, not only its class. class_effect / clip_effect: see below (given when
+    every score is finite)."""
     s = np.nan_to_num(np.asarray(scores, dtype=np.float64), nan=-np.inf)
     labels = np.asarray(labels)
     G = len(s)
@@ -233,9 +235,20 @@ def class_level_retrieval(scores, labels, ks=(1, 5, 10)):
     top = s == s.max(axis=1, keepdims=True)
     hit = (top & same).sum(axis=1) / top.sum(axis=1)
     n_same = same.sum(axis=1)
+    # how far the score moves with the class and with the very clip, in its own units (nats per token for
+    # the model's scores), once each query's and each candidate's own level is removed (double centring);
+    # beside the spread of unrelated pairs, the noise that a class or clip effect must stand out of
+    c = s - s.mean(axis=1, keepdims=True) - s.mean(axis=0, keepdims=True) + s.mean()
+    eye = np.eye(G, dtype=bool)
+    effects = {}
+    if np.isfinite(s).all() and (same & ~eye).any() and (~same).any():
+        effects = {"class_effect": float(c[same & ~eye].mean() - c[~same].mean()),
+                   "clip_effect": float(c[eye].mean() - c[same & ~eye].mean()),
+                   "other_class_sd": float(c[~same].std())}
     return {"top1_same_class": {"value": float(hit.mean()), "ci": wilson_ci(hit.sum(), G),
                                 "chance": float((n_same / G).mean())},
-            "class_only_ceiling": {f"R@{k}": float(np.minimum(1.0, k / n_same).mean()) for k in ks if k <= G}}
+            "class_only_ceiling": {f"R@{k}": float(np.minimum(1.0, k / n_same).mean()) for k in ks if k <= G},
+            **effects}
 
 
 def token_histograms(ids, vocab):
@@ -583,6 +596,7 @@ def probe_retrieval(ctx):
     out = {"gallery": f"the first {G} clips of the {ctx['split']} split, round-robin over the classes, one view each "
                       f"(view drawn per clip from seed {ctx['seed']}); score(q, c) = mean log-prob of all of c's "
                       "target tokens given all of q's tokens (exact: G decoder passes, each scoring every candidate)"}
+    scores = {}
     for q, c in (("tok_audio", "tok_rgb"), ("tok_rgb", "tok_audio")):
         inputs = {q: (tokens[q], all_given(tokens[q]))}
         L = M.BY_NAME[c].length
@@ -611,6 +625,21 @@ def probe_retrieval(ctx):
         if "R@5" in c["class_only_ceiling"]:
             print(f"  {key}: a scorer that knew only the class would reach R@5 "
                   f"{100 * c['class_only_ceiling']['R@5']:.1f}% on this gallery")
+        if "class_effect" in c:
+            print(f"  {key}: the score moves {c['class_effect']:.3f} nats/token with the class and "
+                  f"{c['clip_effect']:.3f} more with the very clip; unrelated pairs spread {c['other_class_sd']:.3f}")
+        scores[key] = s_pr
+    # Both directions at once: each prior-removed score estimates the same pointwise mutual information,
+    # log p(c | q) - log p(c) = log p(q | c) - log p(q), from the other side, so their sum averages two
+    # noisy estimates (the G decoder passes of each direction are already paid for above).
+    both = scores["audio->rgb"] + scores["rgb->audio"].T
+    for key, m in (("audio->rgb", both), ("rgb->audio", both.T)):
+        r = retrieval_metrics(m)
+        r["class_level"] = class_level_retrieval(m, labels)
+        out[key]["both_directions"] = r
+        if "R@5" in r:
+            add_row(ctx, "retrieval", f"{key} R@5, both directions' scores summed", r["R@5"]["value"],
+                    r["R@5"]["ci"], G, 5 / G, "chance k/G")
     return out
 
 

@@ -103,8 +103,12 @@ def test_class_level_retrieval_known_answers():
     assert c["top1_same_class"]["chance"] == pytest.approx(5 / 20)
     assert c["class_only_ceiling"]["R@1"] == pytest.approx(1 / 5) and c["class_only_ceiling"]["R@5"] == 1.0
     assert E.retrieval_metrics(same)["R@1"]["value"] == pytest.approx(1 / 5)    # ... which is that ceiling
+    assert c["class_effect"] == pytest.approx(1.0) and c["clip_effect"] == pytest.approx(0.0)
     c = E.class_level_retrieval(np.ones((20, 20)), labels)  # knows nothing
     assert c["top1_same_class"]["value"] == pytest.approx(5 / 20)
+    assert c["class_effect"] == pytest.approx(0.0) and c["other_class_sd"] == pytest.approx(0.0)
+    c = E.class_level_retrieval(np.eye(20) * 3.0, labels)   # knows the very clip, not its class
+    assert c["clip_effect"] > 2.0 and c["class_effect"] < 0.5
 
 
 def test_token_judge_known_answers():
@@ -272,6 +276,9 @@ def test_end_to_end_tiny(tmp_path):
     # every view of the eval clips is scored too: a mean over views and a whole-clip figure
     assert P["class"]["views"]["views_per_clip"] == 10 and 0.0 <= P["class"]["whole_clip"]["top1"]["value"] <= 1.0
     assert len(P["retrieval"]["audio->rgb"]["curve"]) == 6
+    assert len(P["retrieval"]["rgb->audio"]["both_directions"]["curve"]) == 6
+    lo, hi = P["entropy"]["bias_corrected_ci"]
+    assert lo <= P["entropy"]["bias_corrected"] <= hi
     assert P["structure"]["tok_depth"]["n_images"] == 12
     assert P["memo"]["train"]["n_clips"] == 6 and P["memo"]["test"]["n_clips"] == 6
     assert P["generation"]["n_per_setting"] == 6
