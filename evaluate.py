@@ -16,7 +16,8 @@ Probes (--probes=all or a comma list):
              the train split's marginal (a context-free predictor), and the gap to the model's audio CE.
   class      audio -> class: every class's caption, tokenized exactly as in training (with its end-of-text),
              scored by its summed log-likelihood given all 512 audio tokens; top-1/top-5, confusion matrix,
-             per-class accuracy as a multiple of chance. Baseline: k / #classes.
+             per-class accuracy as a multiple of chance; also rgb -> class, the same captions given the
+             picture (retrieval needs the class from both sides). Baseline: k / #classes.
   retrieval  audio -> rgb and rgb -> audio over a gallery (the first --gallery clips of the split taken
              round-robin over the classes, one seeded view each): score(q, c) = mean log-prob of c's whole
              target stream given q. R@1/5/10 and the curve R@k; also with each candidate's prior removed, and
@@ -528,13 +529,13 @@ def token_judge(ctx):
     return ctx["token_judge"]
 
 
-def class_scores(ctx, audio, names):
-    """[N, C] log-likelihood of each class's caption given each row of audio ids [N, 512]."""
-    inputs = {"tok_audio": (audio, all_given(audio))}
+def class_scores(ctx, ids, names, source="tok_audio"):
+    """[N, C] log-likelihood of each class's caption given each row of the source's ids [N, length]."""
+    inputs = {source: (ids, all_given(ids))}
 
     def score_fn(length, hyp_ids):
         return score_hypotheses(ctx["model"], inputs, "caption", np.arange(length), hyp_ids, ctx["device"],
-                                ctx["batch_size"], reduce="sum", desc=f"class (caption length {length})")
+                                ctx["batch_size"], reduce="sum", desc=f"class from {source} (caption length {length})")
 
     return caption_class_scores(score_fn, names)
 
@@ -584,6 +585,11 @@ def probe_class(ctx):
                                                          "ci": wilson_ci(clip_hits.sum(), len(labels))}}
         add_row(ctx, "class", f"audio -> class top-1, whole clip ({V} views)", float(clip_hits.mean()),
                 wilson_ci(clip_hits.sum(), len(labels)), int(len(labels)), 1 / C, "chance 1/C")
+    # the same captions given the picture: retrieval needs the class from both sides
+    r = classification_metrics(class_scores(ctx, tokens["tok_rgb"], names, "tok_rgb"), labels, names, seed=ctx["seed"])
+    out["rgb_to_class"] = {k: r[k] for k in ("top1", "n")}
+    add_row(ctx, "class", "rgb -> class top-1 (for retrieval)", r["top1"]["value"], r["top1"]["ci"], r["n"], 1 / C,
+            "chance 1/C")
     return out
 
 

@@ -273,6 +273,7 @@ def test_end_to_end_tiny(tmp_path):
     P = saved["probes"]
     assert P["class"]["n"] == 6 and len(P["class"]["confusion"]) == 3
     assert 0.0 <= P["class"]["top1"]["value"] <= 1.0
+    assert P["class"]["rgb_to_class"]["n"] == 6 and 0.0 <= P["class"]["rgb_to_class"]["top1"]["value"] <= 1.0
     # every view of the eval clips is scored too: a mean over views and a whole-clip figure
     assert P["class"]["views"]["views_per_clip"] == 10 and 0.0 <= P["class"]["whole_clip"]["top1"]["value"] <= 1.0
     assert len(P["retrieval"]["audio->rgb"]["curve"]) == 6
