@@ -44,19 +44,24 @@ def test_marginal_entropy():
     assert E.cross_entropy_to_marginal(ids, ids, 16) == pytest.approx(math.log(16), abs=0.01)
 
 
-def test_basic_bootstrap_covers_the_entropy_the_plug_in_underestimates():
-    # 40 clips of 50 uniform ids over 512: the plug-in entropy falls short of log 512, and its resamples
-    # (which repeat clips) fall shorter still, so the percentile interval misses the truth; the basic one not
+def test_entropy_bias_correction_covers_what_the_plug_in_underestimates():
+    # 40 clips of 50 uniform ids over 512: the plug-in entropy falls short of log 512; the corrected
+    # value's interval covers it
     V = 512
     truth = math.log(V)
     for seed in range(3):
         a = np.random.default_rng(seed).integers(0, V, (40, 50))
         h = E.marginal_entropy(a, V)
-        stat = lambda i: E.marginal_entropy(a[i], V)
-        assert h < truth
-        assert E.bootstrap_ci(stat, [len(a)], reps=100)[1] < truth
-        lo, hi = E.bootstrap_ci(stat, [len(a)], reps=100, point=h)
-        assert lo <= truth <= hi
+        corrected, lo, hi = E.entropy_bias_corrected(a, V, reps=100)
+        assert h < truth and h < corrected and lo <= truth <= hi
+
+
+def test_ratio_ci_is_centred_on_the_token_weighted_mean():
+    sums, counts = np.array([10.0, 1.0, 30.0, 2.0]), np.array([2, 1, 10, 1])   # per-row means 5, 1, 3, 2
+    r, lo, hi = E.ratio_ci(sums, counts)
+    assert r == pytest.approx(43 / 14) and lo < r < hi
+    r, lo, hi = E.ratio_ci(np.array([6.0, 9.0]), np.array([2, 3]))          # every row's mean is 3
+    assert r == pytest.approx(3.0) and lo == pytest.approx(3.0) and hi == pytest.approx(3.0)
 
 
 # --- ranking with fair ties
@@ -278,6 +283,8 @@ def test_end_to_end_tiny(tmp_path):
     assert P["class"]["views"]["views_per_clip"] == 10 and 0.0 <= P["class"]["whole_clip"]["top1"]["value"] <= 1.0
     assert len(P["retrieval"]["audio->rgb"]["curve"]) == 6
     assert len(P["retrieval"]["rgb->audio"]["both_directions"]["curve"]) == 6
+    for m in P["ce"]["per_modality"].values():
+        assert not (m["ce"] < m["ci"][0] or m["ce"] > m["ci"][1])    # nan bounds compare False
     lo, hi = P["entropy"]["bias_corrected_ci"]
     assert lo <= P["entropy"]["bias_corrected"] <= hi
     assert P["structure"]["tok_depth"]["n_images"] == 12
