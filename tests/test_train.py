@@ -56,8 +56,8 @@ def data_root(tmp_path_factory):
     return write_dataset(str(tmp_path_factory.mktemp("data")))
 
 
-def train(data_root, out_dir, *args, check=True):
-    cmd = [sys.executable, os.path.join(HERE, "train.py"), "--dataset=synth", f"--data_root={data_root}",
+def train(data_root, out_dir, *args, check=True, configs=()):
+    cmd = [sys.executable, os.path.join(HERE, "train.py"), *configs, "--dataset=synth", f"--data_root={data_root}",
            f"--out_dir={out_dir}", *TINY, *args]
     env = dict(os.environ, OMP_NUM_THREADS="1")   # tiny ops: threads only contend on a busy 2-core box
     proc = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=300, env=env)
@@ -110,6 +110,20 @@ def test_resume_continues_the_same_curve(data_root, tmp_path):
     ev_split = read_jsonl(tmp_path / "split" / "log.jsonl")[-1]
     assert ev_straight["iter"] == ev_split["iter"] == 10
     assert abs(ev_straight["val"]["loss"] - ev_split["val"]["loss"]) <= 1e-6
+
+
+@pytest.mark.parametrize("configs", [("config/toyzoo.py",), ("config/toyzoo.py", "config/toyzoo_rgb_caption.py")])
+def test_toyzoo_configs_train(data_root, tmp_path, configs):
+    """The shipped ToyZoo configs (the variant edits the default's mixture) train, at a tiny size."""
+    import torch
+    train(data_root, tmp_path, "--max_iters=6", "--eval_interval=6", configs=configs)
+    losses = [r["loss"] for r in read_jsonl(tmp_path / "train_log.jsonl")]
+    assert len(losses) == 7 and all(math.isfinite(x) for x in losses)
+    mixture = torch.load(tmp_path / "ckpt.pt", map_location="cpu", weights_only=False)["config"]["mixture"]
+    assert sum(c["weight"] for c in mixture) == pytest.approx(1.0)
+    rgb_to_caption = [c for c in mixture if tuple(c.get("input_full", ())) == ("rgb",)
+                      and tuple(c.get("target_full", ())) == ("caption",)]
+    assert len(rgb_to_caption) == (len(configs) == 2)
 
 
 def test_bf16_follows_fp32(data_root, tmp_path):
