@@ -33,7 +33,8 @@ Probes (--probes=all or a comma list):
              log-mel frame embedding (always) and CLAP (when transformers and its weights are present).
   resnet     ImageNet ResNet-50 top-5 check of generated RGB (audio -> rgb, caption -> rgb), when torchvision
              and its weights are available.
-Every figure carries its sample count and a 95% CI (Wilson for accuracies, normal approx / bootstrap for means).
+Every figure carries its sample count and a 95% CI (Wilson for accuracies, normal approx / bootstrap for means,
+jackknife for the Frechet distances).
 The answer of a scorer is ranked with ties shared fairly: a tied correct answer counts as the expected hit
 of a random tie-break, so a constant scorer scores exactly chance.
 """
@@ -145,6 +146,19 @@ def bootstrap_ci(stat, sizes, reps=200, seed=0):
     if len(vals) == 0:
         return float("nan"), float("nan")
     return float(np.percentile(vals, 2.5)), float(np.percentile(vals, 97.5))
+
+
+def jackknife_ci(stat, n, z=1.96):
+    """(stat(all), lo, hi): the normal interval with the leave-one-out jackknife's standard error, stat taking
+    an index array into n rows. For statistics that a bootstrap's repeated rows bias, such as the Frechet
+    distance (its percentile interval missed its point: continuation 58.9 [66.0, 248.0] on 22 clips)."""
+    idx = np.arange(n)
+    point = float(stat(idx))
+    if n < 2:
+        return point, float("nan"), float("nan")
+    vals = np.array([stat(np.delete(idx, i)) for i in range(n)], dtype=np.float64)
+    se = math.sqrt((n - 1) / n * ((vals - vals.mean()) ** 2).sum())
+    return point, point - z * se, point + z * se
 
 
 def marginal_entropy(ids, vocab):
@@ -944,9 +958,9 @@ def probe_fad(ctx):
             i = np.flatnonzero(y == c)
             if len(i):
                 per[name] = fd(frames[setting], frames["gt"], i, i, tail)
-        v = fd(frames[setting], frames["gt"], idx_all, idx_all, tail)
-        lo, hi = bootstrap_ci(lambda i, j: fd(frames[setting], frames["gt"], i, j, tail), [len(y), len(y)],
-                              reps=30, seed=ctx["seed"])
+        # each clip's sample and its ground truth are left out together
+        v, lo, hi = jackknife_ci(lambda i: fd(frames[setting], frames["gt"], i, i, tail), len(y))
+        lo = max(lo, 0.0)        # a distance: a few outlying clips can make the normal interval reach below 0
         out[setting] = {"overall": v, "ci": [lo, hi], "per_class": per, "n_clips": int(len(y))}
     floor = fd(frames["gt"], frames["train"], idx_all, np.arange(len(ref["labels"])))
     out["floor_overall"] = floor

@@ -56,6 +56,13 @@ def test_entropy_bias_correction_covers_what_the_plug_in_underestimates():
         assert h < truth and h < corrected and lo <= truth <= hi
 
 
+def test_jackknife_ci_of_a_mean_is_the_normal_interval():
+    x = np.random.default_rng(0).normal(size=30)
+    point, lo, hi = E.jackknife_ci(lambda i: x[i].mean(), len(x))
+    m, m_lo, m_hi = E.mean_ci(x)
+    assert point == pytest.approx(m) and lo == pytest.approx(m_lo) and hi == pytest.approx(m_hi)
+
+
 def test_ratio_ci_is_centred_on_the_token_weighted_mean():
     sums, counts = np.array([10.0, 1.0, 30.0, 2.0]), np.array([2, 1, 10, 1])   # per-row means 5, 1, 3, 2
     r, lo, hi = E.ratio_ci(sums, counts)
