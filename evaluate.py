@@ -512,11 +512,9 @@ def probe_entropy(ctx):
     V = M.BY_NAME["tok_audio"].vocab
     a = np.asarray(ctx["arrays"][ctx["split"]]["tok_audio"][ctx["eval_clips"]]).reshape(len(ctx["eval_clips"]), -1)
     h = marginal_entropy(a, V)
-    # The plug-in entropy of a sample underestimates the entropy of the distribution it came from, and the
-    # more so the fewer clips (default test split: 27 clips 6.83, 55 7.00, all 110 7.10; the 880 train clips
-    # 7.24). The report's figure is the plug-in, so it stays the headline and the gap's reference; the
-    # bootstrap estimates its bias (resampled clips repeat, so their entropy is lower still) for a corrected
-    # value and its basic interval. (A percentile interval, [6.94, 7.05], excluded the point itself.)
+    # The plug-in falls with fewer clips (default test split: 27 clips 6.83, 55 7.00, all 110 7.10; the 880
+    # train clips 7.24). The report's figure is a plug-in, so it stays the headline and the gap's reference;
+    # the corrected value comes beside it. (A percentile interval, [6.94, 7.05], excluded the point itself.)
     corrected, lo, hi = entropy_bias_corrected(a, V, seed=ctx["seed"])
     out = {"marginal_entropy": h, "bias_corrected": corrected, "bias_corrected_ci": [lo, hi],
            "n_tokens": int(a.size), "n_clips": len(a), "log_vocab": math.log(V)}
