@@ -171,62 +171,96 @@ class MelRVQTokenizer:
     the 512-id stream is modalities.interleave_audio of [i-codes, j-codes]. Decoding sums C1[i] + C2[j] and
     inverts the mel with Griffin-Lim.
 
-    Level 1 codes the frame's spectral SHAPE (level1="shape", the default since the codebooks record it):
-    i = nearest(f - mean(f), C1), with C1 fitted on mean-removed frames, and level 2 codes what is left,
-    loudness included. Coding the raw spectrum first (level1="spectrum", the older codebooks) spends level 1
-    on how loud a frame is, which says little about what called: on ToyZoo a small CNN on the tokens tells
-    the class of a 3.4 s view 90% of the time with shape-first codes, 85.5% with spectrum-first ones (97.5%
-    on the log-mel itself; README, "where the fault is")."""
+    What level 1 looks at (`level1`, recorded in the codebook's settings; tokenize_all.py --audio_level1):
+    - "shape" (the default): the frame's spectral shape s_t = f_t - mean(f_t), with C1 fitted on
+      mean-removed frames.
+    - "shape_delta": s_t and how it changed over the last two frames, s_t - s_{t-2} (160-d keys; a window's
+      first frames look back to its first). A call is a pitch or formant moving in time, which one frame's
+      shape cannot tell apart (rising or falling). C1[i], what decoding adds, is the mean shape of the frames
+      given code i; the keys only choose i.
+    - "spectrum": the raw f_t (the oldest codebooks), which spends level 1 on how loud a frame is.
+    Level 2 always codes what level 1 left, loudness included.
+    How much of the class the tokens keep on ToyZoo, per 3.4 s test view (README, "where the fault is"): a
+    small CNN on the tokens 90.0% with shape-first codes, 85.5% with spectrum-first ones, 97.5% on the
+    log-mel itself. shape_delta vs shape, a linear probe on token histograms over two codebook fits each:
+    87.5% / 88.6% vs 88.1% / 85.5%, within the spread between fits, so shape stays the default."""
     kind = "mel_rvq"
+    DELTA_LAG = 2       # frames (27 ms): one frame apart, consecutive 75 Hz frames overlap too much to differ
 
-    def __init__(self, codebooks, settings=None, device="cpu"):
+    def __init__(self, codebooks, settings=None, device="cpu", level1_keys=None):
         self.device = pick_device(device)
         self.codebooks = codebooks.to(self.device, torch.float32)   # [2, K, 80], K <= 1024
         self.settings = dict(settings or {})
         self.griffin_lim_iters = int(self.settings.get("griffin_lim_iters", 32))
         self.level1_mode = self._check_level1(self.settings.get("level1", "spectrum"))  # older codebooks: spectrum
+        if self.level1_mode == "shape_delta" and level1_keys is None:
+            raise ValueError("mel_rvq level1='shape_delta' needs its level-1 keys [K, 160]")
+        # what frames are matched against at level 1: the decoding vectors themselves unless keys were fitted
+        self.keys = self.codebooks[0] if level1_keys is None else level1_keys.to(self.device, torch.float32)
 
-    @staticmethod
-    def _check_level1(mode):
-        if mode not in ("shape", "spectrum"):
-            raise ValueError(f"mel_rvq level1={mode!r}: expected 'shape' or 'spectrum'")
+    LEVEL1_MODES = ("shape_delta", "shape", "spectrum")
+
+    @classmethod
+    def _check_level1(cls, mode):
+        if mode not in cls.LEVEL1_MODES:
+            raise ValueError(f"mel_rvq level1={mode!r}: expected one of {', '.join(cls.LEVEL1_MODES)}")
         return mode
 
-    @staticmethod
-    def _level1_input(f, mode):
-        return f - f.mean(dim=-1, keepdim=True) if mode == "shape" else f
+    @classmethod
+    def level1_input(cls, f, mode):
+        """log-mel frames [..., T, 80] in time order (a window, or a batch of them) -> level-1 keys [..., T, D]."""
+        if mode == "spectrum":
+            return f
+        s = f - f.mean(dim=-1, keepdim=True)
+        if mode == "shape":
+            return s
+        lag = cls.DELTA_LAG
+        prev = torch.cat([s[..., :1, :].expand(*s.shape[:-2], lag, s.shape[-1]), s[..., :-lag, :]], dim=-2)
+        return torch.cat([s, s - prev], dim=-1)
 
     @classmethod
     def fit(cls, frames, codes=1024, iters=20, seed=1337, device="cpu", verbose=False, level1="shape",
-            **settings):
-        """frames [N, 80] log-mel vectors from the training split."""
+            keys=None, **settings):
+        """frames [N, 80] log-mel vectors from the training split; keys [N, D] their level1_input() (needed
+        for 'shape_delta', which looks at each frame's predecessors: compute it on whole windows, then
+        subsample frames and keys together)."""
         if codes > M.AUDIO_CODEBOOK_SIZE:
             raise ValueError(f"audio codebook size {codes} > {M.AUDIO_CODEBOOK_SIZE} (the id range per codebook)")
         cls._check_level1(level1)      # before the k-means, not after
         device = pick_device(device)
         x = _as_tensor(frames, device)
-        q = cls._level1_input(x, level1)
-        c1, mse1 = kmeans(q, codes, iters, seed, verbose=verbose)
-        residual = x - c1[nearest(q, c1)]
+        if keys is None:
+            if level1 == "shape_delta":
+                raise ValueError("mel_rvq level1='shape_delta' fits on keys computed from whole windows: pass "
+                                 "keys=MelRVQTokenizer.level1_input(windows, 'shape_delta') flattened with the frames")
+            keys = cls.level1_input(x, level1)
+        q = _as_tensor(keys, device)
+        if q.shape[0] != x.shape[0]:
+            raise ValueError(f"mel_rvq fit: {q.shape[0]} keys for {x.shape[0]} frames")
+        k1, mse1 = kmeans(q, codes, iters, seed, verbose=verbose)
+        a1 = nearest(q, k1)
+        # decoding vector of each level-1 code: the first 80 dims of its key (the mean frame shape or spectrum)
+        c1 = k1[:, :N_MELS].contiguous()
+        residual = x - c1[a1]
         c2, mse2 = kmeans(residual, codes, iters, seed + 1, verbose=verbose)
         # mse_level1: level 1's error in the space it codes; mse_level2: the final reconstruction error
         settings.update(codes=codes, iters=iters, seed=seed, n_fft=N_FFT, hop=HOP, n_mels=N_MELS, level1=level1,
                         fit_vectors=int(x.shape[0]), mse_level1=mse1, mse_level2=mse2,
                         variance=x.var(0).sum().item())
-        return cls(torch.stack([c1, c2]).cpu(), settings, device)
+        return cls(torch.stack([c1, c2]).cpu(), settings, device,
+                   level1_keys=k1.cpu() if level1 == "shape_delta" else None)
 
     def level1(self, f):
-        """log-mel frames [N, 80] -> their level-1 codes [N]."""
-        return nearest(self._level1_input(f, self.level1_mode), self.codebooks[0])
+        """log-mel frames [..., T, 80] in time order -> their level-1 codes [..., T]."""
+        q = self.level1_input(f, self.level1_mode)
+        return nearest(q.reshape(-1, q.shape[-1]), self.keys).view(q.shape[:-1])
 
     def codes(self, waves):
         """windows [B, 81920] -> codes [B, 2, 256] (long)."""
         f = log_mel(_check_windows(waves, self.device))
-        B, T, D = f.shape
-        f = f.reshape(B * T, D)
         i = self.level1(f)
-        j = nearest(f - self.codebooks[0][i], self.codebooks[1])
-        return torch.stack([i.view(B, T), j.view(B, T)], dim=1)
+        j = nearest((f - self.codebooks[0][i]).reshape(-1, N_MELS), self.codebooks[1]).view(i.shape)
+        return torch.stack([i, j], dim=1)
 
     def codes_to_features(self, codes):
         """codes [B, 2, 256] -> log-mel [B, 256, 80]: the sum of the two codebook vectors."""
@@ -244,13 +278,15 @@ class MelRVQTokenizer:
         return wave.clamp(-1, 1).cpu().numpy().astype(np.float32)
 
     def save(self, path):
-        _atomic_torch_save({"kind": self.kind, "codebooks": self.codebooks.cpu(), "settings": self.settings},
-                           path)
+        d = {"kind": self.kind, "codebooks": self.codebooks.cpu(), "settings": self.settings}
+        if self.level1_mode == "shape_delta":
+            d["level1_keys"] = self.keys.cpu()
+        _atomic_torch_save(d, path)
 
     @classmethod
     def load(cls, path, device="cpu"):
         d = torch.load(path, map_location="cpu", weights_only=False)
-        return cls(d["codebooks"], d["settings"], device)
+        return cls(d["codebooks"], d["settings"], device, level1_keys=d.get("level1_keys"))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -61,6 +61,8 @@ def parse_args(argv=None):
         p.add_argument(f"--{m[4:]}_codes", type=codes_arg, default=T.DEFAULT_CODES[m],
                        help="patch codebook as MEANSxSHAPES, default %dx%d" % T.DEFAULT_CODES[m])
     p.add_argument("--audio_codes", type=int, default=T.DEFAULT_CODES["tok_audio"], help="per level, <= 1024")
+    p.add_argument("--audio_level1", default="shape", choices=T.MelRVQTokenizer.LEVEL1_MODES,
+                   help="what mel_rvq's level 1 codes (modality_tokenizers.MelRVQTokenizer)")
     p.add_argument("--kmeans_iters", type=int, default=20)
     p.add_argument("--fit_clips", type=int, default=100, help="train clips read to fit the codebooks")
     p.add_argument("--fit_vectors", type=int, default=40000, help="vectors (frames / patches) per codebook fit")
@@ -177,7 +179,7 @@ def codebook_settings(args, modality, train_ids):
          "fit_vectors": args.fit_vectors,
          "train_clips_sha1": hashlib.sha1("\n".join(train_ids).encode()).hexdigest()}
     if modality == "tok_audio":
-        s.update(kind="mel_rvq", codes=args.audio_codes, level1="shape")
+        s.update(kind="mel_rvq", codes=args.audio_codes, level1=args.audio_level1)
     else:
         s.update(kind="patch_kmeans", codes=list(getattr(args, modality[4:] + "_codes")))
     return s
@@ -219,7 +221,10 @@ def fit_codebooks(args, rows, raw, tok_path, device):
         row = train[i]
         if "tok_audio" in todo:
             w = audio_windows(load_audio(row, raw), row["keyframe_times"])
-            vecs["tok_audio"].append(T.log_mel(torch.from_numpy(w).to(device)).reshape(-1, T.N_MELS).cpu())
+            f = T.log_mel(torch.from_numpy(w).to(device))
+            # frames and their level-1 keys side by side: the keys may look at earlier frames of the window
+            keys = T.MelRVQTokenizer.level1_input(f, args.audio_level1)
+            vecs["tok_audio"].append(torch.cat([f, keys], -1).reshape(-1, T.N_MELS + keys.shape[-1]).cpu())
         for m in helpers:
             v, stats = helpers[m].patch_vectors(load_images(row, raw, m))
             vecs[m].append(v.reshape(-1, v.shape[-1]).cpu())
@@ -232,8 +237,9 @@ def fit_codebooks(args, rows, raw, tok_path, device):
         fit = codebook_settings(args, m, train_ids)
         t0 = time.time()
         if m == "tok_audio":
-            tok = T.MelRVQTokenizer.fit(x, codes=args.audio_codes, iters=args.kmeans_iters, seed=args.seed,
-                                        device=device, fit=fit, griffin_lim_iters=args.griffin_lim_iters)
+            tok = T.MelRVQTokenizer.fit(x[:, :T.N_MELS], keys=x[:, T.N_MELS:], codes=args.audio_codes,
+                                        iters=args.kmeans_iters, seed=args.seed, device=device, fit=fit,
+                                        level1=args.audio_level1, griffin_lim_iters=args.griffin_lim_iters)
             err = f"mse {tok.settings['mse_level1']:.3f} -> {tok.settings['mse_level2']:.3f}"
         else:
             ref = (0.0, 1.0)

@@ -124,6 +124,28 @@ def test_load_tokenizer_decodes(tokenized):
     assert T.load_tokenizer(tokenized, meta, "caption").decode(batch["caption"])[0].startswith("a photo of a")
 
 
+def test_audio_level1_shape_delta(fixture_root, tokenized, tmp_path):
+    """--audio_level1=shape_delta: its codebook carries the 160-d level-1 keys, the stored ids are what the
+    loaded tokenizer gives the clip's windows, and it is not mistaken for the default's codebook."""
+    root = str(tmp_path)
+    shutil.copytree(os.path.join(fixture_root, "fx"), os.path.join(root, "fx"))
+    tokenize_all.main(["--dataset=fx", f"--data_root={root}", "--audio_level1=shape_delta"] + FAST)
+    tok_path = M.tok_dir("fx", root)
+    meta = M.load_meta(tok_path)
+    audio_tok = T.load_tokenizer(tok_path, meta, "audio")
+    assert audio_tok.level1_mode == "shape_delta" and audio_tok.keys.shape == (16, 160)
+    arrays = M.open_split(tok_path, "test", meta)
+    raw = rawdata.raw_dir("fx", root)
+    row = next(r for r in rawdata.read_manifest(os.path.join(raw, "manifest.jsonl"))
+               if r["clip_id"] == arrays["clip_ids"][0])
+    windows = tokenize_all.audio_windows(tokenize_all.load_audio(row, raw), row["keyframe_times"])
+    assert np.array_equal(audio_tok.encode(windows).numpy(), np.asarray(arrays["tok_audio"][0]))
+    default = T.load_tokenizer(tokenized, M.load_meta(tokenized), "audio")
+    assert default.level1_mode == "shape"
+    assert not np.array_equal(np.asarray(arrays["tok_audio"]),
+                              np.asarray(M.open_split(tokenized, "test")["tok_audio"]))
+
+
 def run_cli(root, extra_env=None):
     env = dict(os.environ, **(extra_env or {}))
     return subprocess.run([sys.executable, os.path.join(ROOT, "tokenize_all.py"), "--dataset=fx",

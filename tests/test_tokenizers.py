@@ -32,8 +32,10 @@ def waves():
 
 @pytest.fixture(scope="module")
 def mel_tok(waves):
-    frames = T.log_mel(torch.from_numpy(waves)).reshape(-1, T.N_MELS)
-    return T.MelRVQTokenizer.fit(frames, codes=128, iters=8, seed=0, griffin_lim_iters=24)
+    f = T.log_mel(torch.from_numpy(waves))
+    keys = T.MelRVQTokenizer.level1_input(f, "shape_delta")          # on whole windows, then flattened
+    return T.MelRVQTokenizer.fit(f.reshape(-1, T.N_MELS), keys=keys.reshape(-1, keys.shape[-1]), codes=128,
+                                 iters=8, seed=0, griffin_lim_iters=24)
 
 
 def test_interleave_round_trip():
@@ -69,21 +71,40 @@ def test_mel_rvq_ids_and_reconstruction(mel_tok, waves):
 
 def test_mel_rvq_exact_parts(mel_tok, waves, tmp_path):
     c1 = mel_tok.codebooks[0]
-    assert torch.equal(T.nearest(c1, c1), torch.arange(len(c1)))     # codebook vector -> its own id
-    assert mel_tok.settings["level1"] == "shape"
-    # level 1 codes the spectral shape: a frame 3 nats louder everywhere keeps its level-1 code
-    f = T.log_mel(torch.from_numpy(waves)).reshape(-1, 80)
+    assert mel_tok.settings["level1"] == "shape_delta" and mel_tok.keys.shape == (128, 160)
+    # a code's decoding vector is the shape half of its key (the frame shape, not its change)
+    assert torch.equal(mel_tok.keys[:, :80], c1)
+    f = T.log_mel(torch.from_numpy(waves))                             # [4, 256, 80], windows in time order
+    # level 1 codes the spectral shape and its change: a window 3 nats louder everywhere keeps its codes
     assert torch.equal(mel_tok.level1(f + 3.0), mel_tok.level1(f))
-    # codebooks saved before level1 was a setting code the raw spectrum first, as they were fitted
+    # the change looks back DELTA_LAG frames within the window only (frames before that look back to the
+    # window's first), so a window coded alone or in a batch gets the same codes
+    keys = T.MelRVQTokenizer.level1_input(f, "shape_delta")
+    s = f - f.mean(-1, keepdim=True)
+    assert keys.shape == (4, 256, 160) and torch.equal(keys[..., :80], s) and keys[:, 0, 80:].abs().max() == 0
+    assert torch.allclose(keys[:, 1, 80:], s[:, 1] - s[:, 0])
+    assert torch.allclose(keys[:, 5, 80:], s[:, 5] - s[:, 5 - T.MelRVQTokenizer.DELTA_LAG])
+    assert torch.equal(mel_tok.level1(f[2]), mel_tok.level1(f)[2])
+    # what the change adds: a frame's code depends on what came before it, not on the frame alone
+    swapped = f.clone()
+    swapped[:, :100] = f[:, :100].flip(1)                              # the same frames, earlier ones reversed
+    assert not torch.equal(mel_tok.level1(swapped)[:, 2:98], mel_tok.level1(f)[:, :100].flip(1)[:, 2:98])
+    # shape_delta needs its keys: fitting without them or loading a codebook without them is refused
+    with pytest.raises(ValueError, match="keys"):
+        T.MelRVQTokenizer.fit(f.reshape(-1, 80), codes=8, iters=1)
+    with pytest.raises(ValueError, match="keys"):
+        T.MelRVQTokenizer(mel_tok.codebooks, mel_tok.settings)
+    # codebooks of the earlier modes still load and code as they were fitted
+    shape = T.MelRVQTokenizer(mel_tok.codebooks, {**mel_tok.settings, "level1": "shape"})
+    assert torch.equal(shape.level1(f), T.nearest(s.reshape(-1, 80), c1).view(4, 256))
     old = T.MelRVQTokenizer(mel_tok.codebooks, {k: v for k, v in mel_tok.settings.items() if k != "level1"})
-    assert old.level1_mode == "spectrum" and torch.equal(old.level1(f), T.nearest(f, c1))
+    assert old.level1_mode == "spectrum" and torch.equal(old.level1(f), T.nearest(f.reshape(-1, 80), c1).view(4, 256))
     codes = mel_tok.codes(waves)
     feats = mel_tok.codes_to_features(codes)
     # decoding to features and re-quantising gives the same level-1 codes for almost every frame
     # (not all: RVQ's greedy search need not map c1[i] + c2[j] back to i), and identical features
-    again = mel_tok.codes_to_features(torch.stack([mel_tok.level1(feats.reshape(-1, 80)).view(4, 256),
-                                                   codes[:, 1]], 1))
-    agree = (mel_tok.level1(feats.reshape(-1, 80)).view(4, 256) == codes[:, 0]).float().mean().item()
+    again = mel_tok.codes_to_features(torch.stack([mel_tok.level1(feats), codes[:, 1]], 1))
+    agree = (mel_tok.level1(feats) == codes[:, 0]).float().mean().item()
     print(f"\nmel_rvq level-1 re-quantisation agreement {agree:.3f}")
     assert agree > 0.9 and again.shape == feats.shape
     path = str(tmp_path / "a.pt")
