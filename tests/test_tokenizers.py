@@ -35,7 +35,7 @@ def mel_tok(waves):
     f = T.log_mel(torch.from_numpy(waves))
     keys = T.MelRVQTokenizer.level1_input(f, "shape_delta")          # on whole windows, then flattened
     return T.MelRVQTokenizer.fit(f.reshape(-1, T.N_MELS), keys=keys.reshape(-1, keys.shape[-1]), codes=128,
-                                 iters=8, seed=0, griffin_lim_iters=24)
+                                 iters=8, seed=0, level1="shape_delta", griffin_lim_iters=24)
 
 
 def test_interleave_round_trip():
@@ -91,7 +91,7 @@ def test_mel_rvq_exact_parts(mel_tok, waves, tmp_path):
     assert not torch.equal(mel_tok.level1(swapped)[:, 2:98], mel_tok.level1(f)[:, :100].flip(1)[:, 2:98])
     # shape_delta needs its keys: fitting without them or loading a codebook without them is refused
     with pytest.raises(ValueError, match="keys"):
-        T.MelRVQTokenizer.fit(f.reshape(-1, 80), codes=8, iters=1)
+        T.MelRVQTokenizer.fit(f.reshape(-1, 80), codes=8, iters=1, level1="shape_delta")
     with pytest.raises(ValueError, match="keys"):
         T.MelRVQTokenizer(mel_tok.codebooks, mel_tok.settings)
     # codebooks of the earlier modes still load and code as they were fitted
