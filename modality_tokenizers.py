@@ -185,6 +185,7 @@ class MelRVQTokenizer:
     log-mel itself. shape_delta vs shape, a linear probe on token histograms over two codebook fits each:
     87.5% / 88.6% vs 88.1% / 85.5%, within the spread between fits, so shape stays the default."""
     kind = "mel_rvq"
+    LEVEL1_MODES = ("shape_delta", "shape", "spectrum")
     DELTA_LAG = 2       # frames (27 ms): one frame apart, consecutive 75 Hz frames overlap too much to differ
 
     def __init__(self, codebooks, settings=None, device="cpu", level1_keys=None):
@@ -197,8 +198,6 @@ class MelRVQTokenizer:
             raise ValueError("mel_rvq level1='shape_delta' needs its level-1 keys [K, 160]")
         # what frames are matched against at level 1: the decoding vectors themselves unless keys were fitted
         self.keys = self.codebooks[0] if level1_keys is None else level1_keys.to(self.device, torch.float32)
-
-    LEVEL1_MODES = ("shape_delta", "shape", "spectrum")
 
     @classmethod
     def _check_level1(cls, mode):
