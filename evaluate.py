@@ -21,7 +21,9 @@ Probes (--probes=all or a comma list):
   retrieval  audio -> rgb and rgb -> audio over a gallery (the first --gallery clips of the split taken
              round-robin over the classes, one seeded view each): score(q, c) = mean log-prob of c's whole
              target stream given q. R@1/5/10 and the curve R@k; also with each candidate's prior removed, and
-             with both directions' prior-removed scores summed. Baseline: k / G.
+             with both directions' prior-removed scores summed; through the class (each side's class
+             posterior from the caption likelihoods, log sum_k p(k|a) p(k|r) / p(k)); and that pivot fused
+             with the both-directions score (each standardised per query). Baseline: k / G.
   structure  rgb -> depth and rgb -> normal token top-1 (all 196 rgb tokens in, all 196 tokens out).
              Baselines: 1/vocab and always predicting the train split's most frequent token.
   memo       audio-suffix completion top-1 (first 80% of the audio + rgb + caption in, last 20% out) on train
@@ -278,6 +280,28 @@ def class_level_retrieval(scores, labels, ks=(1, 5, 10)):
                                 "chance": float((n_same / G).mean())},
             "class_only_ceiling": {f"R@{k}": float(np.minimum(1.0, k / n_same).mean()) for k in ks if k <= G},
             **effects}
+
+
+def class_pivot_scores(logp_q, logp_c):
+    """Retrieval through the class: how well two clips agree on it, log sum_k p(k|q) p(k|c) / p(k), from each
+    side's class posterior (logp_q [Q, C], logp_c [G, C]: log-likelihoods of the class captions; softmax over
+    classes with a uniform prior, p(k) = 1/C). It is the pointwise mutual information of the pair when the
+    two sides share only the class: log C for a confident agreement, very negative for a confident clash."""
+    lq = torch.log_softmax(torch.as_tensor(logp_q, dtype=torch.float64), dim=1)
+    lc = torch.log_softmax(torch.as_tensor(logp_c, dtype=torch.float64), dim=1)
+    return (torch.logsumexp(lq[:, None, :] + lc[None, :, :], dim=2) + math.log(lq.shape[1])).numpy()
+
+
+def fuse_scores(*scores):
+    """Sum of score matrices [Q, G], each standardised per query row first (mean 0, sd 1 over its
+    candidates), so that a score in nats per token and one in nats per pair weigh alike without a weight
+    tuned on the gallery. A row with no spread contributes nothing."""
+    out = 0.0
+    for s in scores:
+        s = np.asarray(s, dtype=np.float64)
+        sd = s.std(axis=1, keepdims=True)
+        out = out + (s - s.mean(axis=1, keepdims=True)) / np.where(sd > 0, sd, 1.0)
+    return out
 
 
 def token_histograms(ids, vocab):
@@ -671,6 +695,24 @@ def probe_retrieval(ctx):
         if "R@5" in r:
             add_row(ctx, "retrieval", f"{key} R@5, both directions' scores summed", r["R@5"]["value"],
                     r["R@5"]["ci"], G, 5 / G, "chance k/G")
+    # Through the class (the class probe's captions scored from each side): the direct scores above follow
+    # what the two streams share token by token (in ToyZoo mostly the habitat) and barely the class; the
+    # pivot adds the class as each side names it, and the fused score both.
+    names = ctx["class_names"]
+    logp = {m: class_scores(ctx, tokens[m], names, m) for m in ("tok_audio", "tok_rgb")}
+    pivot = class_pivot_scores(logp["tok_audio"], logp["tok_rgb"])                     # [audio, rgb]
+    out["class_pivot"] = {"how": "log sum_k p(k|audio) p(k|rgb) / p(k): class posteriors from the caption "
+                                 "likelihoods given each side, uniform class prior"}
+    out["fused"] = {"how": "per-query standardised sum of the both-directions score and the class pivot"}
+    for key, b, piv in (("audio->rgb", both, pivot), ("rgb->audio", both.T, pivot.T)):
+        for name, m, label in (("class_pivot", piv, "through the class alone"),
+                               ("fused", fuse_scores(b, piv), "both directions + through the class")):
+            r = retrieval_metrics(m)
+            r["class_level"] = class_level_retrieval(m, labels)
+            out[name][key] = r
+            if "R@5" in r:
+                add_row(ctx, "retrieval", f"{key} R@5, {label}", r["R@5"]["value"], r["R@5"]["ci"], G, 5 / G,
+                        "chance k/G")
     return out
 
 
@@ -1228,6 +1270,9 @@ def render_report(results, ctx):
         for key in ("audio->rgb", "rgb->audio"):
             curve = R[key]["curve"]
             series[key] = (list(range(1, len(curve) + 1)), curve)
+            if key in R.get("fused", {}):
+                curve = R["fused"][key]["curve"]
+                series[f"{key}, fused with the class pivot"] = (list(range(1, len(curve) + 1)), curve)
         G = len(series["audio->rgb"][1])
         series["chance k/G"] = (list(range(1, G + 1)), [k / G for k in range(1, G + 1)])
         h.append("<h2>Retrieval</h2><p>" + _esc(R["gallery"]) + "</p>")

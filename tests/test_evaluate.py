@@ -123,6 +123,30 @@ def test_class_level_retrieval_known_answers():
     assert c["clip_effect"] > 2.0 and c["class_effect"] < 0.5
 
 
+def test_class_pivot_known_answers():
+    labels = np.repeat(np.arange(4), 5)                      # 4 classes x 5 clips, gallery 20
+    sure = np.where(np.eye(4)[labels] > 0, 0.0, -30.0)       # each side names the class with certainty
+    piv = E.class_pivot_scores(sure, sure)
+    same = labels[:, None] == labels[None, :]
+    assert np.allclose(piv[same], np.log(4)) and (piv[~same] < -20).all()   # PMI log C when they agree
+    assert E.retrieval_metrics(piv)["R@5"]["value"] == pytest.approx(1.0)   # = the class-only ceiling
+    assert np.allclose(E.class_pivot_scores(np.zeros((20, 4)), sure), 0.0)  # one side knows nothing: no
+    assert E.retrieval_metrics(E.class_pivot_scores(np.zeros((20, 4)), sure))["R@1"]["value"] == \
+        pytest.approx(1 / 20)                                               # information, chance
+
+
+def test_fuse_scores_standardises_each_query():
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(4), 5)
+    cls = (labels[:, None] == labels[None, :]).astype(float)                   # knows the class only
+    clip = np.eye(20) + 0.01 * rng.standard_normal((20, 20))                   # knows the clip, weakly
+    assert E.retrieval_metrics(cls)["R@1"]["value"] == pytest.approx(1 / 5)
+    fused = E.fuse_scores(cls * 100.0, clip)           # the scale of either score does not matter
+    assert E.retrieval_metrics(fused)["R@1"]["value"] == 1.0
+    assert np.allclose(E.fuse_scores(3.0 * clip + 7.0), E.fuse_scores(clip))
+    assert np.allclose(E.fuse_scores(np.ones((5, 5)), clip[:5, :5]), E.fuse_scores(clip[:5, :5]))  # no spread
+
+
 def test_token_judge_known_answers():
     rng = np.random.default_rng(0)
     y = np.repeat(np.arange(4), 10)
@@ -290,6 +314,8 @@ def test_end_to_end_tiny(tmp_path):
     assert P["class"]["views"]["views_per_clip"] == 10 and 0.0 <= P["class"]["whole_clip"]["top1"]["value"] <= 1.0
     assert len(P["retrieval"]["audio->rgb"]["curve"]) == 6
     assert len(P["retrieval"]["rgb->audio"]["both_directions"]["curve"]) == 6
+    assert len(P["retrieval"]["fused"]["rgb->audio"]["curve"]) == 6
+    assert len(P["retrieval"]["class_pivot"]["audio->rgb"]["curve"]) == 6
     for m in P["ce"]["per_modality"].values():
         assert not (m["ce"] < m["ci"][0] or m["ce"] > m["ci"][1])    # nan bounds compare False
     lo, hi = P["entropy"]["bias_corrected_ci"]
