@@ -39,6 +39,11 @@ class Nano4MConfig:
     bias: bool = False          # bias in Linears and LayerNorms
     vocab_size: int = VOCAB_SIZE
     dec_same_modality: bool = True  # decoder self-attention only among targets of the same modality (4M)
+    # False: the report's one table of vocab_size rows, shared by every modality (rgb id 5, depth id 5, audio
+    # id 5 and BPE id 5 all read and predict row 5, told apart only by the modality embedding). True: each
+    # modality gets rows of its own, as 4M's per-modality input and output adapters do (sum of the five
+    # vocabularies, 85,120 rows: more parameters, the same compute per token)
+    separate_vocab: bool = False
 
 
 class LayerNorm(nn.Module):
@@ -130,7 +135,15 @@ class Nano4M(nn.Module):
         super().__init__()
         self.config = config
         D = config.n_embd
-        self.wte = nn.Embedding(config.vocab_size, D)           # shared by all modalities
+        # modality m's ids read (and its logits come from) rows [row_offset[m], row_offset[m] + vocab_m)
+        vocabs = [m.vocab for m in MODALITIES]
+        if config.separate_vocab:
+            self.row_offset = [sum(vocabs[:i]) for i in range(len(vocabs))]
+            rows = sum(vocabs)
+        else:
+            self.row_offset = [0] * len(vocabs)
+            rows = config.vocab_size
+        self.wte = nn.Embedding(rows, D)                         # token embedding (see separate_vocab)
         self.wme = nn.Embedding(len(MODALITIES), D)             # which modality a token belongs to
         # position parts; the three image grids share row/col (they are pixel-aligned views of one frame)
         self.pos_row = nn.Parameter(torch.zeros(GRID, D))
@@ -145,8 +158,10 @@ class Nano4M(nn.Module):
         self.enc_ln_f = LayerNorm(D, config.bias)
         self.decoder = nn.ModuleList([DecoderBlock(config) for _ in range(config.n_dec_layer)])
         self.dec_ln_f = LayerNorm(D, config.bias)
-        self.lm_head = nn.Linear(D, config.vocab_size, bias=False)  # untied; modality m uses rows [0, vocab_m)
+        self.lm_head = nn.Linear(D, rows, bias=False)           # untied; the same rows per modality as wte
         self.register_buffer("pos_modality", position_modality(torch.arange(TOTAL_POSITIONS)), persistent=False)
+        # the row offset of each global position's modality (all zero with the shared table)
+        self.register_buffer("pos_row_offset", torch.tensor(self.row_offset)[self.pos_modality], persistent=False)
 
         self.apply(self._init_weights)
         for p in (self.pos_row, self.pos_col, self.pos_frame, self.pos_codebook, self.pos_seq, self.mask_token):
@@ -185,7 +200,7 @@ class Nano4M(nn.Module):
         # modality + position embedding of every global position, summed once over the 1,316 positions, so
         # each token takes one gather rather than two (the modality follows from the position anyway)
         pos_table = self.position_table() + self.wme(self.pos_modality)
-        x = self.wte(enc_ids) + pos_table[enc_pos]
+        x = self.wte(enc_ids + self.pos_row_offset[enc_pos]) + pos_table[enc_pos]
         x = self.drop(x)
         Ni, No = enc_ids.size(1), dec_pos.size(1)
 
@@ -220,9 +235,9 @@ class Nano4M(nn.Module):
 
     def modality_logits(self, h, m):
         """h [..., D] decoder rows of modality index m -> float32 logits [..., vocab_m]."""
-        vocab = MODALITIES[m].vocab
+        start = self.row_offset[m]
         with torch.autocast(device_type=h.device.type, enabled=False):
-            return h.float() @ self.lm_head.weight[:vocab].float().t()
+            return h.float() @ self.lm_head.weight[start:start + MODALITIES[m].vocab].float().t()
 
     def target_counts(self, dec_pos, dec_valid, dec_ids):
         """-> HostCounts: each modality's number of scored targets (and the rest's, last), copied to the
@@ -248,8 +263,8 @@ class Nano4M(nn.Module):
         order = torch.argsort(mod, stable=True)
         counts_t = torch.bincount(mod, minlength=len(MODALITIES) + 1)
         counts = dec_counts.tolist() if dec_counts is not None else counts_t.tolist()
-        vocabs = [m.vocab for m in MODALITIES]
-        sums = PerModalityCE.apply(h[order], self.lm_head.weight, ids[order], counts[:len(MODALITIES)], vocabs)
+        rows = [(start, m.vocab) for start, m in zip(self.row_offset, MODALITIES)]
+        sums = PerModalityCE.apply(h[order], self.lm_head.weight, ids[order], counts[:len(MODALITIES)], rows)
         per_modality, means = {}, []
         for m, name in enumerate(MODALITY_NAMES):
             per_modality[name] = (sums[m].detach(), counts_t[m].float())
@@ -319,7 +334,8 @@ class Nano4M(nn.Module):
 
 class PerModalityCE(torch.autograd.Function):
     """Summed cross-entropy of each modality's rows (h and ids sorted by modality, counts rows each) over its
-    own id range, weight[:vocab], in float32: the numbers of F.cross_entropy(h_m @ weight[:vocab].T, ids_m,
+    own id range, the head rows weight[start:start + vocab] (rows: one (start, vocab) per modality), in float32:
+    the numbers of F.cross_entropy(h_m @ weight[start:start + vocab].T, ids_m,
     reduction="sum"), with less memory traffic over the [rows, vocab] logits, the largest tensors of a step:
     - forward: one log_softmax pass over each modality's logits (logsumexp costs several), kept for backward;
     - backward: the log-probabilities turn into the softmax in place (one pass), the one-hot is subtracted
@@ -330,19 +346,19 @@ class PerModalityCE(torch.autograd.Function):
     on an H100 (see README, Speed)."""
 
     @staticmethod
-    def forward(ctx, h, weight, ids, counts, vocabs):
+    def forward(ctx, h, weight, ids, counts, rows):
         with torch.autocast(device_type=h.device.type, enabled=False):
             saved, sums = [], []
             sizes = list(counts) + [h.size(0) - sum(counts)]       # the modalities', then the padding rows
-            for h_m, ids_m, vocab in zip(h.split(sizes), ids.split(sizes), vocabs):
+            for h_m, ids_m, (start, vocab) in zip(h.split(sizes), ids.split(sizes), rows):
                 if h_m.size(0) == 0:
                     saved.append(None)
                     sums.append(h.new_zeros((), dtype=torch.float32))
                     continue
-                logp = torch.log_softmax(h_m.float() @ weight[:vocab].float().t(), dim=1)
+                logp = torch.log_softmax(h_m.float() @ weight[start:start + vocab].float().t(), dim=1)
                 sums.append(-logp.gather(1, ids_m[:, None]).sum())
                 saved.append(logp)
-        ctx.saved, ctx.counts = saved, list(counts)
+        ctx.saved, ctx.counts, ctx.rows = saved, list(counts), list(rows)
         ctx.save_for_backward(h, weight, ids)
         return torch.stack(sums)
 
@@ -358,12 +374,12 @@ class PerModalityCE(torch.autograd.Function):
                     continue
                 grad = ctx.saved[m].exp_()                                           # softmax, in place
                 ctx.saved[m] = None                                                  # free as we go
-                vocab = grad.size(1)
+                w0, vocab = ctx.rows[m]
                 grad[torch.arange(n, device=h.device), ids[start:start + n]] -= 1.0  # minus the one-hot
-                w_m, h_m = weight[:vocab].float(), h[start:start + n].float()
+                w_m, h_m = weight[w0:w0 + vocab].float(), h[start:start + n].float()
                 torch.mm(grad, w_m, out=grad_h[start:start + n])
                 grad_h[start:start + n] *= grad_sums[m]
-                grad_w[:vocab].addmm_(grad.t(), h_m * grad_sums[m])
+                grad_w[w0:w0 + vocab].addmm_(grad.t(), h_m * grad_sums[m])
                 start += n
         return grad_h.to(h.dtype), grad_w.to(weight.dtype), None, None, None
 

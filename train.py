@@ -73,6 +73,7 @@ n_head = 8
 dropout = 0.0
 bias = False
 dec_same_modality = True
+separate_vocab = False          # True: own embedding / head rows per modality, not the report's shared table
 # adamw optimizer
 learning_rate = 1e-4
 block_lr_scale = 1.0            # the encoder/decoder blocks' lr as a fraction of the rest's (model.configure_optimizers)

@@ -94,6 +94,40 @@ def test_loss_is_mean_over_modalities_of_per_modality_mean_ce():
             assert abs(float(s / c) - math.log(m.vocab)) < 1.5
 
 
+def test_separate_vocab_gives_each_modality_its_own_rows():
+    """separate_vocab=True: modality m's ids read and predict rows row_offset[m] + id; the loss is still each
+    modality's CE over its own vocabulary, its gradient reaches only those rows, and the same id of two
+    modalities is two different embeddings."""
+    shared, own = tiny(), tiny(separate_vocab=True)
+    rows = sum(m.vocab for m in M.MODALITIES)
+    assert own.wte.weight.shape[0] == own.lm_head.weight.shape[0] == rows == 85120
+    assert own.get_num_params() - shared.get_num_params() == 2 * (rows - M.VOCAB_SIZE) * 32
+    b = random_batch()
+    loss, per = run(own, b)
+    h = own.decode_hidden(b["enc_ids"], b["enc_pos"], b["enc_valid"], b["dec_pos"], b["dec_valid"])
+    mod = M.position_modality(b["dec_pos"])
+    means = []
+    for m_idx, m in enumerate(M.MODALITIES):
+        sel = b["dec_valid"] & (mod == m_idx)
+        if sel.any():
+            w = own.lm_head.weight[own.row_offset[m_idx]:own.row_offset[m_idx] + m.vocab]
+            ce = F.cross_entropy(h[sel] @ w.t(), b["dec_ids"][sel], reduction="sum")
+            torch.testing.assert_close(per[m.name][0], ce.detach(), rtol=1e-5, atol=1e-4)
+            means.append(ce / sel.sum())
+    torch.testing.assert_close(loss, torch.stack(means).mean(), rtol=1e-5, atol=1e-5)
+    loss.backward()
+    g = own.lm_head.weight.grad.abs().sum(1)
+    for m_idx, m in enumerate(M.MODALITIES):
+        start = own.row_offset[m_idx]
+        present = bool((b["dec_valid"] & (mod == m_idx)).any())
+        assert bool(g[start:start + m.vocab].gt(0).any()) == present, m.name
+    # the inputs: id 7 at an rgb and at a depth position read different rows (7 and 16,384 + 7)
+    pos = torch.tensor([[M.POS_OFFSETS[0], M.POS_OFFSETS[1]]])
+    emb = own.wte(torch.tensor([[7, 7]]) + own.pos_row_offset[pos])
+    assert not torch.equal(emb[0, 0], emb[0, 1])
+    torch.testing.assert_close(emb[0, 1], own.wte.weight[16384 + 7])
+
+
 def test_ignored_targets_are_queried_but_not_scored():
     """A target slot whose id is M.IGNORE_ID (the caption's trailing padding) still takes part in the decoder
     as a query, but neither counts in its modality's mean nor changes the loss whatever it would have held."""
@@ -216,24 +250,27 @@ def test_compile_trunk_keeps_state_dict_keys():
     assert list(model.state_dict()) == keys
 
 
-def test_per_modality_ce_matches_cross_entropy_with_empty_modalities_and_padding():
-    """The fused head gives F.cross_entropy's sums and gradients over each modality's own id prefix; a
-    modality with no rows gives 0, and padding rows after the counted ones get no gradient."""
+@pytest.mark.parametrize("separate", [False, True])
+def test_per_modality_ce_matches_cross_entropy_with_empty_modalities_and_padding(separate):
+    """The fused head gives F.cross_entropy's sums and gradients over each modality's own head rows (a
+    shared prefix [0, vocab), or a block of its own); a modality with no rows gives 0, and padding rows
+    after the counted ones get no gradient."""
     from model import PerModalityCE
     torch.manual_seed(0)
     vocabs, counts, pad = [50, 30, 30, 10, 80], [7, 0, 5, 3, 1], 4
+    starts = [sum(vocabs[:i]) for i in range(5)] if separate else [0] * 5
     n = sum(counts) + pad
     h = torch.randn(n, 16, dtype=torch.float32, requires_grad=True)
-    w = torch.randn(80, 16, requires_grad=True)
+    w = torch.randn(sum(vocabs) if separate else 80, 16, requires_grad=True)
     ids = torch.cat([torch.randint(v, (c,)) for v, c in zip(vocabs, counts)] + [torch.zeros(pad, dtype=torch.long)])
     upstream = torch.randn(5)
-    sums = PerModalityCE.apply(h, w, ids, counts, vocabs)
+    sums = PerModalityCE.apply(h, w, ids, counts, list(zip(starts, vocabs)))
     (sums * upstream).sum().backward()
     got_h, got_w = h.grad.clone(), w.grad.clone()
     h.grad = w.grad = None
     ref, start = [], 0
-    for c, v in zip(counts, vocabs):
-        ref.append(F.cross_entropy(h[start:start + c] @ w[:v].t(), ids[start:start + c], reduction="sum")
+    for c, v, w0 in zip(counts, vocabs, starts):
+        ref.append(F.cross_entropy(h[start:start + c] @ w[w0:w0 + v].t(), ids[start:start + c], reduction="sum")
                    if c else torch.zeros(()))
         start += c
     ref = torch.stack(ref)
