@@ -30,6 +30,7 @@ n_enc_layer = 6
 n_dec_layer = 6
 n_embd = 512
 n_head = 8
+separate_vocab = False          # model.Nano4MConfig.separate_vocab: own embedding / head rows per modality
 dtypes = 'float32,bfloat16'     # comma-separated
 compiles = 'False'              # comma-separated: False, True (default mode), or a torch.compile mode
                                 # such as reduce-overhead (the trunk as CUDA graphs)
@@ -141,7 +142,7 @@ for dtype in dtypes.split(','):
         dtype = dtype.strip()
         torch.manual_seed(seed)
         model = Nano4M(Nano4MConfig(n_enc_layer=n_enc_layer, n_dec_layer=n_dec_layer, n_embd=n_embd,
-                                    n_head=n_head)).to(device)
+                                    n_head=n_head, separate_vocab=separate_vocab)).to(device)
         optimizer = model.configure_optimizers(0.05, 1e-4, (0.9, 0.95), device_type)
         if compile_on:
             model.compile_trunk(mode=compile_mode)
