@@ -228,13 +228,14 @@ def test_optimizer_groups_and_mfu(default_model):
     assert big.estimate_mfu(64, 256, 256, 0.02, 989e12) == pytest.approx(flops / 0.02 / 989e12)
 
 
-def test_load_checkpoint_round_trip(tmp_path):
-    model = tiny()
+@pytest.mark.parametrize("separate", [False, True])
+def test_load_checkpoint_round_trip(tmp_path, separate):
+    model = tiny(separate_vocab=separate)
     b = random_batch()
     path = tmp_path / "ckpt.pt"
-    torch.save({"model": model.state_dict(), "model_args": {**TINY}, "config": {}}, path)
+    torch.save({"model": model.state_dict(), "model_args": {**TINY, "separate_vocab": separate}, "config": {}}, path)
     loaded, ckpt = load_checkpoint(str(path), "cpu")
-    assert not loaded.training
+    assert not loaded.training and loaded.config.separate_vocab == separate
     torch.testing.assert_close(run(loaded, b)[0], run(model, b)[0])
     with pytest.raises(FileNotFoundError):
         load_checkpoint(str(tmp_path / "nope.pt"))
