@@ -119,7 +119,9 @@ def test_toyzoo_configs_train(data_root, tmp_path, configs):
     train(data_root, tmp_path, "--max_iters=6", "--eval_interval=6", configs=configs)
     losses = [r["loss"] for r in read_jsonl(tmp_path / "train_log.jsonl")]
     assert len(losses) == 7 and all(math.isfinite(x) for x in losses)
-    mixture = torch.load(tmp_path / "ckpt.pt", map_location="cpu", weights_only=False)["config"]["mixture"]
+    ckpt = torch.load(tmp_path / "ckpt.pt", map_location="cpu", weights_only=False)
+    assert ckpt["model_args"]["separate_vocab"] == (len(configs) == 2)
+    mixture = ckpt["config"]["mixture"]
     assert sum(c["weight"] for c in mixture) == pytest.approx(1.0)
     rgb_to_caption = [c for c in mixture if tuple(c.get("input_full", ())) == ("rgb",)
                       and tuple(c.get("target_full", ())) == ("caption",)]
