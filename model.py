@@ -160,7 +160,7 @@ class Nano4M(nn.Module):
         self.dec_ln_f = LayerNorm(D, config.bias)
         self.lm_head = nn.Linear(D, rows, bias=False)           # untied; the same rows per modality as wte
         self.register_buffer("pos_modality", position_modality(torch.arange(TOTAL_POSITIONS)), persistent=False)
-        # the row offset of each global position's modality (all zero with the shared table)
+        # the row offset of each global position's modality (all zero with the shared table, and unused)
         self.register_buffer("pos_row_offset", torch.tensor(self.row_offset)[self.pos_modality], persistent=False)
 
         self.apply(self._init_weights)
@@ -200,7 +200,9 @@ class Nano4M(nn.Module):
         # modality + position embedding of every global position, summed once over the 1,316 positions, so
         # each token takes one gather rather than two (the modality follows from the position anyway)
         pos_table = self.position_table() + self.wme(self.pos_modality)
-        x = self.wte(enc_ids + self.pos_row_offset[enc_pos]) + pos_table[enc_pos]
+        if self.config.separate_vocab:         # the shared table needs no offset: no extra gather per step
+            enc_ids = enc_ids + self.pos_row_offset[enc_pos]
+        x = self.wte(enc_ids) + pos_table[enc_pos]
         x = self.drop(x)
         Ni, No = enc_ids.size(1), dec_pos.size(1)
 
