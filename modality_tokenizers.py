@@ -269,6 +269,10 @@ class MelRVQTokenizer:
     def encode(self, waves):
         return M.interleave_audio(self.codes(waves))
 
+    def id_features(self):
+        """[2048, 80]: the log-mel codebook vector behind each audio id (model.py's code features)."""
+        return audio_id_features(self.codebooks)
+
     @torch.no_grad()
     def decode(self, ids):
         codes = M.deinterleave_audio(_as_tensor(ids, self.device, torch.long))
@@ -286,6 +290,16 @@ class MelRVQTokenizer:
     def load(cls, path, device="cpu"):
         d = torch.load(path, map_location="cpu", weights_only=False)
         return cls(d["codebooks"], d["settings"], device, level1_keys=d.get("level1_keys"))
+
+
+def audio_id_features(codebooks):
+    """codebooks [2, K, F] (K <= 1024) -> [2048, F] indexed by audio id (code + 1024 * codebook); the ids
+    past a small codebook get zero rows, which model.py reads as unused."""
+    cb = codebooks.detach().float().cpu()
+    out = torch.zeros(M.AUDIO_CODEBOOKS * M.AUDIO_CODEBOOK_SIZE, cb.shape[-1])
+    for k in range(M.AUDIO_CODEBOOKS):
+        out[k * M.AUDIO_CODEBOOK_SIZE:k * M.AUDIO_CODEBOOK_SIZE + cb.shape[1]] = cb[k]
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -327,6 +341,11 @@ class EncodecTokenizer:
 
     def encode(self, waves):
         return M.interleave_audio(self.codes(waves))
+
+    def id_features(self):
+        """[2048, 128]: the quantizer's codebook vector behind each audio id (model.py's code features)."""
+        layers = self.model.quantizer.vq.layers[:M.AUDIO_CODEBOOKS]
+        return audio_id_features(torch.stack([layer.codebook.detach() for layer in layers]))
 
     @torch.no_grad()
     def decode(self, ids):
@@ -482,6 +501,11 @@ class PatchKMeansTokenizer:
         v = self.means[a][..., None] + self.shapes[b].reshape(*b.shape, self.channels, -1)
         return v.reshape(*b.shape, -1)
 
+    def id_features(self):
+        """[codes, D]: the patch vector each id decodes to (model.py's code features): ids that share a
+        colour or a layout share most of it, which an embedding row per id cannot know."""
+        return self.vectors_from_ids(torch.arange(self.size, device=self.device)).cpu()
+
     def encode(self, images):
         v, _ = self.patch_vectors(images)
         B, N, D = v.shape
@@ -618,3 +642,15 @@ def load_tokenizer(tok_path, meta, modality_name, device="cpu"):
     if kind == "gpt2_bpe":
         return CaptionTokenizer(device)
     raise ValueError(f"{tok_path}/meta.json: unknown tokenizer {kind!r} for {name}")
+
+
+def code_features(tok_path, meta, device="cpu"):
+    """{modality name: [ids, F] float tensor or None}: what each id of each modality stands for, from the
+    tokenizers recorded in meta.json (train.py --code_features). None where the tokenizer offers no vector per
+    id: the BPE caption, and the DiVAE image tokenizers (their quantizer is not read here yet)."""
+    out = {}
+    for name in meta["modalities"]:
+        tok = load_tokenizer(tok_path, meta, name, device)
+        f = getattr(tok, "id_features", None)
+        out[name] = f() if f is not None else None
+    return out
