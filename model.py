@@ -44,6 +44,12 @@ class Nano4MConfig:
     # modality gets rows of its own, as 4M's per-modality input and output adapters do (sum of the five
     # vocabularies, 85,120 rows: more parameters, the same compute per token)
     separate_vocab: bool = False
+    # code features: one int per modality (order of MODALITIES; () = none). Where > 0, that modality's token
+    # embedding also reads a fixed vector per id from its tokenizer (the patch an image id decodes to, the
+    # codebook vector of an audio id) through a learnt linear map, so that ids which look or sound alike start
+    # alike. A row per id alone has to learn each of rgb's 16,384 ids from the ~100 times it is seen.
+    # Set by train.py --code_features, which fills the vectors (set_code_features); they are saved as buffers.
+    code_feature_dims: tuple = ()
 
 
 class LayerNorm(nn.Module):
@@ -162,6 +168,24 @@ class Nano4M(nn.Module):
         self.register_buffer("pos_modality", position_modality(torch.arange(TOTAL_POSITIONS)), persistent=False)
         # the row offset of each global position's modality (all zero with the shared table, and unused)
         self.register_buffer("pos_row_offset", torch.tensor(self.row_offset)[self.pos_modality], persistent=False)
+        # code features: each featured modality's vectors [vocab_m, F_m] (a buffer, saved with the model) and
+        # its map to the width; in code_embedding's table modality m starts at code_offset[m], and every
+        # unfeatured modality reads the table's last row, a zero
+        dims = tuple(config.code_feature_dims) or (0,) * len(MODALITIES)
+        if len(dims) != len(MODALITIES):
+            raise ValueError(f"code_feature_dims needs one entry per modality ({len(MODALITIES)}), got {dims}")
+        self.code_proj = nn.ModuleDict()
+        code_offset, start = [], 0
+        for m, f in zip(MODALITIES, dims):
+            if f:
+                self.register_buffer(f"code_feat_{m.name}", torch.zeros(m.vocab, f))
+                self.code_proj[m.name] = nn.Linear(f, D, bias=False)
+                code_offset.append(start)
+                start += m.vocab
+            else:
+                code_offset.append(-1)
+        self.code_zero_row = start
+        self.register_buffer("pos_code_offset", torch.tensor(code_offset)[self.pos_modality], persistent=False)
 
         self.apply(self._init_weights)
         for p in (self.pos_row, self.pos_col, self.pos_frame, self.pos_codebook, self.pos_seq, self.mask_token):
@@ -179,6 +203,33 @@ class Nano4M(nn.Module):
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    @torch.no_grad()
+    def set_code_features(self, features):
+        """features: {modality name: [n <= vocab_m, F_m] tensor} (modality_tokenizers.code_features). Each is
+        standardised per dimension over its non-zero rows (an all-zero row marks an unused id and stays zero)
+        and scaled by 1/sqrt(F_m), so a row has norm ~1 and the 0.02-init map starts at the embeddings' scale."""
+        for name in self.code_proj:
+            if features.get(name) is None:
+                raise ValueError(f"the model has code features for {name} but none were given")
+            f = features[name].float().cpu()
+            buf = getattr(self, f"code_feat_{name}")
+            if f.dim() != 2 or f.shape[0] > buf.shape[0] or f.shape[1] != buf.shape[1]:
+                raise ValueError(f"code features of {name}: shape {tuple(f.shape)}, expected [<= {buf.shape[0]}, "
+                                 f"{buf.shape[1]}]")
+            used = f.abs().sum(1) > 0
+            mu, sd = f[used].mean(0), f[used].std(0).clamp_min(1e-6)
+            f = torch.where(used[:, None], (f - mu) / sd / math.sqrt(f.shape[1]), 0.0)
+            buf.zero_()
+            buf[:f.shape[0]] = f.to(buf.device)
+
+    def code_embedding(self, ids, pos):
+        """The code-feature part of the input embeddings of (id, global position) pairs: [..., D]. The table
+        maps every id of the featured modalities (rgb: 16,384 x 192 -> D) once per call, shared by all tokens."""
+        table = [self.code_proj[name](getattr(self, f"code_feat_{name}")) for name in self.code_proj]
+        table = torch.cat(table + [table[0].new_zeros(1, table[0].shape[1])])
+        offset = self.pos_code_offset[pos]
+        return F.embedding(torch.where(offset >= 0, ids + offset, self.code_zero_row), table)
 
     def get_num_params(self):
         return sum(p.numel() for p in self.parameters())
@@ -200,9 +251,12 @@ class Nano4M(nn.Module):
         # modality + position embedding of every global position, summed once over the 1,316 positions, so
         # each token takes one gather rather than two (the modality follows from the position anyway)
         pos_table = self.position_table() + self.wme(self.pos_modality)
+        x = pos_table[enc_pos]
+        if len(self.code_proj):
+            x = x + self.code_embedding(enc_ids, enc_pos)
         if self.config.separate_vocab:         # the shared table needs no offset: no extra gather per step
             enc_ids = enc_ids + self.pos_row_offset[enc_pos]
-        x = self.wte(enc_ids) + pos_table[enc_pos]
+        x = x + self.wte(enc_ids)
         x = self.drop(x)
         Ni, No = enc_ids.size(1), dec_pos.size(1)
 

@@ -311,3 +311,44 @@ def test_block_lr_scale_splits_groups_and_train_scales_them():
         assert all((p.dim() >= 2) == (g["params"][0].dim() >= 2) for p in g["params"])
         seen += len(g["params"])
     assert seen == len(list(model.parameters())) and len(opt.param_groups) == 4
+
+
+def test_code_features_embed_what_each_id_stands_for(tmp_path):
+    """--code_features: an rgb / audio token's input embedding adds a learnt map of its id's tokenizer vector."""
+    dims = (6, 0, 0, 4, 0)                                     # rgb and audio featured
+    model = tiny(code_feature_dims=dims)
+    g = torch.Generator().manual_seed(0)
+    rgb = torch.randn(100, 6, generator=g)
+    rgb[7] = rgb[3]                                          # two ids that decode to the same patch
+    audio = torch.zeros(2048, 4)
+    audio[:50] = torch.randn(50, 4, generator=g)             # ids past a small codebook: zero rows
+    model.set_code_features({"tok_rgb": rgb, "tok_audio": audio})
+    f = model.code_feat_tok_rgb
+    assert f.shape == (M.BY_NAME["tok_rgb"].vocab, 6) and f[100:].abs().sum() == 0
+    torch.testing.assert_close(f[:100].mean(0), torch.zeros(6), atol=1e-5, rtol=0)      # standardised
+    torch.testing.assert_close(f[:100].std(0), torch.full((6,), 6 ** -0.5))
+    assert model.code_feat_tok_audio[50:].abs().sum() == 0
+    rgb_pos = torch.tensor([[0, 1]])                          # rgb positions come first
+    e = model.code_embedding(torch.tensor([[3, 7]]), rgb_pos)
+    torch.testing.assert_close(e[0, 0], e[0, 1])
+    torch.testing.assert_close(e[0, 0], model.code_proj["tok_rgb"](f[3]))
+    cap_pos = torch.tensor([[M.TOTAL_POSITIONS - 1]])         # the caption has no features: zero
+    assert model.code_embedding(torch.tensor([[3]]), cap_pos).abs().sum() == 0
+    # it reaches the loss, and the map learns
+    b = random_batch()
+    b["enc_ids"] = b["enc_ids"] % 50                         # ids that have vectors, in every modality
+    run(model, b)[0].backward()
+    assert model.code_proj["tok_rgb"].weight.grad.abs().sum() > 0
+    assert model.code_proj["tok_audio"].weight.grad.abs().sum() > 0
+    # the vectors are saved with the model
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": model.state_dict(), "model_args": {**TINY, "code_feature_dims": dims}}, path)
+    loaded, _ = load_checkpoint(str(path))
+    assert torch.equal(loaded.code_feat_tok_rgb, f)
+    torch.testing.assert_close(run(loaded, b)[0], run(model.eval(), b)[0])
+    with pytest.raises(ValueError, match="tok_audio"):
+        model.set_code_features({"tok_rgb": rgb})
+    with pytest.raises(ValueError, match="shape"):
+        model.set_code_features({"tok_rgb": rgb[:, :5], "tok_audio": audio})
+    with pytest.raises(ValueError, match="one entry per modality"):
+        tiny(code_feature_dims=(6, 4))

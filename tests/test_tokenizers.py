@@ -67,6 +67,13 @@ def test_mel_rvq_ids_and_reconstruction(mel_tok, waves):
     assert (d_rec < 0.5 * d_other).all()
     # a second level helps: the residual codebook lowers the error of level 1 alone
     assert mel_tok.settings["mse_level2"] < 0.8 * mel_tok.settings["mse_level1"]
+    # code features: each id's codebook vector (their sum over a frame's two ids is what decoding inverts);
+    # the ids past the 128-entry codebooks are zero rows
+    feats = mel_tok.id_features()
+    assert feats.shape == (2048, T.N_MELS)
+    torch.testing.assert_close(feats[ids[:, 0::2]] + feats[ids[:, 1::2]],
+                               mel_tok.codes_to_features(M.deinterleave_audio(ids)))
+    assert feats[128:1024].abs().sum() == 0 and feats[1024 + 128:].abs().sum() == 0
 
 
 def test_mel_rvq_exact_parts(mel_tok, waves, tmp_path):
@@ -156,6 +163,10 @@ def test_patch_kmeans(modality, means, shapes, tmp_path):
     assert torch.equal(tok.ids_from_vectors(tok.vectors_from_ids(every)), every)
     if modality != "tok_depth":   # depth is re-standardised per image, so only rgb/normals are pixel-exact
         assert torch.equal(tok.encode(dec), ids)
+    # code features: row i is what id i decodes to (here: its patch vector, which quantises back to i)
+    feats = tok.id_features()
+    assert feats.shape == (means * shapes, v.shape[-1])
+    assert torch.equal(tok.ids_from_vectors(feats), every)
     path = str(tmp_path / "c.pt")
     tok.save(path)
     assert torch.equal(T.PatchKMeansTokenizer.load(path).encode(test), ids)
@@ -188,6 +199,11 @@ def test_encodec_untrained_code_path():
     assert torch.equal(M.deinterleave_audio(ids), codes)
     wave = tok.decode(ids)
     assert wave.shape == (1, M.AUDIO_WINDOW) and wave.dtype == np.float32
+    # code features: audio id c + 1024 k is codebook k's vector c
+    feats = tok.id_features()
+    assert feats.shape == (2048, model.quantizer.dimension)
+    for k in range(2):
+        torch.testing.assert_close(feats[k * 1024:(k + 1) * 1024], model.quantizer.vq.layers[k].codebook)
 
 
 def test_divae_absent_is_a_clear_error():
