@@ -31,6 +31,7 @@ n_dec_layer = 6
 n_embd = 512
 n_head = 8
 separate_vocab = False          # model.Nano4MConfig.separate_vocab: own embedding / head rows per modality
+code_features = False           # train.py --code_features, at ToyZoo's vector sizes (random vectors)
 dtypes = 'float32,bfloat16'     # comma-separated
 compiles = 'False'              # comma-separated: False, True (default mode), or a torch.compile mode
                                 # such as reduce-overhead (the trunk as CUDA graphs)
@@ -141,8 +142,12 @@ for dtype in dtypes.split(','):
         compile_mode = 'default' if compile_flag.lower() in ('true', 'false') else compile_flag
         dtype = dtype.strip()
         torch.manual_seed(seed)
+        feature_dims = (192, 64, 192, 80, 0) if code_features else ()   # patch_kmeans images, mel_rvq audio
         model = Nano4M(Nano4MConfig(n_enc_layer=n_enc_layer, n_dec_layer=n_dec_layer, n_embd=n_embd,
-                                    n_head=n_head, separate_vocab=separate_vocab)).to(device)
+                                    n_head=n_head, separate_vocab=separate_vocab,
+                                    code_feature_dims=feature_dims))
+        model.set_code_features({m.name: torch.randn(m.vocab, f) for m, f in zip(modalities.MODALITIES, feature_dims) if f})
+        model.to(device)
         optimizer = model.configure_optimizers(0.05, 1e-4, (0.9, 0.95), device_type)
         if compile_on:
             model.compile_trunk(mode=compile_mode)

@@ -30,6 +30,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import configurator
 import masking
 import modalities
+import modality_tokenizers
 from model import Nano4M, Nano4MConfig
 
 # -----------------------------------------------------------------------------------------------------
@@ -74,6 +75,7 @@ dropout = 0.0
 bias = False
 dec_same_modality = True
 separate_vocab = False          # True: own embedding / head rows per modality, not the report's shared table
+code_features = False           # True: embeddings also read each id's vector from the dataset's tokenizers (model.py)
 # adamw optimizer
 learning_rate = 1e-4
 block_lr_scale = 1.0            # the encoder/decoder blocks' lr as a fraction of the rest's (model.configure_optimizers)
@@ -233,7 +235,16 @@ if init_from == 'resume':
     iter_num = checkpoint['iter_num']
     best_val_loss = checkpoint['best_val_loss']
 elif init_from == 'scratch':
+    try:
+        features = modality_tokenizers.code_features(tok_path, meta) if code_features else {}
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        raise SystemExit(f"--code_features: {e}")
+    model_args['code_feature_dims'] = tuple(0 if features.get(m.name) is None else features[m.name].shape[1]
+                                            for m in modalities.MODALITIES)
+    if code_features and not any(model_args['code_feature_dims']):
+        raise SystemExit(f"--code_features: no tokenizer of {tok_path} gives a vector per id")
     model = Nano4M(Nano4MConfig(**model_args))
+    model.set_code_features(features)
 else:
     raise SystemExit(f"--init_from must be 'scratch' or 'resume', not {init_from!r}")
 model.to(device)

@@ -12,7 +12,7 @@ def bench(*args):
 
 
 def test_bench_small_prints_a_row_per_setting_and_the_profile():
-    r = bench("--dtypes=float32,bfloat16", "--sdpa_backend=math", "--profile=True")
+    r = bench("--dtypes=float32,bfloat16", "--sdpa_backend=math", "--profile=True", "--code_features=True")
     assert r.returncode == 0, r.stderr
     rows = [line for line in r.stdout.splitlines() if line.startswith(("float32 ", "bfloat16 "))]
     assert len(rows) == 2

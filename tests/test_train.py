@@ -128,6 +128,46 @@ def test_toyzoo_configs_train(data_root, tmp_path, configs):
     assert len(rgb_to_caption) == (len(configs) == 2)
 
 
+def test_code_features_train_and_resume(tmp_path):
+    """--code_features reads each id's vector from the dataset's tokenizers (here random codebooks of the real
+    rgb and audio kinds), keeps them in the checkpoint, trains, and resumes on the same curve; a dataset whose
+    tokenizers have no codebooks is refused with its meta.json named."""
+    import torch
+    import modality_tokenizers as T
+    root = write_dataset(str(tmp_path / "data"), name="feat")
+    tok = os.path.join(root, "feat", "tok")
+    g = torch.Generator().manual_seed(0)
+    for name, c in (("tok_rgb", 3), ("tok_depth", 1), ("tok_normal", 3)):
+        T.PatchKMeansTokenizer(name, torch.rand(16, c, generator=g), torch.randn(64, c * 64, generator=g)
+                               ).save(os.path.join(tok, name + ".pt"))
+    T.MelRVQTokenizer(torch.randn(2, 1024, 80, generator=g), {"level1": "shape"}).save(os.path.join(tok, "audio.pt"))
+    with open(os.path.join(tok, "meta.json")) as f:
+        meta = json.load(f)
+    for name in ("tok_rgb", "tok_depth", "tok_normal"):
+        meta["modalities"][name].update(tokenizer="patch_kmeans", codebook=name + ".pt")
+    meta["modalities"]["tok_audio"].update(tokenizer="mel_rvq", codebook="audio.pt")
+    meta["modalities"]["caption"].update(tokenizer="gpt2_bpe")
+    with open(os.path.join(tok, "meta.json"), "w") as f:
+        json.dump(meta, f)
+    common = ["--dataset=feat", "--code_features=True", "--lr_decay_iters=40", "--eval_interval=20",
+              "--eval_iters=2", "--log_interval=5"]
+    train(root, tmp_path / "straight", "--max_iters=40", *common)
+    evals = read_jsonl(tmp_path / "straight" / "log.jsonl")
+    assert evals[-1]["val"]["loss"] < evals[0]["val"]["loss"] - 1.0
+    ckpt = torch.load(tmp_path / "straight" / "ckpt.pt", map_location="cpu", weights_only=False)
+    assert ckpt["model_args"]["code_feature_dims"] == (192, 64, 192, 80, 0)
+    assert ckpt["model"]["code_feat_tok_rgb"].shape == (16384, 192)
+    assert ckpt["model"]["code_feat_tok_rgb"][16 * 64:].abs().sum() == 0     # past the 1,024 codes
+    train(root, tmp_path / "split", "--max_iters=20", *common)
+    train(root, tmp_path / "split", "--max_iters=40", "--init_from=resume", *common)
+    straight = {r["iter"]: r["loss"] for r in read_jsonl(tmp_path / "straight" / "train_log.jsonl")}
+    resumed = [r for r in read_jsonl(tmp_path / "split" / "train_log.jsonl") if r["iter"] > 20]
+    assert resumed and all(abs(r["loss"] - straight[r["iter"]]) <= 1e-6 for r in resumed)
+    write_dataset(root)                                         # "synth": tokenizers without codebooks
+    proc = train(root, tmp_path / "refused", "--max_iters=1", "--code_features=True", check=False)
+    assert proc.returncode != 0 and "meta.json" in proc.stderr and "synthetic" in proc.stderr
+
+
 def test_bf16_follows_fp32(data_root, tmp_path):
     runs = {}
     for dtype in ("float32", "bfloat16"):
