@@ -23,7 +23,8 @@ Probes (--probes=all or a comma list):
              target stream given q. R@1/5/10 and the curve R@k; also with each candidate's prior removed, and
              with both directions' prior-removed scores summed; through the class (each side's class
              posterior from the caption likelihoods, log sum_k p(k|a) p(k|r) / p(k)); and that pivot fused
-             with the both-directions score (each standardised per query). Baseline: k / G.
+             with the both-directions score (each standardised per query); and for whole clips, each
+             pair's scores summed over --retrieval_views views (audio window v with frame v). Baseline: k / G.
   structure  rgb -> depth and rgb -> normal token top-1 (all 196 rgb tokens in, all 196 tokens out).
              Baselines: 1/vocab and always predicting the train split's most frequent token.
   memo       audio-suffix completion top-1 (first 80% of the audio + rgb + caption in, last 20% out) on train
@@ -73,6 +74,8 @@ gen_guidance = 3.0       # classifier-free guidance scale, as sample.py's defaul
 clf_per_class = 10       # decoded train clips per class for the offline audio classifier
 class_views = 10         # class probe: also score this many views per clip (all 10: a tighter per-view figure
                          # and a whole-clip one); 1 = only the seeded view
+retrieval_views = 10     # retrieval: also rank whole clips, each pair's scores summed over this many views
+                         # (audio window v with frame v, as training pairs them); 1 = only the seeded view
 batch_size = 32
 ce_batches = 8           # ce probe: batches of batch_size masked (clip, view) draws
 dataset = ''             # '' = the checkpoint's
@@ -653,10 +656,7 @@ def probe_retrieval(ctx):
                       "target tokens given all of q's tokens (exact: G decoder passes, each scoring every candidate)"}
     scores = {}
     for q, c in (("tok_audio", "tok_rgb"), ("tok_rgb", "tok_audio")):
-        inputs = {q: (tokens[q], all_given(tokens[q]))}
-        L = M.BY_NAME[c].length
-        s = score_hypotheses(ctx["model"], inputs, c, np.arange(L), tokens[c].numpy(), ctx["device"],
-                             ctx["batch_size"], reduce="mean", desc=f"retrieval {q}->{c}")
+        s = direct_scores(ctx, tokens, q, c)
         key = f"{q[4:]}->{c[4:]}"
         r = retrieval_metrics(s)
         # the same scores with each candidate's mean score over queries removed (its prior likelihood)
@@ -713,7 +713,42 @@ def probe_retrieval(ctx):
             if "R@5" in r:
                 add_row(ctx, "retrieval", f"{key} R@5, {label}", r["R@5"]["value"], r["R@5"]["ci"], G, 5 / G,
                         "chance k/G")
+    # Whole clips: one view says little of the class in a picture (an animal seen end-on, half hidden);
+    # a clip's views together say more. Each pair's both-directions score is summed over the views
+    # (audio window v with frame v) and the caption log-likelihoods too (the class posterior of all the views,
+    # as the class probe's whole clip), then ranked as above.
+    V = min(int(ctx["retrieval_views"]), M.NUM_VIEWS)
+    if V > 1:
+        both_v, logp_v = both.copy(), {m: v.copy() for m, v in logp.items()}
+        for j in range(1, V):
+            t, _ = tokens_of(ctx, ctx["split"], clips, (views + j) % M.NUM_VIEWS)
+            s_ar, s_ra = direct_scores(ctx, t, "tok_audio", "tok_rgb"), direct_scores(ctx, t, "tok_rgb", "tok_audio")
+            both_v += (s_ar - s_ar.mean(axis=0, keepdims=True)) + (s_ra - s_ra.mean(axis=0, keepdims=True)).T
+            for m in logp_v:
+                logp_v[m] += class_scores(ctx, t[m], names, m)
+        pivot_v = class_pivot_scores(logp_v["tok_audio"], logp_v["tok_rgb"])
+        out["whole_clip"] = {"views_summed": V}
+        for m in logp_v:          # how well each side names the class, one view vs the whole clip
+            one, whole = (fair_hits(x, labels, (1,))[:, 0] for x in (logp[m], logp_v[m]))
+            out["whole_clip"][f"{m[4:]}_class_top1"] = {"one_view": float(one.mean()), "whole_clip": float(whole.mean())}
+            add_row(ctx, "retrieval", f"{m[4:]} -> class top-1 on the gallery, whole clip ({V} views)",
+                    float(whole.mean()), wilson_ci(whole.sum(), G), G, 1 / len(names), "chance 1/C")
+        for key, b, piv in (("audio->rgb", both_v, pivot_v), ("rgb->audio", both_v.T, pivot_v.T)):
+            for name, m in (("both_directions", b), ("class_pivot", piv), ("fused", fuse_scores(b, piv))):
+                r = retrieval_metrics(m)
+                out["whole_clip"].setdefault(name, {})[key] = r
+                if "R@5" in r:
+                    add_row(ctx, "retrieval", f"{key} R@5, whole clip ({V} views), {name.replace('_', ' ')}",
+                            r["R@5"]["value"], r["R@5"]["ci"], G, 5 / G, "chance k/G")
     return out
+
+
+def direct_scores(ctx, tokens, q, c):
+    """[G, G] retrieval score of every (query, candidate) pair: the mean log-prob of all of the candidate's
+    c tokens given all of the query's q tokens."""
+    inputs = {q: (tokens[q], all_given(tokens[q]))}
+    return score_hypotheses(ctx["model"], inputs, c, np.arange(M.BY_NAME[c].length), tokens[c].numpy(),
+                            ctx["device"], ctx["batch_size"], reduce="mean", desc=f"retrieval {q}->{c}")
 
 
 def train_majority(ctx, name):

@@ -316,6 +316,11 @@ def test_end_to_end_tiny(tmp_path):
     assert len(P["retrieval"]["rgb->audio"]["both_directions"]["curve"]) == 6
     assert len(P["retrieval"]["fused"]["rgb->audio"]["curve"]) == 6
     assert len(P["retrieval"]["class_pivot"]["audio->rgb"]["curve"]) == 6
+    # whole clips: every pair scored on all 10 views, then ranked the same three ways
+    W = P["retrieval"]["whole_clip"]
+    assert W["views_summed"] == 10 and 0.0 <= W["rgb_class_top1"]["whole_clip"] <= 1.0
+    assert all(len(W[k][d]["curve"]) == 6 for k in ("both_directions", "class_pivot", "fused")
+               for d in ("audio->rgb", "rgb->audio"))
     for m in P["ce"]["per_modality"].values():
         assert not (m["ce"] < m["ci"][0] or m["ce"] > m["ci"][1])    # nan bounds compare False
     lo, hi = P["entropy"]["bias_corrected_ci"]
