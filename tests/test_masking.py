@@ -364,7 +364,7 @@ def test_caption_query_set_does_not_reveal_its_length():
 
 def test_toyzoo_config_whole_targets_with_a_side_budget():
     """config/toyzoo.py's components: a whole input, a whole target, plus exactly 32 tokens of one more
-    modality as targets (audio -> caption + 32 rgb; rgb -> depth or normal + 32 audio in whole frames)."""
+    modality as targets (audio -> caption + 32 rgb; rgb -> caption, depth or normal + 32 audio in whole frames)."""
     import runpy
     c = runpy.run_path(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "config",
                                     "toyzoo.py"))
@@ -377,8 +377,10 @@ def test_toyzoo_config_whole_targets_with_a_side_budget():
     assert (pd[from_audio, CAPTION] == cap_n[from_audio]).all() and (pd[from_audio, 0] == 32).all()
     assert (pd[from_audio].sum(1) == cap_n[from_audio] + 32).all()
     from_rgb = (pe[:, 0] == 196) & (pe.sum(1) == 196)
-    whole = (pd[:, 1] == 196) | (pd[:, 2] == 196)
-    assert (whole[from_rgb]).all() and (pd[from_rgb, AUDIO] == 32).all()
-    assert (pd[from_rgb].sum(1) == 196 + 32).all()
-    for frac, want in ((from_audio, 0.45), (from_rgb, 0.15)):
+    to_caption = from_rgb & (pd[:, CAPTION] > 0)
+    whole = from_rgb & ((pd[:, 1] == 196) | (pd[:, 2] == 196))
+    assert (to_caption | whole)[from_rgb].all() and (pd[from_rgb, AUDIO] == 32).all()
+    assert (pd[to_caption, CAPTION] == cap_n[to_caption]).all()
+    assert (pd[whole].sum(1) == 196 + 32).all() and (pd[to_caption].sum(1) == cap_n[to_caption] + 32).all()
+    for frac, want in ((from_audio, 0.40), (to_caption, 0.15), (whole, 0.10)):
         assert abs(frac.float().mean() - want) < 0.05
