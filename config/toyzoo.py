@@ -1,4 +1,4 @@
-# The embedded default: a small run on the synthetic ToyZoo world, sized for ~25 minutes of training on
+# The embedded default: a small run on the synthetic ToyZoo world, sized for ~27 minutes of training on
 # 2 CPU cores (the whole quickstart -- prepare, tokenize, train -- in about 35 minutes).
 #   python prepare_data.py && python tokenize_all.py && python train.py config/toyzoo.py
 #
