@@ -648,9 +648,13 @@ def code_features(tok_path, meta, device="cpu"):
     """{modality name: [ids, F] float tensor or None}: what each id of each modality stands for, from the
     tokenizers recorded in meta.json (train.py --code_features). None where the tokenizer offers no vector per
     id: the BPE caption, and the DiVAE image tokenizers (their quantizer is not read here yet)."""
+    kinds = {c.kind: c for c in (MelRVQTokenizer, EncodecTokenizer, PatchKMeansTokenizer, DivaeTokenizer,
+                                 CaptionTokenizer)}
     out = {}
-    for name in meta["modalities"]:
-        tok = load_tokenizer(tok_path, meta, name, device)
-        f = getattr(tok, "id_features", None)
-        out[name] = f() if f is not None else None
+    for name, info in meta["modalities"].items():
+        known = kinds.get(info["tokenizer"])
+        if known is not None and not hasattr(known, "id_features"):
+            out[name] = None            # no vectors: do not load it (DiVAE would download its weights for nothing)
+            continue
+        out[name] = load_tokenizer(tok_path, meta, name, device).id_features()   # an unknown kind raises there
     return out
