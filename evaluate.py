@@ -660,7 +660,7 @@ def probe_retrieval(ctx):
         key = f"{q[4:]}->{c[4:]}"
         r = retrieval_metrics(s)
         # the same scores with each candidate's mean score over queries removed (its prior likelihood)
-        s_pr = s - s.mean(axis=0, keepdims=True)
+        s_pr = prior_removed(s)
         r["prior_removed"] = retrieval_metrics(s_pr)
         # does the score know the class at all? (the goal's R@5 >= 80% is above what the class alone can give)
         r["class_level"] = class_level_retrieval(s, labels)
@@ -723,7 +723,7 @@ def probe_retrieval(ctx):
         for j in range(1, V):
             t, _ = tokens_of(ctx, ctx["split"], clips, (views + j) % M.NUM_VIEWS)
             s_ar, s_ra = direct_scores(ctx, t, "tok_audio", "tok_rgb"), direct_scores(ctx, t, "tok_rgb", "tok_audio")
-            both_v += (s_ar - s_ar.mean(axis=0, keepdims=True)) + (s_ra - s_ra.mean(axis=0, keepdims=True)).T
+            both_v += prior_removed(s_ar) + prior_removed(s_ra).T
             for m in logp_v:
                 logp_v[m] += class_scores(ctx, t[m], names, m)
         pivot_v = class_pivot_scores(logp_v["tok_audio"], logp_v["tok_rgb"])
@@ -741,6 +741,11 @@ def probe_retrieval(ctx):
                     add_row(ctx, "retrieval", f"{key} R@5, whole clip ({V} views), {name.replace('_', ' ')}",
                             r["R@5"]["value"], r["R@5"]["ci"], G, 5 / G, "chance k/G")
     return out
+
+
+def prior_removed(s):
+    """Scores [Q, G] less each candidate's mean over the queries (its prior likelihood)."""
+    return s - s.mean(axis=0, keepdims=True)
 
 
 def direct_scores(ctx, tokens, q, c):
