@@ -182,6 +182,9 @@ for dtype in dtypes.split(','):
                 print_profile(step, f"{dtype}, compile={compile_flag}")
         if not torch.isfinite(loss):
             print(f"warning: non-finite loss with {dtype}, compile={compile_flag}")
+        # each setting's figure as soon as it is measured: a later setting that crashes or runs out of time
+        # (max-autotune can compile for minutes) does not take it with it
+        print(f"{dtype}, compile={compile_flag}: {dt:.4f} s/step (warmup {warm_s:.1f} s)", flush=True)
         mfu = model.estimate_mfu(batch_size, n_in, n_out, dt, peak_flops)
         rows.append((dtype, compile_flag, f"{dt:.4f}", f"{batch_size * (n_in + n_out) / dt:,.0f}",
                      f"{mfu * 100:.1f}%" if device_type == 'cuda' else '-', f"{assembly_s * 1000:.1f}", f"{assembly_s / dt * 100:.0f}%",
