@@ -212,6 +212,25 @@ def open_split(tok_path, split, meta=None):
     return arrays
 
 
+def shift_grids(tokens, max_shift, generator=None):
+    """Move every image grid of each sample by one random whole-patch offset (dy, dx), |dy|, |dx| <= max_shift,
+    the same for rgb, depth and normal (they stay pixel-aligned); the rows / columns uncovered at the border
+    repeat the nearest patch. tokens: {name: LongTensor [B, L]} as gather_views returns it; a new dict.
+    An augmentation that is exact in id space: a patch keeps its id when it moves, so the model sees the same
+    animal at new grid positions without any re-tokenizing."""
+    B = tokens[MODALITIES[0].name].shape[0]
+    d = torch.randint(-max_shift, max_shift + 1, (B, 2), generator=generator)
+    r = torch.arange(GRID)
+    rows = (r[None, :] - d[:, :1]).clamp(0, GRID - 1)            # [B, 14]: the source row of each row
+    cols = (r[None, :] - d[:, 1:]).clamp(0, GRID - 1)
+    src = (rows[:, :, None] * GRID + cols[:, None, :]).reshape(B, GRID * GRID)
+    out = dict(tokens)
+    for m in MODALITIES:
+        if m.layout == "grid":
+            out[m.name] = tokens[m.name].gather(1, src.to(tokens[m.name].device))
+    return out
+
+
 def gather_views(arrays, clips, views):
     """Read the given (clip, view) pairs: returns {modality name: LongTensor [B, L]} and labels [B].
     Reads only the rows asked for; sorted fancy indexing keeps the memmap reads sequential-ish."""

@@ -66,6 +66,7 @@ mixture = None                  # None or a list of component dicts, each with a
 min_input_tokens = 1
 audio_spans = (1, 4)            # contiguous audio spans per sample, inclusive range
 mixture_per_batch = False       # one mixture component per batch (uniform shapes: cheap on a CPU) vs per sample
+augment_shift = 0               # train batches: move the image grids by up to this many patches (modalities.shift_grids)
 # model
 n_enc_layer = 6
 n_dec_layer = 6
@@ -182,13 +183,15 @@ data_gen = torch.Generator().manual_seed(seed + seed_offset)
 mask_gen = torch.Generator(device=device).manual_seed(seed + seed_offset + 1)
 
 
-def get_batch(split, data_generator, mask_generator):
+def get_batch(split, data_generator, mask_generator, augment=False):
     """One batch as a dict of device tensors (see masking.build_batch): batch_size random (clip, view)
     pairs read from the memmaps, moved to the device, masked there."""
     n = num_clips[split]
     clips = torch.randint(n, (batch_size,), generator=data_generator).numpy()
     views = torch.randint(modalities.NUM_VIEWS, (batch_size,), generator=data_generator).numpy()
     tokens, _labels = modalities.gather_views(splits[split], clips, views)
+    if augment and augment_shift:              # training steps only: the loss estimates see the data as it is
+        tokens = modalities.shift_grids(tokens, augment_shift, data_generator)
     if device_type == 'cuda':
         tokens = {k: v.pin_memory().to(device, non_blocking=True) for k, v in tokens.items()}
     else:
@@ -352,7 +355,7 @@ def data_rng_state():
 
 
 data_state = data_rng_state()   # the data rngs before the batch of the current iteration
-batch = get_batch('train', data_gen, mask_gen)
+batch = get_batch('train', data_gen, mask_gen, augment=True)
 t0 = time.time()
 local_iter_num = 0
 running_mfu = -1.0
@@ -390,7 +393,7 @@ while True:
             loss = loss / gradient_accumulation_steps
         scaler.scale(loss).backward()
         data_state = data_rng_state()
-        batch = get_batch('train', data_gen, mask_gen)
+        batch = get_batch('train', data_gen, mask_gen, augment=True)
     if grad_clip != 0.0:
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)

@@ -384,3 +384,30 @@ def test_toyzoo_config_whole_targets_with_a_side_budget():
     assert (pd[whole].sum(1) == 196 + 32).all() and (pd[to_caption].sum(1) == cap_n[to_caption] + 32).all()
     for frac, want in ((from_audio, 0.40), (to_caption, 0.15), (whole, 0.10)):
         assert abs(frac.float().mean() - want) < 0.05
+
+
+def test_shift_grids_moves_every_image_grid_by_one_offset():
+    B, G = 64, M.GRID
+    tokens = {m.name: torch.randint(m.vocab, (B, m.length)) for m in M.MODALITIES}
+    out = M.shift_grids(tokens, 2, torch.Generator().manual_seed(0))
+    seen = set()
+    for b in range(B):
+        grids = {m.name: (tokens[m.name][b].view(G, G), out[m.name][b].view(G, G)) for m in M.MODALITIES if m.layout == "grid"}
+        # recover the offset from rgb: the unique (dy, dx) whose interior matches, then check every grid has it
+        src, dst = grids["tok_rgb"]
+        found = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)
+                 if torch.equal(dst[max(dy, 0):G + min(dy, 0), max(dx, 0):G + min(dx, 0)],
+                                src[max(-dy, 0):G - max(dy, 0), max(-dx, 0):G - max(dx, 0)])]
+        assert len(found) == 1
+        dy, dx = found[0]
+        seen.add((dy, dx))
+        for src, dst in grids.values():
+            rows = (torch.arange(G) - dy).clamp(0, G - 1)
+            cols = (torch.arange(G) - dx).clamp(0, G - 1)
+            assert torch.equal(dst, src[rows][:, cols])    # moved, with the border patches repeated
+    assert len(seen) > 10                                  # offsets vary across the batch
+    for m in M.MODALITIES:                                 # audio and caption untouched
+        if m.layout != "grid":
+            assert torch.equal(out[m.name], tokens[m.name])
+    same = M.shift_grids(tokens, 0)
+    assert all(torch.equal(same[k], tokens[k]) for k in tokens)
