@@ -621,6 +621,11 @@ def _atomic_torch_save(obj, path):
     os.replace(tmp, path)
 
 
+# every tokenizer kind that meta.json may name, by its "tokenizer" field
+TOKENIZER_KINDS = {c.kind: c for c in (MelRVQTokenizer, EncodecTokenizer, PatchKMeansTokenizer, DivaeTokenizer,
+                                       CaptionTokenizer)}
+
+
 def load_tokenizer(tok_path, meta, modality_name, device="cpu"):
     """The tokenizer that produced `modality_name` in this tokenized dataset (from its meta.json)."""
     name = M.SHORT_NAMES.get(modality_name, modality_name)
@@ -648,11 +653,9 @@ def code_features(tok_path, meta, device="cpu"):
     """{modality name: [ids, F] float tensor or None}: what each id of each modality stands for, from the
     tokenizers recorded in meta.json (train.py --code_features). None where the tokenizer offers no vector per
     id: the BPE caption, and the DiVAE image tokenizers (their quantizer is not read here yet)."""
-    kinds = {c.kind: c for c in (MelRVQTokenizer, EncodecTokenizer, PatchKMeansTokenizer, DivaeTokenizer,
-                                 CaptionTokenizer)}
     out = {}
     for name, info in meta["modalities"].items():
-        known = kinds.get(info["tokenizer"])
+        known = TOKENIZER_KINDS.get(info["tokenizer"])
         if known is not None and not hasattr(known, "id_features"):
             out[name] = None            # no vectors: do not load it (DiVAE would download its weights for nothing)
             continue

@@ -153,8 +153,7 @@ def test_toyzoo_config_trains(tmp_path):
 def test_code_features_train_and_resume(tmp_path):
     """--code_features reads each id's vector from the dataset's tokenizers (here random codebooks of the real
     rgb and audio kinds), keeps them in the checkpoint, trains (with shifted image grids), and resumes on the
-    same curve; a dataset whose
-    tokenizers have no codebooks is refused with its meta.json named."""
+    same curve; a dataset whose tokenizers have no codebooks is refused with its meta.json named."""
     import torch
     root = write_feature_dataset(str(tmp_path / "data"))
     common = ["--dataset=feat", "--code_features=True", "--lr_decay_iters=40", "--eval_interval=20",
