@@ -94,6 +94,8 @@ min_lr = 1e-6
 device = 'auto'                 # 'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = 'float32'               # 'float32' (TF32 matmuls on CUDA), 'bfloat16' (autocast) or 'float16'
 compile = False                 # torch.compile the trunk (the static-shape part of the model)
+compile_mode = 'default'        # its torch.compile mode: 'reduce-overhead' replays the trunk as CUDA graphs
+                                # (fewer host launches: the fastest bf16 step on an H200, README "Speed")
 peak_flops = 989e12             # for MFU: the accelerator's dense peak (H100 SXM bf16)
 threads = 0                     # CPU threads for torch (0 = torch's default); 1 is best on a busy machine
 seed = 1337
@@ -139,6 +141,12 @@ else:
 device_type = 'cuda' if 'cuda' in device else ('mps' if 'mps' in device else 'cpu')
 if dtype not in ('float32', 'bfloat16', 'float16'):
     raise SystemExit(f"--dtype must be float32, bfloat16 or float16, not {dtype!r}")
+COMPILE_MODES = ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs')   # torch.compile's
+if compile_mode not in COMPILE_MODES:
+    raise SystemExit(f"--compile_mode={compile_mode!r}: choose one of {', '.join(COMPILE_MODES)}")
+# these modes replay the trunk as CUDA graphs, whose outputs the next replay overwrites: each step (and each
+# eval batch) tells torch a new iteration begins, so a graph is never read after it was replayed again
+cuda_graphs = compile and device_type == 'cuda' and compile_mode in ('reduce-overhead', 'max-autotune')
 
 tokens_per_iter = gradient_accumulation_steps * ddp_world_size * batch_size * (
     mask_cfg.max_input_tokens + mask_cfg.max_target_tokens)
@@ -274,8 +282,8 @@ checkpoint = None   # free memory
 
 raw_model = model
 if compile:
-    print("compiling the trunk (takes a minute)...")
-    model.compile_trunk()
+    print(f"compiling the trunk, mode {compile_mode} (takes a minute)...")
+    model.compile_trunk(mode=compile_mode)
 if ddp:
     model = DDP(model, device_ids=[ddp_local_rank] if device_type == 'cuda' else None)
 
@@ -292,6 +300,8 @@ def estimate_loss():
         counts = {name: 0.0 for name in modalities.MODALITY_NAMES}
         for _ in range(eval_iters):
             batch = get_batch(split, *gens)
+            if cuda_graphs:
+                torch.compiler.cudagraph_mark_step_begin()
             with ctx:
                 _, per_modality = model(*model_inputs(batch))
             for name, (s, c) in per_modality.items():
@@ -388,6 +398,8 @@ while True:
     for micro_step in range(gradient_accumulation_steps):
         if ddp:
             model.require_backward_grad_sync = (micro_step == gradient_accumulation_steps - 1)
+        if cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         with ctx:
             loss, per_modality = model(*model_inputs(batch))
             loss = loss / gradient_accumulation_steps

@@ -197,6 +197,8 @@ def test_typo_and_wrong_type_are_refused(data_root, tmp_path):
     assert proc.returncode != 0 and "expects an int" in proc.stderr
     proc = train(data_root, tmp_path, "--input_alphas=(1.0, 1.0)", check=False)   # masking validates it
     assert proc.returncode != 0 and "bad masking settings" in proc.stderr
+    proc = train(data_root, tmp_path, "--compile=True", "--compile_mode=fast", check=False)
+    assert proc.returncode != 0 and "reduce-overhead" in proc.stderr               # lists torch's modes
     proc = train(data_root, tmp_path, "--max_train_clips=49", check=False)          # the data has 48
     assert proc.returncode != 0 and "only 48 train clips" in proc.stderr
     assert not os.path.exists(tmp_path / "ckpt.pt")
