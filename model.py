@@ -50,6 +50,11 @@ class Nano4MConfig:
     # alike. A row per id alone has to learn each of rgb's 16,384 ids from the ~100 times it is seen.
     # Set by train.py --code_features, which fills the vectors (set_code_features); they are saved as buffers.
     code_feature_dims: tuple = ()
+    # modality names (e.g. ('tok_rgb',)) whose input tokens read their code features alone, with no learnt row
+    # per id: an id then enters as what it stands for (the patch it decodes to), the way a ViT embeds pixels,
+    # and cannot be memorised as an id. Their targets still come from the head's own rows. Needs their
+    # code_feature_dims > 0.
+    feature_only: tuple = ()
 
 
 class LayerNorm(nn.Module):
@@ -186,6 +191,13 @@ class Nano4M(nn.Module):
                 code_offset.append(-1)
         self.code_zero_row = start
         self.register_buffer("pos_code_offset", torch.tensor(code_offset)[self.pos_modality], persistent=False)
+        for name in config.feature_only:
+            if name not in MODALITY_NAMES or not dims[MODALITY_NAMES.index(name)]:
+                raise ValueError(f"feature_only={tuple(config.feature_only)}: {name!r} is not a modality with code "
+                                 f"features (featured: {[m.name for m, f in zip(MODALITIES, dims) if f]})")
+        # whether each global position's input reads its learnt id row (False for the feature_only modalities)
+        reads_row = torch.tensor([m.name not in config.feature_only for m in MODALITIES])
+        self.register_buffer("pos_reads_id_row", reads_row[self.pos_modality], persistent=False)
 
         self.apply(self._init_weights)
         for p in (self.pos_row, self.pos_col, self.pos_frame, self.pos_codebook, self.pos_seq, self.mask_token):
@@ -256,8 +268,10 @@ class Nano4M(nn.Module):
             x = x + self.code_embedding(enc_ids, enc_pos)
         if self.config.separate_vocab:         # the shared table needs no offset: no extra gather per step
             enc_ids = enc_ids + self.pos_row_offset[enc_pos]
-        x = x + self.wte(enc_ids)
-        x = self.drop(x)
+        tok = self.wte(enc_ids)
+        if self.config.feature_only:
+            tok = tok.masked_fill(~self.pos_reads_id_row[enc_pos][..., None], 0.0)
+        x = self.drop(x + tok)
         Ni, No = enc_ids.size(1), dec_pos.size(1)
 
         # Every query row must keep at least one key or SDPA returns NaN for it (and NaN grads leak into

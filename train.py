@@ -77,6 +77,7 @@ bias = False
 dec_same_modality = True
 separate_vocab = False          # True: own embedding / head rows per modality, not the report's shared table
 code_features = False           # True: embeddings also read each id's vector from the dataset's tokenizers (model.py)
+feature_only = ()               # e.g. ('tok_rgb',): those inputs read their code features alone, no row per id (model.py)
 # adamw optimizer
 learning_rate = 1e-4
 block_lr_scale = 1.0            # the encoder/decoder blocks' lr as a fraction of the rest's (model.configure_optimizers)
@@ -254,7 +255,10 @@ elif init_from == 'scratch':
                                             for m in modalities.MODALITIES)
     if code_features and not any(model_args['code_feature_dims']):
         raise SystemExit(f"--code_features: no tokenizer of {tok_path} gives a vector per id")
-    model = Nano4M(Nano4MConfig(**model_args))
+    try:
+        model = Nano4M(Nano4MConfig(**model_args))
+    except ValueError as e:
+        raise SystemExit(f"train.py: {e}")
     model.set_code_features(features)
 else:
     raise SystemExit(f"--init_from must be 'scratch' or 'resume', not {init_from!r}")

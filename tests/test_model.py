@@ -352,3 +352,38 @@ def test_code_features_embed_what_each_id_stands_for(tmp_path):
         model.set_code_features({"tok_rgb": rgb[:, :5], "tok_audio": audio})
     with pytest.raises(ValueError, match="one entry per modality"):
         tiny(code_feature_dims=(6, 4))
+
+
+@pytest.mark.parametrize("separate_vocab", [False, True])
+def test_feature_only_inputs_read_no_id_row(separate_vocab):
+    """feature_only=('tok_rgb',): an rgb input is its code-feature map alone (its id row is never read, two
+    ids with one vector are one input); other modalities still read their rows; the head is unchanged."""
+    dims = (6, 0, 0, 4, 0)
+    model = tiny(code_feature_dims=dims, feature_only=("tok_rgb",), separate_vocab=separate_vocab).eval()
+    g = torch.Generator().manual_seed(1)
+    rgb = torch.randn(M.BY_NAME["tok_rgb"].vocab, 6, generator=g)
+    rgb[7] = rgb[3]
+    model.set_code_features({"tok_rgb": rgb, "tok_audio": torch.randn(2048, 4, generator=g)})
+    b = random_batch()
+    args = (b["enc_ids"], b["enc_pos"], b["enc_valid"], b["dec_pos"], b["dec_valid"])
+    h0 = model.decode_hidden(*args)
+    rgb_rows = slice(model.row_offset[0], model.row_offset[0] + M.BY_NAME["tok_rgb"].vocab)
+    with torch.no_grad():
+        model.wte.weight[rgb_rows] += 1.0                    # every row an rgb id could read
+    torch.testing.assert_close(model.decode_hidden(*args), h0)
+    enc_audio = M.position_modality(b["enc_pos"]) == M.MODALITY_NAMES.index("tok_audio")
+    assert (enc_audio & b["enc_valid"]).any()
+    a0 = model.row_offset[3]
+    with torch.no_grad():
+        model.wte.weight[a0:a0 + 2048] += 1.0                  # audio still reads its rows
+    assert not torch.allclose(model.decode_hidden(*args), h0)
+    # an rgb-only input: ids 3 and 7 decode to the same patch, so they are the same input
+    pos = torch.tensor([[0, 1]])
+    one = lambda i: model.decode_hidden(torch.tensor([[i, 5]]), pos, torch.ones(1, 2, dtype=torch.bool),
+                                        torch.tensor([[M.TOTAL_POSITIONS - 1]]), torch.ones(1, 1, dtype=torch.bool))
+    torch.testing.assert_close(one(3), one(7))
+    assert not torch.allclose(one(3), one(4))
+    with pytest.raises(ValueError, match="tok_depth"):
+        tiny(code_feature_dims=dims, feature_only=("tok_depth",))   # no features to read
+    with pytest.raises(ValueError, match="'rgb'"):
+        tiny(code_feature_dims=dims, feature_only=("rgb",))         # not a modality name
