@@ -32,6 +32,7 @@ n_embd = 512
 n_head = 8
 separate_vocab = False          # model.Nano4MConfig.separate_vocab: own embedding / head rows per modality
 code_features = False           # train.py --code_features, at ToyZoo's vector sizes (random vectors)
+grid_conv = False               # model.Nano4MConfig.grid_conv: a small CNN per image grid before the encoder
 dtypes = 'float32,bfloat16'     # comma-separated
 compiles = 'False'              # comma-separated: False, True (default mode), or a torch.compile mode
                                 # such as reduce-overhead (the trunk as CUDA graphs)
@@ -145,7 +146,7 @@ for dtype in dtypes.split(','):
         feature_dims = (192, 64, 192, 80, 0) if code_features else ()   # patch_kmeans images, mel_rvq audio
         model = Nano4M(Nano4MConfig(n_enc_layer=n_enc_layer, n_dec_layer=n_dec_layer, n_embd=n_embd,
                                     n_head=n_head, separate_vocab=separate_vocab,
-                                    code_feature_dims=feature_dims))
+                                    code_feature_dims=feature_dims, grid_conv=grid_conv))
         model.set_code_features({m.name: torch.randn(m.vocab, f) for m, f in zip(modalities.MODALITIES, feature_dims) if f})
         model.to(device)
         optimizer = model.configure_optimizers(0.05, 1e-4, (0.9, 0.95), device_type)

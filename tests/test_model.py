@@ -387,3 +387,39 @@ def test_feature_only_inputs_read_no_id_row(separate_vocab):
         tiny(code_feature_dims=dims, feature_only=("tok_depth",))   # no features to read
     with pytest.raises(ValueError, match="'rgb'"):
         tiny(code_feature_dims=dims, feature_only=("rgb",))         # not a modality name
+
+
+def test_grid_conv_is_each_grids_cnn_read_back_at_its_cells():
+    """grid_conv=True: each valid image input gets its modality's CNN over the dense 14x14 grid of the valid
+    inputs' content (zeros elsewhere), read at its own cell; padding, audio and caption tokens get nothing;
+    the inputs' order does not matter; the CNNs train at the blocks' learning rate."""
+    model = tiny(grid_conv=True).eval()
+    assert set(model.grid_conv) == {"tok_rgb", "tok_depth", "tok_normal"}
+    b = random_batch(seed=3)
+    B, Ni, D = b["enc_ids"].shape + (32,)
+    content = torch.randn(B, Ni, D, generator=torch.Generator().manual_seed(0))
+    got = model.grid_features(content, b["enc_pos"], b["enc_valid"])
+    mod = M.position_modality(b["enc_pos"])
+    for s in range(B):
+        for k, name in enumerate(("tok_rgb", "tok_depth", "tok_normal")):
+            keep = b["enc_valid"][s] & (mod[s] == k)
+            cells = b["enc_pos"][s][keep] - M.POS_OFFSETS[k]
+            if len(cells) == 0 or len(set(cells.tolist())) < len(cells):   # duplicates only in random batches
+                continue
+            grid = torch.zeros(M.GRID * M.GRID, D)
+            grid[cells] = content[s][keep]
+            want = model.grid_conv[name](grid.t().reshape(1, D, M.GRID, M.GRID)).reshape(D, -1).t()[cells]
+            torch.testing.assert_close(got[s][keep], want)
+        other = ~b["enc_valid"][s] | (mod[s] >= 3)
+        assert other.any() and (got[s][other] == 0).all()
+    perm = torch.randperm(Ni, generator=torch.Generator().manual_seed(1))
+    again = model.grid_features(content[:, perm], b["enc_pos"][:, perm], b["enc_valid"][:, perm])
+    if all(len(set(p.tolist())) == Ni for p in b["enc_pos"]):
+        torch.testing.assert_close(again, got[:, perm])
+    # the model runs with it, and its parameters sit in the blocks' lr group
+    loss, _ = run(model.train(), b)
+    assert torch.isfinite(loss)
+    groups = model.configure_optimizers(0.05, 1e-3, (0.9, 0.95), "cpu", block_lr_scale=0.25).param_groups
+    conv_ids = {id(p) for p in model.grid_conv.parameters()}
+    assert all(g["lr_scale"] == 0.25 for g in groups if conv_ids & {id(p) for p in g["params"]})
+    assert tiny().grid_conv is not None and len(tiny().grid_conv) == 0        # off by default: the report's model
