@@ -180,7 +180,7 @@ class MelRVQTokenizer:
       given code i; the keys only choose i.
     - "spectrum": the raw f_t (the oldest codebooks), which spends level 1 on how loud a frame is.
     Level 2 always codes what level 1 left, loudness included.
-    How much of the class the tokens keep on ToyZoo, per 3.4 s test view (README, "where the fault is"): a
+    How much of the class the tokens keep on ToyZoo, per 3.4 s test view (docs/experiments.md, "where the fault is"): a
     small CNN on the tokens 90.0% with shape-first codes, 85.5% with spectrum-first ones, 97.5% on the
     log-mel itself. shape_delta vs shape, a linear probe on token histograms over two codebook fits each:
     87.5% / 88.6% vs 88.1% / 85.5%, within the spread between fits, so shape stays the default."""
@@ -649,12 +649,15 @@ def load_tokenizer(tok_path, meta, modality_name, device="cpu"):
     raise ValueError(f"{tok_path}/meta.json: unknown tokenizer {kind!r} for {name}")
 
 
-def code_features(tok_path, meta, device="cpu"):
-    """{modality name: [ids, F] float tensor or None}: what each id of each modality stands for, from the
-    tokenizers recorded in meta.json (train.py --code_features). None where the tokenizer offers no vector per
-    id: the BPE caption, and the DiVAE image tokenizers (their quantizer is not read here yet)."""
+def code_features(tok_path, meta, device="cpu", names=None):
+    """{modality name: [ids, F] float tensor or None}: what each id of each modality (or of those in names)
+    stands for, from the tokenizers recorded in meta.json (train.py --code_features). None where the tokenizer
+    offers no vector per id: the BPE caption, and the DiVAE image tokenizers (their quantizer is not read here
+    yet)."""
     out = {}
     for name, info in meta["modalities"].items():
+        if names is not None and name not in names:
+            continue
         known = TOKENIZER_KINDS.get(info["tokenizer"])
         if known is not None and not hasattr(known, "id_features"):
             out[name] = None            # no vectors: do not load it (DiVAE would download its weights for nothing)

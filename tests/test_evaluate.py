@@ -158,6 +158,29 @@ def test_token_judge_known_answers():
     assert h.shape == (40, 64) and np.allclose(h.sum(1), 1.0)
 
 
+def test_grid_reader_reads_a_planted_class_and_leaves_the_rng_alone():
+    # each picture: random background ids 0..31 and a 2x2 patch of id 32 + class somewhere on the grid
+    rng = np.random.default_rng(0)
+    def pictures(n):
+        y = rng.integers(0, 3, n)
+        x = rng.integers(0, 32, (n, 14, 14))
+        for i, (r, c) in enumerate(rng.integers(0, 13, (n, 2))):
+            x[i, r:r + 2, c:c + 2] = 32 + y[i]
+        return x.reshape(n, 196), y
+    xtr, ytr = pictures(384)
+    xte, yte = pictures(96)
+    features = torch.from_numpy(rng.normal(size=(35, 8))).float()    # ids past the table read zeros
+    for feats in (None, features):
+        state = torch.get_rng_state()
+        read = E.fit_grid_reader(xtr, ytr, 3, 64, feats, epochs=12, width=32, lr=3e-3, seed=0)
+        assert torch.equal(state, torch.get_rng_state())
+        lp = read(xte)
+        assert lp.shape == (96, 3) and np.allclose(np.exp(lp).sum(1), 1, atol=1e-5)
+        assert (lp.argmax(1) == yte).mean() > 0.9         # chance is 1/3
+    # reproducible from its seed
+    assert np.array_equal(lp, E.fit_grid_reader(xtr, ytr, 3, 64, features, epochs=12, width=32, lr=3e-3, seed=0)(xte))
+
+
 def test_clip_order_round_robin_over_classes():
     # rows stored out of order; sorted by clip id the classes come in blocks, as a split on disk does
     ids = ["b_2", "a_1", "c_1", "a_0", "b_0", "a_2", "b_1", "c_0"]
@@ -289,7 +312,8 @@ def test_end_to_end_tiny(tmp_path):
     out = _make_fixture(str(tmp_path))
     s = E.default_settings()
     s.update(out_dir=out, device="cpu", gallery=6, gen_per_class=2, gen_steps=2, clf_per_class=2, ce_batches=2,
-             batch_size=8, structure_views=2, audio_players=1, resnet_weights="random")
+             batch_size=8, structure_views=2, audio_players=1, resnet_weights="random", reference_reader=True,
+             reader_epochs=1)
     res = E.run(s)
     assert res["failed"] == []
     d = os.path.join(out, "eval", "test")
@@ -316,6 +340,9 @@ def test_end_to_end_tiny(tmp_path):
     assert len(P["retrieval"]["rgb->audio"]["both_directions"]["curve"]) == 6
     assert len(P["retrieval"]["fused"]["rgb->audio"]["curve"]) == 6
     assert len(P["retrieval"]["class_pivot"]["audio->rgb"]["curve"]) == 6
+    # the diagnostic: the same fusion with the rgb class from a reader fit to the train pictures
+    Rr = P["retrieval"]["reference_reader"]
+    assert Rr["rgb_class_top1"]["n"] == 6 and len(Rr["audio->rgb"]["curve"]) == 6 and "tokenizer vectors" in Rr["how"]
     # whole clips: every pair scored on all 10 views, then ranked the same three ways
     W = P["retrieval"]["whole_clip"]
     assert W["views_summed"] == 10 and 0.0 <= W["rgb_class_top1"]["whole_clip"] <= 1.0
