@@ -10,12 +10,12 @@
 # Retrieval (audio <-> rgb) rides along: the audio -> caption batches also predict 32 random rgb tokens, and
 # the rgb batches 32 audio tokens, from the same whole input. The encoder pass, most of a step's cost, is
 # shared, so the binding costs only the extra decoder rows. (Whole audio <-> rgb batches of their own cost a
-# third of the run and bought no retrieval; README, "what moves audio -> class".)
+# third of the run and bought no retrieval; docs/experiments.md, "what moves audio -> class".)
 # Ids: each modality has embedding and head rows of its own (separate_vocab, not the report's one shared
 # table), and every image / audio id also reads the vector its tokenizer gives it (code_features: the patch
 # it decodes to, its log-mel codebook vector). Against the report's table without them and without rgb ->
 # caption, over two seeds: audio -> class 87.7% / 87.9% over all test views (was 86.0% / 83.3%), rgb -> class
-# 32.7% / 31.8% (was 10.9% / 9.1%); README, "what each id stands for".
+# 32.7% / 31.8% (was 10.9% / 9.1%); docs/experiments.md, "what each id stands for".
 # At this width the embeddings and head cost more than the trunk; on a CPU train.py trims the padded slots a
 # batch does not use, so the whole-modality components only cost what they use.
 
