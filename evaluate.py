@@ -821,7 +821,9 @@ def reader_diagnostic(ctx, tokens, labels, logp_audio, both):
     score stay the model's. How far retrieval would go if the model read the class from a picture as well
     as a small reader does: a diagnostic of what limits it, not a figure of the model."""
     if "train" not in ctx["arrays"] or ctx["split"] == "train":
-        return {"skipped": "needs a train split other than the evaluated one to fit the reader on"}
+        why = "needs a train split other than the evaluated one to fit the reader on"
+        print(f"  reference reader skipped: {why}")
+        return {"skipped": why}
     import modality_tokenizers as T
     train, L = ctx["arrays"]["train"], M.BY_NAME["tok_rgb"].length
     x = np.asarray(train["tok_rgb"]).reshape(-1, L)
