@@ -341,6 +341,7 @@ def fit_grid_reader(ids, labels, num_classes, vocab, features=None, epochs=4, wi
     import torch.nn as nn
     import torch.nn.functional as F
     W, G = width, M.GRID
+    table = None                    # the standardised vector of each id, when the tokenizer gives them
     if features is not None:
         table = torch.zeros(vocab, features.shape[1])
         table[:len(features)] = features.float()
@@ -351,7 +352,7 @@ def fit_grid_reader(ids, labels, num_classes, vocab, features=None, epochs=4, wi
     class Reader(nn.Module):
         def __init__(self):
             super().__init__()
-            self.embed = nn.Linear(table.shape[1], W) if features is not None else nn.Embedding(vocab, W)
+            self.embed = nn.Embedding(vocab, W) if table is None else nn.Linear(table.shape[1], W)
             self.pos = nn.Parameter(torch.randn(G * G, W) * 0.02)
             self.conv = nn.Sequential(nn.Conv2d(W, W, 3, padding=1), nn.GELU(), nn.Conv2d(W, W, 3, padding=1))
             layer = nn.TransformerEncoderLayer(W, 2, 4 * W, dropout=0.0, activation="gelu", batch_first=True,
@@ -360,7 +361,7 @@ def fit_grid_reader(ids, labels, num_classes, vocab, features=None, epochs=4, wi
             self.ln, self.head = nn.LayerNorm(W), nn.Linear(W, num_classes)
 
         def forward(self, x):
-            e = self.embed(table[x]) if features is not None else self.embed(x)
+            e = self.embed(x if table is None else table[x])
             g = e.view(-1, G, G, W).permute(0, 3, 1, 2)
             e = e + self.conv(g).flatten(2).transpose(1, 2) + self.pos
             return self.head(self.ln(self.blocks(e)).mean(1))

@@ -180,9 +180,9 @@ class MelRVQTokenizer:
       given code i; the keys only choose i.
     - "spectrum": the raw f_t (the oldest codebooks), which spends level 1 on how loud a frame is.
     Level 2 always codes what level 1 left, loudness included.
-    How much of the class the tokens keep on ToyZoo, per 3.4 s test view (docs/experiments.md, "where the fault is"): a
-    small CNN on the tokens 90.0% with shape-first codes, 85.5% with spectrum-first ones, 97.5% on the
-    log-mel itself. shape_delta vs shape, a linear probe on token histograms over two codebook fits each:
+    How much of the class the tokens keep on ToyZoo, per 3.4 s test view (docs/experiments.md, "where the
+    fault is"): a small CNN on the tokens 90.0% with shape-first codes, 85.5% with spectrum-first ones, 97.5%
+    on the log-mel itself. shape_delta vs shape, a linear probe on token histograms over two codebook fits each:
     87.5% / 88.6% vs 88.1% / 85.5%, within the spread between fits, so shape stays the default."""
     kind = "mel_rvq"
     LEVEL1_MODES = ("shape_delta", "shape", "spectrum")

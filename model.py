@@ -391,9 +391,9 @@ class Nano4M(nn.Module):
         """AdamW; weight decay on matrices and embeddings (>= 2-D), none on norms, biases, vectors.
         block_lr_scale: the learning rate of the encoder/decoder blocks (and of grid_conv's CNNs) relative to
         the rest (token, modality and position embeddings, mask token, head). Every group carries its
-        'lr_scale'; train.py multiplies the scheduled lr by it. Below 1 helps a small, fast-trained model: at a high lr Adam's first noisy
-        steps move the small-init block weights far enough to swamp which token is which, while the
-        embeddings still need the high lr (measured on ToyZoo: audio -> class 80% vs 18% after 150 steps,
+        'lr_scale'; train.py multiplies the scheduled lr by it. Below 1 helps a small, fast-trained model: at
+        a high lr Adam's first noisy steps move the small-init block weights far enough to swamp which token
+        is which, while the embeddings still need the high lr (measured on ToyZoo: audio -> class 80% vs 18% after 150 steps,
         d2-2w128, lr 2e-3, block_lr_scale 0.25 vs 1)."""
         in_block = lambda name: name.startswith(("encoder.", "decoder.", "grid_conv."))
         named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]

@@ -474,7 +474,8 @@ GROUNDS = [(0.3, 0.5, 0.2), (0.6, 0.55, 0.3), (0.45, 0.35, 0.25), (0.8, 0.72, 0.
 # Where a clip was filmed, seen in the picture (ground colour, sky) and heard in the sound (the spectrum of the
 # ambient noise between calls): the share of a clip's pairing that is not the animal. Real clips have it too
 # (wind on a beach, insects at dusk, a road's rumble), and without it the picture and the voice share only the
-# class and the build, too little for retrieval to find the very clip (docs/experiments.md, "where the fault is").
+# class and the build, too little for retrieval to find the very clip (docs/experiments.md, "where the fault
+# is").
 # (name, ground colour, sky index, ambient: noise slope alpha (0 white, 1 pink, 2 brown), band centre Hz or 0)
 HABITATS = [("meadow", (0.3, 0.5, 0.2), 0, (1.0, 0)),
             ("dunes", (0.8, 0.72, 0.55), 3, (2.0, 0)),          # wind
