@@ -61,6 +61,11 @@ class Nano4MConfig:
     # code features 40.6% of the time, a 3-layer CNN 56.9%). In the ToyZoo default it did not lift rgb -> class
     # (26.4% vs 32.7%, README "Where the default still falls short"), so it is off.
     grid_conv: bool = False
+    # 'gpt2': every Linear and Embedding N(0, 0.02), the residual projections 0.02 / sqrt(2 * layers) (nanoGPT).
+    # 'torch': the Linears keep PyTorch's own init (uniform +-1/sqrt(fan_in): std 0.05 at width 128, 2.5x
+    # gpt2's, and the residual projections 8x), the Embeddings N(0, 0.02) as before. GPT-2's init is made for
+    # deep wide stacks; at d2-2w128 it left the layers too small to learn to read a picture
+    init: str = 'gpt2'
 
 
 class LayerNorm(nn.Module):
@@ -215,17 +220,19 @@ class Nano4M(nn.Module):
             slot[POS_OFFSETS[i]:POS_OFFSETS[i] + m.length] = k * GRID * GRID + torch.arange(m.length)
         self.register_buffer("pos_grid_slot", slot, persistent=False)
 
+        if config.init not in ("gpt2", "torch"):
+            raise ValueError(f"init={config.init!r}: expected 'gpt2' or 'torch'")
         self.apply(self._init_weights)
         for p in (self.pos_row, self.pos_col, self.pos_frame, self.pos_codebook, self.pos_seq, self.mask_token):
             nn.init.normal_(p, mean=0.0, std=0.02)
         # GPT-2's scaled init of the projections that write into the residual stream
         n_resid = 2 * config.n_enc_layer + 3 * config.n_dec_layer
         for name, p in self.named_parameters():
-            if name.endswith("proj.weight"):
+            if name.endswith("proj.weight") and config.init == "gpt2":
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(n_resid))
 
     def _init_weights(self, module):
-        if isinstance(module, nn.Linear):
+        if isinstance(module, nn.Linear) and self.config.init == "gpt2":
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)

@@ -78,6 +78,7 @@ dec_same_modality = True
 separate_vocab = False          # True: own embedding / head rows per modality, not the report's shared table
 code_features = False           # True: embeddings also read each id's vector from the dataset's tokenizers (model.py)
 feature_only = ()               # e.g. ('tok_rgb',): those inputs read their code features alone, no row per id (model.py)
+init = 'gpt2'                   # 'gpt2' (nanoGPT's N(0, 0.02)) or 'torch' (PyTorch's Linear init; model.py)
 grid_conv = False               # True: a small CNN over each image grid's input embeddings before the encoder (model.py)
 # adamw optimizer
 learning_rate = 1e-4

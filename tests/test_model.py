@@ -423,3 +423,21 @@ def test_grid_conv_is_each_grids_cnn_read_back_at_its_cells():
     conv_ids = {id(p) for p in model.grid_conv.parameters()}
     assert all(g["lr_scale"] == 0.25 for g in groups if conv_ids & {id(p) for p in g["params"]})
     assert tiny().grid_conv is not None and len(tiny().grid_conv) == 0        # off by default: the report's model
+
+
+def test_init_choice_sets_the_linear_spread_and_refuses_unknown_names():
+    g, t = tiny(), tiny(init="torch")
+    fc = lambda m: m.encoder[0].mlp.fc.weight            # fan_in 32
+    proj = lambda m: m.encoder[0].mlp.proj.weight        # a residual projection, fan_in 128
+    assert abs(fc(g).std().item() - 0.02) < 0.003
+    assert abs(proj(g).std().item() - 0.02 / math.sqrt(2 * 1 + 3 * 2)) < 0.002
+    # PyTorch's Linear init: uniform +-1/sqrt(fan_in), std 1/sqrt(3 fan_in)
+    assert abs(fc(t).std().item() - 1 / math.sqrt(3 * 32)) < 0.01
+    assert abs(proj(t).std().item() - 1 / math.sqrt(3 * 128)) < 0.005
+    assert fc(t).abs().max().item() <= 1 / math.sqrt(32)
+    # the embeddings keep N(0, 0.02) either way
+    assert abs(t.wte.weight.std().item() - 0.02) < 0.001
+    b = random_batch()
+    assert torch.isfinite(run(t, b)[0])
+    with pytest.raises(ValueError, match="init="):
+        tiny(init="xavier")
