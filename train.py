@@ -42,7 +42,9 @@ log_interval = 10
 eval_iters = 20                 # batches per split per eval (the same batches every eval: fixed seed)
 eval_only = False
 always_save_checkpoint = True   # else only when val loss improves
-init_from = 'scratch'           # 'scratch' or 'resume' (from out_dir/ckpt.pt)
+init_from = 'scratch'           # 'scratch', 'resume' (from out_dir/ckpt.pt) or the path of another run's ckpt.pt:
+                                # a warm start from its weights (and architecture), with a fresh optimizer, schedule
+                                # and step count (a curriculum: pretrain on one task mix, then go on with another)
 # wandb logging
 wandb_log = False
 wandb_project = 'nano4m-audio'
@@ -248,6 +250,20 @@ if init_from == 'resume':
     model.load_state_dict(checkpoint['model'])
     iter_num = checkpoint['iter_num']
     best_val_loss = checkpoint['best_val_loss']
+elif init_from.endswith('.pt'):
+    if not os.path.exists(init_from):
+        raise SystemExit(f"--init_from={init_from} does not exist")
+    print(f"warm start from the weights of {init_from}")
+    _warm = torch.load(init_from, map_location=device, weights_only=False)
+    _differ = {k: (v, _warm['model_args'][k]) for k, v in model_args.items()
+               if k not in ('dropout', 'init') and k in _warm['model_args'] and _warm['model_args'][k] != v}
+    if _differ:   # the weights fix the architecture: a config that says otherwise is a mistake, not an override
+        raise SystemExit(f"--init_from={init_from}: its model differs from this run's settings " +
+                         ", ".join(f"{k}: this run {a!r}, checkpoint {b!r}" for k, (a, b) in _differ.items()))
+    model_args = dict(_warm['model_args'], dropout=dropout)   # the architecture comes from that checkpoint
+    model = Nano4M(Nano4MConfig(**model_args))
+    model.load_state_dict(_warm['model'])
+    _warm = None
 elif init_from == 'scratch':
     try:
         features = modality_tokenizers.code_features(tok_path, meta) if code_features else {}
@@ -263,7 +279,7 @@ elif init_from == 'scratch':
         raise SystemExit(f"train.py: {e}")
     model.set_code_features(features)
 else:
-    raise SystemExit(f"--init_from must be 'scratch' or 'resume', not {init_from!r}")
+    raise SystemExit(f"--init_from must be 'scratch', 'resume' or a path to a ckpt.pt, not {init_from!r}")
 model.to(device)
 if master_process:
     print(f"model: {model.get_num_params() / 1e6:.2f}M parameters, {model_args}")
@@ -355,7 +371,7 @@ def append_jsonl(name, row):
         f.write(json.dumps(row) + '\n')
 
 
-if master_process and init_from == 'scratch':
+if master_process and init_from != 'resume':
     for _name in ('log.jsonl', 'train_log.jsonl'):   # a fresh run starts fresh logs
         if os.path.exists(os.path.join(out_dir, _name)):
             os.remove(os.path.join(out_dir, _name))

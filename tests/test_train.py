@@ -135,6 +135,31 @@ def test_resume_continues_the_same_curve(data_root, tmp_path):
     assert abs(ev_straight["val"]["loss"] - ev_split["val"]["loss"]) <= 1e-6
 
 
+def test_warm_start_from_another_run(data_root, tmp_path):
+    """--init_from=<ckpt.pt> starts from that run's weights with a fresh schedule and optimizer (a curriculum):
+    its first eval equals the source run's last, its steps count from 0 again; an architecture that disagrees
+    with the checkpoint, or a missing file, is refused."""
+    import torch
+    common = ["--eval_interval=10", "--eval_iters=2", "--warmup_iters=2"]
+    train(data_root, tmp_path / "first", "--max_iters=10", "--lr_decay_iters=10", *common)
+    src = str(tmp_path / "first" / "ckpt.pt")
+    train(data_root, tmp_path / "then", "--max_iters=10", "--lr_decay_iters=10", f"--init_from={src}", *common)
+    before = read_jsonl(tmp_path / "first" / "log.jsonl")[-1]
+    after = read_jsonl(tmp_path / "then" / "log.jsonl")
+    assert before["iter"] == 10 and [e["iter"] for e in after] == [0, 10]
+    # the eval batches come from a fixed seed: the same weights score the same loss
+    assert abs(after[0]["val"]["loss"] - before["val"]["loss"]) <= 1e-6
+    assert after[-1]["val"]["loss"] != before["val"]["loss"]                     # and it trained on
+    steps = read_jsonl(tmp_path / "then" / "train_log.jsonl")
+    assert steps[0]["iter"] == 0 and steps[0]["lr"] == pytest.approx(1e-2 / 3)   # warmup again
+    ckpt = torch.load(tmp_path / "then" / "ckpt.pt", map_location="cpu", weights_only=False)
+    assert ckpt["iter_num"] == 10 and ckpt["config"]["init_from"] == src
+    proc = train(data_root, tmp_path / "wider", "--max_iters=1", f"--init_from={src}", "--n_embd=64", check=False)
+    assert proc.returncode != 0 and "n_embd" in proc.stderr and "64" in proc.stderr
+    proc = train(data_root, tmp_path / "gone", "--max_iters=1", f"--init_from={tmp_path}/nope.pt", check=False)
+    assert proc.returncode != 0 and "nope.pt does not exist" in proc.stderr
+
+
 def test_toyzoo_config_trains(tmp_path):
     """The shipped ToyZoo default trains, at a tiny size, with its separate rows and code features."""
     import torch
