@@ -58,14 +58,16 @@ class Nano4MConfig:
     # True: before the encoder, each image grid's input embeddings pass through a small CNN of their own (two
     # 3x3 convolutions, added back residually) over the 14x14 grid, masked positions read as zeros: the
     # locality prior a ViT lacks (trained on the class alone, a 2-layer transformer reads it from ToyZoo's rgb
-    # code features 40.6% of the time, a 3-layer CNN 56.9%). In the ToyZoo default it did not lift rgb -> class
-    # (26.4% vs 32.7%, README "Where the default still falls short"), so it is off.
+    # code features 40.6% of the time, a 3-layer CNN 56.9%). Off here (the report's model); the two-stage
+    # ToyZoo default turns it on (config/toyzoo.py; alone, in a one-stage run, it did not lift rgb -> class:
+    # 26.4% vs 32.7%, docs/experiments.md).
     grid_conv: bool = False
     # 'gpt2': every Linear and Embedding N(0, 0.02), the residual projections 0.02 / sqrt(2 * layers) (nanoGPT).
     # 'torch': the Linears keep PyTorch's own init (uniform +-1/sqrt(fan_in): std 0.05 at width 128, 2.5x
     # gpt2's, and the residual projections 8x), the Embeddings N(0, 0.02) as before. GPT-2's init is made for
     # deep wide stacks: a d2-2w128 model fit to rgb -> caption alone read 30.7% of ToyZoo's test pictures with
-    # it and 49.5% with 'torch'; in the multitask default 'torch' did not lift rgb -> class (docs/experiments.md)
+    # it and 49.5% with 'torch'. 'gpt2' here (the report's model); the two-stage ToyZoo default uses 'torch'
+    # (config/toyzoo.py; in a one-stage multitask run it did not lift rgb -> class, docs/experiments.md)
     init: str = 'gpt2'
 
 

@@ -252,7 +252,8 @@ if init_from == 'resume':
     best_val_loss = checkpoint['best_val_loss']
 elif init_from.endswith('.pt'):
     if not os.path.exists(init_from):
-        raise SystemExit(f"--init_from={init_from} does not exist")
+        raise SystemExit(f"--init_from={init_from} does not exist: train the run that writes it first (for the "
+                         f"ToyZoo default: python train.py config/toyzoo_rgb.py), or pass --init_from=scratch")
     print(f"warm start from the weights of {init_from}")
     _warm = torch.load(init_from, map_location=device, weights_only=False)
     _differ = {k: (v, _warm['model_args'][k]) for k, v in model_args.items()

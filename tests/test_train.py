@@ -161,14 +161,26 @@ def test_warm_start_from_another_run(data_root, tmp_path):
 
 
 def test_toyzoo_config_trains(tmp_path):
-    """The shipped ToyZoo default trains, at a tiny size, with its separate rows and code features."""
+    """The shipped ToyZoo default, at a tiny size, in its two stages: config/toyzoo_rgb.py (rgb -> caption
+    alone, from scratch), then config/toyzoo.py (every task) from stage 1's weights; without stage 1's
+    checkpoint stage 2 says what to run first."""
     import torch
     root = write_feature_dataset(str(tmp_path / "data"))
-    train(root, tmp_path / "out", "--dataset=feat", "--max_iters=6", "--eval_interval=6", configs=("config/toyzoo.py",))
-    losses = [r["loss"] for r in read_jsonl(tmp_path / "out" / "train_log.jsonl")]
+    stage1, stage2 = tmp_path / "rgb", tmp_path / "out"
+    proc = train(root, stage2, "--dataset=feat", "--max_iters=1", check=False, configs=("config/toyzoo.py",))
+    assert proc.returncode != 0 and "config/toyzoo_rgb.py" in proc.stderr and "scratch" in proc.stderr
+    train(root, stage1, "--dataset=feat", "--max_iters=6", "--eval_interval=6", configs=("config/toyzoo_rgb.py",))
+    first = read_jsonl(stage1 / "train_log.jsonl")
+    assert len(first) == 7 and all(set(r) == {"iter", "loss", "caption", "lr", "ms"} for r in first)  # captions only
+    train(root, stage2, "--dataset=feat", "--max_iters=6", "--eval_interval=6", f"--init_from={stage1}/ckpt.pt",
+          configs=("config/toyzoo.py",))
+    losses = [r["loss"] for r in read_jsonl(stage2 / "train_log.jsonl")]
     assert len(losses) == 7 and all(math.isfinite(x) for x in losses)
-    ckpt = torch.load(tmp_path / "out" / "ckpt.pt", map_location="cpu", weights_only=False)
-    assert ckpt["model_args"]["separate_vocab"] and ckpt["model_args"]["code_feature_dims"] == (192, 64, 192, 80, 0)
+    ckpt = torch.load(stage2 / "ckpt.pt", map_location="cpu", weights_only=False)
+    args = ckpt["model_args"]
+    assert args["separate_vocab"] and args["code_feature_dims"] == (192, 64, 192, 80, 0)
+    assert args["feature_only"] == ("tok_rgb",) and args["grid_conv"] and args["init"] == "torch"
+    assert ckpt["config"]["init_from"] == f"{stage1}/ckpt.pt"
     mixture = ckpt["config"]["mixture"]
     assert sum(c["weight"] for c in mixture) == pytest.approx(1.0)
     whole = {(tuple(c.get("input_full", ())), tuple(c.get("target_full", ()))) for c in mixture}
