@@ -8,7 +8,7 @@ batch assembly (masking.build_batch on random token streams) separately, for eac
 
 Prints one table row per setting: seconds/step, tokens/s, MFU, the batch assembly time and its share of a
 step, and the projected time of the report's 18,311 steps. The step is the one of train.py: forward (autocast
-for bf16), backward, grad clipping, fused AdamW on CUDA, the per-modality head's row counts copied to the host
+for bf16), backward, grad clipping, fused AdamW, the per-modality head's row counts copied to the host
 ahead (counts_ahead). Batches are assembled beforehand and cycled, so the step time excludes assembly.
 """
 import sys

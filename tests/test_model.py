@@ -412,6 +412,14 @@ def test_grid_conv_is_each_grids_cnn_read_back_at_its_cells():
             torch.testing.assert_close(got[s][keep], want)
         other = ~b["enc_valid"][s] | (mod[s] >= 3)
         assert other.any() and (got[s][other] == 0).all()
+    # a sample with no image input (a whole-audio sample) changes nothing for the others: on a CPU the CNNs
+    # skip it, and its own audio / caption tokens still get nothing
+    no_image = b["enc_valid"].clone()
+    no_image[0] &= mod[0] >= 3
+    assert (no_image[0] != b["enc_valid"][0]).any()
+    skipped = model.grid_features(content, b["enc_pos"], no_image)
+    torch.testing.assert_close(skipped[1:], got[1:])
+    assert (skipped[0] == 0).all()
     perm = torch.randperm(Ni, generator=torch.Generator().manual_seed(1))
     again = model.grid_features(content[:, perm], b["enc_pos"][:, perm], b["enc_valid"][:, perm])
     if all(len(set(p.tolist())) == Ni for p in b["enc_pos"]):
