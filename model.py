@@ -300,14 +300,11 @@ class Nano4M(nn.Module):
                 # read back, and a whole-audio batch has none at all. At ToyZoo's width the convolutions are
                 # a large part of a step. (Not on the GPU: finding those samples is a host sync.)
                 has = ((slot[:, :, 0] >= k * cells) & (slot[:, :, 0] < (k + 1) * cells)).any(1).nonzero()[:, 0]
-                if len(has) < B:
-                    y = g.new_zeros(B, D, GRID, GRID)
-                    g = y.index_copy(0, has, conv(g[has])) if len(has) else y
-                else:
-                    g = conv(g)
-            else:
-                g = conv(g)
-            out.append(g.flatten(2).transpose(1, 2))
+                if len(has) < B:   # (even with none, the CNN stays in the graph: DDP expects every grad)
+                    y = g.new_zeros(B, D, GRID, GRID).index_copy(0, has, conv(g[has]))
+                    out.append(y.flatten(2).transpose(1, 2))
+                    continue
+            out.append(conv(g).flatten(2).transpose(1, 2))
         return torch.cat(out + [content.new_zeros(B, 1, D)], dim=1).gather(1, slot)
 
     def decode_hidden(self, enc_ids, enc_pos, enc_valid, dec_pos, dec_valid):

@@ -420,6 +420,11 @@ def test_grid_conv_is_each_grids_cnn_read_back_at_its_cells():
     skipped = model.grid_features(content, b["enc_pos"], no_image)
     torch.testing.assert_close(skipped[1:], got[1:])
     assert (skipped[0] == 0).all()
+    # ... and a batch with no image input at all still gives every CNN weight a (zero) gradient, as DDP needs
+    model.zero_grad(set_to_none=True)
+    model.grid_features(content.requires_grad_(), b["enc_pos"], b["enc_valid"] & (mod >= 3)).sum().backward()
+    assert all(p.grad is not None and (p.grad == 0).all() for p in model.grid_conv.parameters())
+    content = content.detach()
     perm = torch.randperm(Ni, generator=torch.Generator().manual_seed(1))
     again = model.grid_features(content[:, perm], b["enc_pos"][:, perm], b["enc_valid"][:, perm])
     if all(len(set(p.tolist())) == Ni for p in b["enc_pos"]):
