@@ -1,5 +1,5 @@
-# The embedded default: a small run on the synthetic ToyZoo world in two stages, ~40 minutes of training on
-# 2 CPU cores (~14 + ~26; the whole quickstart -- prepare, tokenize, train -- in about 45 minutes).
+# The embedded default: a small run on the synthetic ToyZoo world in two stages, ~30 minutes of training on
+# 2 CPU cores (~10 + ~19; the whole quickstart -- prepare, tokenize, train -- in about 35 minutes).
 #   python prepare_data.py && python tokenize_all.py
 #   python train.py config/toyzoo_rgb.py      # stage 1: rgb -> caption alone (learn to read a picture)
 #   python train.py config/toyzoo.py          # stage 2, this file: every task, from stage 1's weights
