@@ -74,7 +74,7 @@ def parse_value(text, default):
 def apply_file(config, path):
     if not os.path.exists(path):
         raise ConfigError(f"config file {path} not found")
-    scope = dict(config)
+    scope = dict(config, __file__=path)   # a config may read a sibling file relative to itself
     with open(path) as f:
         code = compile(f.read(), path, "exec")
     exec(code, scope)

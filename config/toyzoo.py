@@ -67,6 +67,4 @@ mixture = [dict(weight=0.10),                           # the 4M recipe with the
 
 mixture_per_batch = True        # one component per batch: on a CPU the unused padding is dropped
 
-device = 'cpu'
-dtype = 'float32'
-threads = 2
+# device and threads stay train.py's: the GPU when there is one, else every CPU core

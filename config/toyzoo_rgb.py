@@ -7,7 +7,8 @@
 # trained from scratch on the multitask mix it names 29-38%, whatever the number of rgb -> caption batches
 # (docs/experiments.md, "Runs that tried to lift rgb -> class"). The audio is learnt fast in stage 2; the
 # picture is not, unless it comes first.
-exec(open('config/toyzoo.py').read())    # the same model, data and optimiser settings as stage 2
+import os
+exec(open(os.path.join(os.path.dirname(__file__), 'toyzoo.py')).read())   # stage 2's model, data, optimiser
 init_from = 'scratch'
 out_dir = 'out/toyzoo_rgb'
 wandb_run_name = 'toyzoo-d2-2w128-rgb'

@@ -2,13 +2,16 @@
 refusal of an unknown attention backend."""
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def bench(*args):
-    return subprocess.run([sys.executable, "bench.py", "--small", *args], cwd=ROOT, capture_output=True, text=True)
+    with tempfile.TemporaryDirectory() as cwd:   # never in the checkout, beside the user's data/ and out/
+        return subprocess.run([sys.executable, str(ROOT / "bench.py"), "--small", *args], cwd=cwd,
+                              capture_output=True, text=True)
 
 
 def test_bench_small_prints_a_row_per_setting_and_the_profile():

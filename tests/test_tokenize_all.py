@@ -149,7 +149,7 @@ def test_audio_level1_shape_delta(fixture_root, tokenized, tmp_path):
 def run_cli(root, extra_env=None):
     env = dict(os.environ, **(extra_env or {}))
     return subprocess.run([sys.executable, os.path.join(ROOT, "tokenize_all.py"), "--dataset=fx",
-                           f"--data_root={root}"] + FAST, cwd=ROOT, env=env, capture_output=True, text=True)
+                           f"--data_root={root}"] + FAST, cwd=root, env=env, capture_output=True, text=True)
 
 
 def test_resume_after_kill(fixture_root, tokenized, tmp_path, capsys):

@@ -80,10 +80,14 @@ def data_root(tmp_path_factory):
 
 
 def train(data_root, out_dir, *args, check=True, configs=()):
+    configs = [os.path.join(HERE, c) for c in configs]
     cmd = [sys.executable, os.path.join(HERE, "train.py"), *configs, "--dataset=synth", f"--data_root={data_root}",
            f"--out_dir={out_dir}", *TINY, *args]
     env = dict(os.environ, OMP_NUM_THREADS="1")   # tiny ops: threads only contend on a busy 2-core box
-    proc = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=300, env=env)
+    # run beside out_dir, never in the checkout: a config's relative paths (config/toyzoo.py's stage-1
+    # checkpoint) must not find the user's own out/
+    proc = subprocess.run(cmd, cwd=os.path.dirname(os.path.abspath(out_dir)), capture_output=True, text=True,
+                          timeout=300, env=env)
     if check and proc.returncode != 0:
         raise AssertionError(f"train.py failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
