@@ -27,10 +27,15 @@ Probes (--probes=all or a comma list):
              pair's scores summed over --retrieval_views views (audio window v with frame v). Baseline: k / G.
              --reference_reader=True adds a diagnostic: the fused ranking with the rgb side's class posterior
              from a small reader fit to the train split's pictures (fit_grid_reader), not from the model.
-  structure  rgb -> depth and rgb -> normal token top-1 (all 196 rgb tokens in, all 196 tokens out).
-             Baselines: 1/vocab and always predicting the train split's most frequent token.
+  structure  rgb -> depth and rgb -> normal token top-1 (all 196 rgb tokens in, all 196 tokens out, the argmax
+             at each), beside the train split's per-position majority token (the baseline to beat: it
+             never sees the picture) and its single most frequent token. Then the same predictions decoded
+             with the dataset's tokenizer against the decoded ground truth: depth RMSE, AbsRel and pixels
+             within 1.25x; normal mean angular error and pixels within 11.25 degrees; each beside the
+             per-position mean of decoded train maps (the one to beat) and a constant map.
   memo       audio-suffix completion top-1 (first 80% of the audio + rgb + caption in, last 20% out) on train
-             vs split clips. Baselines: 1/2048, train-majority token, repeating the last given frame.
+             vs split clips. Baselines: 1/2048, train-majority token, the per-position train majority,
+             repeating the last given frame.
   generation class-only and continuation samples (sample.generate), decoded with the dataset's audio
              tokenizer and judged by a logistic regression on log-mel statistics fit to decoded train ground
              truth (not the model): class accuracy, diversity within a class and energy spread vs ground truth.
@@ -66,6 +71,7 @@ probes = 'all'
 num_clips = 0            # 0 = every clip of the split; else the first num_clips (see clip_order)
 gallery = 100            # retrieval gallery size G
 structure_views = 2      # views per clip for rgb -> depth / normal (110 test clips x 2 = 220 images, 43k tokens)
+structure_train_maps = 200  # decoded train maps behind the per-position mean map baseline
 memo_clips = 0           # clips per side of the memorization probe (0 = as many as the eval set)
 suffix_frac = 0.2        # the memorization probe / continuation predict this last fraction of the audio
 gen_per_class = 2        # generation probes: clips (and class-only samples) per class
@@ -494,14 +500,20 @@ def score_hypotheses(model, inputs, target, target_idx, hyp_ids, device, bs, red
     return out
 
 
-def argmax_correct(model, inputs, target, target_idx, true_ids, device, bs, desc=None):
-    """Bool [B, n_t]: is the decoder's argmax at each target position the true id?"""
-    true_ids = torch.as_tensor(true_ids).long()
-    out = np.zeros(tuple(true_ids.shape), dtype=bool)
+def argmax_ids(model, inputs, target, target_idx, device, bs, desc=None):
+    """Long [B, n_t]: the decoder's argmax id at each target position (one pass, every target masked)."""
+    B = next(iter(inputs.values()))[0].size(0)
+    out = torch.zeros(B, len(target_idx), dtype=torch.long)
     for s, e, logits in tqdm(iter_target_logits(model, inputs, target, target_idx, device, bs),
                              desc=desc, disable=desc is None, leave=False):
-        out[s:e] = (logits.argmax(-1).cpu() == true_ids[s:e]).numpy()
+        out[s:e] = logits.argmax(-1).cpu()
     return out
+
+
+def argmax_correct(model, inputs, target, target_idx, true_ids, device, bs, desc=None):
+    """Bool [B, n_t]: is the decoder's argmax at each target position the true id?"""
+    pred = argmax_ids(model, inputs, target, target_idx, device, bs, desc)
+    return (pred == torch.as_tensor(true_ids).long()).numpy()
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -872,6 +884,101 @@ def train_majority(ctx, name):
     return int(counts.argmax()), src
 
 
+def per_position_majority(ids):
+    """ids [N, L] -> [L]: the most frequent id at each stream position (a predictor that never looks at
+    the input, but knows where in the stream it is: a floor near the bottom of a picture, say)."""
+    ids = np.asarray(ids, dtype=np.int64)
+    return np.array([np.bincount(ids[:, j]).argmax() for j in range(ids.shape[1])], dtype=np.int64)
+
+
+def train_position_majority(ctx, name, max_rows=4000):
+    """per_position_majority over (a seeded subsample of) the train split's views of modality `name`."""
+    src = "train" if "train" in ctx["arrays"] else ctx["split"]
+    a = np.asarray(ctx["arrays"][src][name])
+    a = a.reshape(-1, a.shape[-1])
+    if len(a) > max_rows:
+        a = a[np.sort(np.random.default_rng([ctx["seed"], 7]).choice(len(a), max_rows, replace=False))]
+    return per_position_majority(a), src
+
+
+def depth_metrics(pred, gt):
+    """Per-image depth errors of decoded maps pred, gt [N, H, W] (the same units): RMSE, AbsRel
+    (mean |p - g| / g) and the share of pixels with max(p / g, g / p) < 1.25, over pixels with g > 0."""
+    p, g = np.asarray(pred, dtype=np.float64), np.asarray(gt, dtype=np.float64)
+    valid = g > 0
+    n = valid.sum((1, 2)).clip(min=1)
+    d = np.where(valid, p - g, 0.0)
+    rmse = np.sqrt((d ** 2).sum((1, 2)) / n)
+    absrel = np.where(valid, np.abs(d) / np.where(valid, g, 1.0), 0.0).sum((1, 2)) / n
+    ratio = np.maximum(p, 1e-9) / np.where(valid, g, 1.0)
+    within = (valid & (np.maximum(ratio, 1 / ratio) < 1.25)).sum((1, 2)) / n
+    return {"rmse": rmse, "absrel": absrel, "delta1": within}
+
+
+def unit_vectors(v):
+    return v / np.linalg.norm(v, axis=-1, keepdims=True).clip(min=1e-9)
+
+
+def normal_vectors(images):
+    """uint8 normal images [N, H, W, 3] (c = 255 (n + 1) / 2) -> unit vectors float [N, H, W, 3]."""
+    return unit_vectors(np.asarray(images, dtype=np.float64) / 255.0 * 2 - 1)
+
+
+def normal_metrics(pred, gt):
+    """Per-image normal errors of unit-vector maps pred, gt [N, H, W, 3]: mean angular error in degrees and
+    the share of pixels within 11.25 degrees."""
+    cos = (np.asarray(pred) * np.asarray(gt)).sum(-1).clip(-1, 1)
+    ang = np.degrees(np.arccos(cos))
+    return {"angle": ang.mean((1, 2)), "within_11.25": (ang < 11.25).mean((1, 2))}
+
+
+def decoded_maps(ctx, name, ids):
+    """Decoded depth (float [N, H, W]) or normal (unit vectors [N, H, W, 3]) maps of ids [N, 196]."""
+    tok = load_decoder(ctx, name)
+    outs = []
+    for s in range(0, len(ids), 32):
+        x = tok.decode(torch.as_tensor(np.asarray(ids[s:s + 32])).long().to(ctx["device"]))
+        outs.append(np.asarray(x.detach().cpu().numpy() if torch.is_tensor(x) else x))
+    x = np.concatenate(outs)
+    return x.astype(np.float64) if name == "tok_depth" else normal_vectors(x)
+
+
+STRUCTURE_METRICS = {  # decoded metric -> (label, unit, lower is better)
+    "tok_depth": {"rmse": ("depth RMSE (decoded units)", "", True), "absrel": ("depth AbsRel", "", True),
+                  "delta1": ("depth pixels within 1.25x", "%", False)},
+    "tok_normal": {"angle": ("normal mean angular error (degrees)", "", True),
+                   "within_11.25": ("normal pixels within 11.25 degrees", "%", False)},
+}
+
+
+def structure_decoded(ctx, tgt, pred_ids, true_ids):
+    """Decoded metrics of the predicted ids against the decoded ground truth, beside two baselines that
+    never look at the picture: the per-position mean map of decoded train maps (the one to beat) and one
+    constant map (the mean over every train pixel)."""
+    src = "train" if "train" in ctx["arrays"] else ctx["split"]
+    a = np.asarray(ctx["arrays"][src][tgt]).reshape(-1, M.BY_NAME[tgt].length)
+    pick = np.random.default_rng([ctx["seed"], 8]).permutation(len(a))[:ctx["structure_train_maps"]]
+    train_maps = decoded_maps(ctx, tgt, a[np.sort(pick)])
+    gt, pred = decoded_maps(ctx, tgt, true_ids), decoded_maps(ctx, tgt, pred_ids)
+    mean_map = train_maps.mean(0)
+    const = train_maps.reshape(-1, *train_maps.shape[3:]).mean(0) if tgt == "tok_normal" else train_maps.mean()
+    const_map = np.broadcast_to(const, mean_map.shape)
+    if tgt == "tok_normal":   # a mean of unit vectors is shorter than one: renormalise
+        mean_map, const_map = unit_vectors(mean_map), unit_vectors(const_map)
+    fn = depth_metrics if tgt == "tok_depth" else normal_metrics
+    runs = {"model": fn(pred, gt), "per_position_mean": fn(np.broadcast_to(mean_map, gt.shape), gt),
+            "constant": fn(np.broadcast_to(const_map, gt.shape), gt)}
+    out = {"n_images": int(len(gt)), "train_maps": int(len(train_maps)), "train_split": src,
+           "baseline_to_beat": "per_position_mean"}
+    for key, (label, unit, _) in STRUCTURE_METRICS[tgt].items():
+        vals = {who: mean_ci(r[key]) for who, r in runs.items()}
+        out[key] = {who: {"value": v[0], "ci": [v[1], v[2]]} for who, v in vals.items()}
+        add_row(ctx, "structure", f"rgb -> {tgt[4:]}, decoded: {label}", vals["model"][0], vals["model"][1:],
+                int(len(gt)), vals["per_position_mean"][0], "per-position train mean map (the one to beat)",
+                unit=unit, extra={"constant": vals["constant"][0]})
+    return out
+
+
 def probe_structure(ctx):
     nv = max(1, min(ctx["structure_views"], M.NUM_VIEWS))
     clips = np.repeat(ctx["eval_clips"], nv)
@@ -880,19 +987,28 @@ def probe_structure(ctx):
     out = {"n_images": int(len(clips)), "views_per_clip": nv}
     for tgt, rep in (("tok_depth", REPORT["rgb_depth_top1"]), ("tok_normal", REPORT["rgb_normal_top1"])):
         L = M.BY_NAME[tgt].length
-        correct = argmax_correct(ctx["model"], {"tok_rgb": (tokens["tok_rgb"], all_given(tokens["tok_rgb"]))},
-                                 tgt, np.arange(L), tokens[tgt], ctx["device"], ctx["batch_size"],
-                                 desc=f"rgb->{tgt[4:]}")
+        pred = argmax_ids(ctx["model"], {"tok_rgb": (tokens["tok_rgb"], all_given(tokens["tok_rgb"]))},
+                          tgt, np.arange(L), ctx["device"], ctx["batch_size"], desc=f"rgb->{tgt[4:]}")
+        truth = tokens[tgt].long()
+        correct = (pred == truth).numpy()
         acc, lo, hi = clustered_accuracy(correct)
         maj, src = train_majority(ctx, tgt)
-        maj_acc = float((tokens[tgt].numpy() == maj).mean())
+        maj_acc = float((truth.numpy() == maj).mean())
+        pos_maj, _ = train_position_majority(ctx, tgt)
+        pos_acc = float((truth.numpy() == pos_maj[None]).mean())
         V = M.BY_NAME[tgt].vocab
         out[tgt] = {"top1": acc, "ci": [lo, hi], "n_tokens": int(correct.size), "n_images": int(len(clips)),
-                    "uniform": 1 / V, "majority_token": maj, "majority_from": src, "majority_acc": maj_acc}
-        add_row(ctx, "structure", f"rgb -> {tgt[4:]} token top-1", acc, (lo, hi), int(correct.size), 1 / V,
-                "1/vocab", rep, extra={"majority": maj_acc})
+                    "uniform": 1 / V, "majority_token": maj, "majority_from": src, "majority_acc": maj_acc,
+                    "per_position_majority_acc": pos_acc}
+        add_row(ctx, "structure", f"rgb -> {tgt[4:]} token top-1", acc, (lo, hi), int(correct.size), pos_acc,
+                f"per-position {src}-majority (the one to beat)", rep, extra={"majority": maj_acc, "uniform": 1 / V})
         add_row(ctx, "structure", f"rgb -> {tgt[4:]}: {src}-majority token baseline", maj_acc, None,
                 int(correct.size), 1 / V, "1/vocab")
+        try:
+            out[tgt]["decoded"] = structure_decoded(ctx, tgt, pred.numpy(), truth.numpy())
+        except ProbeSkipped as e:
+            out[tgt]["decoded"] = {"status": "skipped", "reason": str(e)}
+            print(f"  rgb -> {tgt[4:]}: decoded metrics skipped: {e}")
     return out
 
 
@@ -914,6 +1030,7 @@ def probe_memo(ctx):
                         replace=False)
         sides = {"train": (np.sort(tr), seeded_views(len(tr), 6, ctx["seed"])), **sides}
     maj, src = train_majority(ctx, "tok_audio")
+    pos_maj = train_position_majority(ctx, "tok_audio")[0][start:]
     out = {"suffix_start": int(start), "targets_per_clip": int(L - start)}
     for side, (clips, views) in sides.items():
         tokens, _ = tokens_of(ctx, side, clips, views)
@@ -929,12 +1046,15 @@ def probe_memo(ctx):
         last = audio[:, start - M.AUDIO_CODEBOOKS:start].repeat(1, (L - start) // M.AUDIO_CODEBOOKS)
         rep_acc = float((last == truth).float().mean())
         maj_acc = float((truth == maj).float().mean())
+        pos_acc = float((truth.numpy() == pos_maj[None]).mean())
         out[side] = {"top1": acc, "ci": [lo, hi], "n_clips": int(len(clips)), "n_tokens": int(correct.size),
-                     "repeat_last_frame": rep_acc, "majority": maj_acc}
+                     "repeat_last_frame": rep_acc, "majority": maj_acc, "per_position_majority": pos_acc}
         add_row(ctx, "memo", f"audio suffix top-1 ({side})", acc, (lo, hi), int(correct.size), 1 / 2048, "1/2048",
                 REPORT["memo_train"] if side == "train" else REPORT["memo_test"],
                 extra={"majority": maj_acc, "repeat_last_frame": rep_acc})
         add_row(ctx, "memo", f"audio suffix ({side}): repeat-last-frame baseline", rep_acc, None,
+                int(correct.size), 1 / 2048, "1/2048")
+        add_row(ctx, "memo", f"audio suffix ({side}): per-position {src}-majority baseline", pos_acc, None,
                 int(correct.size), 1 / 2048, "1/2048")
     return out
 
@@ -1406,6 +1526,10 @@ def render_report(results, ctx):
     curves = read_training_curves(os.path.join(ctx["out_dir"], "log.jsonl"))
     if curves:
         h.append(svg_lines("validation CE during training", curves, "iteration", "nats"))
+    if P.get("structure", {}).get("status") == "ok":
+        h.append("<h2>rgb -> depth / normal</h2><p>The baselines to beat never see the picture: the train "
+                 "split's per-position majority token (token top-1) and the per-position mean of decoded train "
+                 "maps (decoded metrics). A model under them has not read the scene from the picture.</p>")
     if P.get("class", {}).get("status") == "ok":
         c = P["class"]
         h.append("<h2>Audio -> class</h2>")

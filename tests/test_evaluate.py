@@ -258,6 +258,52 @@ def test_audio_features_and_classifier():
     assert AF.mean_pairwise_distance(np.zeros((4, 3))) == 0.0
 
 
+# --- rgb -> depth / normal: baselines and decoded metrics with known answers
+
+def test_depth_and_normal_metrics_known_answers():
+    g = np.random.default_rng(0).uniform(1.0, 5.0, (3, 8, 8))
+    perfect = E.depth_metrics(g, g)
+    assert np.allclose(perfect["rmse"], 0) and np.allclose(perfect["absrel"], 0) and np.allclose(perfect["delta1"], 1)
+    assert np.allclose(E.depth_metrics(g + 3.0, g)["rmse"], 3.0)
+    scaled = E.depth_metrics(g * 1.1, g)
+    assert np.allclose(scaled["absrel"], 0.1) and np.allclose(scaled["delta1"], 1.0)
+    assert np.allclose(E.depth_metrics(g * 2.0, g)["delta1"], 0.0)
+    up = np.zeros((2, 4, 4, 3)); up[..., 2] = 1.0
+    side = np.zeros((2, 4, 4, 3)); side[..., 0] = 1.0
+    assert np.allclose(E.normal_metrics(up, up)["angle"], 0) and np.allclose(E.normal_metrics(up, up)["within_11.25"], 1)
+    assert np.allclose(E.normal_metrics(side, up)["angle"], 90.0) and np.allclose(E.normal_metrics(side, up)["within_11.25"], 0)
+    # uint8 images round-trip to unit vectors: c = 255 (n + 1) / 2
+    img = np.full((1, 2, 2, 3), 128, dtype=np.uint8); img[..., 2] = 255
+    assert np.allclose(E.normal_vectors(img)[..., 2], 1.0, atol=0.01)
+
+
+def test_per_position_majority_known_answer():
+    ids = np.array([[1, 5, 7], [1, 6, 7], [2, 6, 7]])
+    assert E.per_position_majority(ids).tolist() == [1, 6, 7]
+
+
+def test_structure_decoded_scores_truth_perfectly_and_the_mean_map_as_it_should():
+    """A depth codebook of 4 flat levels: every train map decodes to one level, so the per-position mean
+    map is known; predicted = truth scores perfectly, and the mean-map baseline's RMSE is what it should be."""
+    from modality_tokenizers import PatchKMeansTokenizer
+    levels = torch.tensor([[-1.0], [-0.3], [0.3], [1.0]])
+    tok = PatchKMeansTokenizer("tok_depth", levels, torch.zeros(1, 64), {"depth_ref": [1.0, 1.0]})
+    L = M.BY_NAME["tok_depth"].length
+    train = np.zeros((4, M.NUM_VIEWS, L), dtype=np.int64)
+    train[:2], train[2:] = 0, 3                      # half the train maps at level 0, half at level 3
+    ctx = {"arrays": {"train": {"tok_depth": train}}, "split": "test", "seed": 0, "structure_train_maps": 40,
+           "device": "cpu", "tok:tok_depth": tok, "table": []}
+    truth = np.full((3, L), 3, dtype=np.int64)
+    out = E.structure_decoded(ctx, "tok_depth", truth, truth)
+    assert out["rmse"]["model"]["value"] == pytest.approx(0.0) and out["delta1"]["model"]["value"] == pytest.approx(1.0)
+    maps = tok.decode(torch.tensor([[0] * L, [3] * L])).astype(np.float64)
+    lo, hi = maps[0].mean(), maps[1].mean()          # the two flat decoded levels
+    n_lo = (np.random.default_rng([0, 8]).permutation(4 * M.NUM_VIEWS)[:40] < 2 * M.NUM_VIEWS).sum()
+    mean = (n_lo * lo + (40 - n_lo) * hi) / 40
+    assert out["rmse"]["per_position_mean"]["value"] == pytest.approx(abs(hi - mean), rel=1e-6)
+    assert out["baseline_to_beat"] == "per_position_mean" and len(ctx["table"]) == 3
+
+
 # --- end to end on a tiny random checkpoint and a tiny tokenized dataset
 
 def _make_fixture(root, classes=("cat", "pig", "pigeon"), n={"train": 6, "test": 6}):
@@ -275,9 +321,10 @@ def _make_fixture(root, classes=("cat", "pig", "pigeon"), n={"train": 6, "test":
     meta["modalities"]["tok_audio"].update(tokenizer="mel_rvq", codebook="codebooks/tok_audio.pt")
     cb = torch.randn(2, K, 80) * 0.5 - 4
     MelRVQTokenizer(cb, {"griffin_lim_iters": 2}).save(os.path.join(tok, "codebooks", "tok_audio.pt"))
-    meta["modalities"]["tok_rgb"].update(tokenizer="patch_kmeans", codebook="codebooks/tok_rgb.pt")
-    PatchKMeansTokenizer.fit("tok_rgb", torch.rand(256, 3 * 8 * 8), 4, 8, iters=2).save(
-        os.path.join(tok, "codebooks", "tok_rgb.pt"))
+    for name, channels in (("tok_rgb", 3), ("tok_depth", 1), ("tok_normal", 3)):
+        meta["modalities"][name].update(tokenizer="patch_kmeans", codebook=f"codebooks/{name}.pt")
+        PatchKMeansTokenizer.fit(name, torch.rand(256, channels * 8 * 8) * 2 - 1, 4, 8, iters=2).save(
+            os.path.join(tok, "codebooks", f"{name}.pt"))
     for split, count in n.items():
         os.makedirs(os.path.join(tok, split))
         labels = np.arange(count) % len(classes)
@@ -353,7 +400,13 @@ def test_end_to_end_tiny(tmp_path):
     lo, hi = P["entropy"]["bias_corrected_ci"]
     assert lo <= P["entropy"]["bias_corrected"] <= hi
     assert P["structure"]["tok_depth"]["n_images"] == 12
+    for name, key in (("tok_depth", "rmse"), ("tok_normal", "angle")):
+        dec = P["structure"][name]["decoded"]
+        assert dec["n_images"] == 12 and dec["baseline_to_beat"] == "per_position_mean"
+        assert all(math.isfinite(dec[key][who]["value"]) for who in ("model", "per_position_mean", "constant"))
+        assert 0.0 <= P["structure"][name]["per_position_majority_acc"] <= 1.0
     assert P["memo"]["train"]["n_clips"] == 6 and P["memo"]["test"]["n_clips"] == 6
+    assert 0.0 <= P["memo"]["test"]["per_position_majority"] <= 1.0
     assert P["generation"]["n_per_setting"] == 6
     assert P["fad"]["class_only"]["overall"] >= 0
     assert all(r["random"] is not None or r["metric"].startswith(("generation speed", "FAD-CLAP"))
