@@ -258,6 +258,41 @@ def test_audio_features_and_classifier():
     assert AF.mean_pairwise_distance(np.zeros((4, 3))) == 0.0
 
 
+# --- the structure judge: a planted answer that only the order of the frames carries
+
+def _chirps(rising, rate, seed, n=M.AUDIO_WINDOW, sr=24000):
+    """Harmonic chirps an octave up (rising) or down, `rate` per second: the same frames either way."""
+    rng = np.random.default_rng(seed)
+    out, t = np.zeros(n), rng.uniform(0, 1.0 / rate)
+    L = int(0.15 * sr)
+    u = np.arange(L) / L
+    f0 = 400 * 2 ** (u if rising else 1 - u)
+    ph = 2 * np.pi * np.cumsum(f0) / sr
+    call = sum(np.sin(h * ph) / h for h in range(1, 6)) * np.hanning(L)
+    while t < n / sr - 0.2:
+        i = int(t * sr)
+        out[i:i + L] += call[:n - i]
+        t += rng.uniform(0.9, 1.1) / rate
+    return (out + 0.01 * rng.standard_normal(n)).astype(np.float32)
+
+
+def test_structure_judge_sees_order_where_the_bag_judge_cannot():
+    kinds = [(True, 3), (False, 3), (True, 6), (False, 6)]      # rising / falling, slow / fast
+    y = np.repeat(np.arange(4), 12)
+    waves = np.stack([_chirps(*kinds[c], seed=i) for i, c in enumerate(y)])
+    frames = AF.log_mel_frames(waves)
+    train = np.arange(len(y)) % 3 != 0
+    noise = AF.log_mel_frames(np.random.default_rng(1).standard_normal((int((~train).sum()), M.AUDIO_WINDOW)))
+    res = E.structure_scores(frames[train], y[train], {"gt": frames[~train], "noise": noise}, y[~train], 4)
+    assert res["gt"]["value"] >= 0.75                  # ground-truth calls near the ceiling
+    assert res["gt_shuffled"]["value"] <= 0.4          # the same frames, shuffled: near chance (0.25)
+    assert res["noise"]["floor_to_ceiling"] <= 0.35    # noise near the floor
+    # the mean/std judge cannot tell a rising call from a falling one: its errors are what this judge adds
+    bag = AF.fit_logreg(AF.clip_embedding(frames=frames[train]), y[train], 4)
+    bag_acc = (AF.predict_proba(bag, AF.clip_embedding(frames=frames[~train])).argmax(1) == y[~train]).mean()
+    assert res["gt"]["value"] > bag_acc + 0.2
+
+
 # --- rgb -> depth / normal: baselines and decoded metrics with known answers
 
 def test_depth_and_normal_metrics_known_answers():
@@ -408,6 +443,8 @@ def test_end_to_end_tiny(tmp_path):
     assert P["memo"]["train"]["n_clips"] == 6 and P["memo"]["test"]["n_clips"] == 6
     assert 0.0 <= P["memo"]["test"]["per_position_majority"] <= 1.0
     assert P["generation"]["n_per_setting"] == 6
+    sj = P["generation"]["structure_judge"]
+    assert {"gt", "gt_shuffled", "class_only", "continuation"} <= set(sj) and sj["class_only"]["n"] == 6
     assert P["fad"]["class_only"]["overall"] >= 0
     assert all(r["random"] is not None or r["metric"].startswith(("generation speed", "FAD-CLAP"))
                for r in saved["table"])
