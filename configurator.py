@@ -92,6 +92,9 @@ def apply_file(config, path):
 def apply_overrides(config, args, verbose=True):
     """config: {name: default}; args: sys.argv[1:]. Returns the updated config (a new dict)."""
     config = dict(config)
+    if any(a in ("-h", "--help") for a in args):
+        print(help_text(config))
+        raise SystemExit(0)
     for arg in args:
         if not arg.startswith("--"):
             if verbose:
@@ -109,8 +112,18 @@ def apply_overrides(config, args, verbose=True):
     return config
 
 
+def help_text(config):
+    """Every setting with its default, one per line: what --help prints."""
+    import __main__
+    doc = (getattr(__main__, "__doc__", None) or "").strip()
+    lines = [doc, "", "settings (a config file and/or --key=value; each default shown):"] if doc else \
+        ["settings (a config file and/or --key=value; each default shown):"]
+    return "\n".join(lines + [f"  --{k}={v!r}" for k, v in sorted(config.items())])
+
+
 def settings(namespace):
     """The overridable settings of a script: its public module-level ints, floats, bools, strings, tuples,
-    lists, dicts and Nones (call with globals() before importing anything of those types under a plain name)."""
+    lists, dicts and Nones (call with globals() before importing anything of those types under a plain name).
+    UPPER_CASE names are constants, not settings."""
     kinds = (int, float, bool, str, tuple, list, dict, type(None))
-    return {k: v for k, v in namespace.items() if not k.startswith("_") and isinstance(v, kinds)}
+    return {k: v for k, v in namespace.items() if not k.startswith("_") and not k.isupper() and isinstance(v, kinds)}

@@ -285,3 +285,14 @@ def test_train_declares_every_masking_setting():
         assert f.name in declared, f"train.py lacks a setting for MaskingConfig.{f.name}"
         assert declared[f.name] == default or (isinstance(default, (list, tuple)) and
                                                tuple(declared[f.name]) == tuple(default)), f.name
+
+
+def test_help_lists_every_setting_with_its_default(tmp_path):
+    """--help on a script that uses the configurator prints its settings (here train.py's) and exits 0
+    without reading any data."""
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), "--help"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    text = proc.stdout + proc.stderr
+    for line in ("--batch_size=64", "--max_iters=18311", "--warmup_iters=916", "--learning_rate=0.0001"):
+        assert line in text
