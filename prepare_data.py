@@ -8,18 +8,22 @@ in the layout of rawdata.py, so tokenize_all.py and everything after it work unc
     python prepare_data.py --source=folder --path=my_recordings/   # your own clips, one sub-folder per class
 
 The web pipeline (audioset / vggsound / manifest), top to bottom:
-  1. read the source CSVs and select the classes of CLASS_MAP (below)
+  1. read the source CSVs and select the classes of CLASS_MAP (below); a row whose YouTube id (11 of
+     A-Z a-z 0-9 _ -), time range or class name is not sound is rejected by name
   2. deduplicate across sources: same video + overlapping time range is one clip ("audioset+vggsound")
   3. download only the 10 s segment with yt-dlp, a bounded thread pool, resumable; failures are logged to
-     download/failures.jsonl and counted, never fatal
+     download/failures.jsonl and counted, never fatal for one clip; but when fewer than --min_success (0.5)
+     of the clips got through, the run stops (exit 1) with one line: the count and the commonest reason
   4. extract 24 kHz mono audio and 10 keyframes (one per second, centre-cropped to 224x224) with ffmpeg
   5. three oracles, each skippable (--skip_oracles=pann,clip,vad) with the manifest saying "skipped":
      PANNs Cnn14 score >= 0.30 on the class's AudioSet indices, CLIP cosine >= 0.25 for "a photo of a {class}"
      (best of the 10 keyframes), Silero VAD rejecting any human speech
   6. a deterministic split, 80/10/10 stratified by class x source, grouped by video id (no video in two splits)
   7. depth / normal pseudo-labels per keyframe (Depth-Anything-V2, DSINE), or flagged flat placeholders
-  8. manifest.jsonl + dataset_table.json/.md: counts per class / source / split and removed at each filter
-Every stage skips what is already on disk, so rerunning the same command resumes.
+  8. manifest.jsonl + dataset_table.json/.md: counts per class / source / split and removed at each filter,
+     and removed.jsonl: every clip removed, with its stage, reason, and file / score / threshold
+Every stage skips what is already on disk, so rerunning the same command resumes. A bad file (undecodable
+audio, an unreadable image, a clip folder without a picture) is skipped and listed; --strict=True stops instead.
 
 Class map (the report's 11 classes; AudioSet ids checked against AudioSet's class_labels_indices.csv):
 
@@ -48,6 +52,7 @@ class's clip-wise probabilities (so it can exceed 1, as the report's "PANNs 2.02
 3.41 s windows with a 0.5 s hop (the window offset is recorded, as in the report's published manifest).
 """
 import argparse
+import collections
 import csv
 import functools
 import io
@@ -446,7 +451,16 @@ class BadFile(ValueError):
 
 
 class TooShort(ValueError):
-    pass
+    """A clip shorter than one model window, under --min_length_policy=refuse."""
+    def __init__(self, file, seconds):
+        super().__init__(f"{file}: {seconds:.2f} s of audio is shorter than the {AUDIO_WINDOW / RAW_SR:.2f} s "
+                         f"model window (--min_length_policy=refuse)")
+        self.file, self.seconds = file, seconds
+
+
+def one_line(stderr):
+    """ffmpeg's complaint in one line (its last 300 characters), for a list with one reason per line."""
+    return " / ".join(x.strip() for x in stderr.decode(errors="replace").strip().splitlines())[-300:]
 
 
 def require_ffmpeg():
@@ -462,7 +476,7 @@ def decode_audio(path, sr=RAW_SR, max_seconds=CLIP_SECONDS):
            "-ar", str(sr), "-f", "f32le", "-"]
     r = subprocess.run(cmd, capture_output=True)
     if r.returncode != 0:
-        raise BadFile(path, f"ffmpeg could not decode audio ({r.stderr.decode(errors='replace').strip()[-300:]})")
+        raise BadFile(path, f"ffmpeg could not decode audio ({one_line(r.stderr)})")
     audio = np.frombuffer(r.stdout, dtype="<f4").copy()
     if audio.size == 0:
         raise BadFile(path, "no audio stream (or zero-length audio)")
@@ -480,8 +494,7 @@ def video_frame(path, t, size=FRAME_SIZE):
         r = subprocess.run(cmd, capture_output=True)
         if r.returncode == 0 and len(r.stdout) >= n:
             return np.frombuffer(r.stdout[:n], dtype=np.uint8).reshape(size, size, 3).copy()
-    raise BadFile(path, f"no video frame could be read near t={t:.2f} s "
-                        f"({r.stderr.decode(errors='replace').strip()[-300:]})")
+    raise BadFile(path, f"no video frame could be read near t={t:.2f} s ({one_line(r.stderr)})")
 
 
 def video_frames(path, times, size=FRAME_SIZE):
@@ -523,8 +536,7 @@ def pad_audio(audio, policy, name):
     if len(audio) >= AUDIO_WINDOW:
         return audio
     if policy == "refuse":
-        raise TooShort(f"{name}: {len(audio) / RAW_SR:.2f} s of audio is shorter than the "
-                         f"{AUDIO_WINDOW / RAW_SR:.2f} s model window (--min_length_policy=refuse)")
+        raise TooShort(name, len(audio) / RAW_SR)
     return np.concatenate([audio, np.zeros(AUDIO_WINDOW - len(audio), np.float32)])
 
 
@@ -556,8 +568,7 @@ def cached_media(raw, clip_id, min_length_policy="pad"):
     with open(path) as f:
         media = json.load(f)
     if min_length_policy == "refuse" and media["duration_s"] * RAW_SR < AUDIO_WINDOW:
-        raise TooShort(f"{media.get('origin', {}).get('path', clip_id)}: {media['duration_s']:.2f} s of audio is "
-                       f"shorter than the {AUDIO_WINDOW / RAW_SR:.2f} s model window (--min_length_policy=refuse)")
+        raise TooShort(media.get("origin", {}).get("path", clip_id), media["duration_s"])
     return media
 
 
@@ -1070,6 +1081,10 @@ def finish(raw, rows, removed, seed):
             print(f"  ... {len(rejected) - 50} more")
     print(f"wrote {len(rows)} clips to {raw}/manifest.jsonl; {len(removed.records)} removed, each with its "
           f"stage and reason, in {raw}/removed.jsonl")
+    if not rows:  # the next command would only fail on an empty dataset: stop here and say where they went
+        late = collections.Counter(r["stage"] for r in removed.records if r["stage"] in ORACLES + ("too_short",))
+        raise TooFewClips(f"no clip is left: all {sum(late.values())} that got through were removed ("
+                          + ", ".join(f"{k}: {v}" for k, v in late.most_common()) + f"); see {raw}/removed.jsonl")
     return rows, table
 
 
@@ -1135,7 +1150,8 @@ def build_web(args, raw, cands, removed, fetch=fetch_ytdlp, oracle_models=None):
         try:
             media = extract_video_clip(raw, job["clip_id"], video, args.min_length_policy)
         except TooShort as e:
-            removed.add("too_short_refused", job["clip_id"], "too_short", str(e), file=video)
+            removed.add("too_short_refused", job["clip_id"], "too_short", str(e), file=video, score=round(e.seconds, 3),
+                        threshold=round(AUDIO_WINDOW / RAW_SR, 3))
             continue
         except BadFile as e:
             if args.strict:
@@ -1283,7 +1299,7 @@ def build_folder(args, raw, oracle_models=None):
         except TooShort as e:
             print(f"refused: {e}", file=sys.stderr)
             removed.add("too_short_refused", cid, "too_short", str(e), file=paths.get("video", paths.get("audio")),
-                        **{"class": cls})
+                        score=round(e.seconds, 3), threshold=round(AUDIO_WINDOW / RAW_SR, 3), **{"class": cls})
             continue
         except BadFile as e:
             if args.strict:
