@@ -1730,6 +1730,9 @@ if __name__ == "__main__":
         cfg = configurator.apply_overrides(default_settings(), sys.argv[1:])
     except configurator.ConfigError as e:
         sys.exit(f"evaluate.py: {e}")
-    out = run(cfg)
+    try:
+        out = run(cfg)
+    except M.EmptySplitError as e:
+        sys.exit(f"evaluate.py: {e}")
     if out["failed"]:
         sys.exit(f"evaluate.py: probe(s) failed: {', '.join(out['failed'])} (see the traceback above)")

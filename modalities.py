@@ -189,6 +189,10 @@ def load_meta(tok_path):
         return json.load(f)
 
 
+class EmptySplitError(ValueError):
+    pass
+
+
 def open_split(tok_path, split, meta=None):
     """Memory-map one split: {modality name: uint16 memmap, 'label': [N]} plus 'clip_ids' (list).
     Nothing is read into memory."""
@@ -196,6 +200,10 @@ def open_split(tok_path, split, meta=None):
     if split not in meta["splits"]:
         raise ValueError(f"split {split!r} not in {tok_path}/meta.json (has {list(meta['splits'])})")
     n = meta["splits"][split]
+    if n == 0:  # np.memmap cannot map an empty file: say which split and what to do instead
+        raise EmptySplitError(f"{tok_path}: the {split} split is empty (0 clips; splits: {meta['splits']}): the dataset "
+                              f"has too few clips; add clips (prepare_data.py gives val and test a clip each from 3 "
+                              f"videos on), rerun prepare_data.py and tokenize_all.py")
     arrays = {}
     for m in MODALITIES:
         shape = (n, NUM_VIEWS, m.length) if m.per_view else (n, m.length)

@@ -8,18 +8,22 @@ in the layout of rawdata.py, so tokenize_all.py and everything after it work unc
     python prepare_data.py --source=folder --path=my_recordings/   # your own clips, one sub-folder per class
 
 The web pipeline (audioset / vggsound / manifest), top to bottom:
-  1. read the source CSVs and select the classes of CLASS_MAP (below)
+  1. read the source CSVs and select the classes of CLASS_MAP (below); a row whose YouTube id (11 of
+     A-Z a-z 0-9 _ -), time range or class name is not sound is rejected by name
   2. deduplicate across sources: same video + overlapping time range is one clip ("audioset+vggsound")
   3. download only the 10 s segment with yt-dlp, a bounded thread pool, resumable; failures are logged to
-     download/failures.jsonl and counted, never fatal
+     download/failures.jsonl and counted, never fatal for one clip; but when fewer than --min_success (0.5)
+     of the clips got through, the run stops (exit 1) with one line: the count and the commonest reason
   4. extract 24 kHz mono audio and 10 keyframes (one per second, centre-cropped to 224x224) with ffmpeg
   5. three oracles, each skippable (--skip_oracles=pann,clip,vad) with the manifest saying "skipped":
      PANNs Cnn14 score >= 0.30 on the class's AudioSet indices, CLIP cosine >= 0.25 for "a photo of a {class}"
      (best of the 10 keyframes), Silero VAD rejecting any human speech
   6. a deterministic split, 80/10/10 stratified by class x source, grouped by video id (no video in two splits)
   7. depth / normal pseudo-labels per keyframe (Depth-Anything-V2, DSINE), or flagged flat placeholders
-  8. manifest.jsonl + dataset_table.json/.md: counts per class / source / split and removed at each filter
-Every stage skips what is already on disk, so rerunning the same command resumes.
+  8. manifest.jsonl + dataset_table.json/.md: counts per class / source / split and removed at each filter,
+     and removed.jsonl: every clip removed, with its stage, reason, and file / score / threshold
+Every stage skips what is already on disk, so rerunning the same command resumes. A bad file (undecodable
+audio, an unreadable image, a clip folder without a picture) is skipped and listed; --strict=True stops instead.
 
 Class map (the report's 11 classes; AudioSet ids checked against AudioSet's class_labels_indices.csv):
 
@@ -48,7 +52,9 @@ class's clip-wise probabilities (so it can exceed 1, as the report's "PANNs 2.02
 3.41 s windows with a 0.5 s hop (the window offset is recorded, as in the report's published manifest).
 """
 import argparse
+import collections
 import csv
+import functools
 import io
 import json
 import os
@@ -198,15 +204,18 @@ def parse_vggsound_csv(path_or_text):
     return out
 
 
-def select_audioset(segments, classes):
+def select_audioset(segments, classes, removed=None):
     """Assign each segment to the one class whose selecting ids it carries. Returns (candidates,
-    n_ambiguous): a segment selecting two classes is dropped."""
+    n_ambiguous): a segment selecting two classes is dropped (and listed in `removed`, a Removals)."""
     picked, ambiguous = [], 0
     for seg in segments:
         labels = set(seg["labels"])
         hit = [c for c in classes if labels & set(CLASS_MAP[c]["audioset"])]
         if len(hit) > 1:
             ambiguous += 1
+            if removed is not None:
+                removed.add("audioset_ambiguous_class", f"{seg['youtube_id']}_{seg['start_s']:g}", "select",
+                            f"selects {' and '.join(hit)}: the label is in doubt", source="audioset")
         elif hit:
             picked.append(dict(youtube_id=seg["youtube_id"], start_s=seg["start_s"], end_s=seg["end_s"],
                                cls=hit[0], source="audioset", origin_labels=seg["labels"]))
@@ -221,7 +230,9 @@ def select_vggsound(rows, classes):
 
 def parse_clip_list(path):
     """A published clip list (the report's manifest format: youtube_id, start_s, class, source and
-    optional oracle scores pann_score / clip_score / vad_voiced_frac) -> candidates."""
+    optional oracle scores pann_score / clip_score / vad_voiced_frac) -> candidates. A row that cannot be
+    read (a number that is not one) comes back with its `problem` and `row` ("list.csv:7") set, so that
+    check_candidates rejects it by name and the other rows go on."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: clip list not found")
     with open(path, newline="", encoding="utf-8-sig") as f:
@@ -231,25 +242,55 @@ def parse_clip_list(path):
             raise ValueError(f"{path}: a clip list needs the columns {sorted(need)}, has {reader.fieldnames}")
         out = []
         for i, r in enumerate(reader, 2):
+            row = dict(youtube_id=(r["youtube_id"] or "").strip(), cls=(r["class"] or "").strip(),
+                       source=(r.get("source") or "manifest").strip(), published={}, origin_labels=[],
+                       row=f"{path}:{i}", start_s=float("nan"), end_s=float("nan"))
             try:
-                start = float(r["start_s"])
-            except ValueError:
-                raise ValueError(f"{path}:{i}: start_s {r['start_s']!r} is not a number") from None
-            published = {}
-            for key, name in (("pann_score", "pann"), ("clip_score", "clip"), ("vad_voiced_frac", "vad")):
-                if r.get(key) not in (None, ""):
-                    published[name] = float(r[key])
-            out.append(dict(youtube_id=r["youtube_id"].strip(), start_s=start,
-                            end_s=float(r["end_s"]) if r.get("end_s") else start + CLIP_SECONDS,
-                            cls=r["class"].strip(), source=(r.get("source") or "manifest").strip(),
-                            published=published, origin_labels=[]))
+                row["start_s"] = float(r["start_s"])
+                row["end_s"] = float(r["end_s"]) if r.get("end_s") else row["start_s"] + CLIP_SECONDS
+                for key, name in (("pann_score", "pann"), ("clip_score", "clip"), ("vad_voiced_frac", "vad")):
+                    if r.get(key) not in (None, ""):
+                        row["published"][name] = float(r[key])
+            except (TypeError, ValueError) as e:
+                row["problem"] = f"a number that is not one ({e})"
+            for key in ("clip_id", "stem"):  # a list's own clip id must be safe to use as a file name too
+                if r.get(key) and not rawdata.SAFE_NAME.fullmatch(r[key].strip()):
+                    row["problem"] = f"{key} {r[key].strip()!r} is not a safe file name"
+            out.append(row)
     return out
 
 
-def dedup(candidates):
+YOUTUBE_ID = re.compile(r"[A-Za-z0-9_-]{11}")
+CLASS_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9 _,.'()-]{0,63}")  # "pigeon, dove": printable, never a path
+
+
+def check_candidates(cands, removed):
+    """Keep the candidates whose YouTube id (11 of A-Z a-z 0-9 _ -), time range and class name are sound;
+    every other one is listed in `removed` (stage "invalid") with its row and the reason, never used."""
+    ok = []
+    for c in cands:
+        problem = c.get("problem")
+        if problem is None and not YOUTUBE_ID.fullmatch(c["youtube_id"]):
+            problem = f"youtube_id {c['youtube_id']!r} is not a YouTube id (11 of A-Z a-z 0-9 _ -)"
+        elif problem is None and not (np.isfinite(c["start_s"]) and np.isfinite(c["end_s"])
+                                      and 0 <= c["start_s"] < c["end_s"]):
+            problem = f"time range {c['start_s']}-{c['end_s']} s is not 0 <= start < end"
+        elif problem is None and not CLASS_NAME.fullmatch(c["cls"]):
+            problem = f"class {c['cls']!r} is not a class name (letters, digits, space _ , . ' ( ) -)"
+        elif problem is None and not rawdata.SAFE_NAME.fullmatch(clip_id_for(c["youtube_id"], c["start_s"])):
+            problem = f"start {c['start_s']} s makes no usable clip id"
+        if problem:
+            removed.add("invalid_row", str(c["youtube_id"])[:40], "invalid", problem, row=c.get("row"))
+        else:
+            ok.append(c)
+    return ok
+
+
+def dedup(candidates, removed=None):
     """Same video + overlapping time range = one clip. Overlapping segments of the same class merge (their
     sources join, e.g. 'audioset+vggsound', the earliest start is kept); overlapping segments of different
-    classes are all dropped, since the clip's label is in doubt. Returns (kept, n_merged, n_conflicting)."""
+    classes are all dropped, since the clip's label is in doubt. Returns (kept, n_merged, n_conflicting);
+    each segment merged away or dropped is listed in `removed` (a Removals) when given."""
     by_video = {}
     for c in candidates:
         by_video.setdefault(c["youtube_id"], []).append(c)
@@ -265,7 +306,15 @@ def dedup(candidates):
         for g in groups:
             if len({s["cls"] for s in g}) > 1:
                 conflicting += len(g)
+                for s in g if removed is not None else []:
+                    removed.add("dedup_conflicting_class", clip_id_for(vid, s["start_s"]), "dedup",
+                                f"overlaps a segment of another class ({', '.join(sorted({x['cls'] for x in g}))}) "
+                                f"of the same video: the label is in doubt", source=s["source"], **{"class": s["cls"]})
                 continue
+            for s in g[1:] if removed is not None else []:
+                removed.add("dedup_merged", clip_id_for(vid, s["start_s"]), "dedup",
+                            f"merged into {clip_id_for(vid, g[0]['start_s'])} (same video, overlapping time)",
+                            source=s["source"], **{"class": s["cls"]})
             first = dict(g[0])
             sources = sorted({part for s in g for part in s["source"].split("+")})
             first["source"] = "+".join(sources)
@@ -306,9 +355,13 @@ PERMANENT_ERRORS = ("private video", "video unavailable", "has been removed", "n
                     "account associated with this video has been terminated", "copyright", "sign in to confirm your age")
 
 
-def fetch_ytdlp(youtube_id, start_s, end_s, out_path):
-    """Download only [start_s, end_s] of a YouTube video to out_path (mp4) with yt-dlp. Raises RuntimeError
-    with yt-dlp's message on failure."""
+YOUTUBE_URL = "https://www.youtube.com/watch?v={youtube_id}"
+
+
+def fetch_ytdlp(youtube_id, start_s, end_s, out_path, url_template=YOUTUBE_URL):
+    """Download only [start_s, end_s] of a video to out_path (mp4) with yt-dlp, from the page url_template
+    names (YouTube's watch page; tests point it at a local server). Raises RuntimeError with yt-dlp's
+    message on failure."""
     try:
         import yt_dlp  # noqa: F401  (only to give a clear error; the CLI below is the same package)
     except ImportError:
@@ -317,7 +370,7 @@ def fetch_ytdlp(youtube_id, start_s, end_s, out_path):
     cmd = [sys.executable, "-m", "yt_dlp", "--quiet", "--no-warnings", "--no-playlist",
            "--download-sections", f"*{start_s}-{end_s}", "--force-keyframes-at-cuts",
            "-f", "bv*[height<=480]+ba/b[height<=480]/bv*+ba/b", "--merge-output-format", "mp4",
-           "-o", tmp, f"https://www.youtube.com/watch?v={youtube_id}"]
+           "-o", tmp, url_template.format(youtube_id=youtube_id)]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0 or not os.path.exists(tmp):
         if os.path.exists(tmp):
@@ -330,9 +383,13 @@ def download_all(jobs, out_dir, fetch=fetch_ytdlp, workers=8, log_path=None, ret
     """Download each job {clip_id, youtube_id, start_s, end_s} to out_dir/<clip_id>.mp4 with a bounded
     thread pool. A file already there is skipped (resume). A failure is appended to log_path (one JSON line)
     and counted, never raised. A permanent failure (private / removed video) found in the log is not
-    retried unless retry_failed. Returns {'ok', 'skipped', 'failed', 'known_failed', 'failures'}."""
+    retried unless retry_failed. Returns {'ok', 'skipped', 'failed', 'known_failed', 'failures' (this
+    run's), 'known' (the log's entries for the known ones)}."""
     from tqdm import tqdm
     os.makedirs(out_dir, exist_ok=True)
+    for stale in os.listdir(out_dir):  # what a killed run left half-written (.<clip>.mp4.tmp<pid>...)
+        if stale.startswith(".") and ".mp4.tmp" in stale:
+            os.remove(os.path.join(out_dir, stale))
     log_path = log_path or os.path.join(out_dir, "failures.jsonl")
     known = {}
     if os.path.exists(log_path) and not retry_failed:
@@ -342,7 +399,7 @@ def download_all(jobs, out_dir, fetch=fetch_ytdlp, workers=8, log_path=None, ret
                     e = json.loads(line)
                     if e.get("permanent"):
                         known[e["clip_id"]] = e
-    stats = dict(ok=0, skipped=0, failed=0, known_failed=0, failures=[])
+    stats = dict(ok=0, skipped=0, failed=0, known_failed=0, failures=[], known=[])
     lock = threading.Lock()
 
     def one(job):
@@ -366,6 +423,8 @@ def download_all(jobs, out_dir, fetch=fetch_ytdlp, workers=8, log_path=None, ret
             status, err = fut.result()
             with lock:
                 stats[status] += 1
+                if status == "known_failed":
+                    stats["known"].append(known[job["clip_id"]])
                 if status == "failed":
                     entry = dict(clip_id=job["clip_id"], youtube_id=job["youtube_id"], start_s=job["start_s"],
                                  error=err, permanent=any(k in err.lower() for k in PERMANENT_ERRORS),
@@ -384,6 +443,26 @@ VIDEO_EXTS = (".mp4", ".webm", ".mkv", ".mov", ".avi")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 
+class BadFile(ValueError):
+    """A media file that cannot be used: `file` and `reason` are kept apart for the list of removed clips."""
+    def __init__(self, file, reason):
+        super().__init__(f"{file}: {reason}")
+        self.file, self.reason = file, reason
+
+
+class TooShort(ValueError):
+    """A clip shorter than one model window, under --min_length_policy=refuse."""
+    def __init__(self, file, seconds):
+        super().__init__(f"{file}: {seconds:.2f} s of audio is shorter than the {AUDIO_WINDOW / RAW_SR:.2f} s "
+                         f"model window (--min_length_policy=refuse)")
+        self.file, self.seconds = file, seconds
+
+
+def one_line(stderr):
+    """ffmpeg's complaint in one line (its last 300 characters), for a list with one reason per line."""
+    return " / ".join(x.strip() for x in stderr.decode(errors="replace").strip().splitlines())[-300:]
+
+
 def require_ffmpeg():
     if shutil.which("ffmpeg") is None:
         raise RuntimeError("ffmpeg is not on PATH: install it (Debian/Ubuntu: apt-get install -y ffmpeg; "
@@ -397,10 +476,10 @@ def decode_audio(path, sr=RAW_SR, max_seconds=CLIP_SECONDS):
            "-ar", str(sr), "-f", "f32le", "-"]
     r = subprocess.run(cmd, capture_output=True)
     if r.returncode != 0:
-        raise ValueError(f"{path}: ffmpeg could not decode audio ({r.stderr.decode(errors='replace').strip()[-300:]})")
+        raise BadFile(path, f"ffmpeg could not decode audio ({one_line(r.stderr)})")
     audio = np.frombuffer(r.stdout, dtype="<f4").copy()
     if audio.size == 0:
-        raise ValueError(f"{path}: no audio stream (or zero-length audio)")
+        raise BadFile(path, "no audio stream (or zero-length audio)")
     return audio
 
 
@@ -415,8 +494,7 @@ def video_frame(path, t, size=FRAME_SIZE):
         r = subprocess.run(cmd, capture_output=True)
         if r.returncode == 0 and len(r.stdout) >= n:
             return np.frombuffer(r.stdout[:n], dtype=np.uint8).reshape(size, size, 3).copy()
-    raise ValueError(f"{path}: no video frame could be read near t={t:.2f} s "
-                     f"({r.stderr.decode(errors='replace').strip()[-300:]})")
+    raise BadFile(path, f"no video frame could be read near t={t:.2f} s ({one_line(r.stderr)})")
 
 
 def video_frames(path, times, size=FRAME_SIZE):
@@ -442,7 +520,7 @@ def load_image(path, size=FRAME_SIZE):
         img = Image.open(path)
         img.load()
     except Exception as e:
-        raise ValueError(f"{path}: not a readable image ({e})") from None
+        raise BadFile(path, f"not a readable image ({e})") from None
     img = ImageOps.exif_transpose(img).convert("RGB")
     return np.asarray(ImageOps.fit(img, (size, size), Image.BICUBIC), dtype=np.uint8)
 
@@ -458,15 +536,14 @@ def pad_audio(audio, policy, name):
     if len(audio) >= AUDIO_WINDOW:
         return audio
     if policy == "refuse":
-        raise ValueError(f"{name}: {len(audio) / RAW_SR:.2f} s of audio is shorter than the "
-                         f"{AUDIO_WINDOW / RAW_SR:.2f} s model window (--min_length_policy=refuse)")
+        raise TooShort(name, len(audio) / RAW_SR)
     return np.concatenate([audio, np.zeros(AUDIO_WINDOW - len(audio), np.float32)])
 
 
 def write_clip(raw, clip_id, audio, frames):
     """Write audio.wav + frame_XX.png of one clip (atomically, file by file). Returns (audio, frames) paths
     relative to raw/."""
-    d = os.path.join(raw, "clips", clip_id)
+    d = rawdata.clip_dir(raw, clip_id)
     os.makedirs(d, exist_ok=True)
     rawdata.write_wav(os.path.join(d, "audio.wav"), audio)
     rel_frames = []
@@ -477,22 +554,47 @@ def write_clip(raw, clip_id, audio, frames):
 
 
 def clip_done(raw, clip_id):
-    d = os.path.join(raw, "clips", clip_id)
+    d = rawdata.clip_dir(raw, clip_id)
     return os.path.exists(os.path.join(d, "audio.wav")) and all(
         os.path.exists(os.path.join(d, f"frame_{i:02d}.png")) for i in range(RAW_VIEWS))
 
 
+def cached_media(raw, clip_id, min_length_policy="pad"):
+    """The row fields a finished clip saved in clips/<id>/media.json, or None: a rerun decodes no media again.
+    The length policy still applies to a clip written under another one."""
+    path = os.path.join(rawdata.clip_dir(raw, clip_id), "media.json")
+    if not (os.path.exists(path) and clip_done(raw, clip_id)):
+        return None
+    with open(path) as f:
+        media = json.load(f)
+    if min_length_policy == "refuse" and media["duration_s"] * RAW_SR < AUDIO_WINDOW:
+        raise TooShort(media.get("origin", {}).get("path", clip_id), media["duration_s"])
+    return media
+
+
+def save_media(raw, clip_id, media):
+    """Written last, once the clip's files are all there: it marks the clip finished."""
+    path = os.path.join(rawdata.clip_dir(raw, clip_id), "media.json")
+    tmp = rawdata.atomic_path(path)
+    with open(tmp, "w") as f:
+        json.dump(media, f)
+    os.replace(tmp, path)
+    return media
+
+
 def extract_video_clip(raw, clip_id, media_path, min_length_policy="pad"):
     """A video file -> the clip's audio.wav (24 kHz mono) and 10 keyframes. Returns the row's media fields."""
+    media = cached_media(raw, clip_id, min_length_policy)
+    if media is not None:
+        return media
     audio = decode_audio(media_path)
     duration = len(audio) / RAW_SR
     times = keyframe_times(duration)
-    if not clip_done(raw, clip_id):
-        frames = video_frames(media_path, times)
-        write_clip(raw, clip_id, pad_audio(audio, min_length_policy, media_path), frames)
-    return dict(audio=f"clips/{clip_id}/audio.wav",
-                frames=[f"clips/{clip_id}/frame_{i:02d}.png" for i in range(RAW_VIEWS)],
-                keyframe_times=times, duration_s=round(duration, 4))
+    padded = pad_audio(audio, min_length_policy, media_path)  # a refused clip reads no frames
+    write_clip(raw, clip_id, padded, video_frames(media_path, times))
+    return save_media(raw, clip_id, dict(audio=f"clips/{clip_id}/audio.wav",
+                                         frames=[f"clips/{clip_id}/frame_{i:02d}.png" for i in range(RAW_VIEWS)],
+                                         keyframe_times=times, duration_s=round(duration, 4)))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -634,7 +736,7 @@ def run_oracles(raw, rows, skip, device, pann_checkpoint=PANN_CHECKPOINT, models
         return models[name]
 
     for row in tqdm(rows, desc="oracles", unit="clip"):
-        cache = os.path.join(raw, "clips", row["clip_id"], "oracles.json")
+        cache = os.path.join(rawdata.clip_dir(raw, row["clip_id"]), "oracles.json")
         done = json.load(open(cache)) if os.path.exists(cache) else {}
         scores, info = dict(done.get("scores", {})), dict(done.get("info", {}))
         todo = [o for o in ORACLES if o not in skip and not isinstance(scores.get(o), (int, float))]
@@ -795,7 +897,7 @@ def write_structure(raw, rows, mode, device="cpu", batch_size=16):
         cid = row["clip_id"]
         dpaths = [f"clips/{cid}/depth_{i:02d}.png" for i in range(RAW_VIEWS)]
         npaths = [f"clips/{cid}/normal_{i:02d}.png" for i in range(RAW_VIEWS)]
-        marker = os.path.join(raw, "clips", cid, "structure.txt")
+        marker = os.path.join(rawdata.clip_dir(raw, cid), "structure.txt")
         have = os.path.exists(marker) and open(marker).read().strip() == tag
         if not (have and all(os.path.exists(os.path.join(raw, p)) for p in dpaths + npaths)):
             if mode == "flat":
@@ -816,12 +918,99 @@ def write_structure(raw, rows, mode, device="cpu", batch_size=16):
 
 
 # ---------------------------------------------------------------------------------------------------
+# what was removed, and why
+
+
+class Removals:
+    """Every candidate a stage drops, one record each: clip id, stage (select, invalid, dedup, download,
+    bad_file, too_short, pann, clip, vad), the reason, and the file / score / threshold where there is one.
+    finish() writes them to removed.jsonl beside the manifest (the only writer of that file); `counts` are
+    the dataset table's "removed at" column."""
+
+    def __init__(self):
+        self.records, self.counts = [], {}
+
+    def count(self, key, n=0):
+        """Make a stage's count show in the table even when it removed nothing."""
+        self.counts[key] = self.counts.get(key, 0) + n
+
+    def add(self, key, clip_id, stage, reason, **more):
+        self.count(key, 1)
+        self.records.append(dict(clip_id=clip_id, stage=stage, reason=reason,
+                                 **{k: v for k, v in more.items() if v is not None}))
+
+    def write(self, raw):
+        path = os.path.join(raw, "removed.jsonl")
+        tmp = rawdata.atomic_path(path)
+        with open(tmp, "w") as f:
+            for r in self.records:
+                f.write(json.dumps(r) + "\n")
+        os.replace(tmp, path)
+        return path
+
+
+class TooFewClips(ValueError):
+    """Too few clips got through (--min_success): the message is one line with the count and the reason."""
+
+
+# the commonest failures, as they read in yt-dlp's / ffmpeg's messages -> (what happened, a network problem?)
+FAILURE_KINDS = (
+    (("failed to resolve", "name or service not known", "temporary failure in name resolution",
+      "nodename nor servname", "getaddrinfo failed", "no address associated"), "failed to resolve the host", True),
+    (("network is unreachable", "no route to host"), "found no route to the host", True),
+    (("connection refused",), "were refused a connection", False),
+    (("timed out",), "timed out", False),
+    (("private video",), "are private videos", False),
+    (("confirm you're not a bot", "confirm you’re not a bot"), "were stopped by YouTube's bot check (sign in)", False),
+    (("sign in to confirm your age",), "are age-restricted", False),
+    (("not available in your country",), "are blocked in this country", False),
+    (("video unavailable", "has been removed", "account associated with this video"), "are unavailable videos", False),
+    (("yt-dlp is not installed",), "could not start: yt-dlp is not installed (pip install yt-dlp)", False),
+)
+
+
+def failure_kind(reason):
+    """A failure message -> (a short phrase that follows "N of M", whether it says there is no network)."""
+    low = reason.lower()
+    for needles, phrase, offline in FAILURE_KINDS:
+        if any(n in low for n in needles):
+            return phrase, offline
+    m = re.search(r"http error (\d{3})", low)
+    if m:
+        return f"got HTTP error {m.group(1)}", False
+    short = re.sub(r"^(\w+: )?(error: )?(\[\w+\] )?([\w-]+: )?", "", reason.strip(), flags=re.I)
+    return "failed: " + short.split(" (")[0][:120], False
+
+
+def check_success(raw, removed, attempted, got, min_success):
+    """Stop the run (TooFewClips, after writing removed.jsonl) when no clip, or fewer than min_success of
+    those attempted, got through download and decoding: a dataset that silently holds nothing only fails
+    later, somewhere else."""
+    if got > 0 and got >= min_success * attempted:
+        return
+    path = removed.write(raw)
+    failed = [r for r in removed.records if r["stage"] in ("invalid", "download", "bad_file")]
+    if not failed:
+        raise TooFewClips(f"nothing to prepare: no clip of the selected classes in the source (see {path})")
+    kinds = {}
+    for r in failed:
+        kinds.setdefault(failure_kind(r["reason"]) if r["stage"] != "invalid" else ("are invalid rows", False),
+                         []).append(r)
+    (phrase, offline), worst = max(kinds.items(), key=lambda kv: len(kv[1]))
+    example = worst[0].get("file") or worst[0].get("row") or worst[0]["clip_id"]
+    raise TooFewClips(f"{'no network: ' if offline else ''}{len(worst)} of {attempted} {phrase} (e.g. {example}); "
+                      f"{got} of {attempted} clips got through, fewer than --min_success={min_success:g}; "
+                      f"every failure is listed in {path}")
+
+
+# ---------------------------------------------------------------------------------------------------
 # split and the dataset table
 
 
 def split_rows(rows, seed=1337):
     """Deterministic 80/10/10 split stratified by class x source, grouped by video id (so a video never
-    spans two splits; all 10 keyframes of a clip live in its row). Sets row['split'] in place."""
+    spans two splits; all 10 keyframes of a clip live in its row). Sets row['split'] in place. A dataset
+    too small to give val and test a clip each (fewer than 3 videos) is told so."""
     strata = [(r["class"], r["source"]) for r in rows]
     groups = [r.get("video_id", r["clip_id"]) for r in rows]
     for r, s in zip(rows, rawdata.stratified_split(strata, seed=seed, groups=groups)):
@@ -831,6 +1020,11 @@ def split_rows(rows, seed=1337):
         where.setdefault(g, set()).add(r["split"])
     leaked = [g for g, s in where.items() if len(s) > 1]
     assert not leaked, f"video ids in two splits: {leaked[:5]}"
+    empty = [s for s in SPLITS if not any(r["split"] == s for r in rows)]
+    if rows and empty:
+        print(f"WARNING: {len(where)} video(s) are too few to give every split a clip: {' and '.join(empty)} "
+              f"stay empty; add clips (3 videos at the least, 10 per class for a real 80/10/10) and rerun",
+              file=sys.stderr)
     return rows
 
 
@@ -854,17 +1048,23 @@ def table_markdown(table):
             lines.append(f"| {k} | " + " | ".join(str(v[s]) for s in SPLITS) + f" | {v['total']} |")
         lines.append("")
     lines += ["| removed at | clips |", "|---|---|"] + [f"| {k} | {v} |" for k, v in table["removed"].items()]
+    if table.get("removed_list"):
+        lines += ["", f"Every removed clip, with its stage, reason, file, score and threshold: "
+                      f"[{table['removed_list']}]({table['removed_list']})"]
     return "\n".join(lines) + "\n"
 
 
 def finish(raw, rows, removed, seed):
-    """Split, write manifest.jsonl and dataset_table.json/.md, print the table."""
+    """Split, write manifest.jsonl, removed.jsonl and dataset_table.json/.md, print the table and the
+    clips rejected for a bad file or row (file and reason)."""
     rows = split_rows(sorted(rows, key=lambda r: r["clip_id"]), seed)
     for r in rows:
         for k in rawdata.ROW_FIELDS:
             r.setdefault(k, None)
+    removed.write(raw)
     rawdata.write_manifest(os.path.join(raw, "manifest.jsonl"), rows)
-    table = dataset_table(rows, removed)
+    table = dataset_table(rows, removed.counts)
+    table["removed_list"] = "removed.jsonl"
     for name, text in (("dataset_table.json", json.dumps(table, indent=2)), ("dataset_table.md", table_markdown(table))):
         path = os.path.join(raw, name)
         tmp = rawdata.atomic_path(path)
@@ -872,7 +1072,19 @@ def finish(raw, rows, removed, seed):
             f.write(text)
         os.replace(tmp, path)
     print(table_markdown(table))
-    print(f"wrote {len(rows)} clips to {raw}/manifest.jsonl")
+    rejected = [r for r in removed.records if r["stage"] in ("invalid", "bad_file")]
+    if rejected:
+        print(f"rejected {len(rejected)} (file or row: reason):")
+        for r in rejected[:50]:
+            print(f"  {r.get('file') or r.get('row') or r['clip_id']}: {r['reason']}")
+        if len(rejected) > 50:
+            print(f"  ... {len(rejected) - 50} more")
+    print(f"wrote {len(rows)} clips to {raw}/manifest.jsonl; {len(removed.records)} removed, each with its "
+          f"stage and reason, in {raw}/removed.jsonl")
+    if not rows:  # the next command would only fail on an empty dataset: stop here and say where they went
+        late = collections.Counter(r["stage"] for r in removed.records if r["stage"] in ORACLES + ("too_short",))
+        raise TooFewClips(f"no clip is left: all {sum(late.values())} that got through were removed ("
+                          + ", ".join(f"{k}: {v}" for k, v in late.most_common()) + f"); see {raw}/removed.jsonl")
     return rows, table
 
 
@@ -880,22 +1092,21 @@ def finish(raw, rows, removed, seed):
 # sources
 
 
-def web_candidates(args, dl_dir, classes, sources):
-    """Read the AudioSet / VGGSound lists, select classes. Returns (candidates, removed counts)."""
-    removed = {}
+def web_candidates(args, dl_dir, classes, sources, removed):
+    """Read the AudioSet / VGGSound lists, select classes. Returns the candidates."""
     cands = []
     if "audioset" in sources:
         paths = args.audioset_csvs.split(",") if args.audioset_csvs else [
             fetch_source_list(AUDIOSET_URL.format(n), os.path.join(dl_dir, "lists", f"{n}_segments.csv"))
             for n in AUDIOSET_LISTS]
         segs = [s for p in paths for s in parse_audioset_csv(p)]
-        picked, amb = select_audioset(segs, classes)
-        removed["audioset_ambiguous_class"] = amb
+        removed.count("audioset_ambiguous_class")
+        picked, _ = select_audioset(segs, classes, removed)
         cands += picked
     if "vggsound" in sources:
         path = args.vggsound_csv or fetch_source_list(VGGSOUND_URL, os.path.join(dl_dir, "lists", "vggsound.csv"))
         cands += select_vggsound(parse_vggsound_csv(path), classes)
-    return cands, removed
+    return cands
 
 
 def cap_per_class(cands, max_per_class, seed):
@@ -911,36 +1122,50 @@ def cap_per_class(cands, max_per_class, seed):
 
 
 def build_web(args, raw, cands, removed, fetch=fetch_ytdlp, oracle_models=None):
-    """Candidates -> deduplicated, downloaded, extracted, oracle-filtered, split, pseudo-labelled rows."""
+    """Candidates -> checked, deduplicated, downloaded, extracted, oracle-filtered, split, pseudo-labelled rows."""
     from tqdm import tqdm
-    cands, merged, conflicting = dedup(cands)
-    removed["dedup_merged"] = merged
-    removed["dedup_conflicting_class"] = conflicting
+    removed.count("invalid_row")
+    cands = check_candidates(cands, removed)
+    n_invalid = removed.counts["invalid_row"]
+    removed.count("dedup_merged")
+    removed.count("dedup_conflicting_class")
+    cands, merged, conflicting = dedup(cands, removed)
     dl_dir = os.path.join(os.path.dirname(raw), "download")
     jobs = [dict(c, clip_id=clip_id_for(c["youtube_id"], c["start_s"])) for c in cands]
     stats = download_all(jobs, os.path.join(dl_dir, "video"), fetch=fetch, workers=args.download_workers,
                          log_path=os.path.join(dl_dir, "failures.jsonl"), retry_failed=args.retry_failed)
     print(f"download: {stats['ok']} new, {stats['skipped']} already on disk, {stats['failed']} failed, "
           f"{stats['known_failed']} known unavailable (log: {dl_dir}/failures.jsonl)")
-    removed["download_failed"] = stats["failed"] + stats["known_failed"]
+    removed.count("download_failed")
+    for e in sorted(stats["failures"] + stats["known"], key=lambda e: e["clip_id"]):
+        removed.add("download_failed", e["clip_id"], "download", e["error"], permanent=e.get("permanent"))
     require_ffmpeg()
-    rows, n_bad = [], 0
+    rows = []
+    removed.count("bad_file")
+    removed.count("too_short_refused")
     for job in tqdm(jobs, desc="extract", unit="clip"):
         video = os.path.join(dl_dir, "video", job["clip_id"] + ".mp4")
         if not os.path.exists(video):
             continue
         try:
             media = extract_video_clip(raw, job["clip_id"], video, args.min_length_policy)
-        except ValueError as e:
+        except TooShort as e:
+            removed.add("too_short_refused", job["clip_id"], "too_short", str(e), file=video, score=round(e.seconds, 3),
+                        threshold=round(AUDIO_WINDOW / RAW_SR, 3))
+            continue
+        except BadFile as e:
+            if args.strict:
+                raise BadFile(e.file, f"{e.reason} (--strict=True stops at the first bad file)") from None
             print(f"skipping {job['clip_id']}: {e}", file=sys.stderr)
-            n_bad += 1
+            removed.add("bad_file", job["clip_id"], "bad_file", e.reason, file=e.file)
             continue
         rows.append(dict(clip_id=job["clip_id"], video_id=job["youtube_id"], **{"class": job["cls"]},
                          source=job["source"], caption=f"a photo of a {job['cls']}", **media,
                          origin=dict(youtube_id=job["youtube_id"], start_s=job["start_s"], end_s=job["end_s"],
                                      labels=job["origin_labels"]),
                          published_oracles=job.get("published", {})))
-    removed["extract_failed"] = n_bad
+    n_short = removed.counts["too_short_refused"]
+    check_success(raw, removed, n_invalid + len(jobs), len(rows) + n_short, args.min_success)
     return filter_and_finish(args, raw, rows, removed, oracle_models)
 
 
@@ -951,26 +1176,40 @@ def filter_and_finish(args, raw, rows, removed, oracle_models=None):
     thresholds = dict(pann=args.pann_threshold, clip=args.clip_threshold, vad=args.vad_max_voiced)
     kept = []
     for o in ORACLES:
-        removed[f"oracle_{o}"] = 0
+        removed.count(f"oracle_{o}")
     for r in rows:
         fails = oracle_failures(r, thresholds)
         if r.get("published_oracles"):
             r["published_below_threshold"] = oracle_failures(
                 dict(oracles={}, published_oracles=r["published_oracles"]), thresholds)
-        if fails:
-            removed[f"oracle_{fails[0]}"] += 1  # counted at the first filter it fails, in pipeline order
+        if fails:  # counted at the first filter it fails, in pipeline order; the record names them all
+            o, th = fails[0], thresholds[fails[0]]
+            published = not isinstance(r["oracles"].get(o), (int, float))
+            score = r["published_oracles"][o] if published else r["oracles"][o]
+            why = (f"Silero VAD calls {score:g} of the clip speech, more than {th:g}" if o == "vad" else
+                   f"{o} score {score:g} is below the threshold {th:g}")
+            removed.add(f"oracle_{o}", r["clip_id"], o, why + (" (the list's published score)" if published else ""),
+                        score=score, threshold=th, failed=fails, scores=r["oracles"], published=published or None,
+                        source=r["source"], **{"class": r["class"]})
         else:
             kept.append(r)
     kept = write_structure(raw, kept, args.pseudo_labels, device, args.batch_size)
     return finish(raw, kept, removed, args.seed)
 
 
-def find_folder_clips(root):
+def find_folder_clips(root, bad=None):
     """root/<class>/<clip> where a clip is a video file or a folder with one audio file + 1..N images.
-    Returns [(class, clip name, kind, paths)], sorted; anything else is a clear error."""
+    Returns [(class, clip name, kind, paths)], sorted. Anything else is a clear error naming the file, or,
+    when `bad` is a list, appended to it as (class, clip name, file, reason) and skipped."""
     if not os.path.isdir(root):
         raise FileNotFoundError(f"{root}: not a folder (--source=folder wants --path=DIR with one sub-folder per class)")
     clips = []
+
+    def refuse(cls, name, path, reason):
+        if bad is None:
+            raise BadFile(path, reason)
+        bad.append((cls, name, path, reason))
+
     class_dirs = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
     if not class_dirs:
         raise ValueError(f"{root}: no class sub-folders found (expected {root}/<class>/<clip>)")
@@ -986,16 +1225,19 @@ def find_folder_clips(root):
                 audios = [os.path.join(p, f) for f in files if os.path.splitext(f)[1].lower() in AUDIO_EXTS + VIDEO_EXTS]
                 images = [os.path.join(p, f) for f in files if os.path.splitext(f)[1].lower() in IMAGE_EXTS]
                 if len(audios) != 1 or not images:
-                    raise ValueError(f"{p}: a clip folder needs exactly one audio file ({', '.join(AUDIO_EXTS)}) and at "
-                                     f"least one image ({', '.join(IMAGE_EXTS)}); found {len(audios)} audio, {len(images)} images")
+                    refuse(cls, name, p, f"a clip folder needs exactly one audio file ({', '.join(AUDIO_EXTS)}) and at "
+                                         f"least one image ({', '.join(IMAGE_EXTS)}); found {len(audios)} audio, "
+                                         f"{len(images)} images")
+                    continue
                 clips.append((cls, name, "folder", dict(audio=audios[0], images=images)))
             elif ext in VIDEO_EXTS:
                 clips.append((cls, os.path.splitext(name)[0], "video", dict(video=p)))
             elif ext in AUDIO_EXTS:
-                raise ValueError(f"{p}: an audio file alone is not a clip; put it in a folder with at least one image")
+                refuse(cls, os.path.splitext(name)[0], p,
+                       "an audio file alone is not a clip; put it in a folder with at least one image")
             else:
                 print(f"ignoring {p}: not a video ({', '.join(VIDEO_EXTS)}) or clip folder", file=sys.stderr)
-    if not clips:
+    if not clips and not bad:
         raise ValueError(f"{root}: no clips found under the class folders")
     return clips
 
@@ -1004,48 +1246,84 @@ def safe_id(text):
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)
 
 
+def folder_clip_media(raw, cid, paths, root, policy):
+    """A clip folder (one audio file + 1..N images) -> its row's media fields, written under clips/<cid>/."""
+    media = cached_media(raw, cid, policy)
+    if media is not None:
+        return media
+    audio = decode_audio(paths["audio"])
+    duration = len(audio) / RAW_SR
+    padded = pad_audio(audio, policy, paths["audio"])
+    imgs = paths["images"]
+    # spread N images over the 10 views in order (N < 10 repeats them, N > 10 subsamples)
+    pick = [min(len(imgs) - 1, i * len(imgs) // RAW_VIEWS) for i in range(RAW_VIEWS)]
+    frames = {j: load_image(imgs[j]) for j in sorted(set(pick))}
+    write_clip(raw, cid, padded, [frames[j] for j in pick])
+    return save_media(raw, cid, dict(
+        audio=f"clips/{cid}/audio.wav", frames=[f"clips/{cid}/frame_{i:02d}.png" for i in range(RAW_VIEWS)],
+        keyframe_times=keyframe_times(duration), duration_s=round(duration, 4),
+        origin=dict(path=os.path.relpath(os.path.dirname(paths["audio"]), root),
+                    audio=os.path.basename(paths["audio"]), view_images=[os.path.basename(imgs[j]) for j in pick]),
+        images_repeated=len(imgs) < RAW_VIEWS, n_images=len(imgs)))
+
+
 def build_folder(args, raw, oracle_models=None):
+    """Your own clips: every clip that can be read goes through; a bad one (an undecodable or empty audio file,
+    an unreadable image, a clip folder without a picture) is skipped and listed with its file and reason, unless
+    --strict=True, which stops at the first. A rerun reads only the clips not finished yet."""
     from tqdm import tqdm
     require_ffmpeg()
-    rows, refused = [], 0
-    for cls, name, kind, paths in tqdm(find_folder_clips(args.path), desc="folder clips", unit="clip"):
+    removed = Removals()
+    for key in ("bad_file", "too_short_refused"):
+        removed.count(key)
+    bad = None if args.strict else []
+    try:
+        found = find_folder_clips(args.path, bad)
+    except BadFile as e:
+        raise BadFile(e.file, f"{e.reason} (--strict=True stops at the first bad file)") from None
+    for cls, name, path, reason in bad or []:
+        removed.add("bad_file", safe_id(f"{cls}__{name}"), "bad_file", reason, file=path, **{"class": cls})
+    rows, used = [], set()
+    for cls, name, kind, paths in tqdm(found, desc="folder clips", unit="clip"):
         cid = safe_id(f"{cls}__{name}")
+        while cid in used:  # "a b" and "a_b" would share a folder: the later one gets a suffix
+            cid += "_"
+        used.add(cid)
         row = {"clip_id": cid, "class": cls, "source": "folder", "caption": f"a photo of a {cls}"}
         try:
             if kind == "video":
                 row.update(extract_video_clip(raw, cid, paths["video"], args.min_length_policy))
                 row["origin"] = dict(path=os.path.relpath(paths["video"], args.path))
             else:
-                audio = decode_audio(paths["audio"])
-                duration = len(audio) / RAW_SR
-                padded = pad_audio(audio, args.min_length_policy, paths["audio"])
-                imgs = paths["images"]
-                # spread N images over the 10 views in order (N < 10 repeats them, N > 10 subsamples)
-                pick = [min(len(imgs) - 1, i * len(imgs) // RAW_VIEWS) for i in range(RAW_VIEWS)]
-                if not clip_done(raw, cid):
-                    frames = {j: load_image(imgs[j]) for j in sorted(set(pick))}
-                    write_clip(raw, cid, padded, [frames[j] for j in pick])
-                row.update(audio=f"clips/{cid}/audio.wav",
-                           frames=[f"clips/{cid}/frame_{i:02d}.png" for i in range(RAW_VIEWS)],
-                           keyframe_times=keyframe_times(duration), duration_s=round(duration, 4))
-                row["origin"] = dict(path=os.path.relpath(os.path.dirname(paths["audio"]), args.path),
-                                     audio=os.path.basename(paths["audio"]),
-                                     view_images=[os.path.basename(imgs[j]) for j in pick])
-                row["images_repeated"] = len(imgs) < RAW_VIEWS
-                row["n_images"] = len(imgs)
-        except ValueError as e:
-            if args.min_length_policy == "refuse" and "shorter than" in str(e):
-                print(f"refused: {e}", file=sys.stderr)
-                refused += 1
-                continue
-            raise
+                row.update(folder_clip_media(raw, cid, paths, args.path, args.min_length_policy))
+        except TooShort as e:
+            print(f"refused: {e}", file=sys.stderr)
+            removed.add("too_short_refused", cid, "too_short", str(e), file=paths.get("video", paths.get("audio")),
+                        score=round(e.seconds, 3), threshold=round(AUDIO_WINDOW / RAW_SR, 3), **{"class": cls})
+            continue
+        except BadFile as e:
+            if args.strict:
+                raise BadFile(e.file, f"{e.reason} (--strict=True stops at the first bad file)") from None
+            removed.add("bad_file", cid, "bad_file", e.reason, file=e.file, **{"class": cls})
+            continue
         row["padded"] = row["duration_s"] * RAW_SR < AUDIO_WINDOW
         rows.append(row)
-    return filter_and_finish(args, raw, rows, dict(too_short_refused=refused), oracle_models)
+    n_bad = removed.counts["bad_file"]
+    check_success(raw, removed, len(rows) + removed.counts["too_short_refused"] + n_bad,
+                  len(rows) + removed.counts["too_short_refused"], args.min_success)
+    return filter_and_finish(args, raw, rows, removed, oracle_models)
 
 
 # ---------------------------------------------------------------------------------------------------
 # command line
+
+
+def str2bool(v):
+    if str(v).lower() in ("1", "true", "yes", "y"):
+        return True
+    if str(v).lower() in ("0", "false", "no", "n"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, got {v!r}")
 
 
 def parse_args(argv=None):
@@ -1066,6 +1344,14 @@ def parse_args(argv=None):
     p.add_argument("--max_per_class", type=int, default=0, help="cap candidates per class (0 = all), for a pilot run")
     p.add_argument("--download_workers", type=int, default=8)
     p.add_argument("--retry_failed", action="store_true", help="retry videos the log marks private/removed")
+    p.add_argument("--url_template", default=YOUTUBE_URL,
+                   help="the page yt-dlp fetches for a clip; {youtube_id} is filled in (a mirror, or a local server in tests)")
+    # web and folder
+    p.add_argument("--min_success", type=float, default=0.5,
+                   help="fail (exit 1, one line with the count and the commonest reason) when fewer than this share "
+                        "of the clips got through download and decoding; no clip at all always fails")
+    p.add_argument("--strict", type=str2bool, nargs="?", const=True, default=False,
+                   help="stop at the first bad file instead of skipping and listing it in removed.jsonl")
     # oracles
     p.add_argument("--skip_oracles", default=None,
                    help="comma-separated subset of pann,clip,vad to skip (default: none for web sources, all for folder)")
@@ -1087,10 +1373,26 @@ def parse_args(argv=None):
     bad = [s for s in args.skip_oracles if s not in ORACLES]
     if bad:
         p.error(f"--skip_oracles: unknown {bad}; choose from {ORACLES}")
+    if "{youtube_id}" not in args.url_template:
+        p.error(f"--url_template={args.url_template!r} has no {{youtube_id}} to fill in")
+    if not 0.0 <= args.min_success <= 1.0:
+        p.error(f"--min_success={args.min_success} is not a share in [0, 1]")
+    if args.dataset is not None and not rawdata.SAFE_NAME.fullmatch(args.dataset):
+        p.error(f"--dataset={args.dataset!r}: a dataset name is one folder under {args.data_root}/ "
+                f"(1-200 of A-Z a-z 0-9 _ . -, not starting with a dot)")
     return args
 
 
-def main(argv=None, fetch=fetch_ytdlp, oracle_models=None):
+def dataset_name_from(path):
+    """The default dataset name for --path: the folder's or list's own name, made safe ('recordings/..' is the
+    folder above, never a way out of data/)."""
+    name = safe_id(os.path.splitext(os.path.basename(os.path.abspath(path)))[0]).lstrip(".")
+    if not rawdata.SAFE_NAME.fullmatch(name):
+        raise SystemExit(f"--path={path}: no dataset name can be made from it; pass --dataset=NAME")
+    return name
+
+
+def main(argv=None, fetch=None, oracle_models=None):
     args = parse_args(argv)
     src = args.sources
     if src == ["toyzoo"]:
@@ -1107,7 +1409,7 @@ def main(argv=None, fetch=fetch_ytdlp, oracle_models=None):
     if src in (["manifest"], ["folder"]):
         if not args.path:
             raise SystemExit(f"--source={src[0]} needs --path=...")
-        args.dataset = args.dataset or safe_id(os.path.splitext(os.path.basename(os.path.normpath(args.path)))[0])
+        args.dataset = args.dataset or dataset_name_from(args.path)
     elif set(src) <= {"audioset", "vggsound"}:
         args.dataset = args.dataset or "animals"
     else:
@@ -1116,18 +1418,30 @@ def main(argv=None, fetch=fetch_ytdlp, oracle_models=None):
     os.makedirs(os.path.join(raw, "clips"), exist_ok=True)
     if src == ["folder"]:
         return build_folder(args, raw, oracle_models)
-    classes = args.classes.split(",") if args.classes else sorted(CLASS_MAP)
+    fetch = fetch or functools.partial(fetch_ytdlp, url_template=args.url_template)
+    removed = Removals()
     if src == ["manifest"]:
-        cands = [c for c in parse_clip_list(args.path) if c["cls"] in classes]
-        removed = {}
+        cands = parse_clip_list(args.path)
+        if args.classes:  # a published list is rebuilt whole unless --classes picks some of its classes
+            keep = set(args.classes.split(","))
+            removed.count("class_not_selected")
+            for c in cands:
+                if c["cls"] not in keep:
+                    removed.add("class_not_selected", clip_id_for(c["youtube_id"], c["start_s"]), "select",
+                                f"class {c['cls']!r} not in --classes", row=c.get("row"))
+            cands = [c for c in cands if c["cls"] in keep]
     else:
+        classes = args.classes.split(",") if args.classes else sorted(CLASS_MAP)
         unknown = [c for c in classes if c not in CLASS_MAP]
         if unknown:
             raise SystemExit(f"--classes: {unknown} not in the class map ({', '.join(sorted(CLASS_MAP))})")
-        cands, removed = web_candidates(args, os.path.join(os.path.dirname(raw), "download"), classes, src)
+        cands = web_candidates(args, os.path.join(os.path.dirname(raw), "download"), classes, src, removed)
     cands = cap_per_class(cands, args.max_per_class, args.seed)
     return build_web(args, raw, cands, removed, fetch=fetch, oracle_models=oracle_models)
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (TooFewClips, BadFile) as e:  # one line that says what to do, not a traceback
+        sys.exit(f"prepare_data.py: {e}")

@@ -11,8 +11,10 @@ The raw clip layout shared by every source of prepare_data.py and read by tokeni
 Every writer here goes through a temporary name and an atomic rename, so an interrupted run never
 leaves a half-written file under its final name.
 """
+import heapq
 import json
 import os
+import re
 import wave
 
 import numpy as np
@@ -40,8 +42,25 @@ ROW_FIELDS = (
 SPLITS = ("train", "val", "test")
 
 
+# a name that becomes one path component: no separator, never "." / ".." or hidden (leading dot)
+SAFE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,199}")
+
+
+def check_name(name, what="name"):
+    """Refuse a user-given name that would not stay one plain folder under its parent (e.g. '../x')."""
+    if not isinstance(name, str) or not SAFE_NAME.fullmatch(name):
+        raise ValueError(f"{what} {name!r} is not a safe file name: use 1-200 of A-Z a-z 0-9 _ . - "
+                         f"(not starting with a dot)")
+    return name
+
+
 def raw_dir(dataset, data_root="data"):
-    return os.path.join(data_root, dataset, "raw")
+    return os.path.join(data_root, check_name(dataset, "dataset"), "raw")
+
+
+def clip_dir(raw, clip_id):
+    """raw/clips/<clip_id>, with clip_id checked so the path cannot leave raw/clips/."""
+    return os.path.join(raw, "clips", check_name(clip_id, "clip id"))
 
 
 def atomic_path(path):
@@ -159,7 +178,10 @@ def stratified_split(strata, seed=1337, fractions=(0.8, 0.1, 0.1), groups=None):
     """Deterministic clip-level split, stratified: within each stratum (e.g. class x source) the items
     are shuffled by `seed` and cut 80/10/10 (rounding the val and test counts, train gets the rest).
     `groups` (e.g. video ids) keeps every item of a group in one split: a group is placed where its
-    first item lands. Returns a list of split names aligned with `strata`."""
+    first item lands. A small dataset whose strata are all too small for a val or test item (9 classes of
+    1-4 clips) would leave that split empty: it is then topped up from train to its share of all groups
+    (at least one), taken from the strata with the most train groups, so any dataset of 3 or more groups
+    has a clip in every split. Returns a list of split names aligned with `strata`."""
     rng = np.random.default_rng(seed)
     n = len(strata)
     by_stratum = {}
@@ -168,6 +190,7 @@ def stratified_split(strata, seed=1337, fractions=(0.8, 0.1, 0.1), groups=None):
     groups = list(range(n)) if groups is None else list(groups)
     out = [None] * n
     group_split = {}
+    group_stratum = {}
     for s in sorted(by_stratum, key=str):
         idx = by_stratum[s]
         # one unit per group inside the stratum, so a group is never cut in two
@@ -180,6 +203,22 @@ def stratified_split(strata, seed=1337, fractions=(0.8, 0.1, 0.1), groups=None):
         n_train = k - n_val - n_test
         for j, u in enumerate(units):
             group_split[u] = "train" if j < n_train else "val" if j < n_train + n_val else "test"
+            group_stratum[u] = s
+    n_groups = len(group_split)
+    for split, frac in (("val", fractions[1]), ("test", fractions[2])):
+        if n_groups < len(SPLITS) or frac <= 0 or split in group_split.values():
+            continue
+        train = {}
+        for u, sp in group_split.items():  # in the seeded order: the last train group of a stratum moves
+            if sp == "train":
+                train.setdefault(group_stratum[u], []).append(u)
+        heap = [(-len(us), str(s), s) for s, us in train.items()]
+        heapq.heapify(heap)
+        for _ in range(min(max(1, int(round(n_groups * frac))), sum(map(len, train.values())) - 1)):
+            neg, key, s = heapq.heappop(heap)  # the stratum with the most train groups gives one
+            group_split[train[s].pop()] = split
+            if train[s]:
+                heapq.heappush(heap, (neg + 1, key, s))
     for i in range(n):
         out[i] = group_split[groups[i]]
     return out

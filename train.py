@@ -180,7 +180,10 @@ for _m in modalities.MODALITIES:
         raise SystemExit(f"{tok_path}/meta.json: modality {_m.name} has vocab {_v}, expected <= {_m.vocab}")
 if 'train' not in meta['splits']:
     raise SystemExit(f"{tok_path}/meta.json has no train split (splits: {list(meta['splits'])})")
-splits = {s: modalities.open_split(tok_path, s, meta) for s in ('train', 'val') if s in meta['splits']}
+try:
+    splits = {s: modalities.open_split(tok_path, s, meta) for s in ('train', 'val') if s in meta['splits']}
+except modalities.EmptySplitError as e:
+    raise SystemExit(f"train.py: {e}")
 n_train = len(splits['train']['label'])
 if max_train_clips:
     if max_train_clips > n_train:
