@@ -1166,7 +1166,7 @@ def train_reference(ctx):
 
 def probe_generation(ctx):
     from audio_features import (EMBED_NAME, clip_embedding, energy_spread, fit_logreg, mean_pairwise_distance,
-                                predict_proba, HOP)
+                                predict_proba)
     gen = generations(ctx)
     ref = train_reference(ctx)
     C = len(ctx["class_names"])
@@ -1215,7 +1215,7 @@ def probe_generation(ctx):
                 "no collapse = 100%")
     # energy spread: std over time of frame RMS, generated / ground truth (continuation: the generated tail only)
     for setting, s0, rep in (("class_only", 0, REPORT["energy_class_only"]),
-                             ("continuation", (gen["suffix_start"] // M.AUDIO_CODEBOOKS) * HOP, REPORT["energy_continuation"])):
+                             ("continuation", M.audio_sample_of(gen["suffix_start"]), REPORT["energy_continuation"])):
         a, b = energy_spread(gen[f"{setting}_wave"], s0), energy_spread(gen["gt_wave"], s0)
         ratio = float(a.mean() / max(b.mean(), 1e-12))
         lo, hi = bootstrap_ci(lambda i, j: a[i].mean() / max(b[j].mean(), 1e-12), [len(a), len(b)], seed=ctx["seed"])
@@ -1285,7 +1285,7 @@ def probe_fad(ctx):
     gen = generations(ctx)
     ref = train_reference(ctx)
     y = gen["labels"]
-    start_frame = (gen["suffix_start"] // M.AUDIO_CODEBOOKS)
+    start_frame = M.audio_sample_of(gen["suffix_start"]) // HOP    # a log-mel frame (hop HOP) index
     frames = {s: log_mel_frames(gen[f"{s}_wave"]) for s in ("gt", "class_only", "continuation")}
     frames["train"] = log_mel_frames(ref["wave"])
     out = {"embedding": FRAME_EMBED_NAME, "reference": f"decoded ground truth of the same {ctx['split']} clips",
