@@ -117,26 +117,32 @@ def position_modality(pos):
 # ---------------------------------------------------------------------------------------------------
 # audio stream layout: seq[K*t + k] = c[k, t] + k * V (AUDIO_LAYOUT)
 
-def _codebook_offsets(like):
-    offset = (np.arange(AUDIO_CODEBOOKS) * AUDIO_CODEBOOK_SIZE)[:, None]
-    return torch.as_tensor(offset, device=like.device, dtype=like.dtype) if torch.is_tensor(like) else offset
-
-
-def interleave_audio(codes):
-    """codes [..., K, T] in [0, V) -> stream [..., K * T] in [0, K * V)."""
+def interleave_audio(codes, layout=None):
+    """codes [..., K, T] in [0, V) -> stream [..., K * T] in [0, K * V) (layout: AUDIO_LAYOUT if None)."""
+    K, V, T = _kvt(layout)
     codes = np.asarray(codes) if not torch.is_tensor(codes) else codes
-    if tuple(codes.shape[-2:]) != (AUDIO_CODEBOOKS, AUDIO_FRAMES):
-        raise ValueError(f"audio codes {tuple(codes.shape)}: expected [..., {AUDIO_CODEBOOKS}, {AUDIO_FRAMES}] "
-                         f"(the audio layout {AUDIO_LAYOUT})")
-    shifted = codes + _codebook_offsets(codes)
-    return shifted.swapaxes(-1, -2).reshape(*codes.shape[:-2], AUDIO_FRAMES * AUDIO_CODEBOOKS)
+    if tuple(codes.shape[-2:]) != (K, T):
+        raise ValueError(f"audio codes {tuple(codes.shape)}: expected [..., {K}, {T}] (audio layout K={K}, T={T})")
+    shifted = codes + _codebook_offsets(codes, K, V)
+    return shifted.swapaxes(-1, -2).reshape(*codes.shape[:-2], T * K)
 
 
-def deinterleave_audio(seq):
+def deinterleave_audio(seq, layout=None):
     """stream [..., K * T] -> codes [..., K, T], the exact inverse of interleave_audio."""
+    K, V, T = _kvt(layout)
     seq = np.asarray(seq) if not torch.is_tensor(seq) else seq
-    frames = seq.reshape(*seq.shape[:-1], AUDIO_FRAMES, AUDIO_CODEBOOKS).swapaxes(-1, -2)
-    return frames - _codebook_offsets(frames)
+    frames = seq.reshape(*seq.shape[:-1], T, K).swapaxes(-1, -2)
+    return frames - _codebook_offsets(frames, K, V)
+
+
+def _kvt(layout):
+    layout = layout or AUDIO_LAYOUT
+    return layout.codebooks, layout.codebook_size, layout.frames
+
+
+def _codebook_offsets(like, K, V):
+    offset = (np.arange(K) * V)[:, None]
+    return torch.as_tensor(offset, device=like.device, dtype=like.dtype) if torch.is_tensor(like) else offset
 
 
 def audio_sample_of(index):
