@@ -631,15 +631,15 @@ def probe_entropy(ctx):
     out = {"marginal_entropy": h, "bias_corrected": corrected, "bias_corrected_ci": [lo, hi],
            "n_tokens": int(a.size), "n_clips": len(a), "log_vocab": math.log(V)}
     add_row(ctx, "entropy", "audio marginal entropy, plug-in on the split (nats)", h, None, int(a.size),
-            math.log(V), "log 2048", REPORT["audio_marginal_entropy"], unit="nats")
+            math.log(V), f"log {V}", REPORT["audio_marginal_entropy"], unit="nats")
     add_row(ctx, "entropy", "... bootstrap bias-corrected (nats)", corrected, (lo, hi), int(a.size),
-            math.log(V), "log 2048", None, unit="nats")
+            math.log(V), f"log {V}", None, unit="nats")
     if "train" in ctx["arrays"] and ctx["split"] != "train":
         tr = np.asarray(ctx["arrays"]["train"]["tok_audio"])
         xe = cross_entropy_to_marginal(a, tr, V)
         out["ce_under_train_marginal"] = xe
         add_row(ctx, "entropy", "audio CE of a train-marginal predictor", xe, None, int(a.size), math.log(V),
-                "log 2048", None, unit="nats")
+                f"log {V}", None, unit="nats")
     ce = ctx["results"].get("ce", {}).get("per_modality", {}).get("tok_audio")
     if ce:
         gap = h - ce["ce"]
@@ -1047,17 +1047,18 @@ def probe_memo(ctx):
         acc, lo, hi = clustered_accuracy(correct)
         last = audio[:, start - M.AUDIO_CODEBOOKS:start].repeat(1, (L - start) // M.AUDIO_CODEBOOKS)
         rep_acc = float((last == truth).float().mean())
+        V = M.BY_NAME["tok_audio"].vocab
         maj_acc = float((truth == maj).float().mean())
         pos_acc = float((truth.numpy() == pos_maj[None]).mean())
         out[side] = {"top1": acc, "ci": [lo, hi], "n_clips": int(len(clips)), "n_tokens": int(correct.size),
                      "repeat_last_frame": rep_acc, "majority": maj_acc, "per_position_majority": pos_acc}
-        add_row(ctx, "memo", f"audio suffix top-1 ({side})", acc, (lo, hi), int(correct.size), 1 / 2048, "1/2048",
+        add_row(ctx, "memo", f"audio suffix top-1 ({side})", acc, (lo, hi), int(correct.size), 1 / V, f"1/{V}",
                 REPORT["memo_train"] if side == "train" else REPORT["memo_test"],
                 extra={"majority": maj_acc, "repeat_last_frame": rep_acc})
         add_row(ctx, "memo", f"audio suffix ({side}): repeat-last-frame baseline", rep_acc, None,
-                int(correct.size), 1 / 2048, "1/2048")
+                int(correct.size), 1 / V, f"1/{V}")
         add_row(ctx, "memo", f"audio suffix ({side}): per-position {src}-majority baseline", pos_acc, None,
-                int(correct.size), 1 / 2048, "1/2048")
+                int(correct.size), 1 / V, f"1/{V}")
     return out
 
 

@@ -199,3 +199,22 @@ def test_bad_layout_in_meta_is_refused(tmp_path):
     (tmp_path / "meta.json").write_text(json.dumps({"modalities": {"tok_audio": {"layout": {"levels": 3}}}}))
     with pytest.raises(ValueError, match="meta.json: bad tok_audio layout"):
         M.load_meta(str(tmp_path))
+
+
+@pytest.mark.parametrize("layout", [12], indirect=True)
+def test_token_probe_reads_the_class_the_tokens_keep(layout, tmp_path, capsys):
+    """Planted answer: audio ids drawn from a class template are read back; pure noise sits near chance."""
+    from test_train import write_dataset
+    import token_probe
+    write_dataset(str(tmp_path), name="kept", noise=0.3, n_train=40, n_val=40)
+    write_dataset(str(tmp_path), name="lost", noise=1.0, n_train=40, n_val=40)
+    for name in ("kept", "lost"):        # record the layout the arrays were written in
+        path = tmp_path / name / "tok" / "meta.json"
+        meta = json.loads(path.read_text())
+        meta["modalities"]["tok_audio"]["layout"] = dataclasses.asdict(layout)
+        path.write_text(json.dumps(meta))
+    M.set_audio_layout(M.ENCODEC_LAYOUT)
+    kept, lost = token_probe.main(["--datasets=kept,lost", f"--data_root={tmp_path}", "--split=val"])
+    assert kept["top1"] > 0.95 and kept["n_windows"] == 400 and kept["layout"].startswith("K=12 x T=42")
+    assert lost["ci"][0] < 0.25 < lost["ci"][1] and lost["chance"] == 0.25
+    assert "kept" in capsys.readouterr().out
