@@ -271,7 +271,7 @@ class MelRVQTokenizer:
         return self.codebooks[0][codes[:, 0]] + self.codebooks[1][codes[:, 1]]
 
     def encode(self, waves):
-        return M.interleave_audio(self.codes(waves))
+        return M.interleave_audio(self.codes(waves), self.layout)
 
     def id_features(self):
         """[2048, 80]: the log-mel codebook vector behind each audio id (model.py's code features)."""
@@ -279,7 +279,7 @@ class MelRVQTokenizer:
 
     @torch.no_grad()
     def decode(self, ids):
-        codes = M.deinterleave_audio(_as_tensor(ids, self.device, torch.long))
+        codes = M.deinterleave_audio(_as_tensor(ids, self.device, torch.long), self.layout)
         codes = codes.clamp(0, self.codebooks.shape[1] - 1)  # a sampled id past a small codebook: clamp
         wave = mel_to_wave(self.codes_to_features(codes), n_iter=self.griffin_lim_iters)
         return wave.clamp(-1, 1).cpu().numpy().astype(np.float32)
@@ -345,7 +345,7 @@ class EncodecTokenizer:
         return torch.cat(out)
 
     def encode(self, waves):
-        return M.interleave_audio(self.codes(waves))
+        return M.interleave_audio(self.codes(waves), self.layout)
 
     def id_features(self):
         """[2048, 128]: the quantizer's codebook vector behind each audio id (model.py's code features)."""
@@ -354,7 +354,7 @@ class EncodecTokenizer:
 
     @torch.no_grad()
     def decode(self, ids):
-        codes = M.deinterleave_audio(_as_tensor(ids, self.device, torch.long)).clamp(0, 1023)
+        codes = M.deinterleave_audio(_as_tensor(ids, self.device, torch.long), self.layout).clamp(0, 1023)
         out = []
         for i in range(0, codes.shape[0], self.batch_size):
             w = self.model.decode([(codes[i:i + self.batch_size], None)])[:, 0]
