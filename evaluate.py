@@ -631,15 +631,15 @@ def probe_entropy(ctx):
     out = {"marginal_entropy": h, "bias_corrected": corrected, "bias_corrected_ci": [lo, hi],
            "n_tokens": int(a.size), "n_clips": len(a), "log_vocab": math.log(V)}
     add_row(ctx, "entropy", "audio marginal entropy, plug-in on the split (nats)", h, None, int(a.size),
-            math.log(V), "log 2048", REPORT["audio_marginal_entropy"], unit="nats")
+            math.log(V), f"log {V}", REPORT["audio_marginal_entropy"], unit="nats")
     add_row(ctx, "entropy", "... bootstrap bias-corrected (nats)", corrected, (lo, hi), int(a.size),
-            math.log(V), "log 2048", None, unit="nats")
+            math.log(V), f"log {V}", None, unit="nats")
     if "train" in ctx["arrays"] and ctx["split"] != "train":
         tr = np.asarray(ctx["arrays"]["train"]["tok_audio"])
         xe = cross_entropy_to_marginal(a, tr, V)
         out["ce_under_train_marginal"] = xe
         add_row(ctx, "entropy", "audio CE of a train-marginal predictor", xe, None, int(a.size), math.log(V),
-                "log 2048", None, unit="nats")
+                f"log {V}", None, unit="nats")
     ce = ctx["results"].get("ce", {}).get("per_modality", {}).get("tok_audio")
     if ce:
         gap = h - ce["ce"]
@@ -1047,17 +1047,18 @@ def probe_memo(ctx):
         acc, lo, hi = clustered_accuracy(correct)
         last = audio[:, start - M.AUDIO_CODEBOOKS:start].repeat(1, (L - start) // M.AUDIO_CODEBOOKS)
         rep_acc = float((last == truth).float().mean())
+        V = M.BY_NAME["tok_audio"].vocab
         maj_acc = float((truth == maj).float().mean())
         pos_acc = float((truth.numpy() == pos_maj[None]).mean())
         out[side] = {"top1": acc, "ci": [lo, hi], "n_clips": int(len(clips)), "n_tokens": int(correct.size),
                      "repeat_last_frame": rep_acc, "majority": maj_acc, "per_position_majority": pos_acc}
-        add_row(ctx, "memo", f"audio suffix top-1 ({side})", acc, (lo, hi), int(correct.size), 1 / 2048, "1/2048",
+        add_row(ctx, "memo", f"audio suffix top-1 ({side})", acc, (lo, hi), int(correct.size), 1 / V, f"1/{V}",
                 REPORT["memo_train"] if side == "train" else REPORT["memo_test"],
                 extra={"majority": maj_acc, "repeat_last_frame": rep_acc})
         add_row(ctx, "memo", f"audio suffix ({side}): repeat-last-frame baseline", rep_acc, None,
-                int(correct.size), 1 / 2048, "1/2048")
+                int(correct.size), 1 / V, f"1/{V}")
         add_row(ctx, "memo", f"audio suffix ({side}): per-position {src}-majority baseline", pos_acc, None,
-                int(correct.size), 1 / 2048, "1/2048")
+                int(correct.size), 1 / V, f"1/{V}")
     return out
 
 
@@ -1166,7 +1167,7 @@ def train_reference(ctx):
 
 def probe_generation(ctx):
     from audio_features import (EMBED_NAME, clip_embedding, energy_spread, fit_logreg, mean_pairwise_distance,
-                                predict_proba, HOP)
+                                predict_proba)
     gen = generations(ctx)
     ref = train_reference(ctx)
     C = len(ctx["class_names"])
@@ -1215,7 +1216,7 @@ def probe_generation(ctx):
                 "no collapse = 100%")
     # energy spread: std over time of frame RMS, generated / ground truth (continuation: the generated tail only)
     for setting, s0, rep in (("class_only", 0, REPORT["energy_class_only"]),
-                             ("continuation", (gen["suffix_start"] // M.AUDIO_CODEBOOKS) * HOP, REPORT["energy_continuation"])):
+                             ("continuation", M.audio_sample_of(gen["suffix_start"]), REPORT["energy_continuation"])):
         a, b = energy_spread(gen[f"{setting}_wave"], s0), energy_spread(gen["gt_wave"], s0)
         ratio = float(a.mean() / max(b.mean(), 1e-12))
         lo, hi = bootstrap_ci(lambda i, j: a[i].mean() / max(b[j].mean(), 1e-12), [len(a), len(b)], seed=ctx["seed"])
@@ -1285,7 +1286,7 @@ def probe_fad(ctx):
     gen = generations(ctx)
     ref = train_reference(ctx)
     y = gen["labels"]
-    start_frame = (gen["suffix_start"] // M.AUDIO_CODEBOOKS)
+    start_frame = M.audio_sample_of(gen["suffix_start"]) // HOP    # a log-mel frame (hop HOP) index
     frames = {s: log_mel_frames(gen[f"{s}_wave"]) for s in ("gt", "class_only", "continuation")}
     frames["train"] = log_mel_frames(ref["wave"])
     out = {"embedding": FRAME_EMBED_NAME, "reference": f"decoded ground truth of the same {ctx['split']} clips",

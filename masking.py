@@ -1,5 +1,6 @@
 """
-4M-style input/target masking for nano4M-Audio, with stride-2 contiguous spans on the audio stream.
+4M-style input/target masking for nano4M-Audio, with contiguous whole-frame spans on the audio stream
+(stride K = the audio layout's codebooks: 2 for the report's EnCodec).
 
 build_batch(tokens, cfg, generator) turns one view per sample ({modality: LongTensor [B, L_m]}) into
 the padded encoder/decoder batch of docs/interfaces.md. Per sample it:
@@ -10,12 +11,12 @@ the padded encoder/decoder batch of docs/interfaces.md. Per sample it:
      clamping freed to the modalities that still have room (a zero alpha always gets nothing),
   3. does the same for the targets, over the tokens NOT chosen as inputs (inputs and targets disjoint),
   4. picks the tokens: uniformly random positions for rgb/depth/normal and for the caption, a few
-     contiguous frame spans for audio (a frame = the codebook pair (2t, 2t+1), never split),
+     contiguous frame spans for audio (a frame = its K codebook ids K*t .. K*t + K - 1, never split),
   5. packs the chosen tokens (modality order, then position order) into fixed-size padded tensors.
 
 A sample's total is exactly its drawn budget unless the modalities it may use (positive alpha) hold fewer
-tokens than that (then it takes all of them), or, rarely, when only audio has room left and its share is odd
-(then audio rounds down to whole frames and the total is one short).
+tokens than that (then it takes all of them), or, rarely, when no other modality has room for audio's
+partial frame (then audio rounds down to whole frames and the total is up to K - 1 short).
 
 Everything is vectorized over the batch and free of host syncs (no .item(), no boolean indexing, no
 host-to-device copies), so it runs on the inputs' device (CPU or CUDA) without stalling the GPU queue. On
@@ -73,12 +74,14 @@ import modalities as M
 NUM_MOD = len(M.MODALITIES)
 AUDIO = M.modality_index("tok_audio")
 CAPTION = M.modality_index("caption")
-LENGTHS = tuple(m.length for m in M.MODALITIES)
-FRAMES = M.AUDIO_FRAMES
-STRIDE = M.AUDIO_CODEBOOKS          # audio tokens per frame: spans are aligned to this
+# the audio layout (M.AUDIO_LAYOUT: frames of K ids, spans aligned to whole frames) is read at call time
 # rgb, depth, normal and caption are picked together as one [B, 4, 196] block (caption padded)
 NON_AUDIO = tuple(i for i in range(NUM_MOD) if i != AUDIO)
-BLOCK = max(LENGTHS[i] for i in NON_AUDIO)
+BLOCK = max(m.length for i, m in enumerate(M.MODALITIES) if i != AUDIO)
+
+
+def _lengths():
+    return tuple(m.length for m in M.MODALITIES)
 COMPONENT_KEYS = ("weight", "input_budget", "target_budget", "input_alphas", "target_alphas", "audio_spans",
                   "input_full", "target_full")
 
@@ -125,8 +128,8 @@ class MaskingConfig:
                     raise ValueError(f"{where}: {key}={c[key]} needs 0 <= lo <= hi")
                 c[key] = (int(lo), int(hi))
             lo, hi = c["audio_spans"]
-            if not 1 <= lo <= hi <= FRAMES:
-                raise ValueError(f"{where}: audio_spans={c['audio_spans']} needs 1 <= lo <= hi <= {FRAMES}")
+            if not 1 <= lo <= hi <= M.AUDIO_FRAMES:
+                raise ValueError(f"{where}: audio_spans={c['audio_spans']} needs 1 <= lo <= hi <= {M.AUDIO_FRAMES}")
             c["audio_spans"] = (int(lo), int(hi))
             for key in ("input_alphas", "target_alphas"):
                 a = tuple(float(x) for x in c[key])
@@ -148,15 +151,15 @@ class MaskingConfig:
 
     @property
     def max_input_tokens(self):
-        # + 1: an odd audio count is rounded up to a whole frame when rounding down would leave fewer than
-        # min_input_tokens inputs
-        widths = [max(c["input_budget"][1], self.min_input_tokens + 1)
-                  + sum(n for n, f in zip(LENGTHS, c["input_full"]) if f) for c in self.components()]
+        # + K - 1: a partial audio frame is rounded up to a whole frame when rounding down would leave fewer
+        # than min_input_tokens inputs
+        widths = [max(c["input_budget"][1], self.min_input_tokens + M.AUDIO_CODEBOOKS - 1)
+                  + sum(n for n, f in zip(_lengths(), c["input_full"]) if f) for c in self.components()]
         return min(max(widths), M.TOTAL_POSITIONS)
 
     @property
     def max_target_tokens(self):
-        widths = [c["target_budget"][1] + sum(n for n, f in zip(LENGTHS, c["target_full"]) if f)
+        widths = [c["target_budget"][1] + sum(n for n, f in zip(_lengths(), c["target_full"]) if f)
                   for c in self.components()]
         return max(1, min(max(widths), M.TOTAL_POSITIONS))
 
@@ -190,7 +193,7 @@ def _build_tables(cfg, device):
     t = lambda key, dtype: torch.tensor([c[key] for c in comps], dtype=dtype, device=device)
     w = torch.tensor([c["weight"] for c in comps], dtype=torch.float64)
     return dict(cum_weight=(w.cumsum(0) / w.sum()).float().to(device),
-                lengths=torch.tensor(LENGTHS, device=device),
+                lengths=torch.tensor(_lengths(), device=device),
                 non_audio=torch.tensor(NON_AUDIO, device=device),
                 is_caption=torch.arange(NUM_MOD, device=device) == CAPTION,
                 grid_block=torch.ones(BLOCK, dtype=torch.bool, device=device),
@@ -207,7 +210,7 @@ def _tables(cfg, device):
     # per-component parameters as device tensors, built once per (config, device): creating them on every
     # call would be a host-to-device copy, which synchronizes the CUDA stream
     # (never evicted: captured CUDA graphs read these tensors)
-    key = (repr(cfg), str(device))
+    key = (repr(cfg), str(device), M.AUDIO_LAYOUT)
     if key not in _TABLES:
         _TABLES[key] = _build_tables(cfg, device)
     return _TABLES[key]
@@ -288,8 +291,9 @@ def allocate(total, p, cap, min_total=None):
     lam = cap_i / p_i; lam lies below the first such breakpoint at which the capped sum reaches total, so
     comparing all breakpoints pairwise gives it in closed form. Then floor, and the tokens left over one each
     to the largest fractional parts (never above a cap: a capped share is an exact integer).
-    Audio is then made even (whole frames): the odd token moves to another modality with room, or else audio
-    rounds down (up if that would leave fewer than min_total; its cap is even, so there is room)."""
+    Audio is then made whole frames (a multiple of K): the r = count % K spare tokens move to another modality
+    with room for all r, or else audio rounds down (up if that would leave fewer than min_total; its cap is a
+    multiple of K, so there is room)."""
     capf = cap.double()
     use = p > 0
     fill_at = torch.where(use, capf / p.clamp_min(1e-300), 1e300)                                  # [B, 5]
@@ -304,17 +308,19 @@ def allocate(total, p, cap, min_total=None):
     fl = x.floor().long()
     frac = torch.where(use & (fl < cap), x - fl, -1.0)
     alloc = fl + ((_rank_desc(frac) < (goal - fl.sum(-1))[:, None]) & (frac >= 0)).long()
-    # audio parity
+    # audio in whole frames of K ids
+    K = M.AUDIO_CODEBOOKS
     audio = torch.arange(NUM_MOD, device=p.device) == AUDIO
-    odd = alloc[:, AUDIO] % 2 == 1
-    room = use & (alloc < cap) & ~audio
+    spare = alloc[:, AUDIO] % K                                                                      # [B]
+    odd = spare > 0
+    room = use & (cap - alloc >= spare[:, None]) & ~audio
     has_room = room.any(-1)
     j = torch.where(room, p, -1.0).argmax(-1, keepdim=True)
-    alloc = alloc - (odd[:, None] & audio).long()
-    alloc = alloc.scatter_add(-1, j, (odd & has_room).long()[:, None])
+    alloc = alloc - (spare[:, None] * audio).long()
+    alloc = alloc.scatter_add(-1, j, (spare * has_room)[:, None])
     if min_total is not None:
         up = odd & ~has_room & (alloc.sum(-1) < min_total)
-        alloc = alloc + 2 * (up[:, None] & audio).long()
+        alloc = alloc + K * (up[:, None] & audio).long()
     return alloc
 
 
@@ -335,9 +341,9 @@ def _draw_counts(comp, tab, which, cap, p, u, min_total):
 # audio spans
 
 def _spans(length, n, u, lo, hi):
-    """Contiguous spans along a frame axis of `length` [N] frames (<= FRAMES) covering exactly n [N] frames,
+    """Contiguous spans along a frame axis of `length` [N] frames (<= T) covering exactly n [N] frames,
     from uniforms u [N, 2 * H] (H >= every hi). lo, hi [N]: each row's inclusive range of span counts.
-    Returns a bool mask [N, FRAMES] (only the first `length` entries of a row can be True).
+    Returns a bool mask [N, T] (T = M.AUDIO_FRAMES; only the first `length` entries of a row can be True).
 
     Construction: per sample draw s spans (uniform in [lo, hi], at most n). Cut the n chosen frames into s
     span lengths and the length - n free frames into s + 1 gaps (before, between, after the spans), each a
@@ -358,10 +364,11 @@ def _spans(length, n, u, lo, hi):
     gcuts = (gap_u.sort(-1).values * free[:, None]).round().long()
     gaps = torch.diff(gcuts, dim=-1, prepend=zero, append=free[:, None])                     # [N, H + 1]
     starts = gaps[:, :H].cumsum(-1) + span_len.cumsum(-1) - span_len
-    edges = torch.zeros(N, FRAMES + 1, dtype=torch.long, device=device)
+    T = M.AUDIO_FRAMES
+    edges = torch.zeros(N, T + 1, dtype=torch.long, device=device)
     edges.scatter_add_(-1, torch.cat([starts, starts + span_len], -1),
                        torch.cat([torch.ones_like(starts), -torch.ones_like(starts)], -1))
-    return edges.cumsum(-1)[:, :FRAMES] > 0
+    return edges.cumsum(-1)[:, :T] > 0
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -409,7 +416,7 @@ _GRAPHS = {}
 def _graphed(cfg, B, device):
     """(static inputs, captured CUDA graph of _assemble, static outputs) for this config and batch size,
     captured on first use; None (and eager from then on) if capture fails on this setup."""
-    key = (repr(cfg), B, str(device))
+    key = (repr(cfg), B, str(device), M.AUDIO_LAYOUT)
     if key not in _GRAPHS:
         n_u, n_z = _num_draws(cfg)
         static_in = {m.name: torch.zeros(B, m.length, dtype=torch.long, device=device) for m in M.MODALITIES}
@@ -489,8 +496,9 @@ def _assemble(tokens, U, Z, cfg):
     # 4b. audio: input spans on the whole frame axis; target spans on the frames the inputs left, laid out
     # contiguously (a "compressed" axis) and mapped back, so a target span may straddle an input span.
     # Both are drawn in one call, stacked as [2 * B] rows.
-    f_in = n_in[:, AUDIO] // STRIDE
-    f_tgt = n_tgt[:, AUDIO] // STRIDE
+    FRAMES, K = M.AUDIO_FRAMES, M.AUDIO_CODEBOOKS
+    f_in = n_in[:, AUDIO] // K
+    f_tgt = n_tgt[:, AUDIO] // K
     spans = tab["audio_spans"][comp].repeat(2, 1)                                                    # [2B, 2]
     frames = _spans(torch.cat([torch.full_like(f_in, FRAMES), FRAMES - f_in]), torch.cat([f_in, f_tgt]),
                     u["spans"].view(B, 2, sp).transpose(0, 1).reshape(2 * B, sp),
@@ -498,10 +506,11 @@ def _assemble(tokens, U, Z, cfg):
     free = ~frames[0]
     slot = (free.long().cumsum(-1) - 1).clamp_min(0)             # index of each free frame on the compressed axis
     frames = torch.stack([frames[0], free & frames[1].gather(-1, slot)], 0)                        # [2, B, FRAMES]
-    audio_tok = frames[..., None].expand(2, B, FRAMES, STRIDE).reshape(2, B, FRAMES * STRIDE)
+    audio_tok = frames[..., None].expand(2, B, FRAMES, K).reshape(2, B, FRAMES * K)
 
     # 5. pack inputs and targets, modality order then position order (global position = concatenation index)
-    parts = [audio_tok if i == AUDIO else blk[:, :, NON_AUDIO.index(i), :LENGTHS[i]] for i in range(NUM_MOD)]
+    parts = [audio_tok if i == AUDIO else blk[:, :, NON_AUDIO.index(i), :m.length]
+             for i, m in enumerate(M.MODALITIES)]
     chosen = torch.cat(parts, -1)                                                                   # [2, B, TOTAL]
     width = max(cfg.max_input_tokens, cfg.max_target_tokens)
     dest = torch.where(chosen, chosen.long().cumsum(-1) - 1, width)              # unchosen go to a dump column

@@ -12,6 +12,11 @@ modality embedding tells overlapping ids apart. Every stream is stored as uint16
 Each model token carries a *global position*: the offset of its modality in the concatenation of all
 streams plus its index inside the stream. The modality and the (row, col) / (frame, codebook) / index
 layout are both derived from it, so a batch only needs (ids, positions).
+
+The audio stream's layout (K codebooks of V codes over T frames) comes from the audio tokenizer and is
+recorded in meta.json. It is module state, set once per process by load_meta (or set_audio_layout): the
+modality table, the global positions and the AUDIO_* names below follow it, so read them as
+`modalities.NAME` when you use them, never copy them at import. The default is the report's EnCodec layout.
 """
 import json
 import os
@@ -25,9 +30,6 @@ NUM_VIEWS = 10              # keyframes (and audio windows) per clip
 GRID = 14                   # 224 px / 16 px patches
 AUDIO_SR = 24000
 AUDIO_WINDOW = 81920        # samples in one 3.41 s window
-AUDIO_FRAMES = 256          # 75 Hz frames in a window
-AUDIO_CODEBOOKS = 2
-AUDIO_CODEBOOK_SIZE = 1024  # codebook k's ids are offset by k * 1024 in the stream
 CAPTION_LEN = 16            # caption ids, padded with CAPTION_PAD after an end-of-text id
 CAPTION_PAD = 50256         # GPT-2 <|endoftext|>: ends a caption and pads it
 
@@ -37,25 +39,65 @@ class Modality:
     name: str       # file stem in tok/<split>/ and key in meta.json
     length: int     # tokens per view (per clip for the caption)
     vocab: int      # ids lie in [0, vocab)
-    layout: str     # 'grid' (14x14), 'audio' (256 frames x 2 codebooks, interleaved), 'seq' (1-D)
+    layout: str     # 'grid' (14x14), 'audio' (T frames x K codebooks, interleaved), 'seq' (1-D)
     per_view: bool  # stored as [N, 10, L] (True) or [N, L] (False)
 
 
-MODALITIES = (
-    Modality("tok_rgb", GRID * GRID, 16384, "grid", True),
-    Modality("tok_depth", GRID * GRID, 8192, "grid", True),
-    Modality("tok_normal", GRID * GRID, 8192, "grid", True),
-    Modality("tok_audio", AUDIO_FRAMES * AUDIO_CODEBOOKS, 2048, "audio", True),
-    Modality("caption", CAPTION_LEN, VOCAB_SIZE, "seq", False),
-)
+@dataclass(frozen=True)
+class AudioLayout:
+    """Where the audio tokenizer's codes c[k, t] (K codebooks of V codes, T frames per window) lie in the
+    stream: seq[K*t + k] = c[k, t] + k * V. A frame (its K ids) is the unit of masking and sampling. K is
+    chosen per tokenizer so that K * T stays near 512 ids (the report's model and budgets stay comparable)."""
+    codebooks: int = 2          # K
+    codebook_size: int = 1024   # V: codebook k owns the ids [k * V, (k + 1) * V)
+    frames: int = 256           # T: frames in one AUDIO_WINDOW
+    frame_rate: float = 75.0    # frames per second
+    sample_rate: int = 24000    # the tokenizer's own audio rate (windows are always cut at AUDIO_SR)
+
+    @property
+    def length(self):
+        return self.codebooks * self.frames
+
+    @property
+    def vocab(self):
+        return self.codebooks * self.codebook_size
+
+
+ENCODEC_LAYOUT = AudioLayout()  # the report's: EnCodec 24 kHz at 1.5 kbps, 256 frames x 2 codebooks x 1024
+
+
+def set_audio_layout(layout=ENCODEC_LAYOUT):
+    """Make `layout` the audio layout of this process: rebuilds the modality table and global positions."""
+    global AUDIO_LAYOUT, AUDIO_FRAMES, AUDIO_CODEBOOKS, AUDIO_CODEBOOK_SIZE
+    global MODALITIES, BY_NAME, POS_OFFSETS, TOTAL_POSITIONS
+    if layout.vocab > VOCAB_SIZE or min(layout.codebooks, layout.codebook_size, layout.frames) < 1:
+        raise ValueError(f"audio layout {layout}: needs K, V, T >= 1 and K * V <= {VOCAB_SIZE}")
+    AUDIO_LAYOUT = layout
+    AUDIO_FRAMES, AUDIO_CODEBOOKS, AUDIO_CODEBOOK_SIZE = layout.frames, layout.codebooks, layout.codebook_size
+    MODALITIES = (
+        Modality("tok_rgb", GRID * GRID, 16384, "grid", True),
+        Modality("tok_depth", GRID * GRID, 8192, "grid", True),
+        Modality("tok_normal", GRID * GRID, 8192, "grid", True),
+        Modality("tok_audio", layout.length, layout.vocab, "audio", True),
+        Modality("caption", CAPTION_LEN, VOCAB_SIZE, "seq", False),
+    )
+    BY_NAME = {m.name: m for m in MODALITIES}
+    # global positions: modality i owns [POS_OFFSETS[i], POS_OFFSETS[i] + length)
+    POS_OFFSETS = tuple(int(x) for x in np.cumsum([0] + [m.length for m in MODALITIES])[:-1])
+    TOTAL_POSITIONS = sum(m.length for m in MODALITIES)
+
+
+def layout_from_meta(meta):
+    """The audio layout a tokenized dataset records (meta.json's tok_audio "layout"); EnCodec's when it
+    records none (datasets tokenized before the layout was recorded are all EnCodec-shaped)."""
+    info = meta.get("modalities", {}).get("tok_audio", {}).get("layout")
+    return ENCODEC_LAYOUT if info is None else AudioLayout(**info)
+
+
+set_audio_layout(ENCODEC_LAYOUT)
 MODALITY_NAMES = tuple(m.name for m in MODALITIES)
-BY_NAME = {m.name: m for m in MODALITIES}
 SHORT_NAMES = {"rgb": "tok_rgb", "depth": "tok_depth", "normal": "tok_normal", "audio": "tok_audio",
                "caption": "caption"}  # what a researcher types on the command line
-
-# global positions: modality i owns [POS_OFFSETS[i], POS_OFFSETS[i] + length)
-POS_OFFSETS = tuple(int(x) for x in np.cumsum([0] + [m.length for m in MODALITIES])[:-1])
-TOTAL_POSITIONS = sum(m.length for m in MODALITIES)
 
 
 def modality_index(name):
@@ -73,26 +115,40 @@ def position_modality(pos):
 
 
 # ---------------------------------------------------------------------------------------------------
-# audio stream layout: seq[2t + k] = c[k, t] + 1024 * k
+# audio stream layout: seq[K*t + k] = c[k, t] + k * V (AUDIO_LAYOUT)
 
-def interleave_audio(codes):
-    """codes [..., 2, 256] in [0, 1024) -> stream [..., 512] in [0, 2048)."""
+def interleave_audio(codes, layout=None):
+    """codes [..., K, T] in [0, V) -> stream [..., K * T] in [0, K * V) (layout: AUDIO_LAYOUT if None)."""
+    K, V, T = _kvt(layout)
     codes = np.asarray(codes) if not torch.is_tensor(codes) else codes
-    offset = (np.arange(AUDIO_CODEBOOKS) * AUDIO_CODEBOOK_SIZE)[:, None]
-    if torch.is_tensor(codes):
-        offset = torch.as_tensor(offset, device=codes.device, dtype=codes.dtype)
-    shifted = codes + offset
-    return shifted.swapaxes(-1, -2).reshape(*codes.shape[:-2], AUDIO_FRAMES * AUDIO_CODEBOOKS)
+    if tuple(codes.shape[-2:]) != (K, T):
+        raise ValueError(f"audio codes {tuple(codes.shape)}: expected [..., {K}, {T}] (audio layout K={K}, T={T})")
+    shifted = codes + _codebook_offsets(codes, K, V)
+    return shifted.swapaxes(-1, -2).reshape(*codes.shape[:-2], T * K)
 
 
-def deinterleave_audio(seq):
-    """stream [..., 512] -> codes [..., 2, 256], the exact inverse of interleave_audio."""
+def deinterleave_audio(seq, layout=None):
+    """stream [..., K * T] -> codes [..., K, T], the exact inverse of interleave_audio."""
+    K, V, T = _kvt(layout)
     seq = np.asarray(seq) if not torch.is_tensor(seq) else seq
-    frames = seq.reshape(*seq.shape[:-1], AUDIO_FRAMES, AUDIO_CODEBOOKS).swapaxes(-1, -2)
-    offset = (np.arange(AUDIO_CODEBOOKS) * AUDIO_CODEBOOK_SIZE)[:, None]
-    if torch.is_tensor(frames):
-        offset = torch.as_tensor(offset, device=frames.device, dtype=frames.dtype)
-    return frames - offset
+    frames = seq.reshape(*seq.shape[:-1], T, K).swapaxes(-1, -2)
+    return frames - _codebook_offsets(frames, K, V)
+
+
+def _kvt(layout):
+    layout = layout or AUDIO_LAYOUT
+    return layout.codebooks, layout.codebook_size, layout.frames
+
+
+def _codebook_offsets(like, K, V):
+    offset = (np.arange(K) * V)[:, None]
+    return torch.as_tensor(offset, device=like.device, dtype=like.dtype) if torch.is_tensor(like) else offset
+
+
+def audio_sample_of(index):
+    """Stream index -> the first AUDIO_SR sample of the frame that holds it (where a frame-aligned suffix
+    starts in the decoded window)."""
+    return int(round((index // AUDIO_CODEBOOKS) * AUDIO_SR / AUDIO_LAYOUT.frame_rate))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -182,11 +238,17 @@ def tok_dir(dataset, data_root="data"):
 
 
 def load_meta(tok_path):
+    """meta.json of a tokenized dataset; also makes its audio layout this process's (set_audio_layout)."""
     path = os.path.join(tok_path, "meta.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found: run tokenize_all.py for this dataset first")
     with open(path) as f:
-        return json.load(f)
+        meta = json.load(f)
+    try:
+        set_audio_layout(layout_from_meta(meta))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: bad tok_audio layout: {e}") from None
+    return meta
 
 
 class EmptySplitError(ValueError):

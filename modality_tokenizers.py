@@ -7,6 +7,8 @@ The tokenizers of the five modalities, each with the same small API:
 
 Real tokenizers (need downloads on first use):
     EncodecTokenizer   EnCodec 24 kHz at 1.5 kbps: 2 codebooks x 1024 at 75 Hz (the report's audio tokenizer)
+    SpeechTokenizerTokenizer  SpeechTokenizer 16 kHz: 3 of 8 levels x 1024 at 50 Hz, level 1 from HuBERT (extra)
+    MimiTokenizer      Mimi 24 kHz (transformers): 12 levels x 2048 at 12.5 Hz, level 1 from WavLM (extra)
     DivaeTokenizer     the 4M DiVAE image tokenizers (rgb 16k, depth 8k, normal 8k), optional `fourm` extra
 Offline tokenizers (fitted by tokenize_all.py on the training split, no downloads):
     MelRVQTokenizer    log-mel frames at 75 Hz -> 2-level residual k-means codebook, Griffin-Lim decoder
@@ -16,6 +18,7 @@ Offline tokenizers (fitted by tokenize_all.py on the training split, no download
 Fitted codebooks live in tok/codebooks/<modality>.pt; `load_tokenizer` rebuilds whichever tokenizer
 meta.json says produced a modality, so sampling and evaluation decode with the very same one.
 """
+import dataclasses
 import os
 
 import numpy as np
@@ -185,6 +188,7 @@ class MelRVQTokenizer:
     on the log-mel itself. shape_delta vs shape, a linear probe on token histograms over two codebook fits each:
     87.5% / 88.6% vs 88.1% / 85.5%, within the spread between fits, so shape stays the default."""
     kind = "mel_rvq"
+    layout = M.ENCODEC_LAYOUT
     LEVEL1_MODES = ("shape_delta", "shape", "spectrum")
     DELTA_LAG = 2       # frames (27 ms): one frame apart, consecutive 75 Hz frames overlap too much to differ
 
@@ -267,7 +271,7 @@ class MelRVQTokenizer:
         return self.codebooks[0][codes[:, 0]] + self.codebooks[1][codes[:, 1]]
 
     def encode(self, waves):
-        return M.interleave_audio(self.codes(waves))
+        return M.interleave_audio(self.codes(waves), self.layout)
 
     def id_features(self):
         """[2048, 80]: the log-mel codebook vector behind each audio id (model.py's code features)."""
@@ -275,7 +279,7 @@ class MelRVQTokenizer:
 
     @torch.no_grad()
     def decode(self, ids):
-        codes = M.deinterleave_audio(_as_tensor(ids, self.device, torch.long))
+        codes = M.deinterleave_audio(_as_tensor(ids, self.device, torch.long), self.layout)
         codes = codes.clamp(0, self.codebooks.shape[1] - 1)  # a sampled id past a small codebook: clamp
         wave = mel_to_wave(self.codes_to_features(codes), n_iter=self.griffin_lim_iters)
         return wave.clamp(-1, 1).cpu().numpy().astype(np.float32)
@@ -310,6 +314,7 @@ class EncodecTokenizer:
     The pretrained weights download on first use (torch hub cache); pass model= to use another one
     (the tests pass an untrained model of the same architecture)."""
     kind = "encodec"
+    layout = M.ENCODEC_LAYOUT
 
     def __init__(self, device="cpu", model=None, batch_size=16):
         from encodec import EncodecModel
@@ -340,7 +345,7 @@ class EncodecTokenizer:
         return torch.cat(out)
 
     def encode(self, waves):
-        return M.interleave_audio(self.codes(waves))
+        return M.interleave_audio(self.codes(waves), self.layout)
 
     def id_features(self):
         """[2048, 128]: the quantizer's codebook vector behind each audio id (model.py's code features)."""
@@ -349,7 +354,7 @@ class EncodecTokenizer:
 
     @torch.no_grad()
     def decode(self, ids):
-        codes = M.deinterleave_audio(_as_tensor(ids, self.device, torch.long)).clamp(0, 1023)
+        codes = M.deinterleave_audio(_as_tensor(ids, self.device, torch.long), self.layout).clamp(0, 1023)
         out = []
         for i in range(0, codes.shape[0], self.batch_size):
             w = self.model.decode([(codes[i:i + self.batch_size], None)])[:, 0]
@@ -358,6 +363,139 @@ class EncodecTokenizer:
                 w = F.pad(w, (0, M.AUDIO_WINDOW - w.shape[1]))
             out.append(w)
         return torch.cat(out).clamp(-1, 1).cpu().numpy().astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------------
+# audio, real and semantic: codecs whose first codebook is distilled from a self-supervised speech model
+
+class _PretrainedCodec:
+    """Shared by the pretrained codecs below: 24 kHz windows are resampled to the codec's rate, encoded to
+    K codebooks (the first K of its residual levels) and cut to the layout's T frames; decoding runs the
+    codec's decoder and resamples back to a 24 kHz window. A subclass sets `kind`, `levels` (K) and
+    `_encode(x) -> codes [b, >= K, frames]` / `_decode(codes [b, K, T]) -> wave [b, n]` at its own rate,
+    and passes the codec's codebook size, frame rate and sample rate to __init__."""
+    kind = levels = None
+
+    def __init__(self, model, device, batch_size, codebook_size, frame_rate, sample_rate, settings):
+        self.device = pick_device(device)
+        self.model = model.to(self.device).eval()
+        self.batch_size = batch_size
+        frames = int(M.AUDIO_WINDOW / M.AUDIO_SR * frame_rate)   # whole frames inside the window
+        self.layout = M.AudioLayout(codebooks=self.levels, codebook_size=int(codebook_size), frames=frames,
+                                    frame_rate=float(frame_rate), sample_rate=int(sample_rate))
+        self.settings = dict(settings, layout=dataclasses.asdict(self.layout))
+
+    def _resample(self, x, src, dst):
+        import torchaudio.functional as AF
+        return x if src == dst else AF.resample(x, src, dst)
+
+    @torch.no_grad()
+    def codes(self, waves):
+        """[B, 81920] at 24 kHz -> LongTensor codes [B, K, T] in [0, V)."""
+        x = _check_windows(waves, self.device)
+        K, T = self.levels, self.layout.frames
+        out = []
+        for i in range(0, x.shape[0], self.batch_size):
+            c = self._encode(self._resample(x[i:i + self.batch_size], M.AUDIO_SR, self.layout.sample_rate))
+            if c.shape[1] < K:
+                raise RuntimeError(f"{self.kind} returned {c.shape[1]} codebooks, the layout needs {K}")
+            c = c[:, :K, :T]
+            if c.shape[-1] < T:   # the encoder's padding gave a frame less: repeat the last, keep T exact
+                c = torch.cat([c, c[..., -1:].expand(-1, -1, T - c.shape[-1])], dim=-1)
+            out.append(c.long())
+        return torch.cat(out)
+
+    def encode(self, waves):
+        return M.interleave_audio(self.codes(waves), self.layout)
+
+    @torch.no_grad()
+    def decode(self, ids):
+        codes = M.deinterleave_audio(_as_tensor(ids, self.device, torch.long), self.layout)
+        codes = codes.clamp(0, self.layout.codebook_size - 1)
+        out = []
+        for i in range(0, codes.shape[0], self.batch_size):
+            w = self._resample(self._decode(codes[i:i + self.batch_size]).float(), self.layout.sample_rate,
+                               M.AUDIO_SR)[:, :M.AUDIO_WINDOW]
+            out.append(F.pad(w, (0, M.AUDIO_WINDOW - w.shape[1])))
+        return torch.cat(out).clamp(-1, 1).cpu().numpy().astype(np.float32)
+
+
+class SpeechTokenizerTokenizer(_PretrainedCodec):
+    """SpeechTokenizer (fnlp, `pip install speechtokenizer`): 16 kHz, 50 Hz, 8 residual levels of 1024 codes,
+    level 1 distilled from HuBERT (it carries the content, the later levels the timbre). The stream keeps
+    K = 3 levels: 170 frames x 3 = 510 ids, the report's ~512. The weights download on first use from the
+    Hugging Face hub (SPEECHTOKENIZER_REPO at SPEECHTOKENIZER_REVISION); pass model= to use another one (the
+    tests build the package's model from a small config with random weights)."""
+    kind = "speechtokenizer"
+    levels = 3
+
+    def __init__(self, device="cpu", model=None, batch_size=16):
+        settings = {"model": "custom" if model is not None else SPEECHTOKENIZER_REPO,
+                    "revision": None if model is not None else SPEECHTOKENIZER_REVISION}
+        model = self.load_pretrained() if model is None else model
+        rate = model.sample_rate
+        super().__init__(model, device, batch_size, model.quantizer.bins, rate / int(model.downsample_rate), rate,
+                         settings)
+
+    @staticmethod
+    def load_pretrained():
+        import json
+        try:
+            from huggingface_hub import hf_hub_download
+            from speechtokenizer import SpeechTokenizer
+        except ImportError as e:
+            raise ImportError(f"--audio_tokenizer=speechtokenizer needs the extras ({e.name} missing): "
+                              f"pip install -r requirements-extra.txt") from None
+        get = lambda f: hf_hub_download(SPEECHTOKENIZER_REPO, f"{SPEECHTOKENIZER_VARIANT}/{f}",
+                                        revision=SPEECHTOKENIZER_REVISION)
+        with open(get("config.json")) as f:
+            model = SpeechTokenizer(json.load(f))
+        # the package's own loader unpickles (it could run code); the checkpoint is a plain state dict
+        model.load_state_dict(torch.load(get("SpeechTokenizer.pt"), map_location="cpu", weights_only=True))
+        return model
+
+    def _encode(self, x):
+        return self.model.encode(x[:, None, :], n_q=self.levels).transpose(0, 1)   # [K, b, T] -> [b, K, T]
+
+    def _decode(self, codes):
+        return self.model.decode(codes.transpose(0, 1))[:, 0]
+
+
+class MimiTokenizer(_PretrainedCodec):
+    """Mimi (Kyutai, in transformers): 24 kHz, 12.5 Hz, residual levels of 2048 codes, level 1 distilled from
+    WavLM. The stream keeps K = 12 levels: 42 frames x 12 = 504 ids, the report's ~512. The weights download
+    on first use from the Hugging Face hub (MIMI_REPO at MIMI_REVISION); pass model= to use another one
+    (the tests build transformers' MimiModel from a small MimiConfig with random weights)."""
+    kind = "mimi"
+    levels = 12
+
+    def __init__(self, device="cpu", model=None, batch_size=16):
+        settings = {"model": "custom" if model is not None else MIMI_REPO,
+                    "revision": None if model is not None else MIMI_REVISION}
+        model = self.load_pretrained() if model is None else model
+        cfg = model.config
+        super().__init__(model, device, batch_size, cfg.codebook_size, cfg.frame_rate, cfg.sampling_rate, settings)
+
+    @staticmethod
+    def load_pretrained():
+        try:
+            from transformers import MimiModel
+        except ImportError as e:
+            raise ImportError(f"--audio_tokenizer=mimi needs transformers with Mimi ({e}): "
+                              f"pip install -r requirements-extra.txt") from None
+        return MimiModel.from_pretrained(MIMI_REPO, revision=MIMI_REVISION)
+
+    def _encode(self, x):
+        return self.model.encode(x[:, None, :], num_quantizers=self.levels).audio_codes
+
+    def _decode(self, codes):
+        return self.model.decode(codes).audio_values[:, 0]
+
+
+# where the pretrained semantic codecs' weights come from (set a commit hash as the revision to pin one)
+SPEECHTOKENIZER_REPO, SPEECHTOKENIZER_VARIANT, SPEECHTOKENIZER_REVISION = \
+    "fnlp/SpeechTokenizer", "speechtokenizer_hubert_avg", "main"
+MIMI_REPO, MIMI_REVISION = "kyutai/mimi", "main"
 
 
 def encodec_init_untrained(model, emb, kmeans_iters=None):
@@ -622,8 +760,8 @@ def _atomic_torch_save(obj, path):
 
 
 # every tokenizer kind that meta.json may name, by its "tokenizer" field
-TOKENIZER_KINDS = {c.kind: c for c in (MelRVQTokenizer, EncodecTokenizer, PatchKMeansTokenizer, DivaeTokenizer,
-                                       CaptionTokenizer)}
+TOKENIZER_KINDS = {c.kind: c for c in (MelRVQTokenizer, EncodecTokenizer, SpeechTokenizerTokenizer, MimiTokenizer,
+                                       PatchKMeansTokenizer, DivaeTokenizer, CaptionTokenizer)}
 
 
 def load_tokenizer(tok_path, meta, modality_name, device="cpu"):
@@ -642,6 +780,12 @@ def load_tokenizer(tok_path, meta, modality_name, device="cpu"):
         return PatchKMeansTokenizer.load(codebook, device)
     if kind == "encodec":
         return EncodecTokenizer(device)
+    if kind in ("speechtokenizer", "mimi"):
+        tok = TOKENIZER_KINDS[kind](device)
+        if info.get("layout") and M.AudioLayout(**info["layout"]) != tok.layout:
+            raise ValueError(f"{tok_path}/meta.json: {name} was tokenized with layout {info['layout']}, the "
+                             f"{kind} model loaded now has {tok.layout}")
+        return tok
     if kind == "divae":
         return DivaeTokenizer(name, device)
     if kind == "gpt2_bpe":

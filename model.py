@@ -25,8 +25,8 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from modalities import MODALITIES, MODALITY_NAMES, GRID, AUDIO_FRAMES, AUDIO_CODEBOOKS, TOTAL_POSITIONS, \
-    VOCAB_SIZE, POS_OFFSETS, position_modality
+import modalities as M
+from modalities import MODALITY_NAMES, GRID, VOCAB_SIZE, position_modality
 
 
 @dataclass
@@ -160,6 +160,9 @@ class Nano4M(nn.Module):
         super().__init__()
         self.config = config
         D = config.n_embd
+        # the modality table of the audio layout in force (modalities.load_meta sets it from the dataset)
+        self.modalities = MODALITIES = M.MODALITIES
+        TOTAL_POSITIONS, POS_OFFSETS = M.TOTAL_POSITIONS, M.POS_OFFSETS
         # modality m's ids read (and its logits come from) rows [row_offset[m], row_offset[m] + vocab_m)
         vocabs = [m.vocab for m in MODALITIES]
         if config.separate_vocab:
@@ -173,8 +176,8 @@ class Nano4M(nn.Module):
         # position parts; the three image grids share row/col (they are pixel-aligned views of one frame)
         self.pos_row = nn.Parameter(torch.zeros(GRID, D))
         self.pos_col = nn.Parameter(torch.zeros(GRID, D))
-        self.pos_frame = nn.Parameter(torch.zeros(AUDIO_FRAMES, D))        # stream index i -> frame i // 2
-        self.pos_codebook = nn.Parameter(torch.zeros(AUDIO_CODEBOOKS, D))  # ... and codebook i % 2
+        self.pos_frame = nn.Parameter(torch.zeros(M.AUDIO_FRAMES, D))        # stream index i -> frame i // K
+        self.pos_codebook = nn.Parameter(torch.zeros(M.AUDIO_CODEBOOKS, D))  # ... and codebook i % K
         seq_lengths = {m.length for m in MODALITIES if m.layout == "seq"}
         self.pos_seq = nn.Parameter(torch.zeros(max(seq_lengths), D))      # caption index
         self.mask_token = nn.Parameter(torch.zeros(D))                      # the decoder query content
@@ -281,7 +284,8 @@ class Nano4M(nn.Module):
         grid = (self.pos_row[:, None, :] + self.pos_col[None, :, :]).reshape(GRID * GRID, D)
         audio = (self.pos_frame[:, None, :] + self.pos_codebook[None, :, :]).reshape(-1, D)
         parts = {"grid": grid, "audio": audio}
-        return torch.cat([parts[m.layout] if m.layout in parts else self.pos_seq[:m.length] for m in MODALITIES])
+        return torch.cat([parts[m.layout] if m.layout in parts else self.pos_seq[:m.length]
+                          for m in self.modalities])
 
     def grid_features(self, content, enc_pos, enc_valid):
         """grid_conv: each valid image input's content embedding [B, Ni, D] scattered onto its modality's 14x14
@@ -356,20 +360,20 @@ class Nano4M(nn.Module):
         """h [..., D] decoder rows of modality index m -> float32 logits [..., vocab_m]."""
         start = self.row_offset[m]
         with torch.autocast(device_type=h.device.type, enabled=False):
-            return h.float() @ self.lm_head.weight[start:start + MODALITIES[m].vocab].float().t()
+            return h.float() @ self.lm_head.weight[start:start + self.modalities[m].vocab].float().t()
 
     def target_counts(self, dec_pos, dec_valid, dec_ids):
         """-> HostCounts: each modality's number of scored targets (and the rest's, last), copied to the
         host without waiting. train.py calls this when it makes a batch, long before the step's head needs
         the numbers, so the step never stalls the GPU queue to read them."""
         return HostCounts(torch.bincount(self.target_modality(dec_pos, dec_valid, dec_ids).reshape(-1),
-                                         minlength=len(MODALITIES) + 1))
+                                         minlength=len(self.modalities) + 1))
 
     def target_modality(self, dec_pos, dec_valid, dec_ids=None):
-        """Modality index of every target slot; len(MODALITIES) for the padding slots and for the queried
+        """Modality index of every target slot; len(MODALITY_NAMES) for the padding slots and for the queried
         but unscored ones (dec_ids == IGNORE_ID, the caption's trailing padding)."""
         scored = dec_valid if dec_ids is None else dec_valid & (dec_ids >= 0)
-        return torch.where(scored, self.pos_modality[dec_pos], len(MODALITIES))
+        return torch.where(scored, self.pos_modality[dec_pos], len(self.modalities))
 
     def per_modality_loss(self, h, dec_pos, dec_ids, dec_valid, dec_counts=None):
         """-> (loss, {name: (sum_ce, count)}). Sorts the valid target rows by modality so each modality's
@@ -380,10 +384,10 @@ class Nano4M(nn.Module):
         ids = dec_ids.reshape(-1)
         mod = self.target_modality(dec_pos, dec_valid, dec_ids).reshape(-1)
         order = torch.argsort(mod, stable=True)
-        counts_t = torch.bincount(mod, minlength=len(MODALITIES) + 1)
+        counts_t = torch.bincount(mod, minlength=len(self.modalities) + 1)
         counts = dec_counts.tolist() if dec_counts is not None else counts_t.tolist()
-        rows = [(start, m.vocab) for start, m in zip(self.row_offset, MODALITIES)]
-        sums = PerModalityCE.apply(h[order], self.lm_head.weight, ids[order], counts[:len(MODALITIES)], rows)
+        rows = [(start, m.vocab) for start, m in zip(self.row_offset, self.modalities)]
+        sums = PerModalityCE.apply(h[order], self.lm_head.weight, ids[order], counts[:len(self.modalities)], rows)
         per_modality, means = {}, []
         for m, name in enumerate(MODALITY_NAMES):
             per_modality[name] = (sums[m].detach(), counts_t[m].float())
@@ -445,7 +449,7 @@ class Nano4M(nn.Module):
         D, Le, Ld = self.config.n_embd, self.config.n_enc_layer, self.config.n_dec_layer
         enc = n_in * Le * (12 * D * D + 4 * n_in * D)
         dec = Ld * (n_out * (14 * D * D + 4 * n_out * D + 4 * n_in * D) + n_in * 2 * D * D)
-        mean_vocab = sum(m.vocab for m in MODALITIES) / len(MODALITIES)
+        mean_vocab = sum(m.vocab for m in self.modalities) / len(self.modalities)
         head = n_out * D * mean_vocab
         # grid_conv: two 3x3 convolutions over every cell of each image grid, whatever the inputs
         stem = len(self.grid_conv) * GRID * GRID * 2 * 9 * D * D
@@ -535,6 +539,8 @@ def load_checkpoint(path, device="cpu"):
     for key in ("model", "model_args"):
         if key not in checkpoint:
             raise ValueError(f"{path}: not a nano4M checkpoint (no {key!r} entry)")
+    # the audio layout it was trained on (train.py records it; older checkpoints are all EnCodec-shaped)
+    M.set_audio_layout(M.AudioLayout(**checkpoint.get("audio_layout", {})))
     model = Nano4M(Nano4MConfig(**checkpoint["model_args"]))
     state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in checkpoint["model"].items()}
     model.load_state_dict(state)

@@ -30,8 +30,8 @@ import time
 import numpy as np
 import torch
 
-from modalities import (MODALITIES, MODALITY_NAMES, BY_NAME, SHORT_NAMES, POS_OFFSETS, CAPTION_PAD,
-                        AUDIO_FRAMES, AUDIO_CODEBOOKS, modality_index, caption_valid)
+import modalities as M   # the audio layout's names (M.BY_NAME, M.POS_OFFSETS, M.AUDIO_*) are read at call time
+from modalities import MODALITY_NAMES, SHORT_NAMES, CAPTION_PAD, modality_index, caption_valid
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -131,7 +131,7 @@ def generate(model, tokens, known, target, steps=16, schedule="maskgit", tempera
         raise ValueError(f"steps must be >= 1, got {steps}")
     target = full_name(target)
     t_idx = modality_index(target)
-    t_mod = BY_NAME[target]
+    t_mod = M.BY_NAME[target]
     device = next(model.parameters()).device
     tokens = {full_name(k): v.to(device) for k, v in tokens.items()}
     known = {full_name(k): v.to(device) for k, v in known.items()}
@@ -140,10 +140,10 @@ def generate(model, tokens, known, target, steps=16, schedule="maskgit", tempera
     B = next(iter(tokens.values())).size(0)
 
     # the flat layout: every modality present, in the table's order, the target included
-    names = [m.name for m in MODALITIES if m.name in tokens or m.name == target]
+    names = [m.name for m in M.MODALITIES if m.name in tokens or m.name == target]
     ids_parts, pos_parts, given_parts = [], [], []
     for name in names:
-        L = BY_NAME[name].length
+        L = M.BY_NAME[name].length
         ids = tokens.get(name, torch.zeros(B, L, dtype=torch.long, device=device)).long()
         if ids.shape != (B, L):
             raise ValueError(f"tokens[{name!r}] has shape {tuple(ids.shape)}, expected ({B}, {L})")
@@ -155,14 +155,14 @@ def generate(model, tokens, known, target, steps=16, schedule="maskgit", tempera
             g = torch.full((B, L), name != target, dtype=torch.bool, device=device)
         if name == "caption":
             g = g & caption_valid(ids)
-        bad = g & ((ids < 0) | (ids >= BY_NAME[name].vocab))
+        bad = g & ((ids < 0) | (ids >= M.BY_NAME[name].vocab))
         if bad.any():
-            raise ValueError(f"tokens[{name!r}] holds ids outside [0, {BY_NAME[name].vocab})")
+            raise ValueError(f"tokens[{name!r}] holds ids outside [0, {M.BY_NAME[name].vocab})")
         ids_parts.append(ids)
-        pos_parts.append(POS_OFFSETS[modality_index(name)] + torch.arange(L, device=device).expand(B, L))
+        pos_parts.append(M.POS_OFFSETS[modality_index(name)] + torch.arange(L, device=device).expand(B, L))
         given_parts.append(g)
     t_slot = names.index(target)
-    t_start = sum(BY_NAME[n].length for n in names[:t_slot])
+    t_start = sum(M.BY_NAME[n].length for n in names[:t_slot])
     t_len = t_mod.length
     flat_ids = torch.cat(ids_parts, dim=1)
     flat_pos = torch.cat(pos_parts, dim=1)
@@ -171,17 +171,17 @@ def generate(model, tokens, known, target, steps=16, schedule="maskgit", tempera
     in_target[:, t_start:t_start + t_len] = True
 
     # the null input of the unconditional pass (see the docstring)
-    null_index = 0 if target != "caption" else BY_NAME["caption"].length - 1
+    null_index = 0 if target != "caption" else M.BY_NAME["caption"].length - 1
     null_id = torch.full((B, 1), CAPTION_PAD, dtype=torch.long, device=device)
-    null_pos = torch.full((B, 1), POS_OFFSETS[modality_index("caption")] + null_index, dtype=torch.long,
+    null_pos = torch.full((B, 1), M.POS_OFFSETS[modality_index("caption")] + null_index, dtype=torch.long,
                           device=device)
 
     out = flat_ids[:, t_start:t_start + t_len].clone()
     out = torch.where(flat_given[:, t_start:t_start + t_len], out, torch.zeros_like(out))
     masked = ~flat_given[:, t_start:t_start + t_len]           # target positions still to decode
     t_pos = flat_pos[:, t_start:t_start + t_len]
-    # the commit unit: an audio frame (its codebook pair, as training masks it) or one token
-    group = AUDIO_CODEBOOKS if target == "tok_audio" else 1
+    # the commit unit: an audio frame (its K codebook ids, as training masks it) or one token
+    group = M.AUDIO_CODEBOOKS if target == "tok_audio" else 1
     units = lambda x: x.view(B, t_len // group, group)
     n_unknown = units(masked).any(-1).sum(dim=1)               # units with something to decode
 
@@ -266,9 +266,9 @@ def generate(model, tokens, known, target, steps=16, schedule="maskgit", tempera
 
 
 def continuation_prefix(frac=0.8):
-    """Audio tokens given in continuation mode: the first `frac` of the 256 frames, rounded to whole frames
-    (0.8 -> 205 frames = 410 tokens), so a frame's two codebook tokens are never split."""
-    return int(round(frac * AUDIO_FRAMES)) * AUDIO_CODEBOOKS
+    """Audio tokens given in continuation mode: the first `frac` of the T frames, rounded to whole frames
+    (EnCodec: 0.8 -> 205 of 256 frames = 410 tokens), so a frame's K codebook tokens are never split."""
+    return int(round(frac * M.AUDIO_FRAMES)) * M.AUDIO_CODEBOOKS
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -428,7 +428,6 @@ def choose_clips(labels, num_classes, num_clips, per_class, seed):
 def main(argv=None):
     import configurator
     from tqdm import tqdm
-    import modalities as M
     from model import load_checkpoint
     from modality_tokenizers import load_tokenizer, pick_device
     from rawdata import raw_dir, read_manifest, read_png

@@ -1,14 +1,15 @@
 """
 Raw clips -> tokenized dataset.
 
-    python tokenize_all.py --dataset=toyzoo [--audio_tokenizer=mel_rvq|encodec]
+    python tokenize_all.py --dataset=toyzoo [--audio_tokenizer=mel_rvq|encodec|speechtokenizer|mimi]
                            [--image_tokenizer=patch_kmeans|divae] [--batch_size=8] [--device=auto]
 
 Reads data/<dataset>/raw/manifest.jsonl (rawdata.py's layout) and writes data/<dataset>/tok/:
     <split>/tok_rgb.bin ... tok_audio.bin   uint16 [N, 10, L]     caption.bin uint16 [N, 16]
     <split>/label.bin uint16 [N]            <split>/clip_ids.json
     codebooks/<modality>.pt                 the fitted offline codebooks
-    meta.json                               written last: its presence means the dataset is complete
+    meta.json                               written last: its presence means the dataset is complete; it
+                                            records the audio layout (K codebooks x T frames) of the tokenizer
 
 View v of a clip is keyframe v, its depth and normal maps, and the 3.41 s audio window centred on the
 keyframe's time (clamped to the clip). The offline codebooks are fitted on the train split first and reused
@@ -18,6 +19,7 @@ The same command gives the same files on the same kind of device; a codebook fit
 one fitted on the CPU (float summation order), so keep one dataset's tokens from one run.
 """
 import argparse
+import dataclasses
 import hashlib
 import json
 import os
@@ -51,7 +53,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="toyzoo")
     p.add_argument("--data_root", default="data")
-    p.add_argument("--audio_tokenizer", default="mel_rvq", choices=["mel_rvq", "encodec"])
+    p.add_argument("--audio_tokenizer", default="mel_rvq", choices=["mel_rvq", "encodec", "speechtokenizer", "mimi"],
+                   help="mel_rvq: fitted offline (acoustic); encodec: the report's (acoustic); speechtokenizer / "
+                        "mimi: pretrained semantic codecs, level 1 distilled from HuBERT / WavLM (extras)")
     p.add_argument("--image_tokenizer", default="patch_kmeans", choices=["patch_kmeans", "divae"])
     p.add_argument("--batch_size", type=int, default=8, help="clips per batch (x10 views)")
     p.add_argument("--device", default="auto")
@@ -258,8 +262,8 @@ def fit_codebooks(args, rows, raw, tok_path, device):
 
 def make_tokenizers(args, rows, raw, tok_path, device):
     toks = fit_codebooks(args, rows, raw, tok_path, device)
-    if args.audio_tokenizer == "encodec":
-        toks["tok_audio"] = T.EncodecTokenizer(device)
+    if args.audio_tokenizer in ("encodec", "speechtokenizer", "mimi"):
+        toks["tok_audio"] = T.TOKENIZER_KINDS[args.audio_tokenizer](device)
     if args.image_tokenizer == "divae":
         for m in IMAGE_MODALITIES:
             toks[m] = T.DivaeTokenizer(m, device)
@@ -371,6 +375,7 @@ def main(argv=None):
     meta_path = os.path.join(tok_path, "meta.json")
 
     toks = make_tokenizers(args, rows, raw, tok_path, device)
+    M.set_audio_layout(toks["tok_audio"].layout)   # the stream's shape: K codebooks x T frames of this tokenizer
     signature = run_signature(args, toks)
     if os.path.exists(meta_path):
         with open(meta_path) as f:
@@ -396,6 +401,8 @@ def main(argv=None):
             info["codebook_size"] = toks[m.name].settings["codes"]
         if m.name == "caption":
             info["pad_id"] = M.CAPTION_PAD
+        if m.name == "tok_audio":   # seq[K*t + k] = c[k, t] + k * V; modalities.load_meta reads it back
+            info["layout"] = dataclasses.asdict(M.AUDIO_LAYOUT)
         meta["modalities"][m.name] = info
     write_json_atomic(meta_path, meta)
     print(f"wrote {tok_path} ({', '.join(f'{k}: {v}' for k, v in splits.items())} clips) "

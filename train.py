@@ -20,7 +20,7 @@ import os
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import fields
+from dataclasses import asdict, fields
 
 import numpy as np
 import torch
@@ -364,7 +364,8 @@ def rng_states(data_state):
 
 def save_checkpoint(rng):
     ckpt = {'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(), 'model_args': model_args,
-            'iter_num': iter_num, 'best_val_loss': best_val_loss, 'config': config, 'rng': rng}
+            'iter_num': iter_num, 'best_val_loss': best_val_loss, 'config': config, 'rng': rng,
+            'audio_layout': asdict(modalities.AUDIO_LAYOUT)}   # the dataset's (load_meta set it); model.load_checkpoint
     tmp = ckpt_path + '.tmp'
     torch.save(ckpt, tmp)
     os.replace(tmp, ckpt_path)   # never a half-written ckpt.pt

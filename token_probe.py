@@ -1,0 +1,63 @@
+"""
+How much class a tokenized dataset's audio ids keep, before any transformer: a linear probe (multinomial
+logistic regression on each window's audio token histogram, evaluate.py's token judge) fit on the train split
+(one seeded view per clip, as evaluate.py's class probe fits it) and scored on every view of a held-out split.
+One line per dataset beside chance, so audio tokenizers of the same clips compare directly:
+
+    python token_probe.py --datasets=animals_encodec,animals_speechtokenizer,animals_mimi
+    python token_probe.py --datasets=toyzoo --split=val
+"""
+import argparse
+import sys
+
+import numpy as np
+
+import modalities as M
+from evaluate import clip_order, fit_token_judge, seeded_views, wilson_ci
+
+
+def probe(dataset, data_root="data", split="test", seed=1337):
+    """-> dict: the probe's top-1 on every view of `split`, its 95% CI, chance and what the tokens are."""
+    tok_path = M.tok_dir(dataset, data_root)
+    meta = M.load_meta(tok_path)                      # (also sets the dataset's audio layout)
+    for s in ("train", split):
+        if not meta["splits"].get(s):
+            raise ValueError(f"{tok_path}/meta.json: split {s!r} is empty or missing (has {meta['splits']})")
+    train, held = M.open_split(tok_path, "train", meta), M.open_split(tok_path, split, meta)
+    vocab, C = M.BY_NAME["tok_audio"].vocab, len(meta["class_names"])
+    clips = np.asarray(clip_order(train))
+    views = seeded_views(len(train["label"]), 3, seed)[clips]
+    judge = fit_token_judge(np.asarray(train["tok_audio"][clips, views]), np.asarray(train["label"])[clips], C, vocab)
+    y = np.asarray(held["label"]).astype(np.int64)
+    hits = sum(int((judge(np.asarray(held["tok_audio"][:, v])) == y).sum()) for v in range(M.NUM_VIEWS))
+    n = len(y) * M.NUM_VIEWS
+    lo, hi = wilson_ci(hits, n)
+    return {"dataset": dataset, "tokenizer": meta["modalities"]["tok_audio"]["tokenizer"],
+            "layout": f"K={M.AUDIO_CODEBOOKS} x T={M.AUDIO_FRAMES}, V={M.AUDIO_CODEBOOK_SIZE}",
+            "top1": hits / n, "ci": (lo, hi), "n_windows": n, "chance": 1 / C, "train_clips": len(clips)}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--datasets", required=True, help="comma-separated tokenized datasets under data_root")
+    p.add_argument("--data_root", default="data")
+    p.add_argument("--split", default="test")
+    p.add_argument("--seed", type=int, default=1337)
+    args = p.parse_args(argv)
+    rows = [probe(d, args.data_root, args.split, args.seed) for d in args.datasets.split(",") if d]
+    print(f"linear probe on audio token histograms: fit on train (one view per clip), top-1 on every "
+          f"{args.split} view")
+    print(f"{'dataset':<28} {'tokenizer':<16} {'layout':<26} {'top-1':>7} {'95% CI':>16} {'chance':>7} {'x chance':>8}")
+    for r in rows:
+        print(f"{r['dataset']:<28} {r['tokenizer']:<16} {r['layout']:<26} {100 * r['top1']:6.1f}% "
+              f"[{100 * r['ci'][0]:5.1f}, {100 * r['ci'][1]:5.1f}]% {100 * r['chance']:6.1f}% "
+              f"{r['top1'] / r['chance']:7.2f}x")
+    return rows
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:
+        print(f"token_probe.py: error: {e}", file=sys.stderr)
+        sys.exit(1)
