@@ -287,8 +287,8 @@ class MelRVQTokenizer:
         _atomic_torch_save(d, path)
 
     @classmethod
-    def load(cls, path, device="cpu"):
-        d = torch.load(path, map_location="cpu", weights_only=False)
+    def load(cls, path, device="cpu", trust=False):
+        d = M.load_torch_file(path, trust=trust)
         return cls(d["codebooks"], d["settings"], device, level1_keys=d.get("level1_keys"))
 
 
@@ -522,8 +522,8 @@ class PatchKMeansTokenizer:
                             "shapes": self.shapes.cpu(), "settings": self.settings}, path)
 
     @classmethod
-    def load(cls, path, device="cpu"):
-        d = torch.load(path, map_location="cpu", weights_only=False)
+    def load(cls, path, device="cpu", trust=False):
+        d = M.load_torch_file(path, trust=trust)
         return cls(d["modality"], d["means"], d["shapes"], d["settings"], device)
 
 
@@ -626,8 +626,9 @@ TOKENIZER_KINDS = {c.kind: c for c in (MelRVQTokenizer, EncodecTokenizer, PatchK
                                        CaptionTokenizer)}
 
 
-def load_tokenizer(tok_path, meta, modality_name, device="cpu"):
-    """The tokenizer that produced `modality_name` in this tokenized dataset (from its meta.json)."""
+def load_tokenizer(tok_path, meta, modality_name, device="cpu", trust=False):
+    """The tokenizer that produced `modality_name` in this tokenized dataset (from its meta.json). A fitted
+    codebook loads with weights_only=True; trust=True (--trust_checkpoint=True) also takes an older pickled one."""
     name = M.SHORT_NAMES.get(modality_name, modality_name)
     if name not in meta["modalities"]:
         raise ValueError(f"{tok_path}/meta.json has no modality {name!r}")
@@ -637,9 +638,9 @@ def load_tokenizer(tok_path, meta, modality_name, device="cpu"):
     if codebook is not None and not os.path.exists(codebook):
         raise FileNotFoundError(f"{codebook}: codebook of {name} missing (rerun tokenize_all.py)")
     if kind == "mel_rvq":
-        return MelRVQTokenizer.load(codebook, device)
+        return MelRVQTokenizer.load(codebook, device, trust)
     if kind == "patch_kmeans":
-        return PatchKMeansTokenizer.load(codebook, device)
+        return PatchKMeansTokenizer.load(codebook, device, trust)
     if kind == "encodec":
         return EncodecTokenizer(device)
     if kind == "divae":
@@ -649,7 +650,7 @@ def load_tokenizer(tok_path, meta, modality_name, device="cpu"):
     raise ValueError(f"{tok_path}/meta.json: unknown tokenizer {kind!r} for {name}")
 
 
-def code_features(tok_path, meta, device="cpu", names=None):
+def code_features(tok_path, meta, device="cpu", names=None, trust=False):
     """{modality name: [ids, F] float tensor or None}: what each id of each modality (or of those in names)
     stands for, from the tokenizers recorded in meta.json (train.py --code_features). None where the tokenizer
     offers no vector per id: the BPE caption, and the DiVAE image tokenizers (their quantizer is not read here
@@ -662,5 +663,5 @@ def code_features(tok_path, meta, device="cpu", names=None):
         if known is not None and not hasattr(known, "id_features"):
             out[name] = None            # no vectors: do not load it (DiVAE would download its weights for nothing)
             continue
-        out[name] = load_tokenizer(tok_path, meta, name, device).id_features()   # an unknown kind raises there
+        out[name] = load_tokenizer(tok_path, meta, name, device, trust).id_features()   # an unknown kind raises there
     return out
