@@ -305,6 +305,13 @@ def audio_id_features(codebooks):
 # ---------------------------------------------------------------------------------------------------
 # audio, real: EnCodec 24 kHz, 1.5 kbps
 
+def load_encodec_model():
+    """The released EnCodec 24 kHz weights (the encodec package downloads them to the torch hub cache and checks
+    them against the sha256 prefix in its own file name)."""
+    from encodec import EncodecModel
+    return EncodecModel.encodec_model_24khz(pretrained=True)
+
+
 class EncodecTokenizer:
     """EnCodec 24 kHz at 1.5 kbps: a window of 81,920 samples -> codes [2, 256] in [0, 1024) -> 512 ids.
     The pretrained weights download on first use (torch hub cache); pass model= to use another one
@@ -312,10 +319,9 @@ class EncodecTokenizer:
     kind = "encodec"
 
     def __init__(self, device="cpu", model=None, batch_size=16):
-        from encodec import EncodecModel
         self.device = pick_device(device)
         if model is None:
-            model = EncodecModel.encodec_model_24khz(pretrained=True)
+            model = load_encodec_model()
         model.set_target_bandwidth(1.5)
         self.model = model.to(self.device).eval()
         self.batch_size = batch_size
@@ -533,6 +539,21 @@ class PatchKMeansTokenizer:
 DIVAE_IDS = {"tok_rgb": "EPFL-VILAB/4M_tokenizers_rgb_16k_224-448",
              "tok_depth": "EPFL-VILAB/4M_tokenizers_depth_8k_224-448",
              "tok_normal": "EPFL-VILAB/4M_tokenizers_normal_8k_224-448"}
+# the Hugging Face revision each tokenizer loads: None = the repo's default branch as of the first download.
+# Set a commit hash here to pin it (none could be looked up where this was written; see README, "Downloads")
+DIVAE_REVISIONS = {m: None for m in DIVAE_IDS}
+
+
+def load_divae_model(modality):
+    """4M's released DiVAE for one image modality, through fourm's Hugging Face loader (safetensors weights,
+    no pickle)."""
+    try:
+        from fourm.vq.vqvae import DiVAE
+    except ImportError as e:
+        raise ImportError("the DiVAE image tokenizers need apple/ml-4m's `fourm` package: "
+                          "pip install -r requirements-extra.txt (or use "
+                          "--image_tokenizer=patch_kmeans, which needs no download)") from e
+    return DiVAE.from_pretrained(DIVAE_IDS[modality], revision=DIVAE_REVISIONS[modality])
 
 
 class DivaeTokenizer:
@@ -548,13 +569,7 @@ class DivaeTokenizer:
         self.timesteps = timesteps
         self.settings = {"hub_id": DIVAE_IDS[self.modality], "timesteps": timesteps}
         if model is None:
-            try:
-                from fourm.vq.vqvae import DiVAE
-            except ImportError as e:
-                raise ImportError("the DiVAE image tokenizers need apple/ml-4m's `fourm` package: "
-                                  "pip install -r requirements-extra.txt (or use "
-                                  "--image_tokenizer=patch_kmeans, which needs no download)") from e
-            model = DiVAE.from_pretrained(DIVAE_IDS[self.modality])
+            model = load_divae_model(self.modality)
         self.model = model.to(self.device).eval()
 
     def _prepare(self, images):
@@ -566,11 +581,12 @@ class DivaeTokenizer:
             trunc = flat[:, int(0.1 * n):int(0.9 * n)]
             return (x - trunc.mean(1)[:, None, None, None]) / (trunc.var(1)[:, None, None, None] + 1e-6).sqrt()
         x = x.permute(0, 3, 1, 2) / 255.0
-        if self.modality == "tok_normal":
-            return (x - 0.5) / 0.5
-        mean = torch.tensor(IMAGENET_MEAN, device=self.device)[None, :, None, None]
-        std = torch.tensor(IMAGENET_STD, device=self.device)[None, :, None, None]
-        return (x - mean) / std
+        if self.modality == "tok_rgb" and getattr(self.model, "undo_std", False):
+            # this tokenizer takes ImageNet-standardised input and maps it back to [-1, 1] itself
+            mean = torch.tensor(IMAGENET_MEAN, device=self.device)[None, :, None, None]
+            std = torch.tensor(IMAGENET_STD, device=self.device)[None, :, None, None]
+            return (x - mean) / std
+        return (x - 0.5) / 0.5          # rgb and normals in [-1, 1], as ml-4m's tokenizer configs train them
 
     @torch.no_grad()
     def encode(self, images):
@@ -585,12 +601,7 @@ class DivaeTokenizer:
             # standardised depth: shown with a fixed spread (the per-image scale is not in the tokens)
             d = (x[:, 0] * 0.15 + 0.5).clamp(0, 1) * 65535
             return d.round().cpu().numpy().astype(np.uint16)
-        if self.modality == "tok_rgb":
-            mean = torch.tensor(IMAGENET_MEAN, device=x.device)[None, :, None, None]
-            std = torch.tensor(IMAGENET_STD, device=x.device)[None, :, None, None]
-            x = x * std + mean
-        else:
-            x = (x + 1) / 2
+        x = (x + 1) / 2                 # the diffusion decoder outputs [-1, 1] (ml-4m's decode_tok_rgb / _normal)
         return (x.permute(0, 2, 3, 1).clamp(0, 1) * 255).round().cpu().numpy().astype(np.uint8)
 
 
