@@ -102,7 +102,10 @@ def test_divae_contract(divae_models, modality):
         assert out.shape == (1, 224, 224) and out.dtype == np.uint16
     else:
         assert out.shape == (1, 224, 224, 3) and out.dtype == np.uint8
-    assert out.std() > 0
+    # the untrained UNet's output layer starts at zero, so the diffusion decodes to the middle of the value range:
+    # which pins down the output convention ([-1, 1] -> 0..255, standardised depth -> 0.5 of the uint16 range)
+    mid = 32768 if modality == "tok_depth" else 128
+    assert abs(float(np.median(out)) - mid) <= 1
 
 
 def test_divae_rgb_input_scale_follows_the_model(divae_models):
