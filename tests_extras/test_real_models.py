@@ -332,3 +332,28 @@ def test_structure_pseudo_labels_end_to_end(dsine_stand_in, tmp_path):
         v = n.astype(np.float64) / 255 * 2 - 1
         assert np.allclose(np.linalg.norm(v, axis=-1), 1.0, atol=0.03)
     assert "depth_anything_v2" in json.loads(open(os.path.join(raw, "downloads.json")).read())
+
+
+def test_clip_weights_checked_before_open_clip_reads_them(tmp_path, monkeypatch):
+    """load_clip's real route (pretrained='openai'): open_clip's own downloader gives the cache file (here a
+    random ViT-B-32 state dict standing in for it), its sha256 is recorded, the model is built from that file;
+    a different file in its place is refused."""
+    import open_clip
+    torch.manual_seed(0)
+    path = tmp_path / "open_clip_model.pt"
+    torch.save(open_clip.create_model("ViT-B-32", pretrained=None, force_quick_gelu=True).state_dict(), path)
+    fake = lambda cfg, *a, **k: str(path)  # noqa: E731
+    monkeypatch.setattr(open_clip.pretrained, "download_pretrained", fake)
+    monkeypatch.setattr(open_clip.factory, "download_pretrained", fake)
+    raw = str(tmp_path / "raw")
+    model, preprocess, tokenizer = pd.load_clip("cpu", raw=raw)
+    saved = torch.load(path, weights_only=True)
+    assert torch.equal(model.visual.conv1.weight, saved["visual.conv1.weight"])
+    rec = json.loads(open(os.path.join(raw, "downloads.json")).read())
+    assert rec["clip_ViT-B-32_openai"]["sha256"] == pd.sha256_file(path)
+    score, best = pd.clip_score([image_batch("tok_rgb", 1)[0]] * 2, "dog", (model, preprocess, tokenizer))
+    assert -1.0 <= score <= 1.0 and best in (0, 1)
+    saved["visual.conv1.weight"] += 1.0
+    torch.save(saved, path)
+    with pytest.raises(RuntimeError, match="sha256"):
+        pd.load_clip("cpu", raw=raw)
