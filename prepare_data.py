@@ -798,9 +798,10 @@ def structure_available():
     try:
         import transformers  # noqa: F401
         import geffnet  # noqa: F401  (DSINE's backbone, pulled by its torch.hub entry)
-        return True
+        import torch
     except ImportError:
         return False
+    return torch.cuda.is_available()      # DSINE's hub entry runs on CUDA only
 
 
 def load_depth_model(device, raw=None, model=DEPTH_MODEL, revision=DEPTH_REVISION):
@@ -827,6 +828,9 @@ def load_normal_model(device, raw=None, hub=NORMAL_HUB, source="github", weights
     and the hub code's hubconf.py is sha256-checked too (raw/downloads.json)."""
     import torch
     repo, entry = hub
+    if source == "github" and not torch.cuda.is_available():   # before a 300 MB download that could not be used
+        raise RuntimeError("DSINE's torch.hub entry places its model on CUDA: normal pseudo-labels need a GPU "
+                           "(or --pseudo_labels=flat for flagged placeholders)")
     fetch_verified("dsine", weights_url, weights, raw, PINNED_SHA256["dsine"])
     try:
         normal = torch.hub.load(repo, entry, local_file_path=weights, source=source, trust_repo=True)
@@ -891,7 +895,8 @@ def write_structure(raw, rows, mode, device="cpu", batch_size=16):
     if mode == "auto":
         mode = "dav2_dsine" if structure_available() else "flat"
         if mode == "flat":
-            print("WARNING: Depth-Anything-V2 / DSINE are not installed (pip install -r requirements-extra.txt)."
+            print("WARNING: Depth-Anything-V2 / DSINE are not installed (pip install -r requirements-extra.txt), or "
+                  "there is no GPU (DSINE's hub entry needs CUDA)."
                   "\nWARNING: writing FLAT PLACEHOLDER depth and normal maps, flagged structure='flat-placeholder'"
                   " in the manifest. They carry no information; use --pseudo_labels=dav2_dsine for real labels.",
                   file=sys.stderr)
