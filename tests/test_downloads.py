@@ -79,3 +79,14 @@ def test_pann_weights_verified_and_loaded_without_pickle(tmp_path, monkeypatch):
     torch.save({"model": pd.build_cnn14().state_dict()}, ckpt)       # another file in its place
     with pytest.raises(RuntimeError, match="sha256"):
         pd.load_pann("cpu", str(ckpt), str(raw), url=src.as_uri())
+
+
+def test_dsine_without_a_gpu_is_refused_before_any_download(tmp_path):
+    """DSINE's real hub entry puts its model on CUDA: without a GPU the loader says so and fetches nothing, and
+    --pseudo_labels=auto falls back to flagged flat maps."""
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the no-GPU refusal cannot be shown here")
+    with pytest.raises(RuntimeError, match="need a GPU"):
+        pd.load_normal_model("cpu", str(tmp_path / "raw"), weights=str(tmp_path / "dsine.pt"))
+    assert not (tmp_path / "dsine.pt").exists() and not (tmp_path / "raw").exists()
+    assert pd.structure_available() is False
