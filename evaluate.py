@@ -95,6 +95,8 @@ ce_batches = 8           # ce probe: batches of batch_size masked (clip, view) d
 dataset = ''             # '' = the checkpoint's
 data_root = ''           # '' = the checkpoint's
 device = 'auto'          # auto = cuda if available
+trust_checkpoint = False # True: also load a pickled checkpoint / codebook of your own (older runs); never someone
+                         # else's, whose pickle could run code (the default is weights_only=True)
 seed = 1337
 audio_players = 1        # wav players (16 kHz) per class and setting in report.html (0 = none: smaller page)
 resnet_weights = 'imagenet'  # 'imagenet' (torchvision's IMAGENET1K_V2, downloaded once) or 'random' (untrained:
@@ -843,7 +845,7 @@ def reader_diagnostic(ctx, tokens, labels, logp_audio, both):
     train, L = ctx["arrays"]["train"], M.BY_NAME["tok_rgb"].length
     x = np.asarray(train["tok_rgb"]).reshape(-1, L)
     y = np.repeat(np.asarray(train["label"]).astype(np.int64), M.NUM_VIEWS)
-    feats = T.code_features(ctx["tok_path"], ctx["meta"], names=("tok_rgb",))["tok_rgb"]
+    feats = T.code_features(ctx["tok_path"], ctx["meta"], names=("tok_rgb",), trust=ctx["trust_checkpoint"])["tok_rgb"]
     C = len(ctx["class_names"])
     read = fit_grid_reader(x, y, C, M.BY_NAME["tok_rgb"].vocab, feats, epochs=ctx["reader_epochs"],
                            seed=ctx["seed"], desc="reference reader: rgb -> class")
@@ -1086,7 +1088,8 @@ def load_decoder(ctx, name):
         import modality_tokenizers
         kind = ctx["meta"]["modalities"].get(name, {}).get("tokenizer")
         try:
-            ctx[key] = modality_tokenizers.load_tokenizer(ctx["tok_path"], ctx["meta"], name, ctx["device"])
+            ctx[key] = modality_tokenizers.load_tokenizer(ctx["tok_path"], ctx["meta"], name, ctx["device"],
+                                                          ctx["trust_checkpoint"])
         except Exception as e:
             raise ProbeSkipped(f"the {name} tokenizer ({kind}) cannot be loaded to decode here: "
                                f"{type(e).__name__}: {str(e)[:300]}") from e
@@ -1658,7 +1661,7 @@ def run(settings):
     dev = pick_device(s["device"])
     torch.manual_seed(s["seed"])
     ckpt_path = os.path.join(s["out_dir"], "ckpt.pt")
-    model, ckpt = load_checkpoint(ckpt_path, dev)
+    model, ckpt = load_checkpoint(ckpt_path, dev, s["trust_checkpoint"])
     cfg = ckpt.get("config", {})
     ds = s["dataset"] or cfg.get("dataset", "toyzoo")
     root = s["data_root"] or cfg.get("data_root", "data")
@@ -1733,7 +1736,7 @@ if __name__ == "__main__":
         sys.exit(f"evaluate.py: {e}")
     try:
         out = run(cfg)
-    except M.EmptySplitError as e:
+    except (M.EmptySplitError, M.UntrustedFileError) as e:
         sys.exit(f"evaluate.py: {e}")
     if out["failed"]:
         sys.exit(f"evaluate.py: probe(s) failed: {', '.join(out['failed'])} (see the traceback above)")

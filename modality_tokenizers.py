@@ -291,8 +291,8 @@ class MelRVQTokenizer:
         _atomic_torch_save(d, path)
 
     @classmethod
-    def load(cls, path, device="cpu"):
-        d = torch.load(path, map_location="cpu", weights_only=False)
+    def load(cls, path, device="cpu", trust=False):
+        d = M.load_torch_file(path, trust=trust)
         return cls(d["codebooks"], d["settings"], device, level1_keys=d.get("level1_keys"))
 
 
@@ -309,6 +309,13 @@ def audio_id_features(codebooks):
 # ---------------------------------------------------------------------------------------------------
 # audio, real: EnCodec 24 kHz, 1.5 kbps
 
+def load_encodec_model():
+    """The released EnCodec 24 kHz weights (the encodec package downloads them to the torch hub cache and checks
+    them against the sha256 prefix in its own file name)."""
+    from encodec import EncodecModel
+    return EncodecModel.encodec_model_24khz(pretrained=True)
+
+
 class EncodecTokenizer:
     """EnCodec 24 kHz at 1.5 kbps: a window of 81,920 samples -> codes [2, 256] in [0, 1024) -> 512 ids.
     The pretrained weights download on first use (torch hub cache); pass model= to use another one
@@ -317,10 +324,9 @@ class EncodecTokenizer:
     layout = M.ENCODEC_LAYOUT
 
     def __init__(self, device="cpu", model=None, batch_size=16):
-        from encodec import EncodecModel
         self.device = pick_device(device)
         if model is None:
-            model = EncodecModel.encodec_model_24khz(pretrained=True)
+            model = load_encodec_model()
         model.set_target_bandwidth(1.5)
         self.model = model.to(self.device).eval()
         self.batch_size = batch_size
@@ -660,8 +666,8 @@ class PatchKMeansTokenizer:
                             "shapes": self.shapes.cpu(), "settings": self.settings}, path)
 
     @classmethod
-    def load(cls, path, device="cpu"):
-        d = torch.load(path, map_location="cpu", weights_only=False)
+    def load(cls, path, device="cpu", trust=False):
+        d = M.load_torch_file(path, trust=trust)
         return cls(d["modality"], d["means"], d["shapes"], d["settings"], device)
 
 
@@ -671,6 +677,21 @@ class PatchKMeansTokenizer:
 DIVAE_IDS = {"tok_rgb": "EPFL-VILAB/4M_tokenizers_rgb_16k_224-448",
              "tok_depth": "EPFL-VILAB/4M_tokenizers_depth_8k_224-448",
              "tok_normal": "EPFL-VILAB/4M_tokenizers_normal_8k_224-448"}
+# the Hugging Face revision each tokenizer loads: None = the repo's default branch as of the first download.
+# Set a commit hash here to pin it (none could be looked up where this was written; see README, "Downloads")
+DIVAE_REVISIONS = {m: None for m in DIVAE_IDS}
+
+
+def load_divae_model(modality):
+    """4M's released DiVAE for one image modality, through fourm's Hugging Face loader (safetensors weights,
+    no pickle)."""
+    try:
+        from fourm.vq.vqvae import DiVAE
+    except ImportError as e:
+        raise ImportError("the DiVAE image tokenizers need apple/ml-4m's `fourm` package: "
+                          "pip install -r requirements-extra.txt (or use "
+                          "--image_tokenizer=patch_kmeans, which needs no download)") from e
+    return DiVAE.from_pretrained(DIVAE_IDS[modality], revision=DIVAE_REVISIONS[modality])
 
 
 class DivaeTokenizer:
@@ -686,13 +707,7 @@ class DivaeTokenizer:
         self.timesteps = timesteps
         self.settings = {"hub_id": DIVAE_IDS[self.modality], "timesteps": timesteps}
         if model is None:
-            try:
-                from fourm.vq.vqvae import DiVAE
-            except ImportError as e:
-                raise ImportError("the DiVAE image tokenizers need apple/ml-4m's `fourm` package: "
-                                  "pip install -r requirements-extra.txt (or use "
-                                  "--image_tokenizer=patch_kmeans, which needs no download)") from e
-            model = DiVAE.from_pretrained(DIVAE_IDS[self.modality])
+            model = load_divae_model(self.modality)
         self.model = model.to(self.device).eval()
 
     def _prepare(self, images):
@@ -704,11 +719,12 @@ class DivaeTokenizer:
             trunc = flat[:, int(0.1 * n):int(0.9 * n)]
             return (x - trunc.mean(1)[:, None, None, None]) / (trunc.var(1)[:, None, None, None] + 1e-6).sqrt()
         x = x.permute(0, 3, 1, 2) / 255.0
-        if self.modality == "tok_normal":
-            return (x - 0.5) / 0.5
-        mean = torch.tensor(IMAGENET_MEAN, device=self.device)[None, :, None, None]
-        std = torch.tensor(IMAGENET_STD, device=self.device)[None, :, None, None]
-        return (x - mean) / std
+        if self.modality == "tok_rgb" and getattr(self.model, "undo_std", False):
+            # this tokenizer takes ImageNet-standardised input and maps it back to [-1, 1] itself
+            mean = torch.tensor(IMAGENET_MEAN, device=self.device)[None, :, None, None]
+            std = torch.tensor(IMAGENET_STD, device=self.device)[None, :, None, None]
+            return (x - mean) / std
+        return (x - 0.5) / 0.5          # rgb and normals in [-1, 1], as ml-4m's tokenizer configs train them
 
     @torch.no_grad()
     def encode(self, images):
@@ -723,12 +739,7 @@ class DivaeTokenizer:
             # standardised depth: shown with a fixed spread (the per-image scale is not in the tokens)
             d = (x[:, 0] * 0.15 + 0.5).clamp(0, 1) * 65535
             return d.round().cpu().numpy().astype(np.uint16)
-        if self.modality == "tok_rgb":
-            mean = torch.tensor(IMAGENET_MEAN, device=x.device)[None, :, None, None]
-            std = torch.tensor(IMAGENET_STD, device=x.device)[None, :, None, None]
-            x = x * std + mean
-        else:
-            x = (x + 1) / 2
+        x = (x + 1) / 2                 # the diffusion decoder outputs [-1, 1] (ml-4m's decode_tok_rgb / _normal)
         return (x.permute(0, 2, 3, 1).clamp(0, 1) * 255).round().cpu().numpy().astype(np.uint8)
 
 
@@ -764,8 +775,9 @@ TOKENIZER_KINDS = {c.kind: c for c in (MelRVQTokenizer, EncodecTokenizer, Speech
                                        PatchKMeansTokenizer, DivaeTokenizer, CaptionTokenizer)}
 
 
-def load_tokenizer(tok_path, meta, modality_name, device="cpu"):
-    """The tokenizer that produced `modality_name` in this tokenized dataset (from its meta.json)."""
+def load_tokenizer(tok_path, meta, modality_name, device="cpu", trust=False):
+    """The tokenizer that produced `modality_name` in this tokenized dataset (from its meta.json). A fitted
+    codebook loads with weights_only=True; trust=True (--trust_checkpoint=True) also takes an older pickled one."""
     name = M.SHORT_NAMES.get(modality_name, modality_name)
     if name not in meta["modalities"]:
         raise ValueError(f"{tok_path}/meta.json has no modality {name!r}")
@@ -775,9 +787,9 @@ def load_tokenizer(tok_path, meta, modality_name, device="cpu"):
     if codebook is not None and not os.path.exists(codebook):
         raise FileNotFoundError(f"{codebook}: codebook of {name} missing (rerun tokenize_all.py)")
     if kind == "mel_rvq":
-        return MelRVQTokenizer.load(codebook, device)
+        return MelRVQTokenizer.load(codebook, device, trust)
     if kind == "patch_kmeans":
-        return PatchKMeansTokenizer.load(codebook, device)
+        return PatchKMeansTokenizer.load(codebook, device, trust)
     if kind == "encodec":
         return EncodecTokenizer(device)
     if kind in ("speechtokenizer", "mimi"):
@@ -793,7 +805,7 @@ def load_tokenizer(tok_path, meta, modality_name, device="cpu"):
     raise ValueError(f"{tok_path}/meta.json: unknown tokenizer {kind!r} for {name}")
 
 
-def code_features(tok_path, meta, device="cpu", names=None):
+def code_features(tok_path, meta, device="cpu", names=None, trust=False):
     """{modality name: [ids, F] float tensor or None}: what each id of each modality (or of those in names)
     stands for, from the tokenizers recorded in meta.json (train.py --code_features). None where the tokenizer
     offers no vector per id: the BPE caption, and the DiVAE image tokenizers (their quantizer is not read here
@@ -806,5 +818,5 @@ def code_features(tok_path, meta, device="cpu", names=None):
         if known is not None and not hasattr(known, "id_features"):
             out[name] = None            # no vectors: do not load it (DiVAE would download its weights for nothing)
             continue
-        out[name] = load_tokenizer(tok_path, meta, name, device).id_features()   # an unknown kind raises there
+        out[name] = load_tokenizer(tok_path, meta, name, device, trust).id_features()   # an unknown kind raises there
     return out

@@ -530,12 +530,15 @@ class HostCounts:
         return self.host.tolist()
 
 
-def load_checkpoint(path, device="cpu"):
-    """-> (model in eval mode on device, checkpoint dict). For sample.py / evaluate.py."""
+def load_checkpoint(path, device="cpu", trust=False):
+    """-> (model in eval mode on device, checkpoint dict). For sample.py / evaluate.py.
+    Loaded with weights_only=True (modalities.load_torch_file); trust=True (--trust_checkpoint=True) only for
+    a file of your own that needs pickle."""
     import os
+    from modalities import load_torch_file
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no checkpoint there (train.py writes out_dir/ckpt.pt)")
-    checkpoint = torch.load(path, map_location=device, weights_only=False)  # our own file: dicts, tensors
+    checkpoint = load_torch_file(path, map_location=device, trust=trust)
     for key in ("model", "model_args"):
         if key not in checkpoint:
             raise ValueError(f"{path}: not a nano4M checkpoint (no {key!r} entry)")

@@ -147,7 +147,16 @@ CLIP_MODEL = "ViT-B-32"
 CLIP_PRETRAINED = "openai"
 VAD_MAX_VOICED = 0.0           # fraction of the clip Silero VAD may call speech ("any speech" rejects)
 DEPTH_MODEL = "depth-anything/Depth-Anything-V2-Small-hf"
-NORMAL_HUB = ("hugoycj/DSINE-hub", "DSINE")
+# Hugging Face revision of DEPTH_MODEL: None = the default branch on the first run, whose commit is then recorded
+# in raw/downloads.json and loaded by every later run of that dataset (put a commit hash here to pin it for all)
+DEPTH_REVISION = None
+# DSINE's torch.hub entry, as owner/repo:ref. No commit of hugoycj/DSINE-hub could be looked up where this was
+# written, so the ref is its branch and the hub code's sha256 is recorded on first use and checked after
+NORMAL_HUB = ("hugoycj/DSINE-hub:main", "DSINE")
+NORMAL_WEIGHTS_URL = "https://huggingface.co/camenduru/DSINE/resolve/main/dsine.pt"   # what the entry would fetch
+NORMAL_WEIGHTS = os.path.join(os.path.expanduser("~"), ".cache", "nano4m", "dsine.pt")
+# sha256 of each weight file fetched by URL, where upstream publishes one (None: recorded on first download)
+PINNED_SHA256 = {"pann_cnn14": None, "dsine": None}
 
 # ---------------------------------------------------------------------------------------------------
 # reading the source lists
@@ -650,25 +659,90 @@ def build_cnn14():
                                  fmax=14000, classes_num=AUDIOSET_NUM_CLASSES)
 
 
-def load_pann(device, checkpoint=PANN_CHECKPOINT):
+# ---------------------------------------------------------------------------------------------------
+# downloads: every external file is checked against a pinned sha256, or against the one recorded in the
+# dataset's raw/downloads.json on first use (a later mismatch is refused, not used)
+
+DOWNLOADS_JSON = "downloads.json"
+
+
+def sha256_file(path):
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def recorded_downloads(raw):
+    path = os.path.join(raw, DOWNLOADS_JSON) if raw else None
+    if path and os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    return {}
+
+
+def record_download(raw, name, entry):
+    """Add or confirm `name` in raw/downloads.json (the dataset's record of what produced it)."""
+    if not raw:
+        return
+    have = recorded_downloads(raw)
+    have[name] = dict(have.get(name, {}), **entry)
+    os.makedirs(raw, exist_ok=True)
+    tmp = rawdata.atomic_path(os.path.join(raw, DOWNLOADS_JSON))
+    with open(tmp, "w") as f:
+        json.dump(have, f, indent=1, sort_keys=True)
+    os.replace(tmp, os.path.join(raw, DOWNLOADS_JSON))
+
+
+def check_sha256(name, path, raw=None, pinned=None, url=None):
+    """The file's sha256 must equal the pinned one, else the one this dataset recorded; the first use of an
+    unpinned file records it. A mismatch is refused with both hashes named."""
+    got = sha256_file(path)
+    want = pinned or recorded_downloads(raw).get(name, {}).get("sha256")
+    if want and got != want:
+        where = "pinned in prepare_data.py" if pinned else f"recorded in {os.path.join(raw, DOWNLOADS_JSON)}"
+        raise RuntimeError(f"{path}: sha256 {got} differs from the {want} {where} for {name}: refusing a changed "
+                           f"or corrupt file (delete it to download again)")
+    record_download(raw, name, {"sha256": got, **({"url": url} if url else {})})
+    return got
+
+
+def fetch_verified(name, url, dest, raw=None, pinned=None, timeout=60):
+    """Download url to dest once (temp file, then rename) and check it with check_sha256. file:// and http(s)://
+    both work (urllib)."""
+    import urllib.request
+    if not os.path.exists(dest):
+        os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
+        tmp = rawdata.atomic_path(dest)
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as r, open(tmp, "wb") as f:
+                shutil.copyfileobj(r, f, 1 << 20)
+        except Exception as e:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise RuntimeError(f"{name}: download of {url} failed ({e})") from None
+        if pinned and sha256_file(tmp) != pinned:
+            got = sha256_file(tmp)
+            os.remove(tmp)
+            raise RuntimeError(f"{name}: {url} gave sha256 {got}, not the pinned {pinned}: refused")
+        os.replace(tmp, dest)
+    check_sha256(name, dest, raw, pinned, url)
+    return dest
+
+
+def load_pann(device, checkpoint=PANN_CHECKPOINT, raw=None, url=PANN_CHECKPOINT_URL):
+    """Cnn14 with its released AudioSet weights: fetched once, sha256-checked (raw/downloads.json), loaded with
+    weights_only=True (a state dict needs no pickle)."""
     import torch
     model = build_cnn14()
-    if not os.path.exists(checkpoint):
-        import requests
-        os.makedirs(os.path.dirname(checkpoint), exist_ok=True)
-        try:
-            with requests.get(PANN_CHECKPOINT_URL, stream=True, timeout=60) as r:
-                r.raise_for_status()
-                tmp = rawdata.atomic_path(checkpoint)
-                with open(tmp, "wb") as f:
-                    for chunk in r.iter_content(1 << 20):
-                        f.write(chunk)
-            os.replace(tmp, checkpoint)
-        except Exception as e:
-            raise RuntimeError(f"PANNs weights missing at {checkpoint} and the download from "
-                               f"{PANN_CHECKPOINT_URL} failed ({e}); download them by hand, or "
-                               f"--skip_oracles=pann") from None
-    state = torch.load(checkpoint, map_location="cpu")
+    try:
+        fetch_verified("pann_cnn14", url, checkpoint, raw, PINNED_SHA256["pann_cnn14"])
+    except RuntimeError as e:
+        raise RuntimeError(f"PANNs weights at {checkpoint}: {e}; download them by hand, or "
+                           f"--skip_oracles=pann") from None
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     model.load_state_dict(state["model"] if "model" in state else state)
     return model.to(device).eval()
 
@@ -692,14 +766,20 @@ def pann_score(audio, sr, class_name, model, hop_s=PANN_HOP_S, device="cpu"):
     return float(probs[best]), round(starts[best] / 32000, 3)
 
 
-def load_clip(device, name=CLIP_MODEL, pretrained=CLIP_PRETRAINED):
-    """(model, preprocess, tokenizer) of open_clip; pretrained=None gives the untrained architecture."""
+def load_clip(device, name=CLIP_MODEL, pretrained=CLIP_PRETRAINED, raw=None):
+    """(model, preprocess, tokenizer) of open_clip; pretrained=None gives the untrained architecture. The released
+    weights are fetched by open_clip's own downloader first, so their sha256 is checked (raw/downloads.json)
+    before the model reads them from that same cache file."""
     try:
         import open_clip
     except ImportError:
         raise RuntimeError("the CLIP oracle needs open_clip: pip install open_clip_torch "
                            "(or skip it with --skip_oracles=clip)") from None
     try:
+        if pretrained and not os.path.isfile(pretrained):
+            cfg = open_clip.get_pretrained_cfg(name, pretrained)
+            path = open_clip.pretrained.download_pretrained(cfg)
+            check_sha256(f"clip_{name}_{pretrained}", path, raw, url=cfg.get("hf_hub") or cfg.get("url"))
         model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained)
     except Exception as e:
         raise RuntimeError(f"could not load CLIP {name} / {pretrained} ({e}): the weights download on first "
@@ -751,13 +831,13 @@ def run_oracles(raw, rows, skip, device, pann_checkpoint=PANN_CHECKPOINT, models
                     scores["pann"] = "skipped"
                     info["pann"] = f"no AudioSet indices for class {row['class']!r}"
                 elif o == "pann":
-                    pann = need("pann", lambda: load_pann(device, pann_checkpoint))
+                    pann = need("pann", lambda: load_pann(device, pann_checkpoint, raw))
                     scores["pann"], off = pann_score(audio, sr, row["class"], pann, device=device)
                     scores["pann"] = round(scores["pann"], 4)
                     info["pann_window_offset_s"] = off
                 elif o == "clip":
                     frames = [rawdata.read_png(os.path.join(raw, p)) for p in row["frames"]]
-                    clip = need("clip", lambda: load_clip(device))
+                    clip = need("clip", lambda: load_clip(device, raw=raw))
                     scores["clip"], best = clip_score(frames, row["class"], clip, device)
                     scores["clip"] = round(scores["clip"], 4)
                     info["clip_best_frame"] = best
@@ -820,25 +900,61 @@ def structure_available():
     try:
         import transformers  # noqa: F401
         import geffnet  # noqa: F401  (DSINE's backbone, pulled by its torch.hub entry)
-        return True
+        import torch
     except ImportError:
         return False
+    return torch.cuda.is_available()      # DSINE's hub entry runs on CUDA only
 
 
-def load_structure_models(device):
+def load_depth_model(device, raw=None, model=DEPTH_MODEL, revision=DEPTH_REVISION):
+    """Depth-Anything-V2 through transformers' depth-estimation pipeline, at a pinned revision: the one given,
+    else the commit this dataset recorded on its first run, else the default branch (whose commit is recorded)."""
     try:
         from transformers import pipeline
     except ImportError:
         raise RuntimeError("depth pseudo-labels need transformers: pip install -r requirements-extra.txt "
                            "(or --pseudo_labels=flat for flagged placeholders)") from None
+    revision = revision or recorded_downloads(raw).get("depth_anything_v2", {}).get("revision")
+    depth = pipeline("depth-estimation", model=model, revision=revision, device=0 if device == "cuda" else -1)
+    commit = getattr(depth.model.config, "_commit_hash", None)
+    if revision and commit and len(revision) == 40 and commit != revision:
+        raise RuntimeError(f"{model}: asked for revision {revision}, loaded {commit}")
+    record_download(raw, "depth_anything_v2", {"model": model, "revision": commit or revision})
+    return depth
+
+
+def load_normal_model(device, raw=None, hub=NORMAL_HUB, source="github", weights=NORMAL_WEIGHTS,
+                      weights_url=NORMAL_WEIGHTS_URL):
+    """DSINE through its torch.hub entry DSINE(local_file_path=...) -> a predictor with infer_cv2(bgr uint8)
+    -> normals [1, 3, H, W]. The weights are fetched and sha256-checked here and handed to the entry by path,
+    and the hub code's hubconf.py is sha256-checked too (raw/downloads.json)."""
     import torch
-    depth = pipeline("depth-estimation", model=DEPTH_MODEL, device=0 if device == "cuda" else -1)
+    repo, entry = hub
+    if source == "github" and not torch.cuda.is_available():   # before a 300 MB download that could not be used
+        raise RuntimeError("DSINE's torch.hub entry places its model on CUDA: normal pseudo-labels need a GPU "
+                           "(or --pseudo_labels=flat for flagged placeholders)")
+    fetch_verified("dsine", weights_url, weights, raw, PINNED_SHA256["dsine"])
     try:
-        normal = torch.hub.load(*NORMAL_HUB, trust_repo=True)
+        normal = torch.hub.load(repo, entry, local_file_path=weights, source=source, trust_repo=True)
     except Exception as e:
-        raise RuntimeError(f"could not load DSINE from torch.hub {NORMAL_HUB} ({e}); "
-                           "pip install geffnet and check the network, or --pseudo_labels=flat") from None
-    return depth, normal
+        raise RuntimeError(f"could not load DSINE from torch.hub {repo} ({type(e).__name__}: {e}); pip install "
+                           "geffnet and check the network; its entry places the model on CUDA, so it needs a GPU; "
+                           "or --pseudo_labels=flat") from None
+    repo_dir = repo if source == "local" else os.path.join(
+        torch.hub.get_dir(), "_".join([*repo.split(":")[0].split("/"), repo.split(":")[1] if ":" in repo else "main"]))
+    hubconf = os.path.join(repo_dir, "hubconf.py")
+    if os.path.exists(hubconf):
+        check_sha256("dsine_hubconf", hubconf, raw, url=repo)
+    if hasattr(normal, "model"):        # the entry picks its device itself: follow the one asked for
+        normal.model.to(device)
+        if hasattr(normal.model, "pixel_coords"):
+            normal.model.pixel_coords = normal.model.pixel_coords.to(device)
+        normal.device = torch.device(device)
+    return normal
+
+
+def load_structure_models(device, raw=None):
+    return load_depth_model(device, raw), load_normal_model(device, raw)
 
 
 # DSINE predicts normals in the OpenCV camera frame (x right, y down, z into the scene); the raw layout (and
@@ -862,7 +978,7 @@ def predict_structure(images, models, batch_size=16):
     with torch.inference_mode():
         for im in images:
             n = normal_model.infer_cv2(np.ascontiguousarray(im[:, :, ::-1]))[0]  # DSINE takes BGR
-            n = torch.as_tensor(n).float()
+            n = torch.as_tensor(n).float().cpu()       # the predictor answers on its own device
             if n.shape[-1] == 3:
                 n = n.permute(2, 0, 1)
             n = torch.nn.functional.interpolate(n[None], size=(FRAME_SIZE, FRAME_SIZE), mode="bilinear",
@@ -881,7 +997,8 @@ def write_structure(raw, rows, mode, device="cpu", batch_size=16):
     if mode == "auto":
         mode = "dav2_dsine" if structure_available() else "flat"
         if mode == "flat":
-            print("WARNING: Depth-Anything-V2 / DSINE are not installed (pip install -r requirements-extra.txt)."
+            print("WARNING: Depth-Anything-V2 / DSINE are not installed (pip install -r requirements-extra.txt), or "
+                  "there is no GPU (DSINE's hub entry needs CUDA)."
                   "\nWARNING: writing FLAT PLACEHOLDER depth and normal maps, flagged structure='flat-placeholder'"
                   " in the manifest. They carry no information; use --pseudo_labels=dav2_dsine for real labels.",
                   file=sys.stderr)
@@ -889,7 +1006,7 @@ def write_structure(raw, rows, mode, device="cpu", batch_size=16):
         for row in rows:
             row["depths"], row["normals"], row["structure"] = None, None, None
         return rows
-    models = load_structure_models(device) if mode == "dav2_dsine" else None
+    models = load_structure_models(device, raw) if mode == "dav2_dsine" else None
     flat_d = np.full((FRAME_SIZE, FRAME_SIZE), FLAT_DEPTH, np.uint16)
     flat_n = np.broadcast_to(normals_to_u8(np.array(FLAT_NORMAL)[:, None, None]), (FRAME_SIZE, FRAME_SIZE, 3))
     tag = "dav2_dsine" if mode == "dav2_dsine" else "flat-placeholder"

@@ -388,6 +388,8 @@ DEFAULTS = dict(
     samples_dir="",            # default out_dir/samples/<mode or cond-target>/
     dataset="",                # '' = the checkpoint's
     data_root="",              # '' = the checkpoint's
+    trust_checkpoint=False,    # True: also load a pickled checkpoint / codebook of your own (older runs); never
+                               # someone else's, whose pickle could run code (the default is weights_only=True)
 )
 
 
@@ -440,7 +442,7 @@ def main(argv=None):
     if not 0 <= cfg["view"] < M.NUM_VIEWS:
         raise ValueError(f"--view must lie in [0, {M.NUM_VIEWS}), got {cfg['view']}")
 
-    model, ckpt = load_checkpoint(os.path.join(cfg["out_dir"], "ckpt.pt"), device)
+    model, ckpt = load_checkpoint(os.path.join(cfg["out_dir"], "ckpt.pt"), device, cfg["trust_checkpoint"])
     train_cfg = ckpt.get("config", {})
     dataset = cfg["dataset"] or train_cfg.get("dataset")
     data_root = cfg["data_root"] or train_cfg.get("data_root", "data")
@@ -492,8 +494,9 @@ def main(argv=None):
           f"({N * S * (L - n_prefix) / dt:.0f} tokens/s) on {device}")
 
     # --- decode and write: generated, tokenized ground truth, raw ground truth, conditioning
-    tok = load_tokenizer(tok_path, meta, target, device)
-    cond_toks = {c: load_tokenizer(tok_path, meta, c, device) for c in cond if c not in ("caption",)}
+    tok = load_tokenizer(tok_path, meta, target, device, cfg["trust_checkpoint"])
+    cond_toks = {c: load_tokenizer(tok_path, meta, c, device, cfg["trust_checkpoint"]) for c in cond
+                 if c not in ("caption",)}
     manifest = {}
     rdir = raw_dir(dataset, data_root)
     if os.path.exists(os.path.join(rdir, "manifest.jsonl")):

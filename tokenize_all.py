@@ -205,7 +205,11 @@ def fit_codebooks(args, rows, raw, tok_path, device):
         path = os.path.join(tok_path, "codebooks", m + ".pt")
         want = codebook_settings(args, m, train_ids)
         if os.path.exists(path):
-            d = torch.load(path, map_location="cpu", weights_only=False)
+            try:
+                d = M.load_torch_file(path)
+            except M.UntrustedFileError as e:   # a codebook this script did not write as plain tensors: refit
+                print(f"{e.args[0].split(':')[0]}: not loadable with weights_only=True; fitting it again")
+                d = {}
             if d.get("settings", {}).get("fit") == want:
                 cls = T.MelRVQTokenizer if m == "tok_audio" else T.PatchKMeansTokenizer
                 toks[m] = cls.load(path, device)

@@ -45,6 +45,8 @@ always_save_checkpoint = True   # else only when val loss improves
 init_from = 'scratch'           # 'scratch', 'resume' (from out_dir/ckpt.pt) or the path of another run's ckpt.pt:
                                 # a warm start from its weights (and architecture), with a fresh optimizer, schedule
                                 # and step count (a curriculum: pretrain on one task mix, then go on with another)
+trust_checkpoint = False        # checkpoints load with torch.load(weights_only=True); True: also a file of your own
+                                # that needs pickle (older checkpoints of this project). Never for someone else's
 # wandb logging
 wandb_log = False
 wandb_project = 'nano4m-audio'
@@ -243,11 +245,20 @@ best_val_loss = 1e9
 model_args = {f.name: config[f.name] for f in fields(Nano4MConfig) if f.name in config}
 checkpoint = None
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+
+
+def _load_ckpt(path):
+    try:
+        return modalities.load_torch_file(path, map_location=device, trust=trust_checkpoint)
+    except modalities.UntrustedFileError as e:
+        raise SystemExit(f"train.py: {e}")
+
+
 if init_from == 'resume':
     if not os.path.exists(ckpt_path):
         raise SystemExit(f"--init_from=resume but {ckpt_path} does not exist")
     print(f"resuming from {ckpt_path}")
-    checkpoint = torch.load(ckpt_path, map_location=device, weights_only=False)
+    checkpoint = _load_ckpt(ckpt_path)
     model_args = dict(checkpoint['model_args'])   # the architecture comes from the checkpoint
     model = Nano4M(Nano4MConfig(**model_args))
     model.load_state_dict(checkpoint['model'])
@@ -258,7 +269,7 @@ elif init_from.endswith('.pt'):
         raise SystemExit(f"--init_from={init_from} does not exist: train the run that writes it first (for the "
                          f"ToyZoo default: python train.py config/toyzoo_rgb.py), or pass --init_from=scratch")
     print(f"warm start from the weights of {init_from}")
-    _warm = torch.load(init_from, map_location=device, weights_only=False)
+    _warm = _load_ckpt(init_from)
     _differ = {k: (v, _warm['model_args'][k]) for k, v in model_args.items()
                if k not in ('dropout', 'init') and k in _warm['model_args'] and _warm['model_args'][k] != v}
     if _differ:   # the weights fix the architecture: a config that says otherwise is a mistake, not an override
@@ -270,7 +281,7 @@ elif init_from.endswith('.pt'):
     _warm = None
 elif init_from == 'scratch':
     try:
-        features = modality_tokenizers.code_features(tok_path, meta) if code_features else {}
+        features = modality_tokenizers.code_features(tok_path, meta, trust=trust_checkpoint) if code_features else {}
     except (ValueError, FileNotFoundError, ImportError) as e:
         raise SystemExit(f"--code_features: {e}")
     model_args['code_feature_dims'] = tuple(0 if features.get(m.name) is None else features[m.name].shape[1]

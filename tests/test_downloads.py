@@ -1,0 +1,92 @@
+"""Pinned, verified downloads (prepare_data.fetch_verified / check_sha256), against a web server on 127.0.0.1
+and file:// URLs: the first download's sha256 is recorded in the dataset's raw/downloads.json, a later file that
+differs is refused, a pinned hash is enforced on the very first download."""
+import functools
+import hashlib
+import http.server
+import json
+import threading
+
+import pytest
+import torch
+
+import prepare_data as pd
+
+
+@pytest.fixture
+def server(tmp_path):
+    root = tmp_path / "web"
+    root.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    handler.log_message = lambda *a: None
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    t = threading.Thread(target=httpd.serve_forever, daemon=True)
+    t.start()
+    yield root, f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_first_download_recorded_then_a_changed_file_refused(server, tmp_path):
+    root, base = server
+    (root / "w.bin").write_bytes(b"weights v1" * 1000)
+    raw, dest = tmp_path / "raw", tmp_path / "cache" / "w.bin"
+    pd.fetch_verified("w", f"{base}/w.bin", str(dest), str(raw))
+    rec = json.loads((raw / "downloads.json").read_text())
+    assert rec["w"]["sha256"] == hashlib.sha256(b"weights v1" * 1000).hexdigest()
+    assert rec["w"]["url"] == f"{base}/w.bin"
+    # a rerun with the same file passes without fetching again
+    (root / "w.bin").unlink()
+    pd.fetch_verified("w", f"{base}/w.bin", str(dest), str(raw))
+    # upstream changed (or the cache was tampered with): refused, named, never used
+    (root / "w.bin").write_bytes(b"weights v2")
+    dest.unlink()
+    with pytest.raises(RuntimeError, match="differs from the .* recorded in"):
+        pd.fetch_verified("w", f"{base}/w.bin", str(dest), str(raw))
+    dest.write_bytes(b"tampered")
+    with pytest.raises(RuntimeError, match="refusing a changed"):
+        pd.check_sha256("w", str(dest), str(raw))
+
+
+def test_pinned_hash_enforced_on_first_download(server, tmp_path):
+    root, base = server
+    (root / "w.bin").write_bytes(b"real")
+    dest = tmp_path / "w.bin"
+    with pytest.raises(RuntimeError, match="not the pinned"):
+        pd.fetch_verified("w", f"{base}/w.bin", str(dest), None, pinned="0" * 64)
+    assert not dest.exists() and not list(tmp_path.glob("w.bin*"))       # no half-kept file
+    pd.fetch_verified("w", f"{base}/w.bin", str(dest), None, pinned=hashlib.sha256(b"real").hexdigest())
+    assert dest.read_bytes() == b"real"
+    with pytest.raises(RuntimeError, match="download of .* failed"):
+        pd.fetch_verified("x", f"{base}/missing.bin", str(tmp_path / "x.bin"))
+
+
+def test_pann_weights_verified_and_loaded_without_pickle(tmp_path, monkeypatch):
+    """load_pann: file:// URL -> sha256 recorded -> torch.load(weights_only=True) into Cnn14; a swapped file is
+    refused before it is read."""
+    pytest.importorskip("torchlibrosa", reason="panns-inference not installed (pip install -r requirements-test.txt)")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "panns_data").mkdir()
+    lines = ["index,mid,display_name"] + [f"{i},/m/x{i},label {i}" for i in range(527)]
+    (tmp_path / "panns_data" / "class_labels_indices.csv").write_text("\n".join(lines) + "\n")
+    torch.manual_seed(0)
+    src = tmp_path / "Cnn14.pth"
+    torch.save({"model": pd.build_cnn14().state_dict(), "iteration": 0}, src)
+    raw, ckpt = tmp_path / "raw", tmp_path / "cache" / "Cnn14.pth"
+    model = pd.load_pann("cpu", str(ckpt), str(raw), url=src.as_uri())
+    assert torch.equal(model.fc_audioset.weight, torch.load(src, weights_only=True)["model"]["fc_audioset.weight"])
+    assert json.loads((raw / "downloads.json").read_text())["pann_cnn14"]["sha256"] == pd.sha256_file(ckpt)
+    torch.save({"model": pd.build_cnn14().state_dict()}, ckpt)       # another file in its place
+    with pytest.raises(RuntimeError, match="sha256"):
+        pd.load_pann("cpu", str(ckpt), str(raw), url=src.as_uri())
+
+
+def test_dsine_without_a_gpu_is_refused_before_any_download(tmp_path):
+    """DSINE's real hub entry puts its model on CUDA: without a GPU the loader says so and fetches nothing, and
+    --pseudo_labels=auto falls back to flagged flat maps."""
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the no-GPU refusal cannot be shown here")
+    with pytest.raises(RuntimeError, match="need a GPU"):
+        pd.load_normal_model("cpu", str(tmp_path / "raw"), weights=str(tmp_path / "dsine.pt"))
+    assert not (tmp_path / "dsine.pt").exists() and not (tmp_path / "raw").exists()
+    assert pd.structure_available() is False
