@@ -31,7 +31,8 @@ import numpy as np
 import torch
 
 from modalities import (MODALITIES, MODALITY_NAMES, BY_NAME, SHORT_NAMES, POS_OFFSETS, CAPTION_PAD,
-                        AUDIO_FRAMES, AUDIO_CODEBOOKS, modality_index, caption_valid)
+                        AUDIO_FRAMES, AUDIO_CODEBOOKS, AUDIO_CODEBOOK_SIZE, NULL_ID, modality_index,
+                        caption_valid, null_position)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -80,6 +81,15 @@ def filter_logits(logits, top_k=0, top_p=1.0):
     return logits
 
 
+def codebook_mask(index, vocab):
+    """Audio stream indices [n] -> bool [n, vocab]: the ids each slot may take. Slot K*t + k holds codebook
+    k of frame t, whose ids are [k * V, (k + 1) * V) (modalities.interleave_audio); any other id would be
+    another codebook's code, which decoding can only clamp."""
+    k = (index % AUDIO_CODEBOOKS)[:, None]
+    ids = torch.arange(vocab, device=index.device)[None]
+    return (ids >= k * AUDIO_CODEBOOK_SIZE) & (ids < (k + 1) * AUDIO_CODEBOOK_SIZE)
+
+
 def _rand(shape, generator, device):
     """Uniform [0, 1) numbers drawn from `generator` on its own device, then moved: one CPU generator
     reproduces the same samples on any device."""
@@ -115,7 +125,10 @@ def generate(model, tokens, known, target, steps=16, schedule="maskgit", tempera
         pass keeps only the target modality's own known / decoded tokens as input; where that leaves a sample
         with no input at all it gets one "null" token: an empty caption (the end-of-text id) at caption
         position 0 (at the last caption position when the caption is the target, so it never sits on a
-        queried position). At 1.0 the unconditional pass is skipped: the result is the conditional one.
+        queried position). That is exactly the input train.py's conditioning dropout (--cond_dropout,
+        masking.condition_dropout) trains the model on. At 1.0 the unconditional pass is skipped: the
+        result is the conditional one.
+        An audio target samples each slot from its own codebook's ids only (codebook_mask).
     remask_noise: MaskGIT's annealed randomness on the confidences: Gumbel noise scaled by
         remask_noise * (1 - progress) is added to the log-probability of each sampled token before ranking.
     generator: torch.Generator for every random draw (reproducible; may live on the CPU for a GPU model).
@@ -170,11 +183,9 @@ def generate(model, tokens, known, target, steps=16, schedule="maskgit", tempera
     in_target = torch.zeros_like(flat_given)
     in_target[:, t_start:t_start + t_len] = True
 
-    # the null input of the unconditional pass (see the docstring)
-    null_index = 0 if target != "caption" else BY_NAME["caption"].length - 1
-    null_id = torch.full((B, 1), CAPTION_PAD, dtype=torch.long, device=device)
-    null_pos = torch.full((B, 1), POS_OFFSETS[modality_index("caption")] + null_index, dtype=torch.long,
-                          device=device)
+    # the null input of the unconditional pass: the one conditioning dropout trains (modalities.null_position)
+    null_id = torch.full((B, 1), NULL_ID, dtype=torch.long, device=device)
+    null_pos = torch.full((B, 1), null_position(target == "caption"), dtype=torch.long, device=device)
 
     out = flat_ids[:, t_start:t_start + t_len].clone()
     out = torch.where(flat_given[:, t_start:t_start + t_len], out, torch.zeros_like(out))
@@ -224,6 +235,8 @@ def generate(model, tokens, known, target, steps=16, schedule="maskgit", tempera
         if guidance_scale != 1.0:
             uncond, _, _ = run(flat_ids_now, decoded, query, add_null=True)
             logits = uncond + guidance_scale * (logits - uncond)
+        if target == "tok_audio":   # each slot only from its own codebook's ids (codebook_mask)
+            logits = logits.masked_fill(~codebook_mask(d_order[dv], t_mod.vocab), float("-inf"))
 
         # sample one id per query (Gumbel-max on the filtered logits = a draw from their softmax)
         if temp <= 0:
