@@ -105,7 +105,7 @@ def _gumbel(shape, generator, device):
 @torch.no_grad()
 def generate(model, tokens, known, target, steps=16, schedule="maskgit", temperature=1.0,
              temperature_end=None, top_k=0, top_p=1.0, guidance_scale=1.0, remask_noise=0.0,
-             count_schedule="cosine", generator=None):
+             count_schedule="cosine", generator=None, codebook_true=True):
     """Decode the unknown positions of modality `target` given the known tokens of every modality.
 
     tokens: {modality: LongTensor [B, L_m]}, short or full names; only the modalities used need be present
@@ -128,7 +128,8 @@ def generate(model, tokens, known, target, steps=16, schedule="maskgit", tempera
         queried position). That is exactly the input train.py's conditioning dropout (--cond_dropout,
         masking.condition_dropout) trains the model on. At 1.0 the unconditional pass is skipped: the
         result is the conditional one.
-        An audio target samples each slot from its own codebook's ids only (codebook_mask).
+    codebook_true: an audio target samples each slot from its own codebook's ids only (codebook_mask); False
+        draws every slot from all of the modality's ids, as before (decoding then clamps a wrong-codebook id).
     remask_noise: MaskGIT's annealed randomness on the confidences: Gumbel noise scaled by
         remask_noise * (1 - progress) is added to the log-probability of each sampled token before ranking.
     generator: torch.Generator for every random draw (reproducible; may live on the CPU for a GPU model).
@@ -235,7 +236,7 @@ def generate(model, tokens, known, target, steps=16, schedule="maskgit", tempera
         if guidance_scale != 1.0:
             uncond, _, _ = run(flat_ids_now, decoded, query, add_null=True)
             logits = uncond + guidance_scale * (logits - uncond)
-        if target == "tok_audio":   # each slot only from its own codebook's ids (codebook_mask)
+        if target == "tok_audio" and codebook_true:   # each slot only from its own codebook's ids
             logits = logits.masked_fill(~codebook_mask(d_order[dv], t_mod.vocab), float("-inf"))
 
         # sample one id per query (Gumbel-max on the filtered logits = a draw from their softmax)
@@ -394,6 +395,7 @@ DEFAULTS = dict(
     guidance_scale=3.0,        # classifier-free guidance; 1.0 = the conditional model alone. 3.0: class-only
                                # audio judged the right class once decoded 34-43% vs 9-14% at 1.0 (README)
     remask_noise=0.0,          # MaskGIT's annealed Gumbel noise on the confidences
+    codebook_true=True,        # audio: each slot samples only its own codebook's ids (False: all 2,048 ids)
     continuation_frac=0.8,     # continuation: the fraction of the audio frames given
     seed=1337,
     device="auto",             # 'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1'
@@ -497,7 +499,8 @@ def main(argv=None):
             out = generate(model, batch, {target: known}, target, steps=cfg["steps"], schedule=cfg["schedule"],
                            count_schedule=cfg["count_schedule"], temperature=cfg["temperature"],
                            temperature_end=cfg["temperature_end"], top_k=cfg["top_k"], top_p=cfg["top_p"],
-                           guidance_scale=cfg["guidance_scale"], remask_noise=cfg["remask_noise"], generator=g)
+                           guidance_scale=cfg["guidance_scale"], remask_noise=cfg["remask_noise"], generator=g,
+                           codebook_true=cfg["codebook_true"])
         generated[start:start + len(r)] = out.cpu()
     if device.startswith("cuda"):
         torch.cuda.synchronize()

@@ -490,6 +490,11 @@ def test_every_audio_slot_samples_from_its_own_codebook(schedule):
         check = ~known["audio"]
         assert ((out // AUDIO_CODEBOOK_SIZE == slot) | ~check).all()
         assert len(set(out[check].tolist())) > 20
+    # the switch off: the wrong-codebook preference wins nearly everywhere (what decoding used to clamp)
+    off = sample.generate(WrongCodebook(), tokens, known, "audio", steps=5, schedule=schedule, generator=gen(2),
+                          codebook_true=False)
+    slot = torch.arange(512).expand_as(off) % AUDIO_CODEBOOKS
+    assert ((off // AUDIO_CODEBOOK_SIZE != slot) & ~known["audio"]).float().sum() > 0.9 * (~known["audio"]).sum()
     mask = sample.codebook_mask(torch.tensor([0, 1, 2, 511]), 2048)
     assert mask.sum(1).tolist() == [1024] * 4 and mask[0, :1024].all() and mask[3, 1024:].all()
 
