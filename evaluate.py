@@ -34,8 +34,13 @@ Probes (--probes=all or a comma list):
   generation class-only and continuation samples (sample.generate), decoded with the dataset's audio
              tokenizer and judged by a logistic regression on log-mel statistics fit to decoded train ground
              truth (not the model): class accuracy, diversity within a class and energy spread vs ground truth.
-  fad        Frechet distance of generated vs ground-truth audio per class and overall, with an offline
-             log-mel frame embedding (always) and CLAP (when transformers and its weights are present).
+             Class-only also at guidance 1 beside --gen_guidance (the report trained no unconditional model).
+  fad        Frechet distance of generated vs ground-truth audio over clip-level embeddings (one log-mel
+             statistics vector per clip), each with its n and a 95% jackknife interval, beside a real-vs-real
+             floor at the same n (ground truth vs decoded train clips of the same classes); and CLAP (when
+             transformers and its weights are present).
+Where a figure is not defined as the report's (head, gallery size, number of classes, guidance), the report's
+number is printed with how it differs, never as a like-for-like comparison.
   resnet     ImageNet ResNet-50 top-5 check of generated RGB (audio -> rgb, caption -> rgb), when torchvision
              and its weights are available.
 Every figure carries its sample count and a 95% CI (Wilson for accuracies, normal approx / bootstrap for means,
