@@ -112,8 +112,8 @@ def generate(model, tokens, known, target, steps=16, schedule="maskgit", tempera
         (the target may be absent: it is then fully unknown).
     known:  {modality: BoolTensor [B, L_m]}, True = given as conditioning. A modality in `tokens` without an
         entry is fully known if it is not the target and fully unknown if it is. For the target, the known
-        positions (e.g. the first 80% for continuation) keep their values in the output. Caption padding
-        (after the first end-of-text) is never fed, whatever `known` says.
+        positions (e.g. the first 80% for continuation) keep their values in the output. A known caption is
+        fed whole, its end-of-text padding included, as training feeds it (modalities.caption_valid).
         A caption target ends at its first end-of-text: once one is decoded (or given), every later position
         is set to end-of-text (the padding training always saw there) and is no longer decoded.
     schedule: "maskgit" (confidence-ranked commits) or "roar" (random order, accept all of a step).
