@@ -628,11 +628,14 @@ def probe_ce(ctx):
         # the CI of the same token-weighted mean over (clip, view) rows (the mean of per-row means is another
         # figure: its interval used to miss the point, e.g. normals 4.43 [3.20, 4.16])
         _, lo, hi = ratio_ci(*zip(*per_sample[m.name]))
+        # a uniform guess over the ids the CE is taken over: the modality's own, or every row (head='full')
+        full = getattr(model.config, "head", "modality") == "full"
+        uniform = math.log(model.lm_head.weight.shape[0] if full else m.vocab)
         out["per_modality"][m.name] = {"ce": ce, "ci": [lo, hi], "n_tokens": counts[m.name],
-                                       "n_samples": len(per_sample[m.name]), "uniform": math.log(m.vocab)}
+                                       "n_samples": len(per_sample[m.name]), "uniform": uniform}
         rep = REPORT["audio_ce"] if m.name == "tok_audio" else None
-        add_row(ctx, "ce", f"eval CE {m.name} (nats)", ce, (lo, hi), counts[m.name], math.log(m.vocab),
-                "log(vocab)", rep, unit="nats", differs=head_differs(ctx))
+        add_row(ctx, "ce", f"eval CE {m.name} (nats)", ce, (lo, hi), counts[m.name], uniform,
+                "log(all ids)" if full else "log(vocab)", rep, unit="nats", differs=head_differs(ctx))
     return out
 
 

@@ -484,3 +484,24 @@ def test_class_and_retrieval_probes_find_a_planted_signal_through_a_trained_mode
         assert r["gallery"] == 12 and r["R@5"]["value"] >= 0.75, (d, r["R@5"])   # chance 5/12
         same = r["prior_removed"]["class_level"]["top1_same_class"]
         assert same["value"] >= 0.75 and same["chance"] < 0.3, (d, same)
+
+
+def test_ce_probe_of_a_full_head_model_is_the_reports_quantity(tmp_path):
+    """A model trained with head='full' is scored as it trained, over every id: an untrained one sits near
+    log(50,304), not log(2,048), and its audio CE stands beside the report's 5.2 with no caveat; the same
+    weights with the per-modality head are scored over audio's own ids, with the caveat."""
+    out = _make_fixture(str(tmp_path))
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)
+    got = {}
+    for head in ("modality", "full"):
+        ckpt["model_args"] = dict(ckpt["model_args"], head=head)
+        torch.save(ckpt, os.path.join(out, "ckpt.pt"))
+        s = E.default_settings()
+        s.update(out_dir=out, device="cpu", probes="ce", ce_batches=2, batch_size=8)
+        res = E.run(s)
+        row = [r for r in res["table"] if r["metric"] == "eval CE tok_audio (nats)"][0]
+        got[head] = (res["probes"]["ce"]["per_modality"]["tok_audio"]["ce"], row)
+    (ce_m, row_m), (ce_f, row_f) = got["modality"], got["full"]
+    assert abs(ce_m - math.log(2048)) < 0.3 and abs(ce_f - math.log(M.VOCAB_SIZE)) < 0.3
+    assert row_f["random"] == pytest.approx(math.log(M.VOCAB_SIZE)) and row_f["report_differs"] is None
+    assert row_m["random"] == pytest.approx(math.log(2048)) and "50,304" in row_m["report_differs"]
