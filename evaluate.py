@@ -41,8 +41,13 @@ Probes (--probes=all or a comma list):
              truth (not the model): class accuracy, diversity within a class and energy spread vs ground truth.
              A second judge reads only the frames' order (chirp rises and falls, rhythm): its ceiling is
              decoded ground truth, its floor the same frames shuffled in time.
-  fad        Frechet distance of generated vs ground-truth audio per class and overall, with an offline
-             log-mel frame embedding (always) and CLAP (when transformers and its weights are present).
+             Class-only also at guidance 1 beside --gen_guidance (the report trained no unconditional model).
+  fad        Frechet distance of generated vs ground-truth audio over clip-level embeddings (one log-mel
+             statistics vector per clip), each with its n and a 95% jackknife interval, beside a real-vs-real
+             floor at the same n (ground truth vs decoded train clips of the same classes); and CLAP (when
+             transformers and its weights are present).
+Where a figure is not defined as the report's (head, gallery size, number of classes, guidance), the report's
+number is printed with how it differs, never as a like-for-like comparison.
   resnet     ImageNet ResNet-50 top-5 check of generated RGB (audio -> rgb, caption -> rgb), when torchvision
              and its weights are available.
 Every figure carries its sample count and a 95% CI (Wilson for accuracies, normal approx / bootstrap for means,
@@ -543,10 +548,13 @@ def clip_order(arrays):
 
 
 def add_row(ctx, probe, metric, value, ci=None, n=None, random=None, random_name="", report=None, unit="%",
-            extra=None):
-    """One line of the summary table, printed with its baseline."""
+            extra=None, differs=None):
+    """One line of the summary table, printed with its baseline. differs: how this figure's definition differs
+    from the report's (head, gallery size, guidance, classes), said beside the report's number so it is never
+    read as a like-for-like comparison; None when it is measured the report's way."""
     row = {"probe": probe, "metric": metric, "model": value, "ci": list(ci) if ci is not None else None,
-           "n": n, "random": random, "random_name": random_name, "report": report, "unit": unit}
+           "n": n, "random": random, "random_name": random_name, "report": report, "unit": unit,
+           "report_differs": differs if report is not None else None}
     if extra:
         row.update(extra)
     ctx["table"].append(row)
@@ -554,7 +562,25 @@ def add_row(ctx, probe, metric, value, ci=None, n=None, random=None, random_name
          else (f"{100 * v:.1f}%" if unit == "%" else f"{v:.3f}"))
     cis = f" [{f(ci[0])}, {f(ci[1])}]" if ci is not None else ""
     rep = f" | report {f(report)}" if report is not None else ""
+    if report is not None and differs:
+        rep += f" (not comparable: {differs})"
     print(f"  {metric:<42s} model {f(value)}{cis} (n={n}) | {random_name or 'random'} {f(random)}{rep}")
+
+
+REPORT_CLASSES, REPORT_GALLERY = 11, 200   # the report's 11 classes (chance 9.1%); R@5 chance 2.5% = 5 / 200
+
+
+def head_differs(ctx):
+    """How this model's CE differs from the report's (None when it trained the report's head)."""
+    if getattr(ctx["model"].config, "head", "modality") == "full":
+        return None
+    return ("the report's CE is over one softmax of all 50,304 ids; this model's head (head='modality') scores "
+            "each token over its own modality's ids only (audio: 2,048), a smaller figure for the same fit")
+
+
+def classes_differ(ctx):
+    C = len(ctx["class_names"])
+    return None if C == REPORT_CLASSES else f"{C} classes here (chance {100 / C:.1f}%), the report's 11 (9.1%)"
 
 
 def tokens_of(ctx, split_name, clips, views):
@@ -596,8 +622,12 @@ def probe_ce(ctx):
                 sel = b["dec_valid"] & (mod == m) & (b["dec_ids"] >= 0)   # scored targets, as in training
                 if not sel.any():
                     continue
-                ce = torch.nn.functional.cross_entropy(model.modality_logits(h[sel], m), b["dec_ids"][sel],
-                                                       reduction="none").double()
+                if getattr(model.config, "head", "modality") == "full":   # as trained: over every row
+                    logits = h[sel].float() @ model.lm_head.weight.float().t()
+                    target = b["dec_ids"][sel] + model.row_offset[m]
+                else:
+                    logits, target = model.modality_logits(h[sel], m), b["dec_ids"][sel]
+                ce = torch.nn.functional.cross_entropy(logits, target, reduction="none").double()
                 rows = sel.nonzero()[:, 0]
                 sums[name] += float(ce.sum())
                 counts[name] += int(ce.numel())
@@ -614,11 +644,14 @@ def probe_ce(ctx):
         # the CI of the same token-weighted mean over (clip, view) rows (the mean of per-row means is another
         # figure: its interval used to miss the point, e.g. normals 4.43 [3.20, 4.16])
         _, lo, hi = ratio_ci(*zip(*per_sample[m.name]))
+        # a uniform guess over the ids the CE is taken over: the modality's own, or every row (head='full')
+        full = getattr(model.config, "head", "modality") == "full"
+        uniform = math.log(model.lm_head.weight.shape[0] if full else m.vocab)
         out["per_modality"][m.name] = {"ce": ce, "ci": [lo, hi], "n_tokens": counts[m.name],
-                                       "n_samples": len(per_sample[m.name]), "uniform": math.log(m.vocab)}
+                                       "n_samples": len(per_sample[m.name]), "uniform": uniform}
         rep = REPORT["audio_ce"] if m.name == "tok_audio" else None
-        add_row(ctx, "ce", f"eval CE {m.name} (nats)", ce, (lo, hi), counts[m.name], math.log(m.vocab),
-                "log(vocab)", rep, unit="nats")
+        add_row(ctx, "ce", f"eval CE {m.name} (nats)", ce, (lo, hi), counts[m.name], uniform,
+                "log(all ids)" if full else "log(vocab)", rep, unit="nats", differs=head_differs(ctx))
     return out
 
 
@@ -648,7 +681,7 @@ def probe_entropy(ctx):
         out["conditional_gap"] = gap
         add_row(ctx, "entropy", "conditional gap: entropy - audio CE (nats)", gap,
                 (h - ce["ci"][1], h - ce["ci"][0]), ce["n_tokens"], 0.0, "no structure",
-                REPORT["audio_marginal_entropy"] - REPORT["audio_ce"], unit="nats")
+                REPORT["audio_marginal_entropy"] - REPORT["audio_ce"], unit="nats", differs=head_differs(ctx))
     else:
         out["conditional_gap"] = None
         out["note"] = "run the ce probe too for the conditional gap"
@@ -696,10 +729,10 @@ def probe_class(ctx):
               "encode_caption(caption_text(class)); the class hypotheses may not be what training saw")
     C = len(names)
     add_row(ctx, "class", "audio -> class top-1", out["top1"]["value"], out["top1"]["ci"], out["n"], 1 / C,
-            "chance 1/C", REPORT["class_top1"])
+            "chance 1/C", REPORT["class_top1"], differs=classes_differ(ctx))
     if "top5" in out:
         add_row(ctx, "class", "audio -> class top-5", out["top5"]["value"], out["top5"]["ci"], out["n"],
-                min(5 / C, 1.0), "chance 5/C", REPORT["class_top5"])
+                min(5 / C, 1.0), "chance 5/C", REPORT["class_top5"], differs=classes_differ(ctx))
     # what the tokens allow: the same clips classified by a linear probe on their audio token histograms
     judge, how = token_judge(ctx)
     k = int((judge(tokens["tok_audio"].numpy()) == labels).sum())
@@ -756,7 +789,9 @@ def probe_retrieval(ctx):
         for k in (1, 5, 10):
             if f"R@{k}" in r:
                 add_row(ctx, "retrieval", f"{key} R@{k}", r[f"R@{k}"]["value"], r[f"R@{k}"]["ci"], G, k / G,
-                        "chance k/G", REPORT["retrieval_r5"] if k == 5 else None)
+                        "chance k/G", REPORT["retrieval_r5"] if k == 5 else None,
+                        differs=None if G == REPORT_GALLERY else f"a gallery of {G} here (R@5 chance {500 / G:.1f}%), "
+                                                                 f"the report's {REPORT_GALLERY} (2.5%)")
         if "R@5" in r:
             p = r["prior_removed"]["R@5"]
             add_row(ctx, "retrieval", f"{key} R@5, candidate prior removed", p["value"], p["ci"], G, 5 / G,
@@ -1123,13 +1158,17 @@ def generations(ctx):
     audio = tokens["tok_audio"]
     res = {"clips": clips, "views": views, "labels": labels, "gt_ids": audio.numpy(), "suffix_start": start}
     t0 = time.time()
-    cls_ids, cont_ids = [], []
+    cls_ids, cls1_ids, cont_ids = [], [], []
     for s in tqdm(range(0, len(clips), ctx["batch_size"]), desc="generate", leave=False):
         e = min(s + ctx["batch_size"], len(clips))
         cap = tokens["caption"][s:e]
         zeros = torch.zeros_like(audio[s:e])
         cls_ids.append(sample.generate(ctx["model"], {"caption": cap, "tok_audio": zeros},
                                        {"caption": all_given(cap), "tok_audio": zeros.bool()}, "tok_audio", **kw))
+        if ctx["gen_guidance"] != 1.0:   # the conditional model alone beside it: what guidance adds
+            cls1_ids.append(sample.generate(ctx["model"], {"caption": cap, "tok_audio": zeros},
+                                            {"caption": all_given(cap), "tok_audio": zeros.bool()}, "tok_audio",
+                                            **dict(kw, guidance_scale=1.0)))
         given = torch.zeros_like(audio[s:e], dtype=torch.bool)
         given[:, :start] = True
         out = sample.generate(ctx["model"], {"caption": cap, "tok_rgb": tokens["tok_rgb"][s:e], "tok_audio": audio[s:e]},
@@ -1141,7 +1180,12 @@ def generations(ctx):
     res["seconds"] = time.time() - t0
     res["class_only_ids"] = torch.cat(cls_ids).cpu().numpy()
     res["continuation_ids"] = torch.cat(cont_ids).numpy()
-    res["samples_per_s"] = 2 * len(clips) / max(res["seconds"], 1e-9)
+    res["samples_per_s"] = (2 + bool(cls1_ids)) * len(clips) / max(res["seconds"], 1e-9)
+    res["class_only_settings"] = ["class_only"]
+    if cls1_ids:
+        res["class_only_g1_ids"] = torch.cat(cls1_ids).cpu().numpy()
+        res["class_only_g1_wave"] = decode_audio(ctx, res["class_only_g1_ids"])
+        res["class_only_settings"].append("class_only_g1")
     res["gt_wave"] = decode_audio(ctx, res["gt_ids"])
     res["class_only_wave"] = decode_audio(ctx, res["class_only_ids"])
     res["continuation_wave"] = decode_audio(ctx, res["continuation_ids"])
@@ -1181,7 +1225,11 @@ def probe_generation(ctx):
            "n_per_setting": int(len(y)), "samples_per_s": gen["samples_per_s"],
            "sampler": {k: ctx[k] for k in ("gen_steps", "gen_schedule", "gen_temperature", "gen_guidance")}}
     emb = {}
-    for setting in ("gt", "class_only", "continuation"):
+    g = ctx["gen_guidance"]
+    names = {"gt": "decoded ground truth (classifier ceiling)", "class_only": f"class_only samples (guidance {g:g})",
+             "class_only_g1": "class_only samples (guidance 1)", "continuation": f"continuation samples (guidance {g:g})"}
+    settings = ["gt"] + gen["class_only_settings"] + ["continuation"]
+    for setting in settings:
         emb[setting] = clip_embedding(gen[f"{setting}_wave"])
         pred = predict_proba(clf, emb[setting]).argmax(1)
         k = int((pred == y).sum())
@@ -1190,23 +1238,23 @@ def probe_generation(ctx):
         # decoder) puts most samples in one class
         out[f"{setting}_class_acc"] = {"value": acc, "ci": wilson_ci(k, len(y)), "n": int(len(y)),
                                        "predicted": np.bincount(pred, minlength=C).tolist()}
-        label = "decoded ground truth (classifier ceiling)" if setting == "gt" else f"{setting} samples"
+        label = names[setting]
         add_row(ctx, "generation", f"classifier acc on {label}", acc, wilson_ci(k, len(y)), int(len(y)), 1 / C,
                 "chance 1/C")
     # the same question in token space: no decoder in the loop, so a miss here is the model's, not the decoder's
     judge, how = token_judge(ctx)
     out["token_judge"] = how
-    for setting, ids in (("gt", gen["gt_ids"]), ("class_only", gen["class_only_ids"])):
-        pred = judge(ids)
+    for setting in ["gt"] + gen["class_only_settings"]:
+        pred = judge(gen[f"{setting}_ids"])
         k = int((pred == y).sum())
         out[f"{setting}_token_judge_acc"] = {"value": k / len(y), "ci": wilson_ci(k, len(y)), "n": int(len(y)),
                                              "predicted": np.bincount(pred, minlength=C).tolist()}
-        label = "ground-truth ids (judge ceiling)" if setting == "gt" else f"{setting} ids"
+        label = "ground-truth ids (judge ceiling)" if setting == "gt" else names[setting].replace("samples", "ids")
         add_row(ctx, "generation", f"token judge acc on {label}", k / len(y), wilson_ci(k, len(y)), int(len(y)),
                 1 / C, "chance 1/C")
     # diversity within a class, standardized features, generated / ground truth
     z = {s: (e - clf["mean"]) / clf["std"] for s, e in emb.items()}
-    for setting in ("class_only", "continuation"):
+    for setting in gen["class_only_settings"] + ["continuation"]:
         ratios = []
         for c in range(C):
             sel = y == c
@@ -1215,20 +1263,27 @@ def probe_generation(ctx):
                 ratios.append(d_gen / d_gt)
         m, lo, hi = mean_ci(ratios)
         out[f"{setting}_diversity_ratio"] = {"value": m, "ci": [lo, hi], "n_classes": len(ratios)}
-        add_row(ctx, "generation", f"diversity {setting} / ground truth", m, (lo, hi), len(ratios), 1.0,
+        add_row(ctx, "generation", f"diversity {names[setting]} / ground truth", m, (lo, hi), len(ratios), 1.0,
                 "no collapse = 100%")
-    # energy spread: std over time of frame RMS, generated / ground truth (continuation: the generated tail only)
-    for setting, s0, rep in (("class_only", 0, REPORT["energy_class_only"]),
-                             ("continuation", M.audio_sample_of(gen["suffix_start"]), REPORT["energy_continuation"])):
+    # energy spread: std over time of frame RMS, generated / ground truth (continuation: the generated tail only).
+    # The report trained no unconditional model, so its samples had no guidance: its figure is like-for-like
+    # only at guidance 1
+    guided = None if g == 1.0 else (f"guidance {g:g} here; the report trained no unconditional model, so it "
+                                    "sampled without guidance (compare the guidance 1 row)")
+    tail = M.audio_sample_of(gen["suffix_start"])
+    for setting, s0, rep, differs in (
+            [("class_only", 0, REPORT["energy_class_only"], guided)] +
+            ([("class_only_g1", 0, REPORT["energy_class_only"], None)] if "class_only_g1_ids" in gen else []) +
+            [("continuation", tail, REPORT["energy_continuation"], guided)]):
         a, b = energy_spread(gen[f"{setting}_wave"], s0), energy_spread(gen["gt_wave"], s0)
         ratio = float(a.mean() / max(b.mean(), 1e-12))
         lo, hi = bootstrap_ci(lambda i, j: a[i].mean() / max(b[j].mean(), 1e-12), [len(a), len(b)], seed=ctx["seed"])
         out[f"{setting}_energy_spread"] = {"value": ratio, "ci": [lo, hi], "n": int(len(a)), "from_sample": int(s0)}
-        add_row(ctx, "generation", f"energy spread {setting} / ground truth", ratio, (lo, hi), int(len(a)), 1.0,
-                "ground truth = 100%", rep)
+        add_row(ctx, "generation", f"energy spread {names[setting]} / ground truth", ratio, (lo, hi), int(len(a)),
+                1.0, "ground truth = 100%", rep, differs=differs)
     out["structure_judge"] = structure_judge(ctx, gen, ref)
-    add_row(ctx, "generation", "generation speed (samples/s)", gen["samples_per_s"], None, 2 * int(len(y)), None,
-            "", None, unit="")
+    add_row(ctx, "generation", "generation speed (samples/s)", gen["samples_per_s"], None,
+            (len(gen["class_only_settings"]) + 1) * int(len(y)), None, "", None, unit="")
     return out
 
 
@@ -1284,44 +1339,72 @@ def clap_embed(waves):
     return np.concatenate(embs)
 
 
+def paired_fad(a, b, z=1.96):
+    """Frechet distance between clip embeddings a [n, d] and b [n, d] (row i of each a pair: a sample and its
+    ground truth, or two real clips of one class), with a 95% normal interval from the leave-one-pair-out
+    jackknife. -> (value, lo, hi, n). The interval is not clipped at 0: it is an approximation, said as is."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if len(a) != len(b):
+        raise ValueError(f"paired_fad needs as many rows on both sides, got {len(a)} and {len(b)}")
+    from audio_features import frechet_distance
+    v, lo, hi = jackknife_ci(lambda i: frechet_distance(a[i], b[i]), len(a), z)
+    return v, lo, hi, len(a)
+
+
+def matched_rows(labels, ref_labels):
+    """Row indices into ref_labels giving the same class counts as labels (the first rows of each class), or
+    None when ref has too few of some class."""
+    picked = []
+    for c in labels:
+        rows = [i for i in np.flatnonzero(ref_labels == c) if i not in picked]
+        if not rows:
+            return None
+        picked.append(int(rows[0]))
+    return np.array(picked, dtype=np.int64)
+
+
 def probe_fad(ctx):
-    from audio_features import FRAME_EMBED_NAME, frechet_distance, log_mel_frames, HOP
+    from audio_features import EMBED_NAME, HOP, clip_embedding, log_mel_frames
     gen = generations(ctx)
     ref = train_reference(ctx)
     y = gen["labels"]
     start_frame = M.audio_sample_of(gen["suffix_start"]) // HOP    # a log-mel frame (hop HOP) index
-    frames = {s: log_mel_frames(gen[f"{s}_wave"]) for s in ("gt", "class_only", "continuation")}
-    frames["train"] = log_mel_frames(ref["wave"])
-    out = {"embedding": FRAME_EMBED_NAME, "reference": f"decoded ground truth of the same {ctx['split']} clips",
-           "floor": f"FAD of the {ctx['split']} ground truth vs decoded {ref['split']} ground truth (two real sets)",
-           "continuation_frames": f"only the generated tail (frames >= {start_frame})"}
+    frames = {s: log_mel_frames(gen[f"{s}_wave"]) for s in ["gt"] + gen["class_only_settings"] + ["continuation"]}
+    ref_rows = matched_rows(y, ref["labels"])
+    if ref_rows is None:
+        raise ProbeSkipped(f"the floor needs {len(y)} decoded {ref['split']} clips with the classes of the generated "
+                           f"ones; raise --clf_per_class (now {ctx['clf_per_class']}) to at least --gen_per_class")
+    frames["train"] = log_mel_frames(ref["wave"][ref_rows])
+    n = len(y)
+    out = {"embedding": f"clip level: {EMBED_NAME}, one vector per clip",
+           "reference": f"decoded ground truth of the same {n} {ctx['split']} clips",
+           "floor": f"the {n} {ctx['split']} ground-truth clips vs {n} decoded {ref['split']} clips of the same "
+                    "classes (two real sets, the same n as the measurement: a Frechet distance's bias grows as n "
+                    "falls, so only equal n compare)",
+           "continuation_frames": f"only the generated tail (frames >= {start_frame}), on both sides",
+           "ci": "95% normal interval, leave-one-pair-out jackknife (not clipped at 0)"}
 
-    def fd(a_frames, b_frames, ia, ib, tail=False):
-        a = a_frames[ia][:, start_frame:] if tail else a_frames[ia]
-        b = b_frames[ib][:, start_frame:] if tail else b_frames[ib]
-        return frechet_distance(a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1]))
+    def emb(key, tail=False):
+        return clip_embedding(frames=frames[key][:, start_frame:] if tail else frames[key])
 
-    idx_all = np.arange(len(y))
-    for setting in ("class_only", "continuation"):
+    for tail in (False, True):
+        v, lo, hi, k = paired_fad(emb("gt", tail), emb("train", tail))
+        out["floor_tail" if tail else "floor"] = {"overall": v, "ci": [lo, hi], "n": k}
+    for setting in gen["class_only_settings"] + ["continuation"]:
         tail = setting == "continuation"
-        per = {}
-        for c, name in enumerate(ctx["class_names"]):
-            i = np.flatnonzero(y == c)
-            if len(i):
-                per[name] = fd(frames[setting], frames["gt"], i, i, tail)
-        # each clip's sample and its ground truth are left out together
-        v, lo, hi = jackknife_ci(lambda i: fd(frames[setting], frames["gt"], i, i, tail), len(y))
-        lo = max(lo, 0.0)        # a distance: a few outlying clips can make the normal interval reach below 0
-        out[setting] = {"overall": v, "ci": [lo, hi], "per_class": per, "n_clips": int(len(y))}
-    floor = fd(frames["gt"], frames["train"], idx_all, np.arange(len(ref["labels"])))
-    out["floor_overall"] = floor
-    for setting in ("class_only", "continuation"):
-        add_row(ctx, "fad", f"FAD-logmel {setting} vs ground truth", out[setting]["overall"], out[setting]["ci"],
-                int(len(y)), floor, "floor: real vs real", unit="")
+        v, lo, hi, k = paired_fad(emb(setting, tail), emb("gt", tail))
+        fl = out["floor_tail" if tail else "floor"]
+        out[setting] = {"overall": v, "ci": [lo, hi], "n_clips": k, "floor": fl["overall"], "floor_ci": fl["ci"]}
+        name = {"class_only_g1": "class_only (guidance 1)", "class_only": f"class_only (guidance {ctx['gen_guidance']:g})",
+                "continuation": f"continuation tail (guidance {ctx['gen_guidance']:g})"}[setting]
+        add_row(ctx, "fad", f"FAD-logmel clip-level, {name} vs ground truth", v, (lo, hi), k, fl["overall"],
+                f"floor: real vs real, n={fl['n']} [{fl['ci'][0]:.3f}, {fl['ci'][1]:.3f}]", unit="")
+    out["floor_overall"] = out["floor"]["overall"]
     try:
         e_gt = clap_embed(gen["gt_wave"])
         out["clap"] = {"embedding": "CLAP laion/clap-htsat-unfused audio embedding (512-d)"}
         for setting in ("class_only", "continuation"):
+            from audio_features import frechet_distance
             v = frechet_distance(clap_embed(gen[f"{setting}_wave"]), e_gt)
             out["clap"][setting] = v
             add_row(ctx, "fad", f"FAD-CLAP {setting} vs ground truth", v, None, int(len(y)), None, "", unit="")
@@ -1553,7 +1636,9 @@ def render_report(results, ctx):
         ci = "" if not r["ci"] else f"[{fmt(r['ci'][0], r['unit'])}, {fmt(r['ci'][1], r['unit'])}]"
         h.append(f"<tr><td>{r['probe']}</td><td>{_esc(r['metric'])}</td><td><b>{fmt(r['model'], r['unit'])}</b></td>"
                  f"<td>{ci}</td><td>{r['n']}</td><td>{fmt(r['random'], r['unit'])} {_esc(r['random_name'])}</td>"
-                 f"<td>{fmt(r['report'], r['unit'])}</td></tr>")
+                 f"<td>{fmt(r['report'], r['unit'])}"
+                 f"{'<br><small>not comparable: ' + _esc(r['report_differs']) + '</small>' if r.get('report_differs') else ''}"
+                 "</td></tr>")
     h.append("</table>")
     for name, p in results["probes"].items():
         if p.get("status") != "ok":
@@ -1614,11 +1699,11 @@ def render_report(results, ctx):
         h.append("</table>")
     if P.get("fad", {}).get("status") == "ok":
         F = P["fad"]
-        names = list(F["class_only"]["per_class"])
-        h.append("<h2>Frechet audio distance per class</h2><p>" + _esc(F["embedding"]) + "</p>")
-        for s in ("class_only", "continuation"):
-            h.append(svg_bars(f"FAD-logmel {s} vs ground truth (red: overall real-vs-real floor)", names,
-                              [F[s]["per_class"][n] for n in names], [F["floor_overall"]] * len(names), "floor"))
+        keys = [k for k in ("class_only_g1", "class_only", "continuation") if k in F]
+        h.append("<h2>Frechet audio distance, clip level</h2><p>" + _esc(F["embedding"]) + "; " + _esc(F["floor"]) +
+                 "</p>")
+        h.append(svg_bars("FAD-logmel vs ground truth (red: real-vs-real floor at the same n)", keys,
+                          [F[k]["overall"] for k in keys], [F[k]["floor"] for k in keys], "floor"))
     h.append("<h2>All results</h2><pre>" + _esc(json.dumps(results["probes"], indent=1, default=float)[:200000])
              + "</pre></body></html>")
     return "\n".join(h)

@@ -557,3 +557,31 @@ if __name__ == "__main__":
             torch.cuda.synchronize()
         print(f"{device} {name}: {(time.perf_counter() - t0) / n * 1e3:.3f} ms per batch of 64 "
               f"(widths {cfg.max_input_tokens} in, {cfg.max_target_tokens} out)")
+
+
+def condition_dropout(batch, rate, generator=None):
+    """Conditioning dropout (classifier-free guidance's training half, as in MaskGIT-style guided models): each
+    sample, with probability `rate`, loses every input token of a modality it has no target in, so it is
+    asked for its targets from their own modality's visible tokens alone. A sample left with no input gets
+    the null token (modalities.NULL_ID at modalities.null_position), exactly the unconditional input that
+    sample.generate feeds for guidance, so the guided direction is one the model has learnt. The kept
+    inputs stay packed first, in order. batch: build_batch's dict; returns a new one (targets untouched).
+    Sync-free, like build_batch."""
+    if rate <= 0:
+        return batch
+    enc_ids, enc_pos, enc_valid = batch["enc_ids"], batch["enc_pos"], batch["enc_valid"]
+    B, device = enc_ids.size(0), enc_ids.device
+    gdev = generator.device if generator is not None else device
+    drop = (torch.rand(B, generator=generator, device=gdev) < rate).to(device)
+    tmod = torch.where(batch["dec_valid"], M.position_modality(batch["dec_pos"]), NUM_MOD)
+    targeted = torch.zeros(B, NUM_MOD + 1, dtype=torch.bool, device=device).scatter_(1, tmod, True)
+    keep = enc_valid & (~drop[:, None] | targeted.gather(1, M.position_modality(enc_pos)))
+    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)
+    valid = keep.gather(1, order)
+    ids, pos = enc_ids.gather(1, order) * valid, enc_pos.gather(1, order) * valid
+    empty = ~valid[:, 0]
+    first = torch.arange(ids.size(1), device=device)[None] == 0
+    null = empty[:, None] & first
+    ids = torch.where(null, M.NULL_ID, ids)
+    pos = torch.where(null, M.null_position(targeted[:, CAPTION])[:, None], pos)
+    return dict(batch, enc_ids=ids, enc_pos=pos, enc_valid=valid | null)

@@ -231,6 +231,22 @@ def caption_targets(caption):
 
 
 # ---------------------------------------------------------------------------------------------------
+# the unconditional ("null") input: what conditioning dropout leaves in training and what classifier-free
+# guidance feeds at sampling, one definition for both (masking.condition_dropout, sample.generate)
+
+NULL_ID = CAPTION_PAD       # an empty caption: end-of-text alone
+
+
+def null_position(caption_targeted):
+    """Global position of the null token: caption index 0, or the caption's last index when the caption is
+    being predicted (so it never sits on a queried caption word). Takes a bool or a BoolTensor."""
+    start = POS_OFFSETS[MODALITY_NAMES.index("caption")]
+    if torch.is_tensor(caption_targeted):
+        return start + caption_targeted.long() * (CAPTION_LEN - 1)
+    return start + (CAPTION_LEN - 1 if caption_targeted else 0)
+
+
+# ---------------------------------------------------------------------------------------------------
 # the tokenized dataset on disk
 
 def tok_dir(dataset, data_root="data"):
@@ -304,6 +320,31 @@ def open_split(tok_path, split, meta=None):
     with open(os.path.join(tok_path, split, "clip_ids.json")) as f:
         arrays["clip_ids"] = json.load(f)
     return arrays
+
+
+def stratified_order(strata, seed):
+    """A seeded order of the rows whose every prefix is stratified: the first K rows hold each stratum
+    (e.g. class x source) in proportion to its size, less than one row off, whatever K. Within a stratum
+    the rows are shuffled by the seed; then each next row comes from the stratum furthest below its share
+    k * n_s / N (ties: a seeded stratum order). So the rows of K lie inside the rows of 2K (a data-scale scan
+    is nested), and the same seed gives the same order. strata: one hashable per row. -> int64 [N]."""
+    rng = np.random.default_rng(seed)
+    by = {}
+    for i, s in enumerate(strata):
+        by.setdefault(s, []).append(i)
+    keys = sorted(by, key=str)
+    rows = [np.array(by[s])[rng.permutation(len(by[s]))] for s in keys]
+    share = np.array([len(r) for r in rows], dtype=np.float64) / len(strata)
+    tie = rng.permutation(len(keys)) * 1e-9                   # a seeded order among equal deficits
+    taken = np.zeros(len(keys), dtype=np.int64)
+    sizes = np.array([len(r) for r in rows])
+    order = np.empty(len(strata), dtype=np.int64)
+    for k in range(len(strata)):
+        deficit = np.where(taken < sizes, (k + 1) * share - taken - tie, -np.inf)
+        s = int(np.argmax(deficit))
+        order[k] = rows[s][taken[s]]
+        taken[s] += 1
+    return order
 
 
 def shift_grids(tokens, max_shift, generator=None):

@@ -11,8 +11,9 @@ cross-attend to the encoder output.
 The loss is length-normalized per modality: each modality's cross-entropy is averaged over its own scored
 targets (a target whose id is modalities.IGNORE_ID, the caption's trailing padding, is a query only),
 then the modalities present in the batch are averaged with equal weight, so the 512-token audio stream does
-not drown the ~5-token caption. Each modality's logits only span its own id range and are computed in float32
-(bf16 softmax over a 50k vocabulary produced NaNs in the report).
+not drown the ~5-token caption. With head='modality' (the default) each modality's logits only span its own
+id range; head='full' is the report's one softmax over all 50,304 ids. Either way in float32 (bf16 softmax
+over a 50k vocabulary produced NaNs in the report).
 
     model = Nano4M(Nano4MConfig())
     loss, per_modality = model(enc_ids, enc_pos, enc_valid, dec_pos, dec_valid, dec_ids)
@@ -69,6 +70,15 @@ class Nano4MConfig:
     # it and 49.5% with 'torch'. 'gpt2' here (the report's model); the two-stage ToyZoo default uses 'torch'
     # (config/toyzoo.py; in a one-stage multitask run it did not lift rgb -> class, docs/experiments.md)
     init: str = 'gpt2'
+    # 'modality': each modality's targets are scored by a softmax over its own id range only (an audio target
+    # competes with 2,048 ids, a caption target with 50,304), the head nano4M-Audio trains by default.
+    # 'full': the report's head, one softmax over all vocab_size ids for every target (FullVocabCE): an audio
+    # target also competes with every rgb, depth and BPE id, so its CE is the report's quantity.
+    head: str = 'modality'
+    # 'learned': factorised learned positions (image row + col, audio frame + codebook, caption index).
+    # 'sincos': the report's code, one fixed 1-D sin-cos table over the flat global position (0 .. 1,115),
+    # the same table for every modality (the modality embedding tells them apart)
+    pos_emb: str = 'learned'
 
 
 class LayerNorm(nn.Module):
@@ -173,13 +183,22 @@ class Nano4M(nn.Module):
             rows = config.vocab_size
         self.wte = nn.Embedding(rows, D)                         # token embedding (see separate_vocab)
         self.wme = nn.Embedding(len(MODALITIES), D)             # which modality a token belongs to
-        # position parts; the three image grids share row/col (they are pixel-aligned views of one frame)
-        self.pos_row = nn.Parameter(torch.zeros(GRID, D))
-        self.pos_col = nn.Parameter(torch.zeros(GRID, D))
-        self.pos_frame = nn.Parameter(torch.zeros(M.AUDIO_FRAMES, D))        # stream index i -> frame i // K
-        self.pos_codebook = nn.Parameter(torch.zeros(M.AUDIO_CODEBOOKS, D))  # ... and codebook i % K
-        seq_lengths = {m.length for m in MODALITIES if m.layout == "seq"}
-        self.pos_seq = nn.Parameter(torch.zeros(max(seq_lengths), D))      # caption index
+        if config.pos_emb not in ("learned", "sincos"):
+            raise ValueError(f"pos_emb={config.pos_emb!r}: expected 'learned' or 'sincos'")
+        if config.head not in ("modality", "full"):
+            raise ValueError(f"head={config.head!r}: expected 'modality' or 'full'")
+        learned = []
+        if config.pos_emb == "learned":
+            # position parts; the three image grids share row/col (they are pixel-aligned views of one frame)
+            self.pos_row = nn.Parameter(torch.zeros(GRID, D))
+            self.pos_col = nn.Parameter(torch.zeros(GRID, D))
+            self.pos_frame = nn.Parameter(torch.zeros(M.AUDIO_FRAMES, D))        # stream index i -> frame i // K
+            self.pos_codebook = nn.Parameter(torch.zeros(M.AUDIO_CODEBOOKS, D))  # ... and codebook i % K
+            seq_lengths = {m.length for m in MODALITIES if m.layout == "seq"}
+            self.pos_seq = nn.Parameter(torch.zeros(max(seq_lengths), D))      # caption index
+            learned = [self.pos_row, self.pos_col, self.pos_frame, self.pos_codebook, self.pos_seq]
+        else:   # fixed, so not saved: it follows from the width
+            self.register_buffer("pos_sincos", sincos_table(TOTAL_POSITIONS, D), persistent=False)
         self.mask_token = nn.Parameter(torch.zeros(D))                      # the decoder query content
         self.drop = nn.Dropout(config.dropout)
         self.encoder = nn.ModuleList([EncoderBlock(config) for _ in range(config.n_enc_layer)])
@@ -229,7 +248,7 @@ class Nano4M(nn.Module):
         if config.init not in ("gpt2", "torch"):
             raise ValueError(f"init={config.init!r}: expected 'gpt2' or 'torch'")
         self.apply(self._init_weights)
-        for p in (self.pos_row, self.pos_col, self.pos_frame, self.pos_codebook, self.pos_seq, self.mask_token):
+        for p in learned + [self.mask_token]:
             nn.init.normal_(p, mean=0.0, std=0.02)
         # GPT-2's scaled init of the projections that write into the residual stream
         n_resid = 2 * config.n_enc_layer + 3 * config.n_dec_layer
@@ -280,6 +299,8 @@ class Nano4M(nn.Module):
 
     def position_table(self):
         """[TOTAL_POSITIONS, D]: each modality's position embedding, concatenated in global-position order."""
+        if self.config.pos_emb == "sincos":
+            return self.pos_sincos
         D = self.config.n_embd
         grid = (self.pos_row[:, None, :] + self.pos_col[None, :, :]).reshape(GRID * GRID, D)
         audio = (self.pos_frame[:, None, :] + self.pos_codebook[None, :, :]).reshape(-1, D)
@@ -397,10 +418,27 @@ class Nano4M(nn.Module):
         loss = torch.stack(means).mean() if means else h.float().sum() * 0.0
         return loss, per_modality
 
+    def full_vocab_loss(self, h, dec_pos, dec_ids, dec_valid):
+        """head='full', the report's head: -> (loss, {name: (sum_ce, count)}) like per_modality_loss, but every
+        target is scored by one softmax over all the head's rows (FullVocabCE). Still length-normalised per
+        modality (the report's loss), with static shapes and no host sync."""
+        mod = self.target_modality(dec_pos, dec_valid, dec_ids).reshape(-1)
+        rows = dec_ids.reshape(-1).clamp_min(0) + self.pos_row_offset[dec_pos].reshape(-1)
+        ce = FullVocabCE.apply(h.reshape(-1, h.size(-1)), self.lm_head.weight, rows, mod < len(self.modalities))
+        n = len(self.modalities)
+        sums = torch.zeros(n + 1, dtype=torch.float32, device=h.device).index_add(0, mod, ce)
+        counts = torch.bincount(mod, minlength=n + 1)[:n].float()
+        present = counts > 0
+        means = sums[:n] / counts.clamp_min(1.0)
+        loss = (means * present).sum() / present.sum().clamp_min(1.0)
+        return loss, {name: (sums[m].detach(), counts[m]) for m, name in enumerate(MODALITY_NAMES)}
+
     def forward(self, enc_ids, enc_pos, enc_valid, dec_pos, dec_valid, dec_ids=None, dec_counts=None):
         h = self.decode_hidden(enc_ids, enc_pos, enc_valid, dec_pos, dec_valid)
         if dec_ids is None:
             return h
+        if self.config.head == "full":
+            return self.full_vocab_loss(h, dec_pos, dec_ids, dec_valid)
         return self.per_modality_loss(h, dec_pos, dec_ids, dec_valid, dec_counts)
 
     def compile_trunk(self, **kwargs):
@@ -450,6 +488,8 @@ class Nano4M(nn.Module):
         enc = n_in * Le * (12 * D * D + 4 * n_in * D)
         dec = Ld * (n_out * (14 * D * D + 4 * n_out * D + 4 * n_in * D) + n_in * 2 * D * D)
         mean_vocab = sum(m.vocab for m in self.modalities) / len(self.modalities)
+        if self.config.head == "full":
+            mean_vocab = self.lm_head.weight.shape[0]       # every target against every row
         head = n_out * D * mean_vocab
         # grid_conv: two 3x3 convolutions over every cell of each image grid, whatever the inputs
         stem = len(self.grid_conv) * GRID * GRID * 2 * 9 * D * D
@@ -511,6 +551,55 @@ class PerModalityCE(torch.autograd.Function):
                 grad_w[w0:w0 + vocab].addmm_(grad.t(), h_m * grad_sums[m])
                 start += n
         return grad_h.to(h.dtype), grad_w.to(weight.dtype), None, None, None
+
+
+class FullVocabCE(torch.autograd.Function):
+    """head='full': the cross-entropy of each row of h [N, D] over all rows of the head weight [V, D] (one
+    softmax over the whole vocabulary, the report's head), in float32; rows where scored is False give 0 and
+    no gradient. The numbers of F.cross_entropy(h @ weight.T, ids, reduction='none') * scored, done in row
+    chunks so the [N, V] logits (V = 50,304) never exist whole: each chunk's softmax is recomputed in backward
+    instead of kept, which costs one more matmul per chunk and saves the largest tensor of the step."""
+    CHUNK = 2048
+
+    @staticmethod
+    def forward(ctx, h, weight, ids, scored):
+        with torch.autocast(device_type=h.device.type, enabled=False):
+            w = weight.float()
+            out = []
+            for s in range(0, h.size(0), FullVocabCE.CHUNK):
+                logits = h[s:s + FullVocabCE.CHUNK].float() @ w.t()
+                i = ids[s:s + FullVocabCE.CHUNK]
+                out.append(torch.logsumexp(logits, dim=1) - logits.gather(1, i[:, None])[:, 0])
+            ce = torch.cat(out) * scored if out else h.new_zeros(0, dtype=torch.float32)
+        ctx.save_for_backward(h, weight, ids, scored)
+        return ce
+
+    @staticmethod
+    def backward(ctx, grad_ce):
+        h, weight, ids, scored = ctx.saved_tensors
+        grad_h = torch.zeros(h.shape, dtype=torch.float32, device=h.device)
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        with torch.autocast(device_type=h.device.type, enabled=False):
+            w = weight.float()
+            g = grad_ce.float() * scored
+            for s in range(0, h.size(0), FullVocabCE.CHUNK):
+                h_c = h[s:s + FullVocabCE.CHUNK].float()
+                grad = torch.softmax(h_c @ w.t(), dim=1)
+                grad[torch.arange(grad.size(0), device=h.device), ids[s:s + FullVocabCE.CHUNK]] -= 1.0
+                grad *= g[s:s + FullVocabCE.CHUNK, None]
+                grad_h[s:s + FullVocabCE.CHUNK] = grad @ w
+                grad_w.addmm_(grad.t(), h_c)
+        return grad_h.to(h.dtype), grad_w.to(weight.dtype), None, None
+
+
+def sincos_table(n, dim):
+    """[n, dim] fixed 1-D sin-cos positions (Vaswani et al. 2017): sin in the first half, cos in the second,
+    frequencies 1 / 10000^(2i / dim)."""
+    half = dim // 2
+    freq = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float64) / half)
+    angle = torch.arange(n, dtype=torch.float64)[:, None] * freq[None]
+    table = torch.cat([angle.sin(), angle.cos()], dim=1)
+    return torch.nn.functional.pad(table, (0, dim - 2 * half)).float()
 
 
 class HostCounts:

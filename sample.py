@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 import modalities as M   # the audio layout's names (M.BY_NAME, M.POS_OFFSETS, M.AUDIO_*) are read at call time
-from modalities import MODALITY_NAMES, SHORT_NAMES, CAPTION_PAD, modality_index, caption_valid
+from modalities import MODALITY_NAMES, SHORT_NAMES, CAPTION_PAD, NULL_ID, modality_index, caption_valid, null_position
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -80,6 +80,15 @@ def filter_logits(logits, top_k=0, top_p=1.0):
     return logits
 
 
+def codebook_mask(index, vocab):
+    """Audio stream indices [n] -> bool [n, vocab]: the ids each slot may take. Slot K*t + k holds codebook
+    k of frame t, whose ids are [k * V, (k + 1) * V) (modalities.interleave_audio); any other id would be
+    another codebook's code, which decoding can only clamp."""
+    k = (index % M.AUDIO_CODEBOOKS)[:, None]
+    ids = torch.arange(vocab, device=index.device)[None]
+    return (ids >= k * M.AUDIO_CODEBOOK_SIZE) & (ids < (k + 1) * M.AUDIO_CODEBOOK_SIZE)
+
+
 def _rand(shape, generator, device):
     """Uniform [0, 1) numbers drawn from `generator` on its own device, then moved: one CPU generator
     reproduces the same samples on any device."""
@@ -95,15 +104,15 @@ def _gumbel(shape, generator, device):
 @torch.no_grad()
 def generate(model, tokens, known, target, steps=16, schedule="maskgit", temperature=1.0,
              temperature_end=None, top_k=0, top_p=1.0, guidance_scale=1.0, remask_noise=0.0,
-             count_schedule="cosine", generator=None):
+             count_schedule="cosine", generator=None, codebook_true=True):
     """Decode the unknown positions of modality `target` given the known tokens of every modality.
 
     tokens: {modality: LongTensor [B, L_m]}, short or full names; only the modalities used need be present
         (the target may be absent: it is then fully unknown).
     known:  {modality: BoolTensor [B, L_m]}, True = given as conditioning. A modality in `tokens` without an
         entry is fully known if it is not the target and fully unknown if it is. For the target, the known
-        positions (e.g. the first 80% for continuation) keep their values in the output. Caption padding
-        (after the first end-of-text) is never fed, whatever `known` says.
+        positions (e.g. the first 80% for continuation) keep their values in the output. A known caption is
+        fed whole, its end-of-text padding included, as training feeds it (modalities.caption_valid).
         A caption target ends at its first end-of-text: once one is decoded (or given), every later position
         is set to end-of-text (the padding training always saw there) and is no longer decoded.
     schedule: "maskgit" (confidence-ranked commits) or "roar" (random order, accept all of a step).
@@ -115,7 +124,11 @@ def generate(model, tokens, known, target, steps=16, schedule="maskgit", tempera
         pass keeps only the target modality's own known / decoded tokens as input; where that leaves a sample
         with no input at all it gets one "null" token: an empty caption (the end-of-text id) at caption
         position 0 (at the last caption position when the caption is the target, so it never sits on a
-        queried position). At 1.0 the unconditional pass is skipped: the result is the conditional one.
+        queried position). That is exactly the input train.py's conditioning dropout (--cond_dropout,
+        masking.condition_dropout) trains the model on. At 1.0 the unconditional pass is skipped: the
+        result is the conditional one.
+    codebook_true: an audio target samples each slot from its own codebook's ids only (codebook_mask); False
+        draws every slot from all of the modality's ids, as before (decoding then clamps a wrong-codebook id).
     remask_noise: MaskGIT's annealed randomness on the confidences: Gumbel noise scaled by
         remask_noise * (1 - progress) is added to the log-probability of each sampled token before ranking.
     generator: torch.Generator for every random draw (reproducible; may live on the CPU for a GPU model).
@@ -170,11 +183,9 @@ def generate(model, tokens, known, target, steps=16, schedule="maskgit", tempera
     in_target = torch.zeros_like(flat_given)
     in_target[:, t_start:t_start + t_len] = True
 
-    # the null input of the unconditional pass (see the docstring)
-    null_index = 0 if target != "caption" else M.BY_NAME["caption"].length - 1
-    null_id = torch.full((B, 1), CAPTION_PAD, dtype=torch.long, device=device)
-    null_pos = torch.full((B, 1), M.POS_OFFSETS[modality_index("caption")] + null_index, dtype=torch.long,
-                          device=device)
+    # the null input of the unconditional pass: the one conditioning dropout trains (modalities.null_position)
+    null_id = torch.full((B, 1), NULL_ID, dtype=torch.long, device=device)
+    null_pos = torch.full((B, 1), null_position(target == "caption"), dtype=torch.long, device=device)
 
     out = flat_ids[:, t_start:t_start + t_len].clone()
     out = torch.where(flat_given[:, t_start:t_start + t_len], out, torch.zeros_like(out))
@@ -224,6 +235,8 @@ def generate(model, tokens, known, target, steps=16, schedule="maskgit", tempera
         if guidance_scale != 1.0:
             uncond, _, _ = run(flat_ids_now, decoded, query, add_null=True)
             logits = uncond + guidance_scale * (logits - uncond)
+        if target == "tok_audio" and codebook_true:   # each slot only from its own codebook's ids
+            logits = logits.masked_fill(~codebook_mask(d_order[dv], t_mod.vocab), float("-inf"))
 
         # sample one id per query (Gumbel-max on the filtered logits = a draw from their softmax)
         if temp <= 0:
@@ -381,6 +394,7 @@ DEFAULTS = dict(
     guidance_scale=3.0,        # classifier-free guidance; 1.0 = the conditional model alone. 3.0: class-only
                                # audio judged the right class once decoded 34-43% vs 9-14% at 1.0 (README)
     remask_noise=0.0,          # MaskGIT's annealed Gumbel noise on the confidences
+    codebook_true=True,        # audio: each slot samples only its own codebook's ids (False: all 2,048 ids)
     continuation_frac=0.8,     # continuation: the fraction of the audio frames given
     seed=1337,
     device="auto",             # 'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1'
@@ -485,7 +499,8 @@ def main(argv=None):
             out = generate(model, batch, {target: known}, target, steps=cfg["steps"], schedule=cfg["schedule"],
                            count_schedule=cfg["count_schedule"], temperature=cfg["temperature"],
                            temperature_end=cfg["temperature_end"], top_k=cfg["top_k"], top_p=cfg["top_p"],
-                           guidance_scale=cfg["guidance_scale"], remask_noise=cfg["remask_noise"], generator=g)
+                           guidance_scale=cfg["guidance_scale"], remask_noise=cfg["remask_noise"], generator=g,
+                           codebook_true=cfg["codebook_true"])
         generated[start:start + len(r)] = out.cpu()
     if device.startswith("cuda"):
         torch.cuda.synchronize()

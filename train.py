@@ -11,6 +11,8 @@ DDP on one node with 8 GPUs (gradient_accumulation_steps must be a multiple of t
 Every setting below can be overridden by a config file or --key=value (see configurator.py).
 Each step draws batch_size random (clip, view) pairs from the memmapped train split, allocates input and
 target tokens with 4M Dirichlet masking (masking.py) and minimizes the per-modality-averaged cross-entropy.
+Runs max_iters updates; evaluates every eval_interval and after the last update, which is saved too.
+Check a config without training: python train.py config/audio.py --dry_run=True (the resolved settings as JSON).
 Writes out_dir/ckpt.pt (atomically; --init_from=resume continues exactly the same run), out_dir/log.jsonl
 (per-modality eval CE on train and val at every eval) and out_dir/train_log.jsonl (the logged train steps).
 """
@@ -55,7 +57,8 @@ wandb_mode = 'offline'          # 'online' to sync; offline works without networ
 # data
 dataset = 'toyzoo'
 data_root = 'data'
-max_train_clips = 0             # 0 = all; K = only the first K train clips (data-scale scans)
+max_train_clips = 0             # 0 = all; K = a class x source stratified subset of K train clips, nested (the
+                                # clips of K lie inside those of 2K) and fixed by seed (data-scale scans)
 gradient_accumulation_steps = 1 # total over all DDP ranks
 batch_size = 64                 # per rank, per micro-step
 # masking: every field of masking.MaskingConfig, same names and defaults (see masking.py for each)
@@ -70,6 +73,9 @@ mixture = None                  # None or a list of component dicts, each with a
 min_input_tokens = 1
 audio_spans = (1, 4)            # contiguous audio spans per sample, inclusive range
 mixture_per_batch = False       # one mixture component per batch (uniform shapes: cheap on a CPU) vs per sample
+cond_dropout = 0.1              # conditioning dropout: this fraction of train samples keep only the inputs of the
+                                # modalities they predict (or the null token), the input guidance uses at sampling
+                                # (masking.condition_dropout; MaskGIT-style guided models use ~0.1; the report 0)
 augment_shift = 0               # train batches: move the image grids by up to this many patches (modalities.shift_grids)
 # model
 n_enc_layer = 6
@@ -80,6 +86,10 @@ dropout = 0.0
 bias = False
 dec_same_modality = True
 separate_vocab = False          # True: own embedding / head rows per modality, not the report's shared table
+head = 'modality'               # 'modality': a softmax over each modality's own ids; 'full': the report's one softmax
+                                # over all 50,304 ids (model.py)
+pos_emb = 'learned'             # 'learned': factorised learned positions; 'sincos': the report's fixed 1-D sin-cos table
+                                # over the flat global position (model.py)
 code_features = False           # True: embeddings also read each id's vector from the dataset's tokenizers (model.py)
 feature_only = ()               # e.g. ('tok_rgb',): those inputs read their code features alone, no row per id (model.py)
 init = 'gpt2'                   # 'gpt2' (nanoGPT's N(0, 0.02)) or 'torch' (PyTorch's Linear init; model.py)
@@ -106,6 +116,8 @@ compile_mode = 'default'        # its torch.compile mode: 'reduce-overhead' repl
 peak_flops = 989e12             # for MFU: the accelerator's dense peak (H100 SXM bf16)
 threads = 0                     # CPU threads for torch (0 = torch's default); 1 is best on a busy machine
 seed = 1337
+dry_run = False                 # True: resolve every setting, build the model, print them as one JSON line, exit
+                                # without reading data
 # -----------------------------------------------------------------------------------------------------
 _defaults = configurator.settings(globals())
 try:
@@ -121,6 +133,25 @@ try:
     mask_cfg = masking.MaskingConfig(**{k: config[k] for k in _masking_fields})
 except ValueError as e:
     raise SystemExit(f"train.py: bad masking settings: {e}")
+if not 0.0 <= cond_dropout < 1.0:
+    raise SystemExit(f"train.py: --cond_dropout={cond_dropout} must lie in [0, 1)")
+
+if dry_run:
+    # what this command would train, resolved (config files, then --key=value), and the model it builds;
+    # code feature widths and a warm start's architecture come from files, which a dry run does not read
+    _args = {f.name: config[f.name] for f in fields(Nano4MConfig) if f.name in config}
+    try:
+        _model = Nano4M(Nano4MConfig(**_args))
+    except ValueError as e:
+        raise SystemExit(f"train.py: {e}")
+    _n = _model.get_num_params()
+    print(f"model: {_n / 1e6:.2f}M parameters" + (" (without code features: their widths come from the "
+                                                  "dataset's tokenizers)" if code_features else ""))
+    print(json.dumps({**config, 'derived': {
+        'n_params': _n, 'audio_span_stride': modalities.AUDIO_CODEBOOKS, 'lr_schedule': 'linear warmup then cosine' if decay_lr
+        else 'constant', 'max_input_tokens': mask_cfg.max_input_tokens, 'max_target_tokens': mask_cfg.max_target_tokens,
+        'architecture_from': init_from if init_from != 'scratch' else 'these settings'}}, default=str))
+    sys.exit(0)
 
 # DDP (torchrun sets RANK / LOCAL_RANK / WORLD_SIZE)
 ddp = int(os.environ.get('RANK', -1)) != -1
@@ -187,10 +218,28 @@ try:
 except modalities.EmptySplitError as e:
     raise SystemExit(f"train.py: {e}")
 n_train = len(splits['train']['label'])
+train_rows = None               # the train rows a subset run draws from (None: all)
 if max_train_clips:
     if max_train_clips > n_train:
         raise SystemExit(f"max_train_clips={max_train_clips} but {tok_path} has only {n_train} train clips")
+    # class x source strata; the source is in the raw manifest (a tokenized set without it: class alone)
+    from rawdata import raw_dir, read_manifest
+    _manifest = os.path.join(raw_dir(dataset, data_root), 'manifest.jsonl')
+    _source = {}
+    if os.path.exists(_manifest):
+        _source = {r['clip_id']: r.get('source', '') for r in read_manifest(_manifest)}
+    elif master_process:
+        print(f"note: {_manifest} not found: the train subset is stratified by class alone")
+    _labels = np.asarray(splits['train']['label'])
+    _strata = [(int(c), _source.get(cid, '')) for c, cid in zip(_labels, splits['train']['clip_ids'])]
+    train_rows = np.sort(modalities.stratified_order(_strata, seed)[:max_train_clips])
     n_train = max_train_clips
+    if master_process:
+        with open(os.path.join(out_dir, 'train_clips.json'), 'w') as _f:
+            json.dump([splits['train']['clip_ids'][i] for i in train_rows], _f)
+        _per = np.bincount(_labels[train_rows], minlength=len(meta['class_names']))
+        print(f"train subset: {max_train_clips} of {len(_labels)} clips, per class {_per.tolist()} "
+              f"(ids in {out_dir}/train_clips.json)")
 num_clips = {s: (n_train if s == 'train' else len(a['label'])) for s, a in splits.items()}
 if master_process:
     print(f"data: {tok_path}, " + ", ".join(f"{s} {n} clips" for s, n in num_clips.items()))
@@ -206,6 +255,8 @@ def get_batch(split, data_generator, mask_generator, augment=False):
     pairs read from the memmaps, moved to the device, masked there."""
     n = num_clips[split]
     clips = torch.randint(n, (batch_size,), generator=data_generator).numpy()
+    if split == 'train' and train_rows is not None:
+        clips = train_rows[clips]
     views = torch.randint(modalities.NUM_VIEWS, (batch_size,), generator=data_generator).numpy()
     tokens, _labels = modalities.gather_views(splits[split], clips, views)
     if augment and augment_shift:              # training steps only: the loss estimates see the data as it is
@@ -215,6 +266,8 @@ def get_batch(split, data_generator, mask_generator, augment=False):
     else:
         tokens = {k: v.to(device) for k, v in tokens.items()}
     batch = masking.build_batch(tokens, mask_cfg, mask_generator)
+    if augment and cond_dropout:               # training steps only, like the shifts
+        batch = masking.condition_dropout(batch, cond_dropout, mask_generator)
     if device_type == 'cpu' and not compile:
         batch = trim_padding(batch)
     # the head needs each modality's target count on the host: start that copy now, so that reading it in
@@ -412,7 +465,8 @@ while True:
     for param_group in optimizer.param_groups:
         param_group['lr'] = lr * param_group.get('lr_scale', 1.0)
 
-    if iter_num % eval_interval == 0:
+    last_step = iter_num >= max_iters   # the model after max_iters updates: evaluated, saved, and the run ends
+    if iter_num % eval_interval == 0 or last_step:
         rng = rng_states(data_state)
         if master_process:
             losses = estimate_loss()
@@ -429,7 +483,7 @@ while True:
                 if iter_num > 0:
                     print(f"saving checkpoint to {out_dir}")
                     save_checkpoint(rng)
-    if eval_only:
+    if eval_only or last_step:
         break
 
     # forward / backward, with gradient accumulation; the next batch is drawn while the GPU works
@@ -469,8 +523,6 @@ while True:
             wandb.log({'iter': iter_num, 'train/step_loss': lossf, 'lr': lr, 'mfu': running_mfu})
     iter_num += 1
     local_iter_num += 1
-    if iter_num > max_iters:
-        break
 
 if ddp:
     destroy_process_group()

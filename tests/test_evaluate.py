@@ -236,6 +236,23 @@ def test_frechet_distance():
     assert np.isfinite(AF.frechet_distance(a[:5], a[5:10] * 2)) and AF.frechet_distance(a[:5], a[:5]) < 1e-6
 
 
+def test_paired_fad_is_zero_for_one_set_and_grows_with_a_shift():
+    """FAD between clip embeddings with a jackknife interval: 0 for a set against itself, a real-vs-real
+    value whose interval holds a same-distribution draw, and a shifted set far above both (the squared
+    shift, 4 dims x 2^2 = 16); unequal sides are refused."""
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(60, 4)), rng.normal(size=(60, 4))
+    assert E.paired_fad(a, a)[0] == pytest.approx(0.0, abs=1e-9)
+    same, lo, hi, n = E.paired_fad(a, b)
+    assert n == 60 and lo <= same <= hi and same < 1.0
+    far, flo, fhi, _ = E.paired_fad(a, b + 2.0)
+    assert flo > hi and abs(far - 16.0) < 3.0
+    with pytest.raises(ValueError, match="as many rows"):
+        E.paired_fad(a, b[:10])
+    assert E.matched_rows(np.array([0, 1, 1]), np.array([1, 0, 1, 1])).tolist() == [1, 0, 2]
+    assert E.matched_rows(np.array([2]), np.array([0, 1])) is None
+
+
 def test_audio_features_and_classifier():
     rng = np.random.default_rng(0)
     t = np.arange(M.AUDIO_WINDOW) / M.AUDIO_SR
@@ -430,8 +447,13 @@ def test_end_to_end_tiny(tmp_path):
     assert W["views_summed"] == 10 and 0.0 <= W["rgb_class_top1"]["whole_clip"] <= 1.0
     assert all(len(W[k][d]["curve"]) == 6 for k in ("both_directions", "class_pivot", "fused")
                for d in ("audio->rgb", "rgb->audio"))
-    for m in P["ce"]["per_modality"].values():
-        assert not (m["ce"] < m["ci"][0] or m["ce"] > m["ci"][1])    # nan bounds compare False
+    for m in P["ce"]["per_modality"].values():      # finite, and inside its interval (a NaN bound fails here)
+        assert all(math.isfinite(x) for x in (m["ce"], *m["ci"])) and m["ci"][0] <= m["ce"] <= m["ci"][1], m
+    # the model trained the per-modality head: its CE is not the report's quantity, and the table says so
+    audio_ce = [r for r in saved["table"] if r["metric"] == "eval CE tok_audio (nats)"][0]
+    assert audio_ce["report"] == 5.2 and "50,304" in audio_ce["report_differs"]
+    r5 = [r for r in saved["table"] if r["metric"] == "audio->rgb R@5"][0]
+    assert "gallery of 6" in r5["report_differs"]
     lo, hi = P["entropy"]["bias_corrected_ci"]
     assert lo <= P["entropy"]["bias_corrected"] <= hi
     assert P["structure"]["tok_depth"]["n_images"] == 12
@@ -445,10 +467,131 @@ def test_end_to_end_tiny(tmp_path):
     assert P["generation"]["n_per_setting"] == 6
     sj = P["generation"]["structure_judge"]
     assert {"gt", "gt_shuffled", "class_only", "continuation"} <= set(sj) and sj["class_only"]["n"] == 6
-    assert P["fad"]["class_only"]["overall"] >= 0
+    # class-only generation at guidance 1 beside the default guidance (3)
+    assert P["generation"]["class_only_g1_class_acc"]["n"] == P["generation"]["class_only_class_acc"]["n"] == 6
+    energy = {r["metric"]: r for r in saved["table"] if r["metric"].startswith("energy spread class_only")}
+    assert energy["energy spread class_only samples (guidance 1) / ground truth"]["report_differs"] is None
+    assert "guidance 3" in energy["energy spread class_only samples (guidance 3) / ground truth"]["report_differs"]
+    # FAD: clip level, the floor at the same n as each measurement, every figure with its interval
+    F = P["fad"]
+    for k in ("class_only", "class_only_g1", "continuation"):
+        lo, hi = F[k]["ci"]
+        assert F[k]["n_clips"] == 6 and all(math.isfinite(x) for x in (F[k]["overall"], lo, hi))
+        assert lo <= F[k]["overall"] <= hi
+    assert F["floor"]["n"] == F["floor_tail"]["n"] == 6 and "clip level" in F["embedding"]
+    # an untrained model's class-only audio is far from real audio: above the real-vs-real floor's interval
+    assert F["class_only"]["ci"][0] > F["floor"]["ci"][1]
     assert all(r["random"] is not None or r["metric"].startswith(("generation speed", "FAD-CLAP"))
                for r in saved["table"])
     html = open(os.path.join(d, "report.html")).read()
     assert "<svg" in html and "confusion matrix" in html and "data:image/png;base64" in html
     assert "validation CE during training" in html
     assert not [f for f in os.listdir(d) if ".tmp" in f]
+
+
+def _planted_fixture(root, classes=("cat", "dog", "pig", "cow"), n={"train": 16, "test": 12}, steps=100):
+    """A tokenized set where every clip's rgb and audio are its class's template (10% of tokens random), and a
+    real tiny Nano4M trained for a hundred steps on it, on the probes' own directions (the whole audio or rgb
+    in; the caption and 32 tokens of the other side out). Returns the checkpoint dir."""
+    import masking
+    from model import Nano4M, Nano4MConfig
+    tok = os.path.join(root, "data", "pl", "tok")
+    rng = np.random.default_rng(0)
+    meta = {"dataset": "pl", "class_names": list(classes), "num_views": M.NUM_VIEWS, "splits": dict(n),
+            "modalities": {m.name: {"shape": [M.NUM_VIEWS, m.length] if m.per_view else [m.length], "vocab": m.vocab,
+                                    "tokenizer": "synthetic", "codebook": None} for m in M.MODALITIES}}
+    C = len(classes)
+    # class c's ids are its own (ids, or codes, 2c and 2c + 1, which of the two at random): a signal that a
+    # hundred steps find
+    own = lambda k, shape: np.arange(C).reshape(C, *([1] * len(shape))) * k + rng.integers(0, k, (C, *shape))
+    templates = {"tok_rgb": own(2, (196,)), "tok_depth": own(2, (196,)), "tok_normal": own(2, (196,)),
+                 "tok_audio": M.interleave_audio(own(2, (2, M.AUDIO_FRAMES)))}
+    for split, count in n.items():
+        os.makedirs(os.path.join(tok, split))
+        labels = np.arange(count) % C
+        for m in M.MODALITIES:
+            if m.name == "caption":
+                a = np.stack([M.encode_caption(M.caption_text(classes[c])) for c in labels])
+            else:
+                a = np.repeat(templates[m.name][labels][:, None], M.NUM_VIEWS, 1)
+                noise = rng.random(a.shape) < 0.1
+                a = np.where(noise, M.interleave_audio(rng.integers(0, 2 * C, (count, M.NUM_VIEWS, 2, M.AUDIO_FRAMES)))
+                             if m.name == "tok_audio" else rng.integers(0, 2 * C, a.shape), a)
+            a.astype(np.uint16).tofile(os.path.join(tok, split, m.name + ".bin"))
+        labels.astype(np.uint16).tofile(os.path.join(tok, split, "label.bin"))
+        with open(os.path.join(tok, split, "clip_ids.json"), "w") as f:
+            json.dump([f"{split}_{i:03d}" for i in range(count)], f)
+    with open(os.path.join(tok, "meta.json"), "w") as f:
+        json.dump(meta, f)
+    none = (0.0,) * 5
+    # the whole source in; out, the caption and 32 tokens of the other side (as config/toyzoo.py binds them)
+    also = {"rgb": (1.0, 0, 0, 0, 0), "audio": (0, 0, 0, 1.0, 0)}
+    whole = lambda src, other: dict(weight=1.0, input_full=(src,), input_alphas=none, input_budget=(0, 0),
+                                    target_full=("caption",), target_alphas=also[other], target_budget=(32, 32))
+    cfg = masking.MaskingConfig(mixture=[whole("audio", "rgb"), whole("rgb", "audio")], mixture_per_batch=True)
+    args = dict(n_enc_layer=1, n_dec_layer=1, n_embd=32, n_head=2, init="torch")
+    torch.manual_seed(0)
+    model = Nano4M(Nano4MConfig(**args))
+    opt = model.configure_optimizers(0.0, 1e-2, (0.9, 0.95), "cpu")
+    train = M.open_split(tok, "train", meta)
+    g = torch.Generator().manual_seed(0)
+    first = last = None
+    for _ in range(steps):
+        clips = torch.randint(n["train"], (8,), generator=g).numpy()
+        views = torch.randint(M.NUM_VIEWS, (8,), generator=g).numpy()
+        tokens, _ = M.gather_views(train, clips, views)
+        b = masking.build_batch(tokens, cfg, g)
+        loss, _ = model(b["enc_ids"], b["enc_pos"], b["enc_valid"], b["dec_pos"], b["dec_valid"], b["dec_ids"])
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        first = loss.item() if first is None else first
+        last = loss.item()
+    assert last < first - 2.0, (first, last)                 # it trained
+    out = os.path.join(root, "out")
+    os.makedirs(out)
+    torch.save({"model": model.state_dict(), "model_args": args, "iter_num": steps,
+                "config": {"dataset": "pl", "data_root": os.path.join(root, "data")}}, os.path.join(out, "ckpt.pt"))
+    return out
+
+
+def test_class_and_retrieval_probes_find_a_planted_signal_through_a_trained_model(tmp_path):
+    """Where each clip's sound and picture are its class's template, a tiny model trained a hundred steps
+    names the class from either side and retrieves the same class's pictures for a sound (and back): the
+    probes' figures must sit far above their chance, or the probes (not the model) are broken."""
+    out = _planted_fixture(str(tmp_path))
+    s = E.default_settings()
+    s.update(out_dir=out, device="cpu", probes="class,retrieval", gallery=12, class_views=1, retrieval_views=1,
+             batch_size=16)
+    res = E.run(s)
+    assert res["failed"] == []
+    P = res["probes"]
+    assert P["class"]["n"] == 12
+    assert P["class"]["top1"]["value"] >= 0.75, P["class"]["top1"]               # chance 25%
+    assert P["class"]["rgb_to_class"]["top1"]["value"] >= 0.75
+    for d in ("audio->rgb", "rgb->audio"):
+        r = P["retrieval"][d]
+        assert r["gallery"] == 12 and r["R@5"]["value"] >= 0.75, (d, r["R@5"])   # chance 5/12
+        same = r["prior_removed"]["class_level"]["top1_same_class"]
+        assert same["value"] >= 0.75 and same["chance"] < 0.3, (d, same)
+
+
+def test_ce_probe_of_a_full_head_model_is_the_reports_quantity(tmp_path):
+    """A model trained with head='full' is scored as it trained, over every id: an untrained one sits near
+    log(50,304), not log(2,048), and its audio CE stands beside the report's 5.2 with no caveat; the same
+    weights with the per-modality head are scored over audio's own ids, with the caveat."""
+    out = _make_fixture(str(tmp_path))
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)
+    got = {}
+    for head in ("modality", "full"):
+        ckpt["model_args"] = dict(ckpt["model_args"], head=head)
+        torch.save(ckpt, os.path.join(out, "ckpt.pt"))
+        s = E.default_settings()
+        s.update(out_dir=out, device="cpu", probes="ce", ce_batches=2, batch_size=8)
+        res = E.run(s)
+        row = [r for r in res["table"] if r["metric"] == "eval CE tok_audio (nats)"][0]
+        got[head] = (res["probes"]["ce"]["per_modality"]["tok_audio"]["ce"], row)
+    (ce_m, row_m), (ce_f, row_f) = got["modality"], got["full"]
+    assert abs(ce_m - math.log(2048)) < 0.3 and abs(ce_f - math.log(M.VOCAB_SIZE)) < 0.3
+    assert row_f["random"] == pytest.approx(math.log(M.VOCAB_SIZE)) and row_f["report_differs"] is None
+    assert row_m["random"] == pytest.approx(math.log(2048)) and "50,304" in row_m["report_differs"]

@@ -454,3 +454,65 @@ def test_init_choice_sets_the_linear_spread_and_refuses_unknown_names():
     assert torch.isfinite(run(t, b)[0])
     with pytest.raises(ValueError, match="init="):
         tiny(init="xavier")
+
+
+@pytest.mark.parametrize("separate", [False, True])
+def test_full_vocab_head_is_one_softmax_over_every_row(separate):
+    """head='full' (the report's head): each target's CE is over all the head's rows (50,304 shared, or the
+    85,120 separate ones), averaged per modality then over the modalities, with the same gradients as
+    F.cross_entropy on the whole logits; the per-modality head scores the same hidden states lower (fewer
+    competitors), so the two heads' CEs are different quantities."""
+    model = tiny(head="full", separate_vocab=separate)
+    b = random_batch()
+    b["dec_ids"][0, 0] = M.IGNORE_ID                                       # a queried, unscored target
+    loss, per = run(model, b)
+    h = model.decode_hidden(b["enc_ids"], b["enc_pos"], b["enc_valid"], b["dec_pos"], b["dec_valid"])
+    logits = h @ model.lm_head.weight.t()
+    assert logits.shape[-1] == (sum(VOCABS.tolist()) if separate else M.VOCAB_SIZE)
+    mod = M.position_modality(b["dec_pos"])
+    offset = torch.tensor(model.row_offset)[mod]
+    means, restricted = [], []
+    for m_idx, m in enumerate(M.MODALITIES):
+        sel = b["dec_valid"] & (mod == m_idx) & (b["dec_ids"] >= 0)
+        if not sel.any():
+            assert per[m.name][1] == 0
+            continue
+        ce = F.cross_entropy(logits[sel], b["dec_ids"][sel] + offset[sel], reduction="sum")
+        torch.testing.assert_close(per[m.name][0], ce.detach(), rtol=1e-4, atol=1e-3)
+        assert per[m.name][1] == sel.sum()
+        means.append(ce / sel.sum())
+        own = logits[sel][:, model.row_offset[m_idx]:model.row_offset[m_idx] + m.vocab]
+        restricted.append((F.cross_entropy(own, b["dec_ids"][sel]), m.vocab < logits.shape[-1]))
+    ref = torch.stack(means).mean()
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+    for (r, fewer), f in zip(restricted, means):       # the caption spans all 50,304 shared rows: equal
+        assert r < f - 1e-3 if fewer else abs(r - f) < 1e-4, (r, f)
+    # the gradients of the chunked autograd function are those of the plain full softmax
+    w_grad = torch.autograd.grad(loss, model.lm_head.weight, retain_graph=True)[0]
+    w_ref = torch.autograd.grad(ref, model.lm_head.weight)[0]
+    torch.testing.assert_close(w_grad, w_ref, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="head="):
+        tiny(head="joint")
+
+
+def test_sincos_positions_are_one_fixed_table_over_the_flat_position():
+    """pos_emb='sincos' (the report's code): the position part of every token is row p of one fixed 1-D
+    sin-cos table, p the flat global position, the same table whatever the modality; no learnt position
+    parameters remain, and nothing of it is saved in the state dict."""
+    model = tiny(pos_emb="sincos")
+    table = model.position_table()
+    assert table.shape == (M.TOTAL_POSITIONS, 32) and not table.requires_grad
+    p, i = 700, 3                                     # an audio position; dims i (sin) and 16 + i (cos)
+    freq = 10000.0 ** (-i / 16)
+    assert table[p, i].item() == pytest.approx(math.sin(p * freq), abs=1e-5)
+    assert table[p, 16 + i].item() == pytest.approx(math.cos(p * freq), abs=1e-5)
+    assert not any(n.startswith("pos_") for n, _ in model.named_parameters())
+    assert not any(k.startswith("pos_") for k in model.state_dict())
+    learned = tiny()
+    assert learned.get_num_params() - model.get_num_params() == 32 * (2 * M.GRID + M.AUDIO_FRAMES +
+                                                                       M.AUDIO_CODEBOOKS + M.CAPTION_LEN)
+    loss, _ = run(model, random_batch())
+    loss.backward()
+    assert math.isfinite(loss.item())
+    with pytest.raises(ValueError, match="pos_emb="):
+        tiny(pos_emb="rope")

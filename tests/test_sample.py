@@ -12,7 +12,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import sample  # noqa: E402
 from modalities import (MODALITIES, BY_NAME, POS_OFFSETS, CAPTION_PAD, modality_index, encode_caption,  # noqa: E402
-                        caption_text, caption_valid)
+                        caption_text, caption_valid, NULL_ID, null_position, AUDIO_CODEBOOKS, AUDIO_CODEBOOK_SIZE)
 from model import Nano4M, Nano4MConfig  # noqa: E402
 
 A0 = POS_OFFSETS[modality_index("audio")]
@@ -120,10 +120,13 @@ def test_schedule_decodes_every_position_once_and_keeps_given(schedule):
             # the encoder sees exactly the given + already-decoded audio, never a position being queried
             assert enc_audio == given | committed_so_far
             assert not (enc & dec)
-            # caption padding never fed
-            cap = [p - POS_OFFSETS[4] for p in enc if p >= POS_OFFSETS[4]]
-            assert all(caption_valid(tokens["caption"][b])[i] for i in cap)
-            assert len(cap) == int(caption_valid(tokens["caption"][b]).sum())
+            # the known caption is fed whole, its end-of-text padding included, with the stored ids: the
+            # input training gives (modalities.caption_valid), so no caption length leaks through the count
+            ev = call["enc_valid"][b]
+            fed = {p - POS_OFFSETS[4]: i for p, i in zip(call["enc_pos"][b][ev].tolist(),
+                                                        call["enc_ids"][b][ev].tolist()) if p >= POS_OFFSETS[4]}
+            assert fed == dict(enumerate(tokens["caption"][b].tolist()))
+            assert list(fed.values()).count(CAPTION_PAD) >= 10          # "a photo of a cat": 5 ids + 11 pads
             # decoded ids fed back are the final output's ids (never re-masked, never changed)
             ev = call["enc_valid"][b]
             for p, i in zip(call["enc_pos"][b][ev].tolist(), call["enc_ids"][b][ev].tolist()):
@@ -192,9 +195,9 @@ def test_guidance_unconditional_pass_drops_conditioning():
             if audio_c:
                 assert enc_u == audio_c            # only the target's own known / decoded tokens
             else:                                  # nothing yet: the single null token, an empty caption
-                assert enc_u == {POS_OFFSETS[4]}
+                assert enc_u == {POS_OFFSETS[4]} == {null_position(False)}
                 ev = uncond["enc_valid"][b]
-                assert uncond["enc_ids"][b][ev].tolist() == [CAPTION_PAD]
+                assert uncond["enc_ids"][b][ev].tolist() == [CAPTION_PAD] == [NULL_ID]
     # scale 0 is the unconditional model: same as generating with the conditioning removed, where the
     # inputs coincide (samples 1 and 2 always have audio; sample 0 starts from the null token)
     s0 = sample.generate(tiny_model(), tokens, known, "audio", steps=4, guidance_scale=0.0, generator=gen(7))
@@ -212,8 +215,10 @@ def test_greedy_topk1_topp_tiny_give_the_argmax():
     dec_pos = A0 + torch.arange(512).expand(2, 512)
     h = model.decode_hidden(tokens["caption"] * valid, enc_pos * valid, valid, dec_pos,
                             torch.ones(2, 512, dtype=torch.bool))
-    argmax = model.modality_logits(h, 3).argmax(-1)
-    for kw in (dict(temperature=0.0), dict(top_k=1), dict(top_p=1e-6), dict(temperature=1e-4)):
+    # (the argmax within each slot's own codebook: slot 2t + k among ids [1024k, 1024(k + 1)))
+    allowed = sample.codebook_mask(torch.arange(512), 2048)
+    argmax = model.modality_logits(h, 3).masked_fill(~allowed, float("-inf")).argmax(-1)
+    for kw in (dict(temperature=0.0), dict(top_k=1), dict(top_p=1e-6), dict(temperature=1e-6)):   # (a 4e-4 logit gap exists)
         out = sample.generate(model, tokens, {}, "audio", steps=1, generator=gen(5), **kw)
         assert torch.equal(out, argmax), kw
 
@@ -450,3 +455,176 @@ def test_caption_target_is_padding_after_its_first_end_of_text(schedule):
         for b in range(2):
             if (fed[b] & (enc_pos[b] == c0 + 3)).any():
                 assert not (fed[b] & (enc_pos[b] > c0 + 3) & (enc_ids[b] == 7)).any()
+
+
+class WrongCodebook(nn.Module):
+    """A stand-in whose audio logits put almost all the mass on the other codebook's ids: slot 2t (codebook
+    0) prefers ids >= 1024, slot 2t + 1 (codebook 1) ids < 1024."""
+
+    def __init__(self):
+        super().__init__()
+        self.dummy = nn.Parameter(torch.zeros(1))
+
+    def decode_hidden(self, enc_ids, enc_pos, enc_valid, dec_pos, dec_valid):
+        return (dec_pos - A0).float()[..., None]
+
+    def modality_logits(self, h, m):
+        k = h[:, 0].long() % 2
+        ids = torch.arange(MODALITIES[m].vocab)[None]
+        other = (ids >= 1024) != (k[:, None] == 1)
+        return torch.where(other, 8.0, 0.0) + torch.sin(ids * 0.37 + h) * 0.1
+
+
+@pytest.mark.parametrize("schedule", ["maskgit", "roar"])
+def test_every_audio_slot_samples_from_its_own_codebook(schedule):
+    """Codebook-true sampling: slot K*t + k only ever gets an id of codebook k, [k * V, (k + 1) * V), even
+    from a model that prefers the other codebook (before, e^8 odds would put nearly every slot in the wrong
+    one, which decoding silently clamped); and from a tiny real model, with guidance and noise."""
+    tokens, known = mixed_batch()
+    known["audio"][2] = False          # (mixed_batch's random given ids ignore the layout: not checked)
+    known["audio"][1, 410:] = False
+    for model in (WrongCodebook(), tiny_model()):
+        out = sample.generate(model, tokens, known, "audio", steps=5, schedule=schedule, guidance_scale=2.0,
+                              temperature=2.0, remask_noise=1.0, generator=gen(2))
+        slot = torch.arange(512).expand_as(out) % AUDIO_CODEBOOKS
+        check = ~known["audio"]
+        assert ((out // AUDIO_CODEBOOK_SIZE == slot) | ~check).all()
+        assert len(set(out[check].tolist())) > 20
+    # the switch off: the wrong-codebook preference wins nearly everywhere (what decoding used to clamp)
+    off = sample.generate(WrongCodebook(), tokens, known, "audio", steps=5, schedule=schedule, generator=gen(2),
+                          codebook_true=False)
+    slot = torch.arange(512).expand_as(off) % AUDIO_CODEBOOKS
+    assert ((off // AUDIO_CODEBOOK_SIZE != slot) & ~known["audio"]).float().sum() > 0.9 * (~known["audio"]).sum()
+    mask = sample.codebook_mask(torch.tensor([0, 1, 2, 511]), 2048)
+    assert mask.sum(1).tolist() == [1024] * 4 and mask[0, :1024].all() and mask[3, 1024:].all()
+
+
+class Confident(nn.Module):
+    """A stand-in whose every query is sure of one id, each position with its own fixed confidence: the logit
+    of the sure id at position p is conf[p], every other id 0. Greedy decoding then commits by conf alone."""
+
+    def __init__(self, seed=0):
+        super().__init__()
+        self.dummy = nn.Parameter(torch.zeros(1))
+        self.conf = torch.randperm(512, generator=gen(seed)).float() / 40.0     # distinct, 0 .. 12.8
+
+    def decode_hidden(self, enc_ids, enc_pos, enc_valid, dec_pos, dec_valid):
+        return (dec_pos - A0).float()[..., None]
+
+    def modality_logits(self, h, m):
+        p = h[:, 0].long()
+        logits = torch.zeros(h.size(0), MODALITIES[m].vocab)
+        logits[torch.arange(h.size(0)), (p % 2) * 1024 + 5] = self.conf[p]
+        return logits
+
+
+def test_maskgit_commits_the_most_confident_frames_first():
+    """At every MaskGIT step the frames committed are the most confident of those still masked: every one of
+    them has a higher summed log-probability than every frame left masked (ROAR is random, so it does not)."""
+    inner = Confident()
+    model = Recorder(inner)
+    B = 2
+    tokens = {"caption": captions(["cat", "dog"])}
+    sample.generate(model, tokens, {}, "audio", steps=6, temperature=0.0, generator=gen())
+    # each slot's log-probability among its own codebook's 1,024 ids (the sure one at conf, 1,023 at 0)
+    others = torch.full_like(inner.conf, math.log(AUDIO_CODEBOOK_SIZE - 1))
+    tok_logp = inner.conf - torch.logsumexp(torch.stack([inner.conf, others]), 0)
+    frame_conf = tok_logp.view(256, 2).sum(1)
+    checked = 0
+    for s in range(len(model.calls) - 1):
+        for b in range(B):
+            now = {(p - A0) // 2 for p in rows_of(model.calls[s], b)[1]}
+            later = {(p - A0) // 2 for p in rows_of(model.calls[s + 1], b)[1]}
+            committed = now - later
+            assert committed and later
+            assert min(frame_conf[list(committed)]) > max(frame_conf[list(later)]), s
+            checked += 1
+    assert checked == 2 * 5
+    roar = Recorder(inner)
+    sample.generate(roar, tokens, {}, "audio", steps=6, schedule="roar", temperature=0.0, generator=gen())
+    first = {(p - A0) // 2 for p in rows_of(roar.calls[0], 0)[1]}
+    assert min(frame_conf[list(first)]) < max(frame_conf[list(set(range(256)) - first)])
+
+
+def test_guidance_feeds_exactly_what_conditioning_dropout_trains():
+    """The unconditional input of guidance is the one train.py's conditioning dropout produces: for class-only
+    generation (caption -> whole audio) the null token alone, for continuation (audio prefix + rgb + caption
+    -> audio tail) the audio prefix alone. Compared as sets of (position, id) fed to the encoder."""
+    import masking
+    from modalities import modality_index as mi
+    B = 2
+    audio = torch.randint(0, 1024, (B, 512), generator=gen(4))
+    tokens = {"tok_rgb": torch.randint(0, 16384, (B, 196), generator=gen(5)),
+              "tok_depth": torch.zeros(B, 196, dtype=torch.long), "tok_normal": torch.zeros(B, 196, dtype=torch.long),
+              "tok_audio": audio, "caption": captions(["cat", "dog"])}
+    none = (0.0,) * 5
+
+    def fed(enc_ids, enc_pos, enc_valid, b):
+        return set(zip(enc_pos[b][enc_valid[b]].tolist(), enc_ids[b][enc_valid[b]].tolist()))
+
+    # class-only: the whole caption in, the whole audio out
+    cfg = masking.MaskingConfig(input_full=("caption",), input_alphas=none, input_budget=(0, 0),
+                                target_full=("audio",), target_alphas=none, target_budget=(0, 0))
+    batch = masking.condition_dropout(masking.build_batch(tokens, cfg, gen(1)), 1.0, gen(2))
+    model = Recorder(tiny_model())
+    sample.generate(model, {"caption": tokens["caption"]}, {}, "audio", steps=2, guidance_scale=3.0, generator=gen())
+    uncond = model.calls[1]
+    for b in range(B):
+        want = fed(batch["enc_ids"], batch["enc_pos"], batch["enc_valid"], b)
+        assert want == {(null_position(False), NULL_ID)}
+        assert fed(uncond["enc_ids"], uncond["enc_pos"], uncond["enc_valid"], b) == want
+    # continuation: the first 205 frames of audio, rgb and the caption in; the audio tail out
+    prefix = sample.continuation_prefix()
+    b0 = masking.build_batch(tokens, masking.MaskingConfig(input_full=("caption", "rgb"), target_full=("audio",),
+                                                           input_alphas=none, target_alphas=none,
+                                                           input_budget=(0, 0), target_budget=(0, 0)), gen(1))
+    # put the audio prefix in as inputs and leave the tail as targets (as generate's first step has them)
+    a_pos = POS_OFFSETS[mi("audio")] + torch.arange(prefix)
+    enc_ids = torch.cat([audio[:, :prefix], b0["enc_ids"]], 1)
+    enc_pos = torch.cat([a_pos.expand(B, -1), b0["enc_pos"]], 1)
+    enc_valid = torch.cat([torch.ones(B, prefix, dtype=torch.bool), b0["enc_valid"]], 1)
+    tail = b0["dec_pos"] >= POS_OFFSETS[mi("audio")] + prefix
+    batch = masking.condition_dropout(dict(b0, enc_ids=enc_ids, enc_pos=enc_pos, enc_valid=enc_valid,
+                                           dec_valid=b0["dec_valid"] & tail), 1.0, gen(2))
+    known = torch.zeros(B, 512, dtype=torch.bool)
+    known[:, :prefix] = True
+    model = Recorder(tiny_model())
+    sample.generate(model, {"caption": tokens["caption"], "rgb": tokens["tok_rgb"], "audio": audio},
+                    {"audio": known}, "audio", steps=2, guidance_scale=3.0, generator=gen())
+    uncond = model.calls[1]
+    for b in range(B):
+        want = fed(batch["enc_ids"], batch["enc_pos"], batch["enc_valid"], b)
+        assert want == set(zip(a_pos.tolist(), audio[b, :prefix].tolist()))
+        assert fed(uncond["enc_ids"], uncond["enc_pos"], uncond["enc_valid"], b) == want
+
+
+def test_condition_dropout_rate_and_packing():
+    """At rate r about r of the samples lose the inputs of every modality they have no target in; the kept
+    inputs stay first and in order; rate 0 changes nothing; the targets are never touched."""
+    import masking
+    B = 400
+    tokens = masking.random_tokens(B, generator=gen(3))
+    cfg = masking.MaskingConfig(input_budget=(16, 64), target_budget=(16, 64))
+    base = masking.build_batch(tokens, cfg, gen(4))
+    assert masking.condition_dropout(base, 0.0, gen(5)) is base
+    out = masking.condition_dropout(base, 0.25, gen(5))
+    for k in ("dec_pos", "dec_ids", "dec_valid"):
+        assert torch.equal(out[k], base[k])
+    n_valid = out["enc_valid"].sum(1)
+    assert (out["enc_valid"] == (torch.arange(out["enc_valid"].size(1))[None] < n_valid[:, None])).all()
+    changed = (n_valid != base["enc_valid"].sum(1)) | (out["enc_pos"] != base["enc_pos"]).any(1)
+    from modalities import position_modality
+    tm = torch.where(base["dec_valid"], position_modality(base["dec_pos"]), 5)
+    targeted = torch.zeros(B, 6, dtype=torch.bool).scatter_(1, tm, True)
+    em = position_modality(base["enc_pos"])
+    eligible = (base["enc_valid"] & ~targeted.gather(1, em)).any(1)   # an input a dropout would remove
+    assert not changed[~eligible].any() and eligible.sum() > 100
+    assert 0.17 < changed[eligible].float().mean() < 0.33, changed[eligible].float().mean()
+    for b in torch.nonzero(changed)[:, 0].tolist()[:20]:
+        tmods = set(position_modality(base["dec_pos"][b][base["dec_valid"][b]]).tolist())
+        kept = out["enc_pos"][b][out["enc_valid"][b]]
+        if kept.tolist() == [null_position("caption" in [MODALITIES[m].name for m in tmods])]:
+            continue
+        assert set(position_modality(kept).tolist()) <= tmods
+        before = base["enc_pos"][b][base["enc_valid"][b]]
+        assert kept.tolist() == [p for p in before.tolist() if position_modality(torch.tensor(p)).item() in tmods]
