@@ -1,0 +1,94 @@
+"""
+Packing: the trunk runs on the real tokens only. (Speed machinery, kept out of model.py's reading path.)
+
+A batch from masking.py has fixed widths (256 input + 256 target slots at the report's budgets), but each
+sample's input and target budgets are drawn from 16..256, so about half of the slots are padding. The padded
+path (model.py, Nano4M.decode_hidden) computes them all and masks them out; here every sample's real tokens
+are laid one after another in one sequence [1, T, D], so the Linears, MLPs and LayerNorms see only real
+tokens, and attention runs segment by segment with the same rules as the padded masks:
+
+  - encoder self-attention: one segment per sample (its real inputs);
+  - decoder self-attention: one segment per (sample, modality) with dec_same_modality (4M's rule: a target
+    sees the targets of its own modality), else one per sample;
+  - cross-attention: a sample's targets see that sample's real inputs only.
+
+The result is the same decoder output at every real target row (zeros at the padding rows, which the head
+never reads), so the loss and the gradients equal the padded path's to float rounding
+(tests/test_packing.py). Turned on by model.packed = True (train.py --packing).
+
+Attention route, chosen by measurement on a 2-core CPU (fwd + bwd of one attention, batch 8, lengths drawn
+from 16..256, d512, 8 heads, one thread, CPU time): a loop of plain SDPA calls, one per segment, 22 ms; one
+SDPA over the packed sequence with a block-diagonal bool mask, 90 ms (it scores every pair of the batch's
+~1,000 tokens); unpacking to [B, longest, D] for a masked SDPA and packing back, 58 ms; SDPA over jagged
+nested tensors, ~4 s (no fused CPU kernel, and no mask for the decoder's modality rule). On a GPU a varlen
+kernel (FlexAttention block masks, or SDPA over jagged tensors) would replace the loop; unmeasured here.
+
+Packing reads the per-sample lengths on the host (a sync), so it is for eager steps; under torch.compile or
+CUDA graphs the padded path keeps its static shapes.
+"""
+import torch
+import torch.nn.functional as F
+
+from modalities import MODALITIES
+
+
+class Segments:
+    """Varlen attention over packed rows: the query rows are cut into consecutive segments of q_lens rows,
+    the key rows into segments of k_lens rows (python lists of equal length, zeros allowed where both are
+    zero), and each query segment attends to its own key segment only."""
+
+    def __init__(self, q_lens, k_lens=None):
+        self.q_lens = q_lens
+        self.k_lens = q_lens if k_lens is None else k_lens
+
+    def attend(self, q, k, v, dropout_p=0.0):
+        """q [1, H, Tq, Dh], k and v [1, H, Tk, Dh] -> [1, H, Tq, Dh]."""
+        outs = [F.scaled_dot_product_attention(qs, ks, vs, dropout_p=dropout_p)
+                for qs, ks, vs in zip(q.split(self.q_lens, 2), k.split(self.k_lens, 2), v.split(self.k_lens, 2))
+                if qs.size(2)]
+        return torch.cat(outs, 2)
+
+
+def can_pack(enc_valid, dec_valid):
+    """Whether a batch can take the packed path: eager (not being compiled), every sample with at least one
+    input (the padded path's fallback for an empty encoder attends to a padding slot, which packing drops)
+    and at least one target somewhere."""
+    if torch.compiler.is_compiling():
+        return False
+    return bool(enc_valid.any(1).all()) and bool(dec_valid.any())
+
+
+def decode_hidden_packed(model, enc_ids, enc_pos, enc_valid, dec_pos, dec_valid):
+    """Nano4M.decode_hidden on the real tokens only -> [B, No, D], zeros at the padding rows."""
+    B, No = dec_pos.shape
+    x, y = model.embed(enc_ids, enc_pos, enc_valid, dec_pos)      # per-token gathers: cheap even padded
+    D = x.size(-1)
+    # encoder rows: every sample's real inputs, sample after sample (wherever they sit in the row)
+    enc_rows = enc_valid.reshape(-1).nonzero()[:, 0]
+    enc_lens = enc_valid.sum(1).tolist()
+    # decoder rows grouped by (sample, modality), so that every self-attention segment is contiguous
+    # whatever order the caller's targets come in (masking.py already puts them in that order)
+    n_mod = len(MODALITIES)
+    group = torch.arange(B, device=dec_pos.device)[:, None] * n_mod
+    if model.config.dec_same_modality:
+        group = group + model.pos_modality[dec_pos]
+    key = torch.where(dec_valid, group, B * n_mod).reshape(-1)
+    n_dec = int(dec_valid.sum())
+    dec_rows = torch.argsort(key, stable=True)[:n_dec]
+    if model.config.dec_same_modality:
+        self_lens = torch.bincount(key[dec_rows], minlength=B * n_mod).tolist()
+    else:
+        self_lens = dec_valid.sum(1).tolist()
+    enc_seg = Segments(enc_lens)
+    self_seg = Segments(self_lens)
+    cross_seg = Segments(dec_valid.sum(1).tolist(), enc_lens)
+
+    x = x.reshape(-1, D)[enc_rows][None]                                     # [1, Ti, D]
+    for block in model.encoder:
+        x = block(x, enc_seg)
+    memory = model.enc_ln_f(x)
+    y = y.reshape(-1, D)[dec_rows][None]                                     # [1, To, D]
+    for block in model.decoder:
+        y = block(y, memory, self_seg, cross_seg)
+    y = model.dec_ln_f(y)[0]
+    return y.new_zeros(B * No, D).index_copy(0, dec_rows, y).view(B, No, D)
