@@ -16,12 +16,14 @@ The result is the same decoder output at every real target row (zeros at the pad
 never reads), so the loss and the gradients equal the padded path's to float rounding
 (tests/test_packing.py). Turned on by model.packed = True (train.py --packing).
 
-Attention route, chosen by measurement on a 2-core CPU (fwd + bwd of one attention, batch 8, lengths drawn
-from 16..256, d512, 8 heads, one thread, CPU time): a loop of plain SDPA calls, one per segment, 22 ms; one
-SDPA over the packed sequence with a block-diagonal bool mask, 90 ms (it scores every pair of the batch's
-~1,000 tokens); unpacking to [B, longest, D] for a masked SDPA and packing back, 58 ms; SDPA over jagged
-nested tensors, ~4 s (no fused CPU kernel, and no mask for the decoder's modality rule). On a GPU a varlen
-kernel (FlexAttention block masks, or SDPA over jagged tensors) would replace the loop; unmeasured here.
+Attention route, chosen by measurement on the 2-core CPU (`python packing.py`: forward + backward of one
+attention over 8 samples of 16..256 tokens, d512, 8 heads, CPU time of one thread, so that other work on the
+machine does not blur it): a loop of plain SDPA calls, one per sample, 28 ms; one SDPA over the packed
+sequence with a block-diagonal bool mask, 109-119 ms (it scores every pair of the batch's ~1,000 tokens);
+unpacking to [B, longest, D] for the padded mask and packing back, 66-87 ms; SDPA over jagged nested tensors,
+146-152 ms (and no mask for the decoder's modality rule; built from a non-leaf tensor it fails on this CPU-only
+machine, probing CUDA). So the loop. On a GPU a varlen kernel (FlexAttention block masks, SDPA over jagged
+tensors) would replace it; unmeasured here.
 
 Packing reads the per-sample lengths on the host (a sync), so it is for eager steps; under torch.compile or
 CUDA graphs the padded path keeps its static shapes.
@@ -104,3 +106,53 @@ def trim_padding(batch):
     n_in = int(batch['enc_valid'].sum(1).max())
     n_out = max(int(batch['dec_valid'].sum(1).max()), 1)
     return {k: v[:, :n_in] if k.startswith('enc') else v[:, :n_out] for k, v in batch.items()}
+
+
+if __name__ == "__main__":
+    # python packing.py: the attention routes above, timed on this machine
+    import time
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    B, H, Dh = 8, 8, 64
+    lens = torch.randint(16, 257, (B,)).tolist()
+    T, L = sum(lens), max(lens)
+    x = torch.randn(T, 3 * H * Dh, requires_grad=True)
+    heads = lambda t: t.view(1, t.size(0), H, Dh).transpose(1, 2)
+
+    def loop():
+        q, k, v = (heads(t) for t in x.split(H * Dh, 1))
+        Segments(lens).attend(q, k, v).sum().backward()
+
+    sample = torch.repeat_interleave(torch.arange(B), torch.tensor(lens))
+
+    def block_diagonal():
+        q, k, v = (heads(t) for t in x.split(H * Dh, 1))
+        F.scaled_dot_product_attention(q, k, v, attn_mask=sample[:, None] == sample[None, :]).sum().backward()
+
+    valid = torch.arange(L)[None] < torch.tensor(lens)[:, None]
+    rows = valid.flatten().nonzero()[:, 0]
+    pad_mask = (valid[:, None, :] | torch.eye(L, dtype=torch.bool))[:, None]
+
+    def unpack_padded():
+        q, k, v = (t.view(B, L, H, Dh).transpose(1, 2)
+                   for t in x.new_zeros(B * L, x.size(1)).index_copy(0, rows, x).view(B, L, -1).split(H * Dh, 2))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=pad_mask)
+        y.transpose(1, 2).reshape(B * L, -1)[rows].sum().backward()
+
+    leaf = torch.randn(T, H, Dh, requires_grad=True)
+
+    def jagged():
+        qn = torch.nested.nested_tensor_from_jagged(leaf, torch.tensor([0] + lens).cumsum(0)).transpose(1, 2)
+        F.scaled_dot_product_attention(qn, qn, qn).values().sum().backward()
+
+    print(f"attention fwd + bwd, {B} samples of {lens} tokens, d{H * Dh}, {H} heads, CPU ms of one thread:")
+    for name, fn in (("loop of SDPA, one per sample", loop), ("block-diagonal mask", block_diagonal),
+                     (f"unpacked to [{B}, {L}] + mask", unpack_padded), ("jagged nested tensors", jagged)):
+        try:
+            fn()
+            t0 = time.thread_time()
+            for _ in range(3):
+                fn()
+            print(f"  {name}: {(time.thread_time() - t0) / 3 * 1000:.1f}")
+        except Exception as e:   # (a route this torch build lacks)
+            print(f"  {name}: failed, {type(e).__name__}: {str(e).splitlines()[0][:120]}")
