@@ -232,6 +232,9 @@ class Nano4M(nn.Module):
         # host sync (static_shape_loss), so a whole step can be one CUDA graph. Both give the same numbers.
         self.packed = False
         self.static_head = False
+        # static_shape_loss's tables: each modality's vocabulary and first head row, then the unscored rows'
+        self.register_buffer("head_vocab", torch.tensor([m.vocab for m in MODALITIES] + [1]), persistent=False)
+        self.register_buffer("head_start", torch.tensor(self.row_offset + [0]), persistent=False)
 
         if config.init not in ("gpt2", "torch"):
             raise ValueError(f"init={config.init!r}: expected 'gpt2' or 'torch'")
@@ -423,8 +426,7 @@ class Nano4M(nn.Module):
         mod = self.target_modality(dec_pos, dec_valid, dec_ids).reshape(-1)        # n_mod = not scored
         scored = mod < n_mod
         ids = dec_ids.reshape(-1)
-        vocab = torch.tensor([m.vocab for m in MODALITIES] + [1], device=device)
-        start = torch.tensor(self.row_offset + [0], device=device)
+        vocab, start = self.head_vocab, self.head_start      # (buffers: a tensor made here would be a copy)
         # a row that is not scored reads modality 0's range (finite, then zeroed) rather than none (NaN grads)
         lo, hi = start[mod.clamp_max(n_mod - 1)], (start + vocab)[mod.clamp_max(n_mod - 1)]
         wide = max(range(n_mod), key=lambda m: MODALITIES[m].vocab)
