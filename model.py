@@ -232,7 +232,8 @@ class Nano4M(nn.Module):
         # host sync (static_shape_loss), so a whole step can be one CUDA graph. Both give the same numbers.
         self.packed = False
         self.static_head = False
-        # static_shape_loss's tables: each modality's vocabulary and first head row, then the unscored rows'
+        # static_shape_loss's tables: each modality's vocabulary and first head row, then those of the rows
+        # that are not scored (padding, ignored caption slots): one row, 0
         self.register_buffer("head_vocab", torch.tensor([m.vocab for m in MODALITIES] + [1]), persistent=False)
         self.register_buffer("head_start", torch.tensor(self.row_offset + [0]), persistent=False)
 
@@ -426,9 +427,9 @@ class Nano4M(nn.Module):
         mod = self.target_modality(dec_pos, dec_valid, dec_ids).reshape(-1)        # n_mod = not scored
         scored = mod < n_mod
         ids = dec_ids.reshape(-1)
-        vocab, start = self.head_vocab, self.head_start      # (buffers: a tensor made here would be a copy)
-        # a row that is not scored reads modality 0's range (finite, then zeroed) rather than none (NaN grads)
-        lo, hi = start[mod.clamp_max(n_mod - 1)], (start + vocab)[mod.clamp_max(n_mod - 1)]
+        # each row's id range [lo, hi) in the head; a row that is not scored gets [0, 1) (finite, then zeroed)
+        # rather than none, whose NaN gradient would leak (buffers: a tensor made here would be a copy)
+        lo, hi = self.head_start[mod], (self.head_start + self.head_vocab)[mod]
         wide = max(range(n_mod), key=lambda m: MODALITIES[m].vocab)
         others = [m for m in range(n_mod) if m != wide]
         c0, c1 = min(self.row_offset[m] for m in others), max(self.row_offset[m] + MODALITIES[m].vocab for m in others)
@@ -447,7 +448,7 @@ class Nano4M(nn.Module):
             tail = torch.logsumexp(torch.cat([hf[rows] @ weight[a:b].t() for a, b in spans], 1), dim=1)
             tail = torch.where(mod[rows] == wide, tail, float("-inf"))
             lse = lse.index_put((rows,), torch.logaddexp(lse[rows], tail))
-            target = torch.where(scored, start[mod.clamp_max(n_mod - 1)] + ids.clamp_min(0), 0)
+            target = torch.where(scored, lo + ids.clamp_min(0), 0)
             ce = torch.where(scored, lse - (hf * weight[target]).sum(1), 0.0)
         sums = ce.new_zeros(n_mod + 1).index_add(0, mod, ce)[:n_mod]
         counts = ce.new_zeros(n_mod + 1).index_add(0, mod, torch.ones_like(ce))[:n_mod]
