@@ -21,7 +21,7 @@ attention over 8 samples of 16..256 tokens, d512, 8 heads, CPU time of one threa
 machine does not blur it): a loop of plain SDPA calls, one per sample, 28 ms; one SDPA over the packed
 sequence with a block-diagonal bool mask, 109-119 ms (it scores every pair of the batch's ~1,000 tokens);
 unpacking to [B, longest, D] for the padded mask and packing back, 66-87 ms; SDPA over jagged nested tensors,
-146-152 ms (and no mask for the decoder's modality rule; built from a non-leaf tensor it fails on this CPU-only
+145-152 ms (and no mask for the decoder's modality rule; built from a non-leaf tensor it fails on this CPU-only
 machine, probing CUDA). So the loop. On a GPU a varlen kernel (FlexAttention block masks, SDPA over jagged
 tensors) would replace it; unmeasured here.
 
@@ -30,7 +30,6 @@ CUDA graphs the padded path keeps its static shapes.
 """
 import torch
 import torch.nn.functional as F
-
 
 
 class Segments:

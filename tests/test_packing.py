@@ -84,6 +84,7 @@ def test_packed_step_equals_padded_step_on_a_batch_of_many_lengths(kw):
 def test_packed_equals_padded_when_targets_are_not_grouped_by_modality():
     model = tiny()
     b = scattered_batch()
+    b["dec_valid"][1] = False         # a sample with inputs but no targets at all
     padded = loss_and_grads(model, b)
     model.packed = True
     assert_same(loss_and_grads(model, b), padded)
