@@ -22,6 +22,9 @@ layouts interleaved in --repeats rounds in one process (a machine shared with ot
 Each row then also gives the real (non-padding) tokens/s, the MFU counted on real tokens only, and the CPU
 time per step (the process's, all threads); the last line is the packed/padded speed-up, the median over
 rounds of the per-round ratio, with its range.
+On a CPU, --budgets=recipe times 2 steps per layout and round after 1 warm-up step, unless --steps / --warmup
+are given. On a busy CPU run it with OMP_WAIT_POLICY=PASSIVE (or --threads=1): spinning OpenMP threads
+blur the figures (README, Speed).
 --heads=per_modality,static times the static-shape head (Nano4M.static_shape_loss) beside the default one.
 """
 import os
@@ -75,6 +78,9 @@ try:
     globals().update(configurator.apply_overrides(configurator.settings(globals()), _args))
 except configurator.ConfigError as e:
     raise SystemExit(f"bench.py: {e}")
+if device == 'auto':
+    device = 'cuda' if torch.cuda.is_available() else 'cpu'
+device_type = 'cuda' if 'cuda' in device else 'cpu'
 if budgets not in ('full', 'recipe'):
     raise SystemExit(f"bench.py: --budgets={budgets!r}: choose full or recipe")
 LAYOUTS = ('padded', 'trimmed', 'packed')
@@ -89,6 +95,10 @@ if budgets == 'recipe':
     with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'config', 'audio.py')) as _f:
         exec(_f.read(), _recipe)
     input_budget, target_budget = _recipe['input_budget'], _recipe['target_budget']
+if budgets == 'recipe' and device_type == 'cpu' and not small:
+    # a CPU step of the report's model takes seconds: 2 timed steps per layout and round unless told otherwise
+    steps = steps if any(a.startswith('--steps=') for a in _args) else 2
+    warmup = warmup if any(a.startswith('--warmup=') for a in _args) else 1
 if small:
     batch_size, n_enc_layer, n_dec_layer, n_embd, n_head = 4, 1, 1, 64, 1
     input_budget, target_budget = ((32, 32), (32, 32)) if budgets == 'full' else ((4, 32), (4, 32))
@@ -98,9 +108,6 @@ SDPA_BACKENDS = {'cudnn': SDPBackend.CUDNN_ATTENTION, 'efficient': SDPBackend.EF
                  'math': SDPBackend.MATH, 'flash': SDPBackend.FLASH_ATTENTION}
 if sdpa_backend != 'auto' and sdpa_backend not in SDPA_BACKENDS:
     raise SystemExit(f"bench.py: --sdpa_backend={sdpa_backend!r}: choose auto or one of {', '.join(SDPA_BACKENDS)}")
-if device == 'auto':
-    device = 'cuda' if torch.cuda.is_available() else 'cpu'
-device_type = 'cuda' if 'cuda' in device else 'cpu'
 if threads:
     torch.set_num_threads(threads)
 if device_type == 'cuda':
