@@ -5,12 +5,30 @@ batch assembly (masking.build_batch on random token streams) separately, for eac
     python bench.py                                    # float32 and bfloat16, eager
     python bench.py --dtypes=float32,bfloat16 --compiles=False,True,reduce-overhead
     python bench.py --small                            # a tiny shape that runs on a CPU in seconds
+    python bench.py --budgets=recipe                   # the recipe's own batches: padded vs packed
 
 Prints one table row per setting: seconds/step, tokens/s, MFU, the batch assembly time and its share of a
 step, and the projected time of the report's 18,311 steps. The step is the one of train.py: forward (autocast
 for bf16), backward, grad clipping, fused AdamW, the per-modality head's row counts copied to the host
 ahead (counts_ahead). Batches are assembled beforehand and cycled, so the step time excludes assembly.
+
+--budgets=full (the default) fills every slot: the worst case, and the shape of the numbers above.
+--budgets=recipe draws each sample's input and target budgets from config/audio.py's ranges (16..256), so
+about half of the 256 + 256 slots are padding, and times each layout of --layouts on the same batches, the
+layouts interleaved in --repeats rounds in one process (a machine shared with other work slows them alike):
+  padded   the fixed-width batch as drawn (static shapes: what torch.compile and the GPU run)
+  trimmed  the batch-wide padding dropped (train.py's eager CPU path before packing)
+  packed   every sample's real tokens only (packing.py; eager only: under compile it is the padded step)
+Each row then also gives the real (non-padding) tokens/s, the MFU counted on real tokens only, and the CPU
+time per step (the process's, all threads); the last line is the packed/padded speed-up, the median over
+rounds of the per-round ratio, with its range.
+On a CPU, --budgets=recipe times 2 steps per layout and round after 1 warm-up step, unless --steps / --warmup
+are given. On a busy CPU run it with OMP_WAIT_POLICY=PASSIVE (or --threads=1): spinning OpenMP threads
+blur the figures (README, Speed).
+--heads=per_modality,static times the static-shape head (Nano4M.static_shape_loss) beside the default one.
 """
+import os
+import statistics
 import sys
 import time
 from contextlib import nullcontext
@@ -20,6 +38,7 @@ import torch
 import configurator
 import masking
 import modalities
+import packing
 from model import Nano4M, Nano4MConfig
 
 # -----------------------------------------------------------------------------------------------------
@@ -47,6 +66,10 @@ seed = 1337
 counts_ahead = True             # as train.py: the head's per-modality row counts copied to the host when the
                                 # batch is made; False reads them mid-step (a sync that drains the GPU queue)
 small = False                   # tiny shape for CPU: d1-1w64, batch 4, 32 + 32 slots
+budgets = 'full'                # full: every slot filled; recipe: config/audio.py's budgets per sample
+layouts = 'padded,packed'       # with --budgets=recipe, comma-separated: padded, trimmed, packed
+heads = 'per_modality'          # comma-separated: per_modality (Nano4M.per_modality_loss), static (static_shape_loss)
+repeats = 3                     # with --budgets=recipe: interleaved rounds of `steps` steps per layout
 sdpa_backend = 'auto'           # auto (PyTorch picks), or force one: cudnn, efficient, math (flash takes no mask)
 profile = False                 # after timing, profile a few steps and print the kernels that cost the most
 # -----------------------------------------------------------------------------------------------------
@@ -55,18 +78,36 @@ try:
     globals().update(configurator.apply_overrides(configurator.settings(globals()), _args))
 except configurator.ConfigError as e:
     raise SystemExit(f"bench.py: {e}")
+if device == 'auto':
+    device = 'cuda' if torch.cuda.is_available() else 'cpu'
+device_type = 'cuda' if 'cuda' in device else 'cpu'
+if budgets not in ('full', 'recipe'):
+    raise SystemExit(f"bench.py: --budgets={budgets!r}: choose full or recipe")
+LAYOUTS = ('padded', 'trimmed', 'packed')
+HEADS = ('per_modality', 'static')
+layouts = [x.strip() for x in layouts.split(',')] if budgets == 'recipe' else ['padded']
+heads = [x.strip() for x in heads.split(',')]
+for _name, _given, _known in (('layouts', layouts, LAYOUTS), ('heads', heads, HEADS)):
+    if not _given or any(x not in _known for x in _given):
+        raise SystemExit(f"bench.py: --{_name}={','.join(_given)!r}: choose from {', '.join(_known)}")
+if budgets == 'recipe':
+    _recipe = {}    # the report's recipe file, read for its two budgets
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'config', 'audio.py')) as _f:
+        exec(_f.read(), _recipe)
+    input_budget, target_budget = _recipe['input_budget'], _recipe['target_budget']
+if budgets == 'recipe' and device_type == 'cpu' and not small:
+    # a CPU step of the report's model takes seconds: 2 timed steps per layout and round unless told otherwise
+    steps = steps if any(a.startswith('--steps=') for a in _args) else 2
+    warmup = warmup if any(a.startswith('--warmup=') for a in _args) else 1
 if small:
-    batch_size, input_budget, target_budget = 4, (32, 32), (32, 32)
-    n_enc_layer, n_dec_layer, n_embd, n_head = 1, 1, 64, 1
+    batch_size, n_enc_layer, n_dec_layer, n_embd, n_head = 4, 1, 1, 64, 1
+    input_budget, target_budget = ((32, 32), (32, 32)) if budgets == 'full' else ((4, 32), (4, 32))
     steps, warmup = 5, 2
 from torch.nn.attention import SDPBackend, sdpa_kernel
 SDPA_BACKENDS = {'cudnn': SDPBackend.CUDNN_ATTENTION, 'efficient': SDPBackend.EFFICIENT_ATTENTION,
                  'math': SDPBackend.MATH, 'flash': SDPBackend.FLASH_ATTENTION}
 if sdpa_backend != 'auto' and sdpa_backend not in SDPA_BACKENDS:
     raise SystemExit(f"bench.py: --sdpa_backend={sdpa_backend!r}: choose auto or one of {', '.join(SDPA_BACKENDS)}")
-if device == 'auto':
-    device = 'cuda' if torch.cuda.is_available() else 'cpu'
-device_type = 'cuda' if 'cuda' in device else 'cpu'
 if threads:
     torch.set_num_threads(threads)
 if device_type == 'cuda':
@@ -132,12 +173,29 @@ batches = [assemble(t) for t in streams]
 sync()
 assembly_s = (time.perf_counter() - t0) / assembly_batches
 
+n_real_in = sum(int(b['enc_valid'].sum()) for b in batches) / len(batches)     # real tokens per batch
+n_real_out = sum(int(b['dec_valid'].sum()) for b in batches) / len(batches)
 print(f"device {device}" + (f" ({torch.cuda.get_device_name()})" if device_type == 'cuda' else '') +
       f", torch {torch.__version__}, batch {batch_size}, {n_in} input + {n_out} target slots, "
-      f"d{n_enc_layer}-{n_dec_layer}w{n_embd}")
-rows = []
+      f"d{n_enc_layer}-{n_dec_layer}w{n_embd}, budgets {budgets} (input {tuple(input_budget)}, target "
+      f"{tuple(target_budget)}): {n_real_in / batch_size:.0f} + {n_real_out / batch_size:.0f} real tokens per sample, "
+      f"{(n_real_in + n_real_out) / (batch_size * (n_in + n_out)) * 100:.0f}% of the slots")
+trimmed_batches = [packing.trim_padding(b) for b in batches]
+
+
+def real_flops(model):
+    """Training FLOPs of one step on the real tokens only, per sample at its own lengths, mean over batches."""
+    total = 0
+    for b in batches:
+        for ni, no in zip(b['enc_valid'].sum(1).tolist(), b['dec_valid'].sum(1).tolist()):
+            total += model.flops_per_step(1, ni, no)
+    return total / len(batches)
+
+
+rows, ratios = [], []
 for dtype in dtypes.split(','):
     for compile_flag in compiles.split(','):
+      for head in heads:
         compile_flag = compile_flag.strip()
         compile_on = compile_flag.lower() != 'false'
         compile_mode = 'default' if compile_flag.lower() in ('true', 'false') else compile_flag
@@ -149,16 +207,22 @@ for dtype in dtypes.split(','):
                                     code_feature_dims=feature_dims, grid_conv=grid_conv))
         model.set_code_features({m.name: torch.randn(m.vocab, f) for m, f in zip(modalities.MODALITIES, feature_dims) if f})
         model.to(device)
+        model.static_head = head == 'static'
         optimizer = model.configure_optimizers(0.05, 1e-4, (0.9, 0.95), device_type)
         if compile_on:
             model.compile_trunk(mode=compile_mode)
         ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16}[dtype]
         ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
+        # the static head needs no counts: that is its point (no host round trip)
+        ahead = counts_ahead and not model.static_head
+        counts = [model.target_counts(b['dec_pos'], b['dec_valid'], b['dec_ids']) if ahead else None for b in batches]
+        run_layouts = [x for x in layouts if not (compile_on and x == 'packed')]   # packing is eager only
+        if len(run_layouts) < len(layouts):
+            print(f"(compile={compile_flag}: the packed layout is eager only, not timed)")
 
-        counts = [model.target_counts(b['dec_pos'], b['dec_valid'], b['dec_ids']) if counts_ahead else None for b in batches]
-
-        def step(i):
-            batch = batches[i % len(batches)]
+        def step(i, layout='padded'):
+            batch = (trimmed_batches if layout == 'trimmed' else batches)[i % len(batches)]
+            model.packed = layout == 'packed'
             with ctx:
                 loss, _ = model(batch['enc_ids'], batch['enc_pos'], batch['enc_valid'], batch['dec_pos'],
                                 batch['dec_valid'], batch['dec_ids'], counts[i % len(batches)])
@@ -170,35 +234,74 @@ for dtype in dtypes.split(','):
 
         with sdpa_context():
             t0 = time.perf_counter()
-            for i in range(warmup):
-                step(i)
+            for layout in run_layouts:
+                for i in range(warmup):
+                    step(i, layout)
             sync()
             warm_s = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            for i in range(steps):
-                loss = step(i)
-            sync()
-            dt = (time.perf_counter() - t0) / steps
+            # rounds: every layout times the same `steps` batches, one layout after the other
+            wall = {x: [] for x in run_layouts}
+            cpu = {x: [] for x in run_layouts}
+            n_rounds = repeats if budgets == 'recipe' else 1
+            for r in range(n_rounds):
+                for layout in run_layouts:
+                    t0, c0 = time.perf_counter(), time.process_time()
+                    for i in range(r * steps, (r + 1) * steps):
+                        loss = step(i, layout)
+                    sync()
+                    wall[layout].append((time.perf_counter() - t0) / steps)
+                    cpu[layout].append((time.process_time() - c0) / steps)
+                if budgets == 'recipe':
+                    print(f"round {r + 1}/{n_rounds}: " + ", ".join(f"{x} {wall[x][-1]:.4f} s/step" for x in run_layouts), flush=True)
             if profile:
-                print_profile(step, f"{dtype}, compile={compile_flag}")
+                for layout in run_layouts:
+                    print_profile(lambda i: step(i, layout), f"{dtype}, compile={compile_flag}, {layout}")
         if not torch.isfinite(loss):
             print(f"warning: non-finite loss with {dtype}, compile={compile_flag}")
-        # each setting's figure as soon as it is measured: a later setting that crashes or runs out of time
-        # (max-autotune can compile for minutes) does not take it with it
-        print(f"{dtype}, compile={compile_flag}: {dt:.4f} s/step (warmup {warm_s:.1f} s)", flush=True)
-        mfu = model.estimate_mfu(batch_size, n_in, n_out, dt, peak_flops)
-        rows.append((dtype, compile_flag, f"{dt:.4f}", f"{batch_size * (n_in + n_out) / dt:,.0f}",
-                     f"{mfu * 100:.1f}%" if device_type == 'cuda' else '-', f"{assembly_s * 1000:.1f}", f"{assembly_s / dt * 100:.0f}%",
-                     f"{total_iters * dt / 3600:.2f} h", f"{warm_s:.1f}"))
+        if 'padded' in run_layouts and 'packed' in run_layouts:
+            per_round = [a / b for a, b in zip(wall['padded'], wall['packed'])]
+            ratios.append((f"{dtype}, compile={compile_flag}, head={head}", per_round,
+                           [a / b for a, b in zip(cpu['padded'], cpu['packed'])]))
+        flops_real = real_flops(model)
+        for layout in run_layouts:
+            dt = sum(wall[layout]) / len(wall[layout])
+            label = f"{dtype}, compile={compile_flag}" + (f", {layout}" if budgets == 'recipe' else '') + \
+                (f", head={head}" if len(heads) > 1 else '')
+            # each setting's figure as soon as it is measured: a later setting that crashes or runs out of time
+            # (max-autotune can compile for minutes) does not take it with it
+            print(f"{label}: {dt:.4f} s/step (warmup {warm_s:.1f} s)", flush=True)
+            mfu = model.estimate_mfu(batch_size, n_in, n_out, dt, peak_flops)
+            row = [dtype, compile_flag] + ([layout] if budgets == 'recipe' else []) + ([head] if len(heads) > 1 else []) + \
+                [f"{dt:.4f}", f"{batch_size * (n_in + n_out) / dt:,.0f}",
+                 f"{mfu * 100:.1f}%" if device_type == 'cuda' else '-']
+            if budgets == 'recipe':
+                row += [f"{(n_real_in + n_real_out) / dt:,.0f}",
+                        f"{flops_real / dt / peak_flops * 100:.1f}%" if device_type == 'cuda' else '-',
+                        f"{sum(cpu[layout]) / len(cpu[layout]):.3f}"]
+            row += [f"{assembly_s * 1000:.1f}", f"{assembly_s / dt * 100:.0f}%",
+                    f"{total_iters * dt / 3600:.2f} h ({total_iters * dt / 60:.1f} min)", f"{warm_s:.1f}"]
+            rows.append(tuple(row))
         del model, optimizer
         if device_type == 'cuda':
             torch.cuda.empty_cache()
 
-header = ("dtype", "compile", "s/step", "tokens/s", "MFU", "assembly ms", "assembly/step",
-          f"{total_iters} steps", "warmup s")
+header = ("dtype", "compile") + (("layout",) if budgets == 'recipe' else ()) + (("head",) if len(heads) > 1 else ()) + \
+    ("s/step", "slots/s" if budgets == 'recipe' else "tokens/s", "MFU")
+if budgets == 'recipe':
+    header += ("real tokens/s", "MFU real", "cpu s/step")
+header += ("assembly ms", "assembly/step", f"{total_iters} steps", "warmup s")
 widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
 print(" | ".join(h.ljust(w) for h, w in zip(header, widths)))
 print("-+-".join("-" * w for w in widths))
 for r in rows:
     print(" | ".join(c.ljust(w) for c, w in zip(r, widths)))
-print(f"(MFU against peak_flops={peak_flops:.3g}; the head counted at the mean modality vocab)")
+print(f"(MFU against peak_flops={peak_flops:.3g}; the head counted at the mean modality vocab"
+      + ("; 'MFU real' and 'real tokens/s' count the non-padding tokens only)" if budgets == 'recipe' else ")"))
+for label, per_round, per_round_cpu in ratios:
+    print(f"{label}: packed/padded per round {', '.join(f'{x:.2f}' for x in per_round)}x wall, "
+          f"{', '.join(f'{x:.2f}' for x in per_round_cpu)}x CPU time")
+if ratios:
+    # the headline: the first setting's median round (same batches, same process)
+    label, per_round, _ = ratios[0]
+    print(f"packed/padded speed-up: {statistics.median(per_round):.2f}x ({label}, median of {len(per_round)} rounds, "
+          f"range {min(per_round):.2f}-{max(per_round):.2f}x)")

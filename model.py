@@ -27,6 +27,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 import modalities as M
+import packing
 from modalities import MODALITY_NAMES, GRID, VOCAB_SIZE, position_modality
 
 
@@ -95,7 +96,8 @@ class LayerNorm(nn.Module):
 
 class Attention(nn.Module):
     """Multi-head attention through fused SDPA. Self-attention when context is None, else cross-attention.
-    attn_mask: bool, True = may attend, broadcastable to [B, n_head, T_query, T_key]."""
+    attn_mask: bool, True = may attend, broadcastable to [B, n_head, T_query, T_key]; or, on the packed path,
+    a packing.Segments (x is then [1, T, C], every sample's real tokens one after another)."""
 
     def __init__(self, config, cross=False):
         super().__init__()
@@ -118,8 +120,11 @@ class Attention(nn.Module):
         else:
             q, k, v = self.qkv(x).split(self.n_embd, dim=2)
         heads = lambda t: t.view(B, t.size(1), self.n_head, C // self.n_head).transpose(1, 2)
-        y = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), attn_mask=attn_mask,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        dropout_p = self.dropout if self.training else 0.0
+        if isinstance(attn_mask, packing.Segments):   # packed: each segment attends within itself
+            y = attn_mask.attend(heads(q), heads(k), heads(v), dropout_p)
+        else:
+            y = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), attn_mask=attn_mask, dropout_p=dropout_p)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.proj(y))
 
@@ -244,6 +249,15 @@ class Nano4M(nn.Module):
         for k, (i, m) in enumerate(grids):
             slot[POS_OFFSETS[i]:POS_OFFSETS[i] + m.length] = k * GRID * GRID + torch.arange(m.length)
         self.register_buffer("pos_grid_slot", slot, persistent=False)
+        # how a step is computed, not what it computes (not saved; train.py / bench.py set them): packed = the
+        # trunk runs on the real tokens only (packing.py); static_head = the loss in static shapes with no
+        # host sync (static_shape_loss), so a whole step can be one CUDA graph. Both give the same numbers.
+        self.packed = False
+        self.static_head = False
+        # static_shape_loss's tables: each modality's vocabulary and first head row, then those of the rows
+        # that are not scored (padding, ignored caption slots): one row, 0
+        self.register_buffer("head_vocab", torch.tensor([m.vocab for m in MODALITIES] + [1]), persistent=False)
+        self.register_buffer("head_start", torch.tensor(self.row_offset + [0]), persistent=False)
 
         if config.init not in ("gpt2", "torch"):
             raise ValueError(f"init={config.init!r}: expected 'gpt2' or 'torch'")
@@ -332,9 +346,8 @@ class Nano4M(nn.Module):
             out.append(conv(g).flatten(2).transpose(1, 2))
         return torch.cat(out + [content.new_zeros(B, 1, D)], dim=1).gather(1, slot)
 
-    def decode_hidden(self, enc_ids, enc_pos, enc_valid, dec_pos, dec_valid):
-        """-> decoder output [B, No, D] (after the final LayerNorm), one row per target position."""
-        device = enc_ids.device
+    def embed(self, enc_ids, enc_pos, enc_valid, dec_pos):
+        """-> (encoder input embeddings [B, Ni, D], decoder query embeddings [B, No, D])."""
         # modality + position embedding of every global position, summed once over the 1,316 positions, so
         # each token takes one gather rather than two (the modality follows from the position anyway)
         pos_table = self.position_table() + self.wme(self.pos_modality)
@@ -346,6 +359,15 @@ class Nano4M(nn.Module):
         if len(self.grid_conv):
             content = content + self.grid_features(content, enc_pos, enc_valid)
         x = self.drop(pos_table[enc_pos] + content)
+        y = self.drop(self.mask_token + pos_table[dec_pos])
+        return x, y
+
+    def decode_hidden(self, enc_ids, enc_pos, enc_valid, dec_pos, dec_valid):
+        """-> decoder output [B, No, D] (after the final LayerNorm), one row per target position."""
+        if self.packed and packing.can_pack(enc_valid, dec_valid):   # the same numbers on real tokens only
+            return packing.decode_hidden_packed(self, enc_ids, enc_pos, enc_valid, dec_pos, dec_valid)
+        device = enc_ids.device
+        x, y = self.embed(enc_ids, enc_pos, enc_valid, dec_pos)
         Ni, No = enc_ids.size(1), dec_pos.size(1)
 
         # Every query row must keep at least one key or SDPA returns NaN for it (and NaN grads leak into
@@ -358,8 +380,6 @@ class Nano4M(nn.Module):
         memory = self.enc_ln_f(x)
 
         dec_mod = self.pos_modality[dec_pos]
-        y = self.mask_token + pos_table[dec_pos]
-        y = self.drop(y)
         eye_o = torch.eye(No, dtype=torch.bool, device=device)
         dec_mask = dec_valid[:, None, :].expand(-1, No, -1)
         if self.config.dec_same_modality:
@@ -433,18 +453,67 @@ class Nano4M(nn.Module):
         loss = (means * present).sum() / present.sum().clamp_min(1.0)
         return loss, {name: (sums[m].detach(), counts[m]) for m, name in enumerate(MODALITY_NAMES)}
 
+    def static_shape_loss(self, h, dec_pos, dec_ids, dec_valid):
+        """per_modality_loss's numbers in static shapes with no host sync (model.static_head), so that
+        torch.compile / CUDA graphs can take the head with the trunk. Instead of one matmul per modality at
+        its row count (known only on the host), every target row gets logits over one fixed column range, the
+        span of every modality's ids but the widest's (the caption's 50,304: with the shared table rows
+        0..16,383), with the columns outside its own modality's ids masked out; the widest modality's rows,
+        at most B * its length of them, get the rest of its range in a second fixed-size matmul. Costs more
+        FLOPs than the per-modality head (every row over 16k columns): the price of static shapes."""
+        B, No, D = h.shape
+        MODALITIES = self.modalities
+        n_mod = len(MODALITIES)
+        device = h.device
+        mod = self.target_modality(dec_pos, dec_valid, dec_ids).reshape(-1)        # n_mod = not scored
+        scored = mod < n_mod
+        ids = dec_ids.reshape(-1)
+        # each row's id range [lo, hi) in the head; a row that is not scored gets [0, 1) (finite, then zeroed)
+        # rather than none, whose NaN gradient would leak (buffers: a tensor made here would be a copy)
+        lo, hi = self.head_start[mod], (self.head_start + self.head_vocab)[mod]
+        wide = max(range(n_mod), key=lambda m: MODALITIES[m].vocab)
+        others = [m for m in range(n_mod) if m != wide]
+        c0, c1 = min(self.row_offset[m] for m in others), max(self.row_offset[m] + MODALITIES[m].vocab for m in others)
+        with torch.autocast(device_type=device.type, enabled=False):
+            hf, weight = h.reshape(-1, D).float(), self.lm_head.weight.float()
+            cols = torch.arange(c0, c1, device=device)
+            # masked columns: a large finite negative, not -inf, so a row with none of its ids in this range
+            # (the widest modality's, with separate_vocab) gets a zero gradient here rather than NaN
+            logits = (hf @ weight[c0:c1].t()).masked_fill((cols < lo[:, None]) | (cols >= hi[:, None]), -1e30)
+            lse = torch.logsumexp(logits, dim=1)
+            # the widest modality's rows come first in this order; its columns outside [c0, c1) for them
+            w0, w1 = self.row_offset[wide], self.row_offset[wide] + MODALITIES[wide].vocab
+            cap = B * min(No, MODALITIES[wide].length)
+            rows = torch.argsort((mod != wide).to(torch.uint8), stable=True)[:cap]
+            spans = [(a, b) for a, b in ((w0, min(w1, c0)), (max(w0, c1), w1)) if b > a]
+            tail = torch.logsumexp(torch.cat([hf[rows] @ weight[a:b].t() for a, b in spans], 1), dim=1)
+            tail = torch.where(mod[rows] == wide, tail, float("-inf"))
+            lse = lse.index_put((rows,), torch.logaddexp(lse[rows], tail))
+            target = torch.where(scored, lo + ids.clamp_min(0), 0)
+            ce = torch.where(scored, lse - (hf * weight[target]).sum(1), 0.0)
+        sums = ce.new_zeros(n_mod + 1).index_add(0, mod, ce)[:n_mod]
+        counts = ce.new_zeros(n_mod + 1).index_add(0, mod, torch.ones_like(ce))[:n_mod]
+        present = counts > 0
+        # the mean over the modalities present of each one's mean CE; no targets at all gives a zero in the graph
+        loss = (sums / counts.clamp_min(1)).sum() / present.sum().clamp_min(1)
+        per_modality = {name: (sums[m].detach(), counts[m]) for m, name in enumerate(MODALITY_NAMES)}
+        return loss, per_modality
+
     def forward(self, enc_ids, enc_pos, enc_valid, dec_pos, dec_valid, dec_ids=None, dec_counts=None):
         h = self.decode_hidden(enc_ids, enc_pos, enc_valid, dec_pos, dec_valid)
         if dec_ids is None:
             return h
         if self.config.head == "full":
             return self.full_vocab_loss(h, dec_pos, dec_ids, dec_valid)
+        if self.static_head:
+            return self.static_shape_loss(h, dec_pos, dec_ids, dec_valid)
         return self.per_modality_loss(h, dec_pos, dec_ids, dec_valid, dec_counts)
 
     def compile_trunk(self, **kwargs):
-        """torch.compile the static-shape trunk only; the per-modality head's row counts vary per batch.
-        The state_dict keys stay unchanged."""
+        """torch.compile the static-shape trunk only; the per-modality head's row counts vary per batch
+        (with static_head, that head is compiled too). The state_dict keys stay unchanged."""
         self.decode_hidden = torch.compile(self.decode_hidden, **kwargs)
+        self.static_shape_loss = torch.compile(self.static_shape_loss, **kwargs)
         return self
 
     # -----------------------------------------------------------------------------------------------

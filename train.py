@@ -33,6 +33,7 @@ import configurator
 import masking
 import modalities
 import modality_tokenizers
+import packing as packing_lib   # (the module; `packing` is the setting)
 from model import Nano4M, Nano4MConfig
 
 # -----------------------------------------------------------------------------------------------------
@@ -114,6 +115,11 @@ compile = False                 # torch.compile the trunk (the static-shape part
 compile_mode = 'default'        # its torch.compile mode: 'reduce-overhead' replays the trunk as CUDA graphs
                                 # (fewer host launches: the fastest bf16 step on an H200, README "Speed")
 peak_flops = 989e12             # for MFU: the accelerator's dense peak (H100 SXM bf16)
+packing = 'auto'                # the trunk on real tokens only (packing.py; same loss and grads): 'on', 'off', or
+                                # 'auto' = on for eager CPU steps (measured faster: bench.py --budgets=recipe),
+                                # off on a GPU (unmeasured there) and under --compile (it needs static shapes)
+static_head = False             # the head in static shapes, no host sync (Nano4M.static_shape_loss; same loss):
+                                # lets --compile take the head too; more FLOPs (measured slower on a CPU)
 threads = 0                     # CPU threads for torch (0 = torch's default); 1 is best on a busy machine
 seed = 1337
 dry_run = False                 # True: resolve every setting, build the model, print them as one JSON line, exit
@@ -185,6 +191,12 @@ if compile_mode not in COMPILE_MODES:
 # these modes replay the trunk as CUDA graphs, whose outputs the next replay overwrites: each step (and each
 # eval batch) tells torch a new iteration begins, so a graph is never read after it was replayed again
 cuda_graphs = compile and device_type == 'cuda' and compile_mode in ('reduce-overhead', 'max-autotune')
+if packing.lower() not in ('auto', 'on', 'true', 'off', 'false'):
+    raise SystemExit(f"--packing={packing!r}: choose auto, on or off")
+use_packing = packing.lower() in ('on', 'true') or (packing.lower() == 'auto' and device_type == 'cpu' and not compile)
+if use_packing and compile:
+    raise SystemExit("--packing=on needs eager steps (the packed trunk's shapes change every batch): drop --compile "
+                     "or use --packing=auto")
 
 tokens_per_iter = gradient_accumulation_steps * ddp_world_size * batch_size * (
     mask_cfg.max_input_tokens + mask_cfg.max_target_tokens)
@@ -269,20 +281,13 @@ def get_batch(split, data_generator, mask_generator, augment=False):
     if augment and cond_dropout:               # training steps only, like the shifts
         batch = masking.condition_dropout(batch, cond_dropout, mask_generator)
     if device_type == 'cpu' and not compile:
-        batch = trim_padding(batch)
-    # the head needs each modality's target count on the host: start that copy now, so that reading it in
-    # the step waits for this copy only and never drains the GPU queue (Nano4M.target_counts)
-    batch['dec_counts'] = raw_model.target_counts(batch['dec_pos'], batch['dec_valid'], batch['dec_ids'])
+        batch = packing_lib.trim_padding(batch)   # cheaper for the padded path, no change for the packed one
+    # the per-modality head needs each modality's target count on the host: start that copy now, so that
+    # reading it in the step waits for this copy only and never drains the GPU queue (Nano4M.target_counts);
+    # the static head needs none
+    batch['dec_counts'] = None if static_head else \
+        raw_model.target_counts(batch['dec_pos'], batch['dec_valid'], batch['dec_ids'])
     return batch
-
-
-def trim_padding(batch):
-    """Drop the padded columns no sample of this batch uses (masking packs each sample's tokens first).
-    The fixed widths only serve torch.compile and the GPU; on a CPU a mixture with a whole-audio component
-    would otherwise pay for 512 + 512 slots on every sample."""
-    n_in = int(batch['enc_valid'].sum(1).max())
-    n_out = max(int(batch['dec_valid'].sum(1).max()), 1)
-    return {k: v[:, :n_in] if k.startswith('enc') else v[:, :n_out] for k, v in batch.items()}
 
 
 def model_inputs(batch):
@@ -349,8 +354,10 @@ elif init_from == 'scratch':
 else:
     raise SystemExit(f"--init_from must be 'scratch', 'resume' or a path to a ckpt.pt, not {init_from!r}")
 model.to(device)
+model.packed, model.static_head = use_packing, static_head     # how the step is computed, not what
 if master_process:
     print(f"model: {model.get_num_params() / 1e6:.2f}M parameters, {model_args}")
+    print(f"step: packing {'on' if use_packing else 'off'}, head {'static' if static_head else 'per-modality'}")
 
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type, block_lr_scale)
