@@ -677,21 +677,28 @@ class PatchKMeansTokenizer:
 DIVAE_IDS = {"tok_rgb": "EPFL-VILAB/4M_tokenizers_rgb_16k_224-448",
              "tok_depth": "EPFL-VILAB/4M_tokenizers_depth_8k_224-448",
              "tok_normal": "EPFL-VILAB/4M_tokenizers_normal_8k_224-448"}
-# the Hugging Face revision each tokenizer loads: None = the repo's default branch as of the first download.
-# Set a commit hash here to pin it (none could be looked up where this was written; see README, "Downloads")
+# the Hugging Face revision each tokenizer loads: None = the repo's default branch as of the first download,
+# whose commit tokenize_all.py records in meta.json, so that decoding that dataset later loads the same weights.
+# Set a commit hash here to pin it for everyone (none could be looked up where this was written)
 DIVAE_REVISIONS = {m: None for m in DIVAE_IDS}
 
 
-def load_divae_model(modality):
-    """4M's released DiVAE for one image modality, through fourm's Hugging Face loader (safetensors weights,
-    no pickle)."""
+def load_divae_model(modality, revision=None):
+    """4M's released DiVAE for one image modality at a pinned revision (the one given, else DIVAE_REVISIONS,
+    else the default branch) through fourm's loader (safetensors weights, no pickle) -> (model, commit)."""
     try:
         from fourm.vq.vqvae import DiVAE
+        from huggingface_hub import snapshot_download
     except ImportError as e:
         raise ImportError("the DiVAE image tokenizers need apple/ml-4m's `fourm` package: "
                           "pip install -r requirements-extra.txt (or use "
                           "--image_tokenizer=patch_kmeans, which needs no download)") from e
-    return DiVAE.from_pretrained(DIVAE_IDS[modality], revision=DIVAE_REVISIONS[modality])
+    want = revision or DIVAE_REVISIONS[modality]
+    path = snapshot_download(DIVAE_IDS[modality], revision=want)     # .../snapshots/<commit>
+    commit = os.path.basename(os.path.normpath(path))
+    if want and len(want) == 40 and commit != want:
+        raise RuntimeError(f"{DIVAE_IDS[modality]}: asked for revision {want}, got {commit}")
+    return DiVAE.from_pretrained(path), commit
 
 
 class DivaeTokenizer:
@@ -701,13 +708,13 @@ class DivaeTokenizer:
     (c / 255 - 0.5) / 0.5 in [-1, 1]."""
     kind = "divae"
 
-    def __init__(self, modality, device="cpu", timesteps=50, model=None):
+    def __init__(self, modality, device="cpu", timesteps=50, model=None, revision=None):
         self.modality = M.SHORT_NAMES.get(modality, modality)
         self.device = pick_device(device)
         self.timesteps = timesteps
-        self.settings = {"hub_id": DIVAE_IDS[self.modality], "timesteps": timesteps}
         if model is None:
-            model = load_divae_model(self.modality)
+            model, revision = load_divae_model(self.modality, revision)
+        self.settings = {"hub_id": DIVAE_IDS[self.modality], "timesteps": timesteps, "revision": revision}
         self.model = model.to(self.device).eval()
 
     def _prepare(self, images):
@@ -798,8 +805,8 @@ def load_tokenizer(tok_path, meta, modality_name, device="cpu", trust=False):
             raise ValueError(f"{tok_path}/meta.json: {name} was tokenized with layout {info['layout']}, the "
                              f"{kind} model loaded now has {tok.layout}")
         return tok
-    if kind == "divae":
-        return DivaeTokenizer(name, device)
+    if kind == "divae":   # the weights the dataset was tokenized with (meta.json records their commit)
+        return DivaeTokenizer(name, device, revision=info.get("revision"))
     if kind == "gpt2_bpe":
         return CaptionTokenizer(device)
     raise ValueError(f"{tok_path}/meta.json: unknown tokenizer {kind!r} for {name}")

@@ -403,6 +403,8 @@ def main(argv=None):
                 "codebook": f"codebooks/{m.name}.pt" if kind in ("mel_rvq", "patch_kmeans") else None}
         if kind in ("mel_rvq", "patch_kmeans"):
             info["codebook_size"] = toks[m.name].settings["codes"]
+        if kind == "divae":
+            info["revision"] = toks[m.name].settings["revision"]
         if m.name == "caption":
             info["pad_id"] = M.CAPTION_PAD
         if m.name == "tok_audio":   # seq[K*t + k] = c[k, t] + k * V; modalities.load_meta reads it back

@@ -354,10 +354,13 @@ elif init_from == 'scratch':
 else:
     raise SystemExit(f"--init_from must be 'scratch', 'resume' or a path to a ckpt.pt, not {init_from!r}")
 model.to(device)
+if static_head and model.config.head == 'full':
+    raise SystemExit("train.py: --static_head=True is a form of the per-modality head; head='full' has one of its own")
 model.packed, model.static_head = use_packing, static_head     # how the step is computed, not what
 if master_process:
     print(f"model: {model.get_num_params() / 1e6:.2f}M parameters, {model_args}")
-    print(f"step: packing {'on' if use_packing else 'off'}, head {'static' if static_head else 'per-modality'}")
+    _head = 'full' if model.config.head == 'full' else ('static' if static_head else 'per-modality')
+    print(f"step: packing {'on' if use_packing else 'off'}, head {_head}")
 
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type, block_lr_scale)

@@ -219,3 +219,39 @@ def test_divae_absent_is_a_clear_error():
 def test_bad_audio_shape_refused(mel_tok):
     with pytest.raises(ValueError, match="81920"):
         mel_tok.encode(np.zeros((2, 1000), np.float32))
+
+
+def test_divae_weights_are_pinned_to_the_commit_the_dataset_recorded(monkeypatch, tmp_path):
+    """The DiVAE loader resolves the hub snapshot it loads to a commit, records it in the tokenizer's settings
+    (tokenize_all.py writes it to meta.json), and load_tokenizer asks for exactly that commit again; a
+    snapshot of another commit is refused. fourm and the hub are stand-ins here (the real ones: tests_extras)."""
+    import sys
+    import types
+    import huggingface_hub
+    import modality_tokenizers as T
+    commits = {"main": "a" * 40, "b" * 40: "b" * 40}
+    asked = []
+
+    def snapshot_download(repo_id, revision=None):
+        asked.append(revision)
+        path = tmp_path / "snapshots" / commits.get(revision or "main", "c" * 40)
+        path.mkdir(parents=True, exist_ok=True)
+        return str(path)
+
+    class DiVAE(torch.nn.Module):
+        @classmethod
+        def from_pretrained(cls, path):
+            assert os.path.isdir(path)     # the resolved snapshot, not the repo id
+            return cls()
+
+    fourm = types.ModuleType("fourm.vq.vqvae")
+    fourm.DiVAE = DiVAE
+    monkeypatch.setitem(sys.modules, "fourm.vq.vqvae", fourm)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    first = T.DivaeTokenizer("tok_depth", "cpu")
+    assert first.settings["revision"] == "a" * 40 and asked == [None]
+    meta = {"modalities": {"tok_depth": {"tokenizer": "divae", "revision": "b" * 40}}}
+    again = T.load_tokenizer(str(tmp_path), meta, "tok_depth")
+    assert asked[-1] == "b" * 40 and again.settings["revision"] == "b" * 40
+    with pytest.raises(RuntimeError, match="asked for revision"):
+        T.load_divae_model("tok_depth", "d" * 40)

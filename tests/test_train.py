@@ -251,6 +251,8 @@ def test_packed_and_static_head_steps_follow_the_padded_curve(data_root, tmp_pat
     assert proc.returncode != 0 and "--packing=on needs eager steps" in proc.stderr
     proc = train(data_root, tmp_path / "refused", "--packing=yes", check=False)
     assert proc.returncode != 0 and "choose auto, on or off" in proc.stderr
+    proc = train(data_root, tmp_path / "refused", "--static_head=True", "--head=full", check=False)
+    assert proc.returncode != 0 and "static_head" in proc.stderr
 
 
 def test_typo_and_wrong_type_are_refused(data_root, tmp_path):

@@ -155,7 +155,7 @@ def test_tokenize_all_encodec_divae_then_train(divae_models, tmp_path, monkeypat
     rawdata.write_manifest(os.path.join(raw, "manifest.jsonl"), rows)
     # the test's only change: the wrappers' loaders hand out untrained models instead of downloading weights
     monkeypatch.setattr(T, "load_encodec_model", untrained_encodec)
-    monkeypatch.setattr(T, "load_divae_model", lambda m: divae_models[m])
+    monkeypatch.setattr(T, "load_divae_model", lambda m, revision=None: (divae_models[m], None))
     tokenize_all.main(["--dataset=real", f"--data_root={data}", "--audio_tokenizer=encodec",
                        "--image_tokenizer=divae", "--batch_size=2", "--device=cpu"])
     tok = M.tok_dir("real", str(data))
