@@ -152,6 +152,9 @@ def test_sampling_commits_whole_frames(layout, schedule):
                               {"tok_audio": known}, "tok_audio", steps=6, schedule=schedule, generator=g)
     assert out.shape == (2, K * T)
     assert torch.equal(out[:, :prefix], toks["tok_audio"][:, :prefix])       # the given frames are kept
+    level = torch.arange(prefix, K * T) % K                # codebook-true: generated slot k holds a level-k id
+    V, new = layout.codebook_size, out[:, prefix:]
+    assert ((new >= level * V) & (new < (level + 1) * V)).all()
     assert 2 <= len(model.seen) <= 6           # (a step that commits nothing is skipped)
     for step in model.seen:
         for idx in step:                                   # every pass sees whole frames of audio only
