@@ -56,6 +56,7 @@ The answer of a scorer is ranked with ties shared fairly: a tied correct answer 
 of a random tie-break, so a constant scorer scores exactly chance.
 """
 import base64
+import html
 import io
 import json
 import math
@@ -1484,7 +1485,7 @@ PROBES = {"ce": probe_ce, "entropy": probe_entropy, "class": probe_class, "retri
 # the HTML report: hand-written SVG, PNG spectrograms and wav players as data URIs (no plotting library)
 
 def _esc(s):
-    return str(s).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return html.escape(str(s))
 
 
 def svg_bars(title, labels, values, refs=None, ref_name="", unit=""):
@@ -1712,12 +1713,6 @@ def render_report(results, ctx):
 # -----------------------------------------------------------------------------------------------------
 # running it
 
-def pick_device(name):
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
-
-
 def _jsonable(x):
     if isinstance(x, dict):
         return {str(k): _jsonable(v) for k, v in x.items()}
@@ -1743,7 +1738,7 @@ def run(settings):
     """Evaluate with the given settings (dict of this module's setting names). Returns the results dict."""
     s = dict(settings)
     from model import load_checkpoint
-    dev = pick_device(s["device"])
+    dev = M.pick_device(s["device"])
     torch.manual_seed(s["seed"])
     ckpt_path = os.path.join(s["out_dir"], "ckpt.pt")
     model, ckpt = load_checkpoint(ckpt_path, dev, s["trust_checkpoint"])

@@ -34,6 +34,13 @@ CAPTION_LEN = 16            # caption ids, padded with CAPTION_PAD after an end-
 CAPTION_PAD = 50256         # GPT-2 <|endoftext|>: ends a caption and pads it
 
 
+def pick_device(device="auto"):
+    """'auto' -> 'cuda' when a GPU is there, else 'cpu'; any other name as given."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
 @dataclass(frozen=True)
 class Modality:
     name: str       # file stem in tok/<split>/ and key in meta.json

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 import modalities as M
+from modalities import pick_device
 
 IMAGE_SIZE = 224
 PATCH = 16
@@ -33,12 +34,6 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # patch codebooks: (mean codes, shape codes), whose product fills each image modality's id range
 DEFAULT_CODES = {"tok_rgb": (256, 64), "tok_depth": (128, 64), "tok_normal": (128, 64), "tok_audio": 1024}
-
-
-def pick_device(device="auto"):
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
 
 
 def _as_tensor(x, device, dtype=torch.float32):

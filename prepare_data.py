@@ -70,7 +70,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 import numpy as np
 
 import rawdata
-from modalities import AUDIO_WINDOW  # samples in one 3.41 s model window
+from modalities import AUDIO_WINDOW, pick_device  # AUDIO_WINDOW: samples in one 3.41 s model window
 from rawdata import RAW_SR, RAW_VIEWS, FRAME_SIZE, SPLITS
 
 CLIP_SECONDS = 10.0   # an AudioSet / VGGSound segment; longer folder recordings are cut to this
@@ -608,13 +608,6 @@ def extract_video_clip(raw, clip_id, media_path, min_length_policy="pad"):
 
 # ---------------------------------------------------------------------------------------------------
 # the three oracles
-
-
-def pick_device(device="auto"):
-    import torch
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
 
 
 def load_vad():

@@ -22,6 +22,7 @@ A committed token is never re-masked, so every position is decoded exactly once.
 whole frames (both codebook tokens of a frame at once, a frame's confidence the sum of its tokens'), the
 unit training masks it in: a half-decoded frame is an input the model never saw.
 """
+import html
 import math
 import os
 import sys
@@ -356,17 +357,13 @@ class Gallery:
                     f"<img class='spec' src='{rel}_spec.png'>")
         if modality == "caption":
             _write_text(path + ".txt", value)
-            return f"{cap}<div class='cap'>{_html_escape(value)}</div>"
+            return f"{cap}<div class='cap'>{html.escape(value)}</div>"
         if modality == "tok_depth":
             write_png(path + ".png", np.asarray(value, dtype=np.uint16))   # the 16-bit map itself
             write_png(path + "_vis.png", depth_picture(value))
             return f"{cap}<img src='{rel}_vis.png'>"
         write_png(path + ".png", np.asarray(value, dtype=np.uint8))
         return f"{cap}<img src='{rel}.png'>"
-
-
-def _html_escape(s):
-    return str(s).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("'", "&#39;")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -570,8 +567,8 @@ def main(argv=None):
         raw = raw_truth(row, target) if row else None
         if raw is not None:
             gt_cells.append(gallery.media(f"{sub}/gt_raw", target, raw, mark, label="raw"))
-        table_rows.append(f"<tr><td>{i}<br><b>{_html_escape(class_names[int(labels[i])])}</b><br>"
-                          f"<small>{_html_escape(cid)}<br>view {cfg['view']}</small></td>"
+        table_rows.append(f"<tr><td>{i}<br><b>{html.escape(class_names[int(labels[i])])}</b><br>"
+                          f"<small>{html.escape(cid)}<br>view {cfg['view']}</small></td>"
                           f"<td>{'<br>'.join(cells) or '(nothing)'}</td>"
                           f"<td>{'<hr>'.join(gen_cells)}</td><td>{'<hr>'.join(gt_cells)}</td></tr>")
     print(f"decoded and wrote {N * (S + 1)} outputs in {time.time() - t1:.1f}s")
@@ -588,19 +585,19 @@ def main(argv=None):
     settings = ", ".join(f"{k}={cfg[k]}" for k in ("steps", "schedule", "count_schedule", "temperature",
                                                      "temperature_end", "top_k", "top_p", "guidance_scale",
                                                      "remask_noise", "seed"))
-    html = f"""<!doctype html><html><head><meta charset="utf-8"><title>nano4M samples: {run_name}</title>
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>nano4M samples: {run_name}</title>
 <style>body{{font-family:sans-serif;margin:1em}} table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:6px;vertical-align:top}} img{{max-width:224px}} img.spec{{max-width:256px}}
 .lbl{{font-size:80%;color:#555}} .cap{{font-family:monospace}}</style></head><body>
-<h2>{run_name}: {_html_escape(target)} from {_html_escape(', '.join(cond) or 'nothing')}</h2>
-<p>checkpoint {_html_escape(info['checkpoint'])} (iter {info['iter_num']}), dataset {_html_escape(dataset)},
+<h2>{run_name}: {html.escape(target)} from {html.escape(', '.join(cond) or 'nothing')}</h2>
+<p>checkpoint {html.escape(info['checkpoint'])} (iter {info['iter_num']}), dataset {html.escape(dataset)},
 split {cfg['split']}, {N} clips x {S} samples, {settings}.<br>{N * S / dt:.2f} samples/s on {device}.
 Spectrograms: log-mel, 75 Hz frames, top 10 nats of each clip{'; the white line marks where generation starts' if mark else ''}.</p>
 <table><tr><th>clip</th><th>conditioning</th><th>generated</th><th>ground truth</th></tr>
 {chr(10).join(table_rows)}
 </table></body></html>
 """
-    _write_text(index_path, html)
+    _write_text(index_path, page)
     print(f"wrote {index_path}")
     return info
 
