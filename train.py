@@ -146,6 +146,8 @@ if dry_run:
     # what this command would train, resolved (config files, then --key=value), and the model it builds;
     # code feature widths and a warm start's architecture come from files, which a dry run does not read
     _args = {f.name: config[f.name] for f in fields(Nano4MConfig) if f.name in config}
+    if code_features:
+        _args['feature_only'] = ()      # it reads code features, whose widths a dry run does not know
     try:
         _model = Nano4M(Nano4MConfig(**_args))
     except ValueError as e:

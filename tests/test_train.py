@@ -370,6 +370,8 @@ def test_dry_run_holds_the_reports_recipe_in_config_audio(tmp_path):
     changed = {k for k in cfg if k != "derived" and plus[k] != cfg[k]}
     assert changed == {"head", "pos_emb", "cond_dropout", "out_dir", "wandb_run_name"}, changed
     assert plus["derived"]["n_params"] > cfg["derived"]["n_params"]   # the learned positions
+    toy, _ = dry_run(configs=("config/toyzoo.py",))        # code features and feature_only: no data read
+    assert toy["feature_only"] == ["tok_rgb"] and toy["code_features"] and toy["n_embd"] == 128
     mine, _ = dry_run("--n_embd=64", "--n_head=2", "--head=modality")
     assert mine["n_embd"] == 64 and mine["head"] == "modality" and mine["derived"]["n_params"] < 20e6
 
