@@ -430,16 +430,18 @@ class SpeechTokenizerTokenizer(_PretrainedCodec):
     kind = "speechtokenizer"
     levels = 3
 
-    def __init__(self, device="cpu", model=None, batch_size=16):
-        settings = {"model": "custom" if model is not None else SPEECHTOKENIZER_REPO,
-                    "revision": None if model is not None else SPEECHTOKENIZER_REVISION}
-        model = self.load_pretrained() if model is None else model
+    def __init__(self, device="cpu", model=None, batch_size=16, revision=None):
+        commit = None
+        if model is None:
+            model, commit = self.load_pretrained(revision or SPEECHTOKENIZER_REVISION)
+        settings = {"model": "custom" if commit is None else SPEECHTOKENIZER_REPO, "revision": commit}
         rate = model.sample_rate
         super().__init__(model, device, batch_size, model.quantizer.bins, rate / int(model.downsample_rate), rate,
                          settings)
 
     @staticmethod
-    def load_pretrained():
+    def load_pretrained(revision):
+        """-> (model, the commit its files came from), refusing another commit than a pinned one"""
         import json
         try:
             from huggingface_hub import hf_hub_download
@@ -447,13 +449,15 @@ class SpeechTokenizerTokenizer(_PretrainedCodec):
         except ImportError as e:
             raise ImportError(f"--audio_tokenizer=speechtokenizer needs the extras ({e.name} missing): "
                               f"pip install -r requirements-extra.txt") from None
-        get = lambda f: hf_hub_download(SPEECHTOKENIZER_REPO, f"{SPEECHTOKENIZER_VARIANT}/{f}",
-                                        revision=SPEECHTOKENIZER_REVISION)
-        with open(get("config.json")) as f:
+        get = lambda f: hf_hub_download(SPEECHTOKENIZER_REPO, f"{SPEECHTOKENIZER_VARIANT}/{f}", revision=revision)
+        config = get("config.json")         # .../snapshots/<commit>/<variant>/config.json
+        commit = os.path.basename(os.path.dirname(os.path.dirname(config)))
+        _check_revision(SPEECHTOKENIZER_REPO, revision, commit)
+        with open(config) as f:
             model = SpeechTokenizer(json.load(f))
         # the package's own loader unpickles (it could run code); the checkpoint is a plain state dict
         model.load_state_dict(torch.load(get("SpeechTokenizer.pt"), map_location="cpu", weights_only=True))
-        return model
+        return model, commit
 
     def _encode(self, x):
         return self.model.encode(x[:, None, :], n_q=self.levels).transpose(0, 1)   # [K, b, T] -> [b, K, T]
@@ -470,21 +474,26 @@ class MimiTokenizer(_PretrainedCodec):
     kind = "mimi"
     levels = 12
 
-    def __init__(self, device="cpu", model=None, batch_size=16):
-        settings = {"model": "custom" if model is not None else MIMI_REPO,
-                    "revision": None if model is not None else MIMI_REVISION}
-        model = self.load_pretrained() if model is None else model
+    def __init__(self, device="cpu", model=None, batch_size=16, revision=None):
+        commit = None
+        if model is None:
+            model, commit = self.load_pretrained(revision or MIMI_REVISION)
+        settings = {"model": "custom" if commit is None else MIMI_REPO, "revision": commit}
         cfg = model.config
         super().__init__(model, device, batch_size, cfg.codebook_size, cfg.frame_rate, cfg.sampling_rate, settings)
 
     @staticmethod
-    def load_pretrained():
+    def load_pretrained(revision):
+        """-> (model, the commit its files came from), refusing another commit than a pinned one"""
         try:
             from transformers import MimiModel
         except ImportError as e:
             raise ImportError(f"--audio_tokenizer=mimi needs transformers with Mimi ({e}): "
                               f"pip install -r requirements-extra.txt") from None
-        return MimiModel.from_pretrained(MIMI_REPO, revision=MIMI_REVISION)
+        model = MimiModel.from_pretrained(MIMI_REPO, revision=revision)
+        commit = getattr(model.config, "_commit_hash", None)
+        _check_revision(MIMI_REPO, revision, commit)
+        return model, commit
 
     def _encode(self, x):
         return self.model.encode(x[:, None, :], num_quantizers=self.levels).audio_codes
@@ -493,7 +502,14 @@ class MimiTokenizer(_PretrainedCodec):
         return self.model.decode(codes).audio_values[:, 0]
 
 
-# where the pretrained semantic codecs' weights come from (set a commit hash as the revision to pin one)
+def _check_revision(repo, asked, got):
+    if asked and len(asked) == 40 and got != asked:
+        raise RuntimeError(f"{repo}: asked for revision {asked}, got {got}")
+
+
+# where the pretrained semantic codecs' weights come from: "main" = the default branch on the first run, whose
+# commit tokenize_all.py records in meta.json so that decoding that dataset loads the same weights (set a
+# commit hash here to pin it for everyone)
 SPEECHTOKENIZER_REPO, SPEECHTOKENIZER_VARIANT, SPEECHTOKENIZER_REVISION = \
     "fnlp/SpeechTokenizer", "speechtokenizer_hubert_avg", "main"
 MIMI_REPO, MIMI_REVISION = "kyutai/mimi", "main"
@@ -794,8 +810,8 @@ def load_tokenizer(tok_path, meta, modality_name, device="cpu", trust=False):
         return PatchKMeansTokenizer.load(codebook, device, trust)
     if kind == "encodec":
         return EncodecTokenizer(device)
-    if kind in ("speechtokenizer", "mimi"):
-        tok = TOKENIZER_KINDS[kind](device)
+    if kind in ("speechtokenizer", "mimi"):    # at the commit the dataset was tokenized with
+        tok = TOKENIZER_KINDS[kind](device, revision=info.get("revision"))
         if info.get("layout") and M.AudioLayout(**info["layout"]) != tok.layout:
             raise ValueError(f"{tok_path}/meta.json: {name} was tokenized with layout {info['layout']}, the "
                              f"{kind} model loaded now has {tok.layout}")

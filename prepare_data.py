@@ -151,8 +151,12 @@ DEPTH_MODEL = "depth-anything/Depth-Anything-V2-Small-hf"
 # in raw/downloads.json and loaded by every later run of that dataset (put a commit hash here to pin it for all)
 DEPTH_REVISION = None
 # DSINE's torch.hub entry, as owner/repo:ref. No commit of hugoycj/DSINE-hub could be looked up where this was
-# written, so the ref is its branch and the hub code's sha256 is recorded on first use and checked after
+# written, so the ref is its branch: the code is fetched as GitHub's zip of that ref, its tree sha256 and commit
+# are recorded in raw/downloads.json on first use, and a later tree that differs is refused before any of it runs
+# (put a commit hash after the colon to pin it for everyone)
 NORMAL_HUB = ("hugoycj/DSINE-hub:main", "DSINE")
+HUB_ZIP_URL = "https://github.com/{repo}/archive/{ref}.zip"
+HUB_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "nano4m", "hub")
 NORMAL_WEIGHTS_URL = "https://huggingface.co/camenduru/DSINE/resolve/main/dsine.pt"   # what the entry would fetch
 NORMAL_WEIGHTS = os.path.join(os.path.expanduser("~"), ".cache", "nano4m", "dsine.pt")
 # sha256 of each weight file fetched by URL, where upstream publishes one (None: recorded on first download)
@@ -927,23 +931,84 @@ def load_normal_model(device, raw=None, hub=NORMAL_HUB, source="github", weights
         raise RuntimeError("DSINE's torch.hub entry places its model on CUDA: normal pseudo-labels need a GPU "
                            "(or --pseudo_labels=flat for flagged placeholders)")
     fetch_verified("dsine", weights_url, weights, raw, PINNED_SHA256["dsine"])
+    repo_dir = repo if source == "local" else fetch_hub_code(repo, raw)
+    check_hub_tree("dsine_hub", repo_dir, raw, url=repo)     # before torch.hub runs a line of it
     try:
-        normal = torch.hub.load(repo, entry, local_file_path=weights, source=source, trust_repo=True)
+        normal = torch.hub.load(repo_dir, entry, local_file_path=weights, source="local", trust_repo=True)
     except Exception as e:
         raise RuntimeError(f"could not load DSINE from torch.hub {repo} ({type(e).__name__}: {e}); pip install "
                            "geffnet and check the network; its entry places the model on CUDA, so it needs a GPU; "
                            "or --pseudo_labels=flat") from None
-    repo_dir = repo if source == "local" else os.path.join(
-        torch.hub.get_dir(), "_".join([*repo.split(":")[0].split("/"), repo.split(":")[1] if ":" in repo else "main"]))
-    hubconf = os.path.join(repo_dir, "hubconf.py")
-    if os.path.exists(hubconf):
-        check_sha256("dsine_hubconf", hubconf, raw, url=repo)
     if hasattr(normal, "model"):        # the entry picks its device itself: follow the one asked for
         normal.model.to(device)
         if hasattr(normal.model, "pixel_coords"):
             normal.model.pixel_coords = normal.model.pixel_coords.to(device)
         normal.device = torch.device(device)
     return normal
+
+
+def hub_tree_sha256(folder):
+    """One sha256 over every file of a code tree (relative path and bytes, in sorted order), caches excluded."""
+    import hashlib
+    h = hashlib.sha256()
+    for root, dirs, files in sorted(os.walk(folder)):
+        dirs[:] = sorted(d for d in dirs if d not in ("__pycache__", ".git"))
+        for name in sorted(files):
+            path = os.path.join(root, name)
+            h.update(os.path.relpath(path, folder).encode() + b"\0")
+            with open(path, "rb") as f:
+                h.update(hashlib.sha256(f.read()).digest())
+    return h.hexdigest()
+
+
+def check_hub_tree(name, folder, raw=None, url=None):
+    """Hub code must hash as recorded for this dataset (the first use records it); checked before it is run."""
+    got = hub_tree_sha256(folder)
+    want = recorded_downloads(raw).get(name, {}).get("tree_sha256")
+    if want and got != want:
+        raise RuntimeError(f"{folder}: the hub code's tree sha256 {got} differs from the {want} recorded in "
+                           f"{os.path.join(raw, DOWNLOADS_JSON)} for {name}: refusing changed code (delete the "
+                           f"folder and that entry to take the new code)")
+    commit_file = os.path.join(folder, ".commit")
+    commit = open(commit_file).read().strip() if os.path.exists(commit_file) else None
+    record_download(raw, name, {"tree_sha256": got, **({"url": url} if url else {}),
+                                **({"commit": commit} if commit else {})})
+    return got
+
+
+def fetch_hub_code(hub, raw=None, cache=HUB_CACHE, url_template=HUB_ZIP_URL, timeout=60):
+    """owner/repo:ref -> a local folder with that ref's code, fetched once as GitHub's zip (whose comment holds
+    the commit, kept in .commit) and unpacked without running anything; torch.hub then loads it as source='local'."""
+    import urllib.request
+    import zipfile
+    repo, ref = hub.split(":", 1) if ":" in hub else (hub, "main")
+    dest = os.path.join(cache, repo.replace("/", "_") + "_" + ref)
+    if os.path.isdir(dest):
+        return dest
+    os.makedirs(cache, exist_ok=True)
+    url = url_template.format(repo=repo, ref=ref)
+    tmp_zip, tmp_dir = rawdata.atomic_path(dest + ".zip"), rawdata.atomic_path(dest)
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r, open(tmp_zip, "wb") as f:
+            shutil.copyfileobj(r, f, 1 << 20)
+        with zipfile.ZipFile(tmp_zip) as z:
+            tops = {n.split("/", 1)[0] for n in z.namelist()}
+            if len(tops) != 1:
+                raise RuntimeError(f"expected one top folder in the archive, found {sorted(tops)[:5]}")
+            z.extractall(tmp_dir)     # zipfile drops absolute paths and '..' parts
+            commit = z.comment.decode("ascii", "replace").strip()
+        top = os.path.join(tmp_dir, tops.pop())
+        if re.fullmatch(r"[0-9a-f]{40}", commit):
+            with open(os.path.join(top, ".commit"), "w") as f:
+                f.write(commit + "\n")
+        os.replace(top, dest)
+    except Exception as e:
+        raise RuntimeError(f"{hub}: fetching its code from {url} failed ({type(e).__name__}: {e})") from None
+    finally:
+        if os.path.exists(tmp_zip):
+            os.remove(tmp_zip)
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return dest
 
 
 def load_structure_models(device, raw=None):

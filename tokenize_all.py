@@ -403,7 +403,7 @@ def main(argv=None):
                 "codebook": f"codebooks/{m.name}.pt" if kind in ("mel_rvq", "patch_kmeans") else None}
         if kind in ("mel_rvq", "patch_kmeans"):
             info["codebook_size"] = toks[m.name].settings["codes"]
-        if kind == "divae":
+        if kind in ("divae", "speechtokenizer", "mimi"):    # the weights' commit, loaded again when decoding
             info["revision"] = toks[m.name].settings["revision"]
         if m.name == "caption":
             info["pad_id"] = M.CAPTION_PAD

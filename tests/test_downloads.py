@@ -5,6 +5,7 @@ import functools
 import hashlib
 import http.server
 import json
+import os
 import threading
 
 import pytest
@@ -90,3 +91,52 @@ def test_dsine_without_a_gpu_is_refused_before_any_download(tmp_path):
         pd.load_normal_model("cpu", str(tmp_path / "raw"), weights=str(tmp_path / "dsine.pt"))
     assert not (tmp_path / "dsine.pt").exists() and not (tmp_path / "raw").exists()
     assert pd.structure_available() is False
+
+
+# hub code (DSINE's torch.hub entry): fetched as a zip, hashed, and only then run
+
+HUBCONF = '''import os
+open(os.environ["NANO4M_TEST_MARKER"], "a").write("ran\\n")   # what a hostile hubconf could do on import
+
+
+def DSINE(local_file_path=None):
+    return "predictor"
+'''
+
+
+def _hub_zip(path, hubconf, commit="0123456789abcdef0123456789abcdef01234567"):
+    import zipfile
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("DSINE-hub-main/hubconf.py", hubconf)
+        z.writestr("DSINE-hub-main/README.md", "stand-in\n")
+        z.comment = commit.encode()
+
+
+def test_hub_code_is_hashed_before_it_runs_and_changed_code_never_runs(tmp_path, monkeypatch):
+    marker = tmp_path / "marker"
+    monkeypatch.setenv("NANO4M_TEST_MARKER", str(marker))
+    _hub_zip(tmp_path / "main.zip", HUBCONF)
+    raw, cache = str(tmp_path / "raw"), str(tmp_path / "hub")
+    template = (tmp_path / "{ref}.zip").as_uri().replace("%7B", "{").replace("%7D", "}")
+    folder = pd.fetch_hub_code("owner/DSINE-hub:main", raw, cache=cache, url_template=template)
+    assert not marker.exists()                                   # fetching and unpacking runs nothing
+    pd.check_hub_tree("dsine_hub", folder, raw, url="owner/DSINE-hub:main")
+    rec = json.loads((tmp_path / "raw" / "downloads.json").read_text())["dsine_hub"]
+    assert rec["commit"] == "0123456789abcdef0123456789abcdef01234567"   # the zip's comment names the commit
+    assert rec["tree_sha256"] == pd.hub_tree_sha256(folder) and not marker.exists()
+    # the same ref now holds other code: refused before torch.hub imports it
+    with open(os.path.join(folder, "hubconf.py"), "a") as f:
+        f.write("\n# changed upstream\n")
+    weights = tmp_path / "dsine.pt"
+    weights.write_bytes(b"weights")
+    with pytest.raises(RuntimeError, match="dsine_hub.*|tree sha256"):
+        pd.load_normal_model("cpu", raw, hub=(folder, "DSINE"), source="local", weights=str(weights),
+                             weights_url=weights.as_uri())
+    assert not marker.exists()
+
+
+def test_hub_code_fetch_failure_leaves_nothing(tmp_path):
+    with pytest.raises(RuntimeError, match="fetching its code"):
+        pd.fetch_hub_code("owner/none:main", None, cache=str(tmp_path / "hub"),
+                          url_template=(tmp_path / "missing.zip").as_uri())
+    assert os.listdir(tmp_path / "hub") == []

@@ -304,12 +304,12 @@ def test_dsine_through_its_hub_entry(dsine_stand_in, tmp_path):
     normal = pd.load_normal_model("cpu", raw, hub=(str(hub), "DSINE"), source="local", weights=weights,
                                   weights_url=url)
     rec = json.loads(open(os.path.join(raw, "downloads.json")).read())
-    assert rec["dsine"]["sha256"] == pd.sha256_file(weights) and rec["dsine_hubconf"]["sha256"]
+    assert rec["dsine"]["sha256"] == pd.sha256_file(weights) and rec["dsine_hub"]["tree_sha256"]
     out = normal.infer_cv2(image_batch("tok_rgb", 1)[0])
     assert out.shape == (1, 3, 224, 224)
     # the hub code changed under the same ref: refused
     (hub / "hubconf.py").write_text(STAND_IN_HUBCONF + "\n# changed\n")
-    with pytest.raises(RuntimeError, match="dsine_hubconf"):
+    with pytest.raises(RuntimeError, match="dsine_hub"):
         pd.load_normal_model("cpu", raw, hub=(str(hub), "DSINE"), source="local", weights=weights, weights_url=url)
 
 

@@ -105,7 +105,12 @@ def test_round_trip_shapes_and_level_ranges(kind):
 def test_tokenize_all_writes_the_layout_and_train_runs(kind, tmp_path, monkeypatch):
     cls, build, K, T_frames, _, _ = CODECS[kind]
     model = build()
-    monkeypatch.setattr(cls, "load_pretrained", staticmethod(lambda: model))   # instead of the hub download
+    asked = []
+
+    def hub(revision):                          # instead of the hub download: the model and the commit it came from
+        asked.append(revision)
+        return model, "c" * 40
+    monkeypatch.setattr(cls, "load_pretrained", staticmethod(hub))
     root = str(tmp_path / "data")
     make_raw_fixture(root)
     tokenize_all.main(["--dataset=fx", f"--data_root={root}", f"--audio_tokenizer={kind}", *FAST])
@@ -122,6 +127,8 @@ def test_tokenize_all_writes_the_layout_and_train_runs(kind, tmp_path, monkeypat
     # sampling and evaluation rebuild the same tokenizer from meta.json and decode its ids
     tok = T.load_tokenizer(tok_path, meta, "audio")
     assert tok.layout == M.AUDIO_LAYOUT
+    # the first run took the default branch and recorded its commit; decoding asks for that commit
+    assert asked[0] == "main" and info["revision"] == "c" * 40 and asked[-1] == "c" * 40
     assert tok.decode(torch.from_numpy(a[:1])).shape == (1, M.AUDIO_WINDOW)
     # a few training steps on the tokens
     from test_train import TINY
