@@ -931,7 +931,8 @@ def load_normal_model(device, raw=None, hub=NORMAL_HUB, source="github", weights
         raise RuntimeError("DSINE's torch.hub entry places its model on CUDA: normal pseudo-labels need a GPU "
                            "(or --pseudo_labels=flat for flagged placeholders)")
     fetch_verified("dsine", weights_url, weights, raw, PINNED_SHA256["dsine"])
-    repo_dir = repo if source == "local" else fetch_hub_code(repo, raw)
+    commit = recorded_downloads(raw).get("dsine_hub", {}).get("commit")    # a later run fetches that commit
+    repo_dir = repo if source == "local" else fetch_hub_code(repo.split(":")[0] + ":" + commit if commit else repo, raw)
     check_hub_tree("dsine_hub", repo_dir, raw, url=repo)     # before torch.hub runs a line of it
     try:
         normal = torch.hub.load(repo_dir, entry, local_file_path=weights, source="local", trust_repo=True)

@@ -140,3 +140,21 @@ def test_hub_code_fetch_failure_leaves_nothing(tmp_path):
         pd.fetch_hub_code("owner/none:main", None, cache=str(tmp_path / "hub"),
                           url_template=(tmp_path / "missing.zip").as_uri())
     assert os.listdir(tmp_path / "hub") == []
+
+
+def test_a_later_run_fetches_the_recorded_commit(tmp_path, monkeypatch):
+    """the first run took the branch and recorded its commit; a later run (the cache gone) asks for that commit"""
+    asked = []
+
+    def fetch(hub, raw):
+        asked.append(hub)
+        raise RuntimeError("offline")
+    monkeypatch.setattr(pd, "fetch_hub_code", fetch)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    raw = str(tmp_path / "raw")
+    pd.record_download(raw, "dsine_hub", {"commit": "f" * 40, "tree_sha256": "0" * 64})
+    weights = tmp_path / "dsine.pt"
+    weights.write_bytes(b"weights")
+    with pytest.raises(RuntimeError, match="offline"):
+        pd.load_normal_model("cpu", raw, weights=str(weights), weights_url=weights.as_uri())
+    assert asked == ["hugoycj/DSINE-hub:" + "f" * 40]
