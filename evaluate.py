@@ -459,7 +459,7 @@ def positions(name, idx=None):
 
 def _flat_inputs(inputs, device):
     """inputs: {name: (ids Long [B, L], given Bool [B, L])} -> packed enc_ids, enc_pos, enc_valid."""
-    from sample import pack
+    from generation import pack
     ids, pos, given = [], [], []
     for name, (x, g) in inputs.items():
         x, g = x.to(device).long(), g.to(device).bool()
@@ -1149,7 +1149,7 @@ def generations(ctx):
     """Class-only and continuation samples of the selected clips, decoded, plus decoded ground truth."""
     if "gen" in ctx:
         return ctx["gen"]
-    import sample
+    import generation
     clips, views = gen_selection(ctx)
     tokens, labels = tokens_of(ctx, ctx["split"], clips, views)
     g = torch.Generator().manual_seed(ctx["seed"])
@@ -1164,15 +1164,15 @@ def generations(ctx):
         e = min(s + ctx["batch_size"], len(clips))
         cap = tokens["caption"][s:e]
         zeros = torch.zeros_like(audio[s:e])
-        cls_ids.append(sample.generate(ctx["model"], {"caption": cap, "tok_audio": zeros},
+        cls_ids.append(generation.generate(ctx["model"], {"caption": cap, "tok_audio": zeros},
                                        {"caption": all_given(cap), "tok_audio": zeros.bool()}, "tok_audio", **kw))
         if ctx["gen_guidance"] != 1.0:   # the conditional model alone beside it: what guidance adds
-            cls1_ids.append(sample.generate(ctx["model"], {"caption": cap, "tok_audio": zeros},
+            cls1_ids.append(generation.generate(ctx["model"], {"caption": cap, "tok_audio": zeros},
                                             {"caption": all_given(cap), "tok_audio": zeros.bool()}, "tok_audio",
                                             **dict(kw, guidance_scale=1.0)))
         given = torch.zeros_like(audio[s:e], dtype=torch.bool)
         given[:, :start] = True
-        out = sample.generate(ctx["model"], {"caption": cap, "tok_rgb": tokens["tok_rgb"][s:e], "tok_audio": audio[s:e]},
+        out = generation.generate(ctx["model"], {"caption": cap, "tok_rgb": tokens["tok_rgb"][s:e], "tok_audio": audio[s:e]},
                               {"caption": all_given(cap), "tok_rgb": all_given(tokens["tok_rgb"][s:e]),
                                "tok_audio": given}, "tok_audio", **kw)
         out = out.cpu()
@@ -1435,7 +1435,7 @@ def probe_resnet(ctx):
         net = resnet50(weights=weights if ctx["resnet_weights"] == "imagenet" else None).eval().to(ctx["device"])
     except Exception as e:  # no cached weights and no network
         return {"skipped": f"ResNet-50 ImageNet weights unavailable ({type(e).__name__}: {str(e)[:200]})"}
-    import sample
+    import generation
     tok = load_decoder(ctx, "tok_rgb")
     clips, views = gen_selection(ctx)
     tokens, labels = tokens_of(ctx, ctx["split"], clips, views)
@@ -1457,7 +1457,7 @@ def probe_resnet(ctx):
             ids = tokens["tok_rgb"]
         else:
             t = {cond: tokens[cond], "tok_rgb": torch.zeros_like(tokens["tok_rgb"])}
-            ids = sample.generate(ctx["model"], t, {cond: all_given(tokens[cond]),
+            ids = generation.generate(ctx["model"], t, {cond: all_given(tokens[cond]),
                                                     "tok_rgb": torch.zeros_like(tokens["tok_rgb"], dtype=torch.bool)},
                                   "tok_rgb", **kw).cpu()
         imgs = np.asarray(tok.decode(ids.to(ctx["device"])))

@@ -274,6 +274,23 @@ def load_meta(tok_path):
     return meta
 
 
+def open_tokenized(dataset, data_root="data", splits=None):
+    """(tok_path, meta, {split: memmaps}) of a tokenized dataset: the named splits (each must be there), or
+    every split meta.json lists. meta.json is read first: it sets the dataset's audio layout."""
+    tok_path = tok_dir(dataset, data_root)
+    meta = load_meta(tok_path)
+    return tok_path, meta, {s: open_split(tok_path, s, meta) for s in (meta["splits"] if splits is None else splits)}
+
+
+def checkpoint_dataset(ckpt, dataset="", data_root="", where="the checkpoint"):
+    """(dataset, data_root) a run reads: the ones given, else those the checkpoint's training config recorded."""
+    train_cfg = ckpt.get("config", {})
+    dataset = dataset or train_cfg.get("dataset")
+    if not dataset:
+        raise ValueError(f"{where} records no dataset: pass --dataset=NAME")
+    return dataset, data_root or train_cfg.get("data_root", "data")
+
+
 class EmptySplitError(ValueError):
     pass
 

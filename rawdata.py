@@ -11,6 +11,7 @@ The raw clip layout shared by every source of prepare_data.py and read by tokeni
 Every writer here goes through a temporary name and an atomic rename, so an interrupted run never
 leaves a half-written file under its final name.
 """
+import contextlib
 import heapq
 import json
 import os
@@ -18,6 +19,8 @@ import re
 import wave
 
 import numpy as np
+
+from modalities import AUDIO_SR, AUDIO_WINDOW
 
 RAW_SR = 24000
 RAW_VIEWS = 10
@@ -69,6 +72,35 @@ def atomic_path(path):
     return os.path.join(d, f".{b}.tmp{os.getpid()}")
 
 
+@contextlib.contextmanager
+def atomic_write(path, suffix=""):
+    """Write `path` through a temporary sibling: yields the temporary name (+ suffix, for writers that append
+    one, e.g. np.save's .npy); when the block ends it is renamed over `path`, so a reader sees the old file or
+    the whole new one; a block that fails leaves no temporary file behind."""
+    tmp = atomic_path(path) + suffix
+    try:
+        yield tmp
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    os.replace(tmp, path)
+
+
+def write_text(path, text):
+    with atomic_write(path) as tmp, open(tmp, "w") as f:
+        f.write(text)
+
+
+def write_json(path, obj, **dumps_kw):
+    write_text(path, json.dumps(obj, **dumps_kw))
+
+
+def write_npy(path, array):
+    with atomic_write(path, ".npy") as tmp:   # np.save appends .npy to a name without it
+        np.save(tmp, array)
+
+
 # ---------------------------------------------------------------------------------------------------
 # media
 
@@ -78,13 +110,11 @@ def write_wav(path, audio, sr=RAW_SR):
     if audio.ndim != 1:
         raise ValueError(f"{path}: expected mono audio [T], got shape {audio.shape}")
     pcm = (np.clip(audio, -1.0, 1.0) * 32767.0).round().astype("<i2")
-    tmp = atomic_path(path)
-    with wave.open(tmp, "wb") as w:
+    with atomic_write(path) as tmp, wave.open(tmp, "wb") as w:
         w.setnchannels(1)
         w.setsampwidth(2)
         w.setframerate(sr)
         w.writeframes(pcm.tobytes())
-    os.replace(tmp, path)
 
 
 def read_wav(path):
@@ -103,6 +133,45 @@ def read_wav(path):
     return x.reshape(-1, ch).mean(axis=1), sr
 
 
+MIN_SR, MAX_SR = 4000, 384000   # rates we resample from; anything outside is a broken file
+
+
+def check_rate_and_length(cid, path, sr, n):
+    if not (MIN_SR <= sr <= MAX_SR):
+        raise ValueError(f"clip {cid}: {path} has sample rate {sr} Hz, which cannot be resampled to "
+                         f"{AUDIO_SR} Hz (accepted: {MIN_SR}..{MAX_SR} Hz)")
+    if n * AUDIO_SR / sr < AUDIO_WINDOW:
+        raise ValueError(f"clip {cid}: {path} is {n / sr:.2f} s, shorter than the "
+                         f"{AUDIO_WINDOW / AUDIO_SR:.2f} s window (prepare_data.py pads short clips, so "
+                         f"this file is damaged or was not made by it)")
+
+
+def load_audio(row, raw):
+    """A manifest row's audio at 24 kHz as float32 [T]; resampled from another sane rate, else refused."""
+    cid = row["clip_id"]
+    path = os.path.join(raw, row["audio"])
+    try:
+        x, sr = read_wav(path)
+    except (ValueError, FileNotFoundError) as e:
+        raise ValueError(f"clip {cid}: {e}") from None
+    check_rate_and_length(cid, path, sr, len(x))
+    if sr != AUDIO_SR:
+        import torch
+        import torchaudio.functional as AF
+        x = AF.resample(torch.from_numpy(x), sr, AUDIO_SR).numpy()
+    if len(x) < AUDIO_WINDOW:  # resampling rounded a borderline length down
+        x = np.pad(x, (0, AUDIO_WINDOW - len(x)))
+    return x
+
+
+def audio_windows(x, times):
+    """[T] audio + 10 keyframe times -> [10, 81920] windows centred on the times, clamped to the clip: the
+    audio of each view, as tokenize_all.py tokenizes it."""
+    half = AUDIO_WINDOW // 2
+    starts = [min(max(int(round(t * AUDIO_SR)) - half, 0), len(x) - AUDIO_WINDOW) for t in times]
+    return np.stack([x[s:s + AUDIO_WINDOW] for s in starts])
+
+
 def write_png(path, array):
     """uint8 [H, W, 3] (RGB) or uint16 [H, W] (depth) -> png, atomically."""
     from PIL import Image
@@ -114,9 +183,8 @@ def write_png(path, array):
     else:
         raise ValueError(f"{path}: write_png takes uint8 images or uint16 [H, W] depth, got "
                          f"{array.dtype} {array.shape}")
-    tmp = atomic_path(path)
-    img.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        img.save(tmp, format="PNG")
 
 
 def read_png(path, size=FRAME_SIZE):
@@ -142,11 +210,7 @@ def read_png(path, size=FRAME_SIZE):
 
 def write_manifest(path, rows):
     """Write all rows as JSON lines, atomically."""
-    tmp = atomic_path(path)
-    with open(tmp, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    write_text(path, "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows))
 
 
 def read_manifest(path):

@@ -37,7 +37,6 @@ import rawdata
 
 IMAGE_MODALITIES = ("tok_rgb", "tok_depth", "tok_normal")
 FILE_KEYS = {"tok_rgb": "frames", "tok_depth": "depths", "tok_normal": "normals"}
-MIN_SR, MAX_SR = 4000, 384000   # rates we resample from; anything outside is a broken file
 
 
 def codes_arg(text):
@@ -91,7 +90,7 @@ def check_rows(rows, raw):
                 sr, n = w.getframerate(), w.getnframes()
         except (wave.Error, EOFError) as e:
             raise ValueError(f"clip {cid}: {path} is not a readable PCM wav ({e})") from None
-        check_rate_and_length(cid, path, sr, n)
+        rawdata.check_rate_and_length(cid, path, sr, n)
         times = r.get("keyframe_times")
         if not times or len(times) != M.NUM_VIEWS:
             raise ValueError(f"clip {cid}: keyframe_times must list {M.NUM_VIEWS} times, got {times!r}")
@@ -116,40 +115,6 @@ def check_rows(rows, raw):
                                      f"got {size[0]}x{size[1]}")
 
 
-def check_rate_and_length(cid, path, sr, n):
-    if not (MIN_SR <= sr <= MAX_SR):
-        raise ValueError(f"clip {cid}: {path} has sample rate {sr} Hz, which cannot be resampled to "
-                         f"{M.AUDIO_SR} Hz (accepted: {MIN_SR}..{MAX_SR} Hz)")
-    if n * M.AUDIO_SR / sr < M.AUDIO_WINDOW:
-        raise ValueError(f"clip {cid}: {path} is {n / sr:.2f} s, shorter than the "
-                         f"{M.AUDIO_WINDOW / M.AUDIO_SR:.2f} s window (prepare_data.py pads short clips, so "
-                         f"this file is damaged or was not made by it)")
-
-
-def load_audio(row, raw):
-    """The clip's audio at 24 kHz as float32 [T]; resampled from another sane rate, else refused."""
-    cid = row["clip_id"]
-    path = os.path.join(raw, row["audio"])
-    try:
-        x, sr = rawdata.read_wav(path)
-    except (ValueError, FileNotFoundError) as e:
-        raise ValueError(f"clip {cid}: {e}") from None
-    check_rate_and_length(cid, path, sr, len(x))
-    if sr != M.AUDIO_SR:
-        import torchaudio.functional as AF
-        x = AF.resample(torch.from_numpy(x), sr, M.AUDIO_SR).numpy()
-    if len(x) < M.AUDIO_WINDOW:  # resampling rounded a borderline length down
-        x = np.pad(x, (0, M.AUDIO_WINDOW - len(x)))
-    return x
-
-
-def audio_windows(x, times):
-    """[T] audio + 10 keyframe times -> [10, 81920] windows centred on the times, clamped to the clip."""
-    half = M.AUDIO_WINDOW // 2
-    starts = [min(max(int(round(t * M.AUDIO_SR)) - half, 0), len(x) - M.AUDIO_WINDOW) for t in times]
-    return np.stack([x[s:s + M.AUDIO_WINDOW] for s in starts])
-
-
 def load_images(row, raw, modality):
     """10 views of one image modality: uint8 [10, 224, 224, 3] (rgb, normals) / uint16 [10, 224, 224]."""
     cid = row["clip_id"]
@@ -168,8 +133,8 @@ def load_images(row, raw, modality):
 
 
 def load_clip(row, raw):
-    x = load_audio(row, raw)
-    clip = {"tok_audio": audio_windows(x, row["keyframe_times"])}
+    x = rawdata.load_audio(row, raw)
+    clip = {"tok_audio": rawdata.audio_windows(x, row["keyframe_times"])}
     for m in IMAGE_MODALITIES:
         clip[m] = load_images(row, raw, m)
     return clip
@@ -228,7 +193,7 @@ def fit_codebooks(args, rows, raw, tok_path, device):
     for i in tqdm(sorted(pick), desc="reading train clips for codebooks"):
         row = train[i]
         if "tok_audio" in todo:
-            w = audio_windows(load_audio(row, raw), row["keyframe_times"])
+            w = rawdata.audio_windows(rawdata.load_audio(row, raw), row["keyframe_times"])
             f = T.log_mel(torch.from_numpy(w).to(device))
             # frames and their level-1 keys side by side: the keys may look at earlier frames of the window
             keys = T.MelRVQTokenizer.level1_input(f, args.audio_level1)

@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 import masking  # noqa: E402
 import modalities as M  # noqa: E402
-import sample  # noqa: E402
+import generation  # noqa: E402
 from model import Nano4M, Nano4MConfig  # noqa: E402
 
 LAYOUTS = {2: M.ENCODEC_LAYOUT,                                                      # 256 x 2 = 512 ids
@@ -143,12 +143,12 @@ def test_sampling_commits_whole_frames(layout, schedule):
     model = Recorder(Nano4M(Nano4MConfig(n_enc_layer=1, n_dec_layer=1, n_embd=32, n_head=2)).eval(), a0, K * T)
     g = torch.Generator().manual_seed(1)
     toks = masking.random_tokens(2, "cpu", g)
-    prefix = sample.continuation_prefix(0.5)
+    prefix = generation.continuation_prefix(0.5)
     assert prefix % K == 0 and prefix == round(0.5 * T) * K
     known = torch.zeros(2, K * T, dtype=torch.bool)
     known[:, :prefix] = True
     with torch.no_grad():
-        out = sample.generate(model, {"caption": toks["caption"], "tok_audio": toks["tok_audio"]},
+        out = generation.generate(model, {"caption": toks["caption"], "tok_audio": toks["tok_audio"]},
                               {"tok_audio": known}, "tok_audio", steps=6, schedule=schedule, generator=g)
     assert out.shape == (2, K * T)
     assert torch.equal(out[:, :prefix], toks["tok_audio"][:, :prefix])       # the given frames are kept

@@ -1,4 +1,4 @@
-"""sample.py: the MaskGIT / ROAR schedule, guidance, filtering, and the CLI end to end on a tiny fixture."""
+"""generation.py + sample.py: the MaskGIT / ROAR schedule, guidance, filtering, and the CLI end to end on a tiny fixture."""
 import functools
 import math
 import os
@@ -10,6 +10,7 @@ import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import generation  # noqa: E402
 import sample  # noqa: E402
 from modalities import (MODALITIES, BY_NAME, POS_OFFSETS, CAPTION_PAD, modality_index, encode_caption,  # noqa: E402
                         caption_text, caption_valid, NULL_ID, null_position, AUDIO_CODEBOOKS, AUDIO_CODEBOOK_SIZE)
@@ -90,10 +91,10 @@ def mixed_batch():
 
 def test_masked_count_cosine_ends_at_zero():
     S = 8
-    counts = [sample.masked_count(512, s, S) for s in range(S)]
+    counts = [generation.masked_count(512, s, S) for s in range(S)]
     assert counts == [math.ceil(512 * math.cos(math.pi / 2 * (s + 1) / S)) for s in range(S - 1)] + [0]
     assert all(a >= b for a, b in zip([512] + counts, counts))
-    assert [sample.masked_count(10, s, 5, "linear") for s in range(5)] == [8, 6, 4, 2, 0]
+    assert [generation.masked_count(10, s, 5, "linear") for s in range(5)] == [8, 6, 4, 2, 0]
 
 
 @pytest.mark.parametrize("schedule", ["maskgit", "roar"])
@@ -101,7 +102,7 @@ def test_schedule_decodes_every_position_once_and_keeps_given(schedule):
     model = Recorder(tiny_model())
     tokens, known = mixed_batch()
     S = 8
-    out = sample.generate(model, tokens, known, "audio", steps=S, schedule=schedule, generator=gen())
+    out = generation.generate(model, tokens, known, "audio", steps=S, schedule=schedule, generator=gen())
     assert out.shape == (3, 512) and out.dtype == torch.long
     assert len(model.calls) == S
     ka = known["audio"]
@@ -132,7 +133,7 @@ def test_schedule_decodes_every_position_once_and_keeps_given(schedule):
             for p, i in zip(call["enc_pos"][b][ev].tolist(), call["enc_ids"][b][ev].tolist()):
                 if A0 <= p < A0 + 512:
                     assert out[b, p - A0].item() == i
-            keep = sample.masked_count(U, s, S)
+            keep = generation.masked_count(U, s, S)
             if schedule == "maskgit":
                 # MaskGIT queries every still-masked position
                 assert dec == unknown - committed_so_far and len(frame(dec)) == still
@@ -155,7 +156,7 @@ def test_schedule_decodes_every_position_once_and_keeps_given(schedule):
 def test_roar_queries_each_position_exactly_once():
     model = Recorder(tiny_model())
     tokens, known = mixed_batch()
-    sample.generate(model, tokens, known, "audio", steps=6, schedule="roar", count_schedule="linear",
+    generation.generate(model, tokens, known, "audio", steps=6, schedule="roar", count_schedule="linear",
                     generator=gen())
     for b in range(3):
         queried = []
@@ -167,15 +168,15 @@ def test_roar_queries_each_position_exactly_once():
 def test_guidance_scale_one_is_the_conditional_pass():
     tokens, known = mixed_batch()
     model = Recorder(tiny_model())
-    a = sample.generate(model, tokens, known, "audio", steps=5, guidance_scale=1.0, generator=gen(3))
+    a = generation.generate(model, tokens, known, "audio", steps=5, guidance_scale=1.0, generator=gen(3))
     assert len(model.calls) == 5                      # no unconditional pass at all
-    b = sample.generate(tiny_model(), tokens, known, "audio", steps=5, generator=gen(3))
+    b = generation.generate(tiny_model(), tokens, known, "audio", steps=5, generator=gen(3))
     assert torch.equal(a, b)
     # a model whose logits ignore the conditioning: uncond == cond, so every scale gives the same tokens
     blind = EncoderBlind()
-    ref = sample.generate(blind, tokens, known, "audio", steps=5, generator=gen(4))
+    ref = generation.generate(blind, tokens, known, "audio", steps=5, generator=gen(4))
     for scale in (0.0, 3.0):
-        assert torch.equal(sample.generate(blind, tokens, known, "audio", steps=5, guidance_scale=scale,
+        assert torch.equal(generation.generate(blind, tokens, known, "audio", steps=5, guidance_scale=scale,
                                            generator=gen(4)), ref)
 
 
@@ -183,7 +184,7 @@ def test_guidance_unconditional_pass_drops_conditioning():
     tokens, known = mixed_batch()
     tokens["rgb"] = torch.randint(0, 16384, (3, 196))
     model = Recorder(tiny_model())
-    with_cfg = sample.generate(model, tokens, known, "audio", steps=4, guidance_scale=3.0, generator=gen())
+    with_cfg = generation.generate(model, tokens, known, "audio", steps=4, guidance_scale=3.0, generator=gen())
     assert len(model.calls) == 8
     for s in range(4):
         cond, uncond = model.calls[2 * s], model.calls[2 * s + 1]
@@ -200,8 +201,8 @@ def test_guidance_unconditional_pass_drops_conditioning():
                 assert uncond["enc_ids"][b][ev].tolist() == [CAPTION_PAD] == [NULL_ID]
     # scale 0 is the unconditional model: same as generating with the conditioning removed, where the
     # inputs coincide (samples 1 and 2 always have audio; sample 0 starts from the null token)
-    s0 = sample.generate(tiny_model(), tokens, known, "audio", steps=4, guidance_scale=0.0, generator=gen(7))
-    alone = sample.generate(tiny_model(), {"audio": tokens["audio"]}, known, "audio", steps=4, generator=gen(7))
+    s0 = generation.generate(tiny_model(), tokens, known, "audio", steps=4, guidance_scale=0.0, generator=gen(7))
+    alone = generation.generate(tiny_model(), {"audio": tokens["audio"]}, known, "audio", steps=4, generator=gen(7))
     assert torch.equal(s0[1:], alone[1:])
     assert not torch.equal(with_cfg, s0)
 
@@ -216,18 +217,18 @@ def test_greedy_topk1_topp_tiny_give_the_argmax():
     h = model.decode_hidden(tokens["caption"] * valid, enc_pos * valid, valid, dec_pos,
                             torch.ones(2, 512, dtype=torch.bool))
     # (the argmax within each slot's own codebook: slot 2t + k among ids [1024k, 1024(k + 1)))
-    allowed = sample.codebook_mask(torch.arange(512), 2048)
+    allowed = generation.codebook_mask(torch.arange(512), 2048)
     argmax = model.modality_logits(h, 3).masked_fill(~allowed, float("-inf")).argmax(-1)
     for kw in (dict(temperature=0.0), dict(top_k=1), dict(top_p=1e-6), dict(temperature=1e-6)):   # (a 4e-4 logit gap exists)
-        out = sample.generate(model, tokens, {}, "audio", steps=1, generator=gen(5), **kw)
+        out = generation.generate(model, tokens, {}, "audio", steps=1, generator=gen(5), **kw)
         assert torch.equal(out, argmax), kw
 
 
 def test_filter_logits():
     logits = torch.tensor([[3.0, 1.0, 2.0, 0.0]])
-    assert torch.isinf(sample.filter_logits(logits, top_k=2)).tolist() == [[False, True, False, True]]
+    assert torch.isinf(generation.filter_logits(logits, top_k=2)).tolist() == [[False, True, False, True]]
     p = torch.softmax(logits, -1)[0]                  # 0.64, 0.09, 0.24, 0.03
-    kept = ~torch.isinf(sample.filter_logits(logits, top_p=0.7))
+    kept = ~torch.isinf(generation.filter_logits(logits, top_p=0.7))
     assert kept.tolist() == [[True, False, True, False]] and p[0] < 0.7
 
 
@@ -235,13 +236,13 @@ def test_filter_logits():
                                          ("depth", ["rgb"]), ("normal", ["rgb"]), ("caption", ["audio"])])
 def test_outputs_in_target_id_range(target, cond):
     B = 2
-    tokens = {c: torch.randint(0, BY_NAME[sample.full_name(c)].vocab, (B, BY_NAME[sample.full_name(c)].length))
+    tokens = {c: torch.randint(0, BY_NAME[generation.full_name(c)].vocab, (B, BY_NAME[generation.full_name(c)].length))
               for c in cond if c != "caption"}
     if "caption" in cond:
         tokens["caption"] = captions(["cat", "dog"])
-    out = sample.generate(tiny_model(), tokens, {}, target, steps=4, guidance_scale=2.0, remask_noise=1.0,
+    out = generation.generate(tiny_model(), tokens, {}, target, steps=4, guidance_scale=2.0, remask_noise=1.0,
                           temperature=1.5, temperature_end=0.5, generator=gen())
-    m = BY_NAME[sample.full_name(target)]
+    m = BY_NAME[generation.full_name(target)]
     assert out.shape == (B, m.length)
     assert out.min() >= 0 and out.max() < m.vocab
     assert len(set(out.flatten().tolist())) > 10     # it samples, it does not emit a constant
@@ -251,13 +252,13 @@ def test_continuation_keeps_the_prefix_and_is_reproducible():
     B = 2
     audio = torch.randint(0, 2048, (B, 512), generator=gen(9))
     known = torch.zeros(B, 512, dtype=torch.bool)
-    known[:, :sample.continuation_prefix()] = True
-    assert sample.continuation_prefix() == 410
+    known[:, :generation.continuation_prefix()] = True
+    assert generation.continuation_prefix() == 410
     tokens = {"audio": audio, "caption": captions(["cat", "dog"]), "rgb": torch.randint(0, 16384, (B, 196))}
     model = tiny_model()
-    a = sample.generate(model, tokens, {"audio": known}, "audio", steps=6, generator=gen(11))
-    b = sample.generate(model, tokens, {"audio": known}, "audio", steps=6, generator=gen(11))
-    c = sample.generate(model, tokens, {"audio": known}, "audio", steps=6, generator=gen(12))
+    a = generation.generate(model, tokens, {"audio": known}, "audio", steps=6, generator=gen(11))
+    b = generation.generate(model, tokens, {"audio": known}, "audio", steps=6, generator=gen(11))
+    c = generation.generate(model, tokens, {"audio": known}, "audio", steps=6, generator=gen(12))
     assert torch.equal(a[:, :410], audio[:, :410])
     assert torch.equal(a, b)
     assert not torch.equal(a[:, 410:], c[:, 410:])
@@ -267,13 +268,13 @@ def test_continuation_keeps_the_prefix_and_is_reproducible():
 def test_bad_input_refused():
     model = tiny_model()
     with pytest.raises(ValueError, match="unknown modality"):
-        sample.generate(model, {"caption": captions(["cat"])}, {}, "smell")
+        generation.generate(model, {"caption": captions(["cat"])}, {}, "smell")
     with pytest.raises(ValueError, match="shape"):
-        sample.generate(model, {"rgb": torch.zeros(1, 100, dtype=torch.long)}, {}, "audio")
+        generation.generate(model, {"rgb": torch.zeros(1, 100, dtype=torch.long)}, {}, "audio")
     with pytest.raises(ValueError, match="schedule"):
-        sample.generate(model, {"caption": captions(["cat"])}, {}, "audio", schedule="random")
+        generation.generate(model, {"caption": captions(["cat"])}, {}, "audio", schedule="random")
     with pytest.raises(ValueError, match="outside"):
-        sample.generate(model, {"depth": torch.full((1, 196), 9000)}, {}, "audio")
+        generation.generate(model, {"depth": torch.full((1, 196), 9000)}, {}, "audio")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -444,7 +445,7 @@ class CaptionScript(nn.Module):
 def test_caption_target_is_padding_after_its_first_end_of_text(schedule):
     model = CaptionScript()
     audio = torch.randint(0, 2048, (2, 512), generator=gen(3))
-    out = sample.generate(model, {"audio": audio}, {}, "caption", steps=6, schedule=schedule, temperature=0,
+    out = generation.generate(model, {"audio": audio}, {}, "caption", steps=6, schedule=schedule, temperature=0,
                           generator=gen())
     want = torch.tensor([100, 100, 100] + [CAPTION_PAD] * 13)
     assert torch.equal(out, want.expand(2, -1))
@@ -484,18 +485,18 @@ def test_every_audio_slot_samples_from_its_own_codebook(schedule):
     known["audio"][2] = False          # (mixed_batch's random given ids ignore the layout: not checked)
     known["audio"][1, 410:] = False
     for model in (WrongCodebook(), tiny_model()):
-        out = sample.generate(model, tokens, known, "audio", steps=5, schedule=schedule, guidance_scale=2.0,
+        out = generation.generate(model, tokens, known, "audio", steps=5, schedule=schedule, guidance_scale=2.0,
                               temperature=2.0, remask_noise=1.0, generator=gen(2))
         slot = torch.arange(512).expand_as(out) % AUDIO_CODEBOOKS
         check = ~known["audio"]
         assert ((out // AUDIO_CODEBOOK_SIZE == slot) | ~check).all()
         assert len(set(out[check].tolist())) > 20
     # the switch off: the wrong-codebook preference wins nearly everywhere (what decoding used to clamp)
-    off = sample.generate(WrongCodebook(), tokens, known, "audio", steps=5, schedule=schedule, generator=gen(2),
+    off = generation.generate(WrongCodebook(), tokens, known, "audio", steps=5, schedule=schedule, generator=gen(2),
                           codebook_true=False)
     slot = torch.arange(512).expand_as(off) % AUDIO_CODEBOOKS
     assert ((off // AUDIO_CODEBOOK_SIZE != slot) & ~known["audio"]).float().sum() > 0.9 * (~known["audio"]).sum()
-    mask = sample.codebook_mask(torch.tensor([0, 1, 2, 511]), 2048)
+    mask = generation.codebook_mask(torch.tensor([0, 1, 2, 511]), 2048)
     assert mask.sum(1).tolist() == [1024] * 4 and mask[0, :1024].all() and mask[3, 1024:].all()
 
 
@@ -525,7 +526,7 @@ def test_maskgit_commits_the_most_confident_frames_first():
     model = Recorder(inner)
     B = 2
     tokens = {"caption": captions(["cat", "dog"])}
-    sample.generate(model, tokens, {}, "audio", steps=6, temperature=0.0, generator=gen())
+    generation.generate(model, tokens, {}, "audio", steps=6, temperature=0.0, generator=gen())
     # each slot's log-probability among its own codebook's 1,024 ids (the sure one at conf, 1,023 at 0)
     others = torch.full_like(inner.conf, math.log(AUDIO_CODEBOOK_SIZE - 1))
     tok_logp = inner.conf - torch.logsumexp(torch.stack([inner.conf, others]), 0)
@@ -541,7 +542,7 @@ def test_maskgit_commits_the_most_confident_frames_first():
             checked += 1
     assert checked == 2 * 5
     roar = Recorder(inner)
-    sample.generate(roar, tokens, {}, "audio", steps=6, schedule="roar", temperature=0.0, generator=gen())
+    generation.generate(roar, tokens, {}, "audio", steps=6, schedule="roar", temperature=0.0, generator=gen())
     first = {(p - A0) // 2 for p in rows_of(roar.calls[0], 0)[1]}
     assert min(frame_conf[list(first)]) < max(frame_conf[list(set(range(256)) - first)])
 
@@ -567,14 +568,14 @@ def test_guidance_feeds_exactly_what_conditioning_dropout_trains():
                                 target_full=("audio",), target_alphas=none, target_budget=(0, 0))
     batch = masking.condition_dropout(masking.build_batch(tokens, cfg, gen(1)), 1.0, gen(2))
     model = Recorder(tiny_model())
-    sample.generate(model, {"caption": tokens["caption"]}, {}, "audio", steps=2, guidance_scale=3.0, generator=gen())
+    generation.generate(model, {"caption": tokens["caption"]}, {}, "audio", steps=2, guidance_scale=3.0, generator=gen())
     uncond = model.calls[1]
     for b in range(B):
         want = fed(batch["enc_ids"], batch["enc_pos"], batch["enc_valid"], b)
         assert want == {(null_position(False), NULL_ID)}
         assert fed(uncond["enc_ids"], uncond["enc_pos"], uncond["enc_valid"], b) == want
     # continuation: the first 205 frames of audio, rgb and the caption in; the audio tail out
-    prefix = sample.continuation_prefix()
+    prefix = generation.continuation_prefix()
     b0 = masking.build_batch(tokens, masking.MaskingConfig(input_full=("caption", "rgb"), target_full=("audio",),
                                                            input_alphas=none, target_alphas=none,
                                                            input_budget=(0, 0), target_budget=(0, 0)), gen(1))
@@ -589,7 +590,7 @@ def test_guidance_feeds_exactly_what_conditioning_dropout_trains():
     known = torch.zeros(B, 512, dtype=torch.bool)
     known[:, :prefix] = True
     model = Recorder(tiny_model())
-    sample.generate(model, {"caption": tokens["caption"], "rgb": tokens["tok_rgb"], "audio": audio},
+    generation.generate(model, {"caption": tokens["caption"], "rgb": tokens["tok_rgb"], "audio": audio},
                     {"audio": known}, "audio", steps=2, guidance_scale=3.0, generator=gen())
     uncond = model.calls[1]
     for b in range(B):

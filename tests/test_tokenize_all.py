@@ -138,7 +138,7 @@ def test_audio_level1_shape_delta(fixture_root, tokenized, tmp_path):
     raw = rawdata.raw_dir("fx", root)
     row = next(r for r in rawdata.read_manifest(os.path.join(raw, "manifest.jsonl"))
                if r["clip_id"] == arrays["clip_ids"][0])
-    windows = tokenize_all.audio_windows(tokenize_all.load_audio(row, raw), row["keyframe_times"])
+    windows = rawdata.audio_windows(rawdata.load_audio(row, raw), row["keyframe_times"])
     assert np.array_equal(audio_tok.encode(windows).numpy(), np.asarray(arrays["tok_audio"][0]))
     default = T.load_tokenizer(tokenized, M.load_meta(tokenized), "audio")
     assert default.level1_mode == "shape"
@@ -223,7 +223,7 @@ def test_sample_rates(broken_root):
     path = os.path.join(raw, row["audio"])
     x, _ = rawdata.read_wav(path)
     _write_wav_at(path, np.interp(np.arange(0, len(x), 0.5), np.arange(len(x)), x), 48000)  # resampled
-    y = tokenize_all.load_audio(row, raw)
+    y = rawdata.load_audio(row, raw)
     assert len(y) == len(x) and np.abs(y - x).mean() < 0.02
     _write_wav_at(path, x[:1000], 1)                                                       # nonsense
     with pytest.raises(ValueError, match=f"clip {row['clip_id']}.*sample rate 1 Hz"):
