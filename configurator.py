@@ -1,6 +1,6 @@
 """
-Config overrides, nanoGPT-style. train.py (and bench.py) declare their settings as module-level variables,
-then apply the command line:
+Config overrides, nanoGPT-style. Every script (train.py, sample.py, evaluate.py, prepare_data.py,
+tokenize_all.py, bench.py) declares its settings as module-level variables, then applies the command line:
 
     python train.py config/audio.py --dtype=float32 --batch_size=32
 
@@ -110,6 +110,13 @@ def apply_overrides(config, args, verbose=True):
         if verbose:
             print(f"overriding: {key} = {config[key]!r}")
     return config
+
+
+def check_choices(config, choices):
+    """Refuse a setting whose value is not one of its choices ({name: allowed values}), naming them."""
+    for key, allowed in choices.items():
+        if config[key] not in allowed:
+            raise ConfigError(f"--{key}={config[key]!r}: choose one of {', '.join(map(str, allowed))}")
 
 
 def help_text(config):

@@ -11,6 +11,7 @@ A committed token is never re-masked, so every position is decoded exactly once.
 whole frames (both codebook tokens of a frame at once, a frame's confidence the sum of its tokens'), the
 unit training masks it in: a half-decoded frame is an input the model never saw.
 """
+import functools
 import math
 
 import torch
@@ -116,52 +117,25 @@ def generate(model, tokens, known, target, steps=16, schedule="maskgit", tempera
         remask_noise * (1 - progress) is added to the log-probability of each sampled token before ranking.
     generator: torch.Generator for every random draw (reproducible; may live on the CPU for a GPU model).
     The model is used as it is: put it in eval mode first (model.load_checkpoint does), or dropout samples too.
-
     Returns LongTensor [B, L_target] of the target modality's ids (in [0, vocab_target)).
     """
-    if schedule not in ("maskgit", "roar"):
-        raise ValueError(f"schedule must be 'maskgit' or 'roar', got {schedule!r}")
-    if count_schedule not in ("cosine", "linear"):
-        raise ValueError(f"count_schedule must be 'cosine' or 'linear', got {count_schedule!r}")
+    for name, value, allowed in (("schedule", schedule, ("maskgit", "roar")),
+                                 ("count_schedule", count_schedule, ("cosine", "linear"))):
+        if value not in allowed:
+            raise ValueError(f"{name} must be {allowed[0]!r} or {allowed[1]!r}, got {value!r}")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    if not tokens:
-        raise ValueError("generate needs at least one modality in `tokens` (to know the batch size)")
     target = full_name(target)
     t_idx, t_mod = modality_index(target), M.BY_NAME[target]
     device = next(model.parameters()).device
-    tokens = {full_name(k): v.to(device) for k, v in tokens.items()}
-    known = {full_name(k): v.to(device) for k, v in known.items()}
-    B = next(iter(tokens.values())).size(0)
-
-    # the flat layout: every modality present, in the table's order, the target included
-    inputs = {}
-    for m in M.MODALITIES:
-        if m.name in tokens or m.name == target:
-            ids = tokens.get(m.name, torch.zeros(B, m.length, dtype=torch.long, device=device))
-            inputs[m.name] = (ids, known.get(m.name, torch.full(ids.shape, m.name != target, device=device)))
-    flat_ids, flat_pos, flat_given = flat_inputs(inputs, device)
-    names = list(inputs)
-    t_start = sum(M.BY_NAME[n].length for n in names[:names.index(target)])
-    t_span = slice(t_start, t_start + t_mod.length)
+    flat_ids, flat_pos, flat_given, t_span = target_layout(tokens, known, target, device)
+    B = flat_ids.size(0)
     in_target = torch.zeros_like(flat_given)
     in_target[:, t_span] = True
-
     # the null input of the unconditional pass: the one conditioning dropout trains (modalities.null_position)
-    null_id = torch.full((B, 1), NULL_ID, dtype=torch.long, device=device)
-    null_pos = torch.full((B, 1), null_position(target == "caption"), dtype=torch.long, device=device)
-    t_pos = flat_pos[:, t_span]
-
-    def run(ids_now, enc_mask, query, add_null):
-        """One pass: encoder on the flat entries where enc_mask, decoder on the target positions where
-        query. Returns logits [n, vocab_t] of the valid queries and where they sit (dv, d_order)."""
-        ev, _, (e_ids, e_pos) = pack(enc_mask, ids_now, flat_pos)
-        if add_null:
-            empty = ~enc_mask.any(dim=1, keepdim=True)
-            e_ids, e_pos, ev = (torch.cat(p, dim=1) for p in ((e_ids, null_id), (e_pos, null_pos), (ev, empty)))
-        dv, d_order, (d_pos,) = pack(query, t_pos)
-        h = model.decode_hidden(e_ids, e_pos, ev, d_pos, dv)
-        return model.modality_logits(h[dv], t_idx).float(), dv, d_order
+    null = (torch.full((B, 1), NULL_ID, dtype=torch.long, device=device),
+            torch.full((B, 1), null_position(target == "caption"), dtype=torch.long, device=device))
+    run = functools.partial(target_logits, model, t_idx, flat_pos, flat_pos[:, t_span])
 
     masked = ~flat_given[:, t_span]                                             # target positions still to decode
     out = torch.where(masked, 0, flat_ids[:, t_span])
@@ -176,20 +150,17 @@ def generate(model, tokens, known, target, steps=16, schedule="maskgit", tempera
         temp = temperature if temperature_end is None else temperature + (temperature_end - temperature) * progress
         masked_u = units(masked)                                                # [B, units]
         n_commit = masked_u.sum(dim=1) - masked_count(n_unknown, step, steps, count_schedule)   # [B], >= 0
-        query = masked
-        if schedule == "roar":   # random order: pick this step's units first, then query only them, accept all
-            score = torch.where(masked_u, _rand(masked_u.shape, generator, device), -1.0)
-            rank = torch.argsort(torch.argsort(score, dim=1, descending=True), dim=1)
-            query = masked & (rank < n_commit[:, None]).repeat_interleave(group, dim=1)
+        # ROAR's random order: this step's units are picked first, only they are queried, and all are accepted
+        query = random_units(masked, masked_u, n_commit, group, generator) if schedule == "roar" else masked
         if not query.any():
             continue
         flat_now = flat_ids.clone()
         flat_now[:, t_span] = out
         decoded = in_target.clone()
         decoded[:, t_span] = ~masked
-        logits, dv, d_order = run(flat_now, (flat_given & ~in_target) | decoded, query, add_null=False)
+        logits, dv, d_order = run(flat_now, (flat_given & ~in_target) | decoded, query)
         if guidance_scale != 1.0:
-            uncond, _, _ = run(flat_now, decoded, query, add_null=True)
+            uncond, _, _ = run(flat_now, decoded, query, null)
             logits = uncond + guidance_scale * (logits - uncond)
         if target == "tok_audio" and codebook_true:   # each slot only from its own codebook's ids
             logits = logits.masked_fill(~codebook_mask(d_order[dv], t_mod.vocab), float("-inf"))
@@ -205,6 +176,37 @@ def generate(model, tokens, known, target, steps=16, schedule="maskgit", tempera
             out, masked = end_captions(out, masked)
     assert not masked.any(), "schedule left positions undecoded"
     return out
+
+
+def target_layout(tokens, known, target, device):
+    """The flat layout of one generation (see generate's tokens / known): every modality in `tokens` plus the
+    target, in the table's order -> (ids, pos, given) [B, sum of L] and the slice the target fills."""
+    if not tokens:
+        raise ValueError("generate needs at least one modality in `tokens` (to know the batch size)")
+    tokens = {full_name(k): v.to(device) for k, v in tokens.items()}
+    known = {full_name(k): v.to(device) for k, v in known.items()}
+    B = next(iter(tokens.values())).size(0)
+    inputs = {}
+    for m in M.MODALITIES:
+        if m.name in tokens or m.name == target:
+            ids = tokens.get(m.name, torch.zeros(B, m.length, dtype=torch.long, device=device))
+            inputs[m.name] = (ids, known.get(m.name, torch.full(ids.shape, m.name != target, device=device)))
+    names = list(inputs)
+    t_start = sum(M.BY_NAME[n].length for n in names[:names.index(target)])
+    return (*flat_inputs(inputs, device), slice(t_start, t_start + M.BY_NAME[target].length))
+
+
+def target_logits(model, t_idx, flat_pos, t_pos, flat_ids, enc_mask, query, null=None):
+    """One pass: the encoder on the flat entries where enc_mask (plus the null token (ids, pos) [B, 1] in rows
+    left with no input, when given), the decoder on the target positions t_pos where query. Returns the
+    logits [n, vocab_t] of the valid queries (float32) and where they sit (dv, d_order)."""
+    ev, _, (e_ids, e_pos) = pack(enc_mask, flat_ids, flat_pos)
+    if null is not None:
+        empty = ~enc_mask.any(dim=1, keepdim=True)
+        e_ids, e_pos, ev = (torch.cat(p, dim=1) for p in ((e_ids, null[0]), (e_pos, null[1]), (ev, empty)))
+    dv, d_order, (d_pos,) = pack(query, t_pos)
+    h = model.decode_hidden(e_ids, e_pos, ev, d_pos, dv)
+    return model.modality_logits(h[dv], t_idx).float(), dv, d_order
 
 
 def continuation_prefix(frac=0.8):
@@ -251,6 +253,13 @@ def sample_ids(logits, temperature, top_k, top_p, generator, device):
         logits = filter_logits(logits / temperature, top_k=top_k, top_p=top_p)
         sampled = (logits + _gumbel(logits.shape, generator, device)).argmax(dim=-1)
     return sampled, torch.log_softmax(logits, dim=-1).gather(-1, sampled[:, None])[:, 0]
+
+
+def random_units(masked, masked_u, n_commit, group, generator):
+    """ROAR's pick: n_commit masked units of each row in a random order -> Bool [B, L_target]."""
+    score = torch.where(masked_u, _rand(masked_u.shape, generator, masked.device), -1.0)
+    rank = torch.argsort(torch.argsort(score, dim=1, descending=True), dim=1)
+    return masked & (rank < n_commit[:, None]).repeat_interleave(group, dim=1)
 
 
 def confident_units(masked, logp, rows, cols, n_commit, group, noise, anneal, generator):

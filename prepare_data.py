@@ -51,7 +51,6 @@ holds tigers: the CLIP oracle ("a photo of a lion") is what removes them. A segm
 class's clip-wise probabilities (so it can exceed 1, as the report's "PANNs 2.02" does), maximised over
 3.41 s windows with a 0.5 s hop (the window offset is recorded, as in the report's published manifest).
 """
-import argparse
 import collections
 import csv
 import functools
@@ -64,11 +63,13 @@ import subprocess
 import sys
 import threading
 import time
+import types
 import warnings
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
 import numpy as np
 
+import configurator
 import rawdata
 from modalities import AUDIO_WINDOW, pick_device  # AUDIO_WINDOW: samples in one 3.41 s model window
 from rawdata import RAW_SR, RAW_VIEWS, FRAME_SIZE, SPLITS
@@ -1494,68 +1495,69 @@ def build_folder(args, raw, oracle_models=None):
 # command line
 
 
-def str2bool(v):
-    if str(v).lower() in ("1", "true", "yes", "y"):
-        return True
-    if str(v).lower() in ("0", "false", "no", "n"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected True or False, got {v!r}")
+# settings (a config file and/or --key=value, configurator.py; --help lists them)
+dataset = ""                  # name under data/ ('' = toyzoo / animals / the folder or list name)
+data_root = "data"
+source = "toyzoo"             # toyzoo | audioset,vggsound (either or both) | manifest | folder
+path = ""                     # the clip list CSV (--source=manifest) or the folder (--source=folder)
+seed = 1337
+classes = ""                  # comma-separated subset of classes ('' = all)
+# toyzoo
+clips_per_class = 100
+difficulty = 0.25
+workers = 2
+# web
+audioset_csvs = ""            # local AudioSet segment CSVs, comma-separated ('' = download)
+vggsound_csv = ""             # local vggsound.csv ('' = download)
+max_per_class = 0             # cap candidates per class (0 = all), for a pilot run
+download_workers = 8
+retry_failed = False          # retry videos the log marks private/removed
+url_template = YOUTUBE_URL    # the page yt-dlp fetches for a clip; {youtube_id} is filled in (a mirror, or a local server in tests)
+# web and folder
+min_success = 0.5             # fail (exit 1, one line with the count and the commonest reason) when fewer than this share of
+                              # the clips got through download and decoding; no clip at all always fails
+strict = False                # stop at the first bad file instead of skipping and listing it in removed.jsonl
+# oracles
+skip_oracles = "auto"         # comma-separated subset of pann,clip,vad to skip (auto: none for web sources, all for folder)
+pann_threshold = PANN_THRESHOLD
+clip_threshold = CLIP_THRESHOLD
+vad_max_voiced = VAD_MAX_VOICED
+pann_checkpoint = PANN_CHECKPOINT
+# clips
+min_length_policy = "pad"     # clips shorter than one 3.41 s window: pad with silence (true length kept) or refuse
+pseudo_labels = "auto"        # auto | dav2_dsine | flat | none
+batch_size = 16               # keyframes per pseudo-labeller batch
+device = "auto"
+DEFAULTS = configurator.settings(globals())
+CHOICES = {"min_length_policy": ("pad", "refuse"), "pseudo_labels": ("auto", "dav2_dsine", "flat", "none")}
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", default=None, help="name under data/ (default: toyzoo / animals / the folder or list name)")
-    p.add_argument("--data_root", default="data")
-    p.add_argument("--source", default="toyzoo", help="toyzoo | audioset,vggsound (either or both) | manifest | folder")
-    p.add_argument("--path", default=None, help="the clip list CSV (--source=manifest) or the folder (--source=folder)")
-    p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--classes", default=None, help="comma-separated subset of classes (default: all)")
-    # toyzoo
-    p.add_argument("--clips_per_class", type=int, default=100)
-    p.add_argument("--difficulty", type=float, default=0.25)
-    p.add_argument("--workers", type=int, default=2)
-    # web
-    p.add_argument("--audioset_csvs", default=None, help="local AudioSet segment CSVs, comma-separated (default: download)")
-    p.add_argument("--vggsound_csv", default=None, help="local vggsound.csv (default: download)")
-    p.add_argument("--max_per_class", type=int, default=0, help="cap candidates per class (0 = all), for a pilot run")
-    p.add_argument("--download_workers", type=int, default=8)
-    p.add_argument("--retry_failed", action="store_true", help="retry videos the log marks private/removed")
-    p.add_argument("--url_template", default=YOUTUBE_URL,
-                   help="the page yt-dlp fetches for a clip; {youtube_id} is filled in (a mirror, or a local server in tests)")
-    # web and folder
-    p.add_argument("--min_success", type=float, default=0.5,
-                   help="fail (exit 1, one line with the count and the commonest reason) when fewer than this share "
-                        "of the clips got through download and decoding; no clip at all always fails")
-    p.add_argument("--strict", type=str2bool, nargs="?", const=True, default=False,
-                   help="stop at the first bad file instead of skipping and listing it in removed.jsonl")
-    # oracles
-    p.add_argument("--skip_oracles", default=None,
-                   help="comma-separated subset of pann,clip,vad to skip (default: none for web sources, all for folder)")
-    p.add_argument("--pann_threshold", type=float, default=PANN_THRESHOLD)
-    p.add_argument("--clip_threshold", type=float, default=CLIP_THRESHOLD)
-    p.add_argument("--vad_max_voiced", type=float, default=VAD_MAX_VOICED)
-    p.add_argument("--pann_checkpoint", default=PANN_CHECKPOINT)
-    # clips
-    p.add_argument("--min_length_policy", default="pad", choices=("pad", "refuse"),
-                   help="clips shorter than one 3.41 s window: pad with silence (true length kept) or refuse")
-    p.add_argument("--pseudo_labels", default="auto", choices=("auto", "dav2_dsine", "flat", "none"))
-    p.add_argument("--batch_size", type=int, default=16, help="keyframes per pseudo-labeller batch")
-    p.add_argument("--device", default="auto")
-    args = p.parse_args(argv)
+def check_settings(args):
+    """Derived settings (sources, the oracles skipped) and the checks a setting's type cannot make."""
     args.sources = [s.strip() for s in args.source.split(",") if s.strip()]
-    if args.skip_oracles is None:
+    if args.skip_oracles == "auto":
         args.skip_oracles = "pann,clip,vad" if args.sources == ["folder"] else ""
     args.skip_oracles = [s.strip() for s in args.skip_oracles.split(",") if s.strip()]
     bad = [s for s in args.skip_oracles if s not in ORACLES]
     if bad:
-        p.error(f"--skip_oracles: unknown {bad}; choose from {ORACLES}")
+        raise configurator.ConfigError(f"--skip_oracles: unknown {bad}; choose from {ORACLES}")
     if "{youtube_id}" not in args.url_template:
-        p.error(f"--url_template={args.url_template!r} has no {{youtube_id}} to fill in")
+        raise configurator.ConfigError(f"--url_template={args.url_template!r} has no {{youtube_id}} to fill in")
     if not 0.0 <= args.min_success <= 1.0:
-        p.error(f"--min_success={args.min_success} is not a share in [0, 1]")
-    if args.dataset is not None and not rawdata.SAFE_NAME.fullmatch(args.dataset):
-        p.error(f"--dataset={args.dataset!r}: a dataset name is one folder under {args.data_root}/ "
-                f"(1-200 of A-Z a-z 0-9 _ . -, not starting with a dot)")
+        raise configurator.ConfigError(f"--min_success={args.min_success} is not a share in [0, 1]")
+    if args.dataset and not rawdata.SAFE_NAME.fullmatch(args.dataset):
+        raise configurator.ConfigError(f"--dataset={args.dataset!r}: a dataset name is one folder under "
+                                       f"{args.data_root}/ (1-200 of A-Z a-z 0-9 _ . -, not starting with a dot)")
+
+
+def parse_args(argv=None):
+    """The settings with argv applied -> a namespace; a bad setting exits with one line naming it."""
+    try:
+        args = types.SimpleNamespace(**configurator.apply_overrides(DEFAULTS, sys.argv[1:] if argv is None else argv))
+        configurator.check_choices(vars(args), CHOICES)
+        check_settings(args)
+    except configurator.ConfigError as e:
+        raise SystemExit(f"prepare_data.py: {e}") from None
     return args
 
 

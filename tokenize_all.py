@@ -18,19 +18,20 @@ memmaps and a progress file, flushed after every batch; a rerun continues where 
 The same command gives the same files on the same kind of device; a codebook fitted on a GPU differs from
 one fitted on the CPU (float summation order), so keep one dataset's tokens from one run.
 """
-import argparse
 import dataclasses
 import hashlib
 import json
 import os
 import sys
 import time
+import types
 import wave
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+import configurator
 import modalities as M
 import modality_tokenizers as T
 import rawdata
@@ -39,38 +40,50 @@ IMAGE_MODALITIES = ("tok_rgb", "tok_depth", "tok_normal")
 FILE_KEYS = {"tok_rgb": "frames", "tok_depth": "depths", "tok_normal": "normals"}
 
 
-def codes_arg(text):
+# ---------------------------------------------------------------------------------------------------
+# settings (a config file and/or --key=value, configurator.py; --help lists them)
+
+dataset = "toyzoo"
+data_root = "data"
+audio_tokenizer = "mel_rvq"       # mel_rvq: fitted offline (acoustic); encodec: the report's (acoustic); speechtokenizer /
+                                  # mimi: pretrained semantic codecs, level 1 distilled from HuBERT / WavLM (extras)
+image_tokenizer = "patch_kmeans"  # or divae
+batch_size = 8                    # clips per batch (x10 views)
+device = "auto"
+seed = 1337
+rgb_codes = "%dx%d" % T.DEFAULT_CODES["tok_rgb"]         # offline patch codebooks, MEANSxSHAPES
+depth_codes = "%dx%d" % T.DEFAULT_CODES["tok_depth"]
+normal_codes = "%dx%d" % T.DEFAULT_CODES["tok_normal"]
+audio_codes = T.DEFAULT_CODES["tok_audio"]               # mel_rvq, per level, <= 1024
+audio_level1 = "shape"            # what mel_rvq's level 1 codes (modality_tokenizers.MelRVQTokenizer.LEVEL1_MODES)
+kmeans_iters = 20
+fit_clips = 100                   # train clips read to fit the codebooks
+fit_vectors = 40000               # vectors (frames / patches) per codebook fit
+griffin_lim_iters = 32            # mel_rvq decoding
+DEFAULTS = configurator.settings(globals())
+CHOICES = {"audio_tokenizer": ("mel_rvq", "encodec", "speechtokenizer", "mimi"),
+           "image_tokenizer": ("patch_kmeans", "divae"), "audio_level1": T.MelRVQTokenizer.LEVEL1_MODES}
+
+
+def codes_arg(key, text):
     """'64x256' -> (64, 256)"""
     try:
-        a, b = (int(v) for v in text.lower().split("x"))
+        a, b = (int(v) for v in str(text).lower().split("x"))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected MEANSxSHAPES like 64x256, got {text!r}") from None
+        raise configurator.ConfigError(f"--{key}: expected MEANSxSHAPES like 64x256, got {text!r}") from None
     return a, b
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", default="toyzoo")
-    p.add_argument("--data_root", default="data")
-    p.add_argument("--audio_tokenizer", default="mel_rvq", choices=["mel_rvq", "encodec", "speechtokenizer", "mimi"],
-                   help="mel_rvq: fitted offline (acoustic); encodec: the report's (acoustic); speechtokenizer / "
-                        "mimi: pretrained semantic codecs, level 1 distilled from HuBERT / WavLM (extras)")
-    p.add_argument("--image_tokenizer", default="patch_kmeans", choices=["patch_kmeans", "divae"])
-    p.add_argument("--batch_size", type=int, default=8, help="clips per batch (x10 views)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--seed", type=int, default=1337)
-    # offline codebooks
-    for m in IMAGE_MODALITIES:
-        p.add_argument(f"--{m[4:]}_codes", type=codes_arg, default=T.DEFAULT_CODES[m],
-                       help="patch codebook as MEANSxSHAPES, default %dx%d" % T.DEFAULT_CODES[m])
-    p.add_argument("--audio_codes", type=int, default=T.DEFAULT_CODES["tok_audio"], help="per level, <= 1024")
-    p.add_argument("--audio_level1", default="shape", choices=T.MelRVQTokenizer.LEVEL1_MODES,
-                   help="what mel_rvq's level 1 codes (modality_tokenizers.MelRVQTokenizer)")
-    p.add_argument("--kmeans_iters", type=int, default=20)
-    p.add_argument("--fit_clips", type=int, default=100, help="train clips read to fit the codebooks")
-    p.add_argument("--fit_vectors", type=int, default=40000, help="vectors (frames / patches) per codebook fit")
-    p.add_argument("--griffin_lim_iters", type=int, default=32, help="mel_rvq decoding")
-    return p.parse_args(argv)
+    """The settings with argv applied -> a namespace; a bad setting exits with one line naming it."""
+    try:
+        cfg = configurator.apply_overrides(DEFAULTS, sys.argv[1:] if argv is None else argv)
+        configurator.check_choices(cfg, CHOICES)
+        for m in IMAGE_MODALITIES:
+            cfg[m[4:] + "_codes"] = codes_arg(m[4:] + "_codes", cfg[m[4:] + "_codes"])
+    except configurator.ConfigError as e:
+        raise SystemExit(f"tokenize_all.py: {e}") from None
+    return types.SimpleNamespace(**cfg)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -251,13 +264,6 @@ def run_signature(args, toks):
     return json.loads(json.dumps(sig, sort_keys=True, default=str))
 
 
-def write_json_atomic(path, obj):
-    tmp = rawdata.atomic_path(path)
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
-
-
 def tokenize_split(split, rows, class_names, raw, out, toks, args, signature):
     os.makedirs(out, exist_ok=True)
     n = len(rows)
@@ -305,7 +311,7 @@ def tokenize_split(split, rows, class_names, raw, out, toks, args, signature):
         for a in arrays.values():
             a.flush()
         # only once the rows are on disk does the progress file say so
-        write_json_atomic(progress_path, {"signature": signature, "clip_ids": clip_ids, "done": start + B})
+        rawdata.write_json(progress_path, {"signature": signature, "clip_ids": clip_ids, "done": start + B}, indent=1)
         encoded += B
         bar.update(B)
         if stop_after and encoded // args.batch_size >= stop_after:
@@ -314,10 +320,9 @@ def tokenize_split(split, rows, class_names, raw, out, toks, args, signature):
     bar.close()
     del arrays
     labels = np.array([class_names.index(r["class"]) for r in rows], dtype=np.uint16)
-    tmp = rawdata.atomic_path(os.path.join(out, "label.bin"))
-    labels.tofile(tmp)
-    os.replace(tmp, os.path.join(out, "label.bin"))
-    write_json_atomic(os.path.join(out, "clip_ids.json"), clip_ids)
+    with rawdata.atomic_write(os.path.join(out, "label.bin")) as tmp:
+        labels.tofile(tmp)
+    rawdata.write_json(os.path.join(out, "clip_ids.json"), clip_ids, indent=1)
     for m in shapes:
         os.replace(os.path.join(out, m + ".bin.partial"), os.path.join(out, m + ".bin"))
     print(f"{split}: encoded {encoded} clips")
@@ -375,7 +380,7 @@ def main(argv=None):
         if m.name == "tok_audio":   # seq[K*t + k] = c[k, t] + k * V; modalities.load_meta reads it back
             info["layout"] = dataclasses.asdict(M.AUDIO_LAYOUT)
         meta["modalities"][m.name] = info
-    write_json_atomic(meta_path, meta)
+    rawdata.write_json(meta_path, meta, indent=1)
     print(f"wrote {tok_path} ({', '.join(f'{k}: {v}' for k, v in splits.items())} clips) "
           f"in {time.time() - t0:.1f}s")
 

@@ -317,7 +317,7 @@ def test_no_network_is_named_and_the_share_is_a_setting(tmp_path):
                         "-f", "lavfi", "-i", "sine=frequency=500:duration=4", "-shortest", "-pix_fmt", "yuv420p",
                         "-f", "mp4", out_path], check=True)
     base = ["--source=manifest", f"--path={write_list(tmp_path / 'm.csv', CLIPS[:4])}", f"--data_root={tmp_path}",
-            "--pseudo_labels=flat", "--skip_oracles=pann,clip,vad", "--retry_failed"]
+            "--pseudo_labels=flat", "--skip_oracles=pann,clip,vad", "--retry_failed=True"]
     with pytest.raises(pd.TooFewClips, match=r"^3 of 4 are unavailable videos .* 1 of 4 clips got through"):
         pd.main(base, fetch=one_of_four)
     rows, table = pd.main(base + ["--min_success=0.25"], fetch=one_of_four)

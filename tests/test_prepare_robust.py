@@ -128,7 +128,7 @@ def test_strict_stops_at_the_first_bad_file(folder, tmp_path):
     assert not os.path.exists(os.path.join(rawdata.raw_dir("zoo", str(tmp_path / "data")), "manifest.jsonl"))
     # the same from the command line: a non-zero exit with one line naming the file, no traceback
     proc = subprocess.run([sys.executable, os.path.join(HERE, "prepare_data.py"), "--source=folder", f"--path={root}",
-                           f"--data_root={tmp_path / 'cli'}", "--pseudo_labels=flat", "--strict"],
+                           f"--data_root={tmp_path / 'cli'}", "--pseudo_labels=flat", "--strict=True"],
                           capture_output=True, text=True, cwd=str(tmp_path))
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
