@@ -782,10 +782,10 @@ class CaptionTokenizer:
 # ---------------------------------------------------------------------------------------------------
 
 def _atomic_torch_save(obj, path):
+    from rawdata import atomic_write
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        torch.save(obj, tmp)
 
 
 # every tokenizer kind that meta.json may name, by its "tokenizer" field

@@ -358,10 +358,8 @@ def fetch_source_list(url, path):
         r.raise_for_status()
     except Exception as e:
         raise RuntimeError(f"could not download {url} ({e}); download it by hand to {path}") from None
-    tmp = rawdata.atomic_path(path)
-    with open(tmp, "wb") as f:
+    with rawdata.atomic_write(path) as tmp, open(tmp, "wb") as f:
         f.write(r.content)
-    os.replace(tmp, path)
     return path
 
 
@@ -380,17 +378,14 @@ def fetch_ytdlp(youtube_id, start_s, end_s, out_path, url_template=YOUTUBE_URL):
         import yt_dlp  # noqa: F401  (only to give a clear error; the CLI below is the same package)
     except ImportError:
         raise RuntimeError("yt-dlp is not installed: pip install -r requirements-extra.txt") from None
-    tmp = rawdata.atomic_path(out_path)
-    cmd = [sys.executable, "-m", "yt_dlp", "--quiet", "--no-warnings", "--no-playlist",
-           "--download-sections", f"*{start_s}-{end_s}", "--force-keyframes-at-cuts",
-           "-f", "bv*[height<=480]+ba/b[height<=480]/bv*+ba/b", "--merge-output-format", "mp4",
-           "-o", tmp, url_template.format(youtube_id=youtube_id)]
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode != 0 or not os.path.exists(tmp):
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise RuntimeError((r.stderr or r.stdout or "yt-dlp failed").strip().splitlines()[-1][:300])
-    os.replace(tmp, out_path)
+    with rawdata.atomic_write(out_path) as tmp:
+        cmd = [sys.executable, "-m", "yt_dlp", "--quiet", "--no-warnings", "--no-playlist",
+               "--download-sections", f"*{start_s}-{end_s}", "--force-keyframes-at-cuts",
+               "-f", "bv*[height<=480]+ba/b[height<=480]/bv*+ba/b", "--merge-output-format", "mp4",
+               "-o", tmp, url_template.format(youtube_id=youtube_id)]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0 or not os.path.exists(tmp):
+            raise RuntimeError((r.stderr or r.stdout or "yt-dlp failed").strip().splitlines()[-1][:300])
 
 
 def download_all(jobs, out_dir, fetch=fetch_ytdlp, workers=8, log_path=None, retry_failed=False):
@@ -589,10 +584,7 @@ def cached_media(raw, clip_id, min_length_policy="pad"):
 def save_media(raw, clip_id, media):
     """Written last, once the clip's files are all there: it marks the clip finished."""
     path = os.path.join(rawdata.clip_dir(raw, clip_id), "media.json")
-    tmp = rawdata.atomic_path(path)
-    with open(tmp, "w") as f:
-        json.dump(media, f)
-    os.replace(tmp, path)
+    rawdata.write_json(path, media)
     return media
 
 
@@ -688,10 +680,7 @@ def record_download(raw, name, entry):
     have = recorded_downloads(raw)
     have[name] = dict(have.get(name, {}), **entry)
     os.makedirs(raw, exist_ok=True)
-    tmp = rawdata.atomic_path(os.path.join(raw, DOWNLOADS_JSON))
-    with open(tmp, "w") as f:
-        json.dump(have, f, indent=1, sort_keys=True)
-    os.replace(tmp, os.path.join(raw, DOWNLOADS_JSON))
+    rawdata.write_json(os.path.join(raw, DOWNLOADS_JSON), have, indent=1, sort_keys=True)
 
 
 def check_sha256(name, path, raw=None, pinned=None, url=None):
@@ -713,19 +702,14 @@ def fetch_verified(name, url, dest, raw=None, pinned=None, timeout=60):
     import urllib.request
     if not os.path.exists(dest):
         os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
-        tmp = rawdata.atomic_path(dest)
-        try:
-            with urllib.request.urlopen(url, timeout=timeout) as r, open(tmp, "wb") as f:
-                shutil.copyfileobj(r, f, 1 << 20)
-        except Exception as e:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise RuntimeError(f"{name}: download of {url} failed ({e})") from None
-        if pinned and sha256_file(tmp) != pinned:
-            got = sha256_file(tmp)
-            os.remove(tmp)
-            raise RuntimeError(f"{name}: {url} gave sha256 {got}, not the pinned {pinned}: refused")
-        os.replace(tmp, dest)
+        with rawdata.atomic_write(dest) as tmp:
+            try:
+                with urllib.request.urlopen(url, timeout=timeout) as r, open(tmp, "wb") as f:
+                    shutil.copyfileobj(r, f, 1 << 20)
+            except Exception as e:
+                raise RuntimeError(f"{name}: download of {url} failed ({e})") from None
+            if pinned and sha256_file(tmp) != pinned:
+                raise RuntimeError(f"{name}: {url} gave sha256 {sha256_file(tmp)}, not the pinned {pinned}: refused")
     check_sha256(name, dest, raw, pinned, url)
     return dest
 
@@ -840,10 +824,7 @@ def run_oracles(raw, rows, skip, device, pann_checkpoint=PANN_CHECKPOINT, models
                     scores["clip"] = round(scores["clip"], 4)
                     info["clip_best_frame"] = best
             os.makedirs(os.path.dirname(cache), exist_ok=True)
-            tmp = rawdata.atomic_path(cache)
-            with open(tmp, "w") as f:
-                json.dump(dict(scores=scores, info=info), f)
-            os.replace(tmp, cache)
+            rawdata.write_json(cache, dict(scores=scores, info=info))
         for o in ORACLES:
             if o in skip and not isinstance(scores.get(o), (int, float)):
                 scores[o] = "skipped"
@@ -1086,10 +1067,7 @@ def write_structure(raw, rows, mode, device="cpu", batch_size=16):
                 rawdata.write_png(os.path.join(raw, p), d)
             for p, n in zip(npaths, normals):
                 rawdata.write_png(os.path.join(raw, p), n)
-            tmp = rawdata.atomic_path(marker)
-            with open(tmp, "w") as f:
-                f.write(tag + "\n")
-            os.replace(tmp, marker)
+            rawdata.write_text(marker, tag + "\n")
         row["depths"], row["normals"], row["structure"] = dpaths, npaths, tag
     return rows
 
@@ -1118,11 +1096,7 @@ class Removals:
 
     def write(self, raw):
         path = os.path.join(raw, "removed.jsonl")
-        tmp = rawdata.atomic_path(path)
-        with open(tmp, "w") as f:
-            for r in self.records:
-                f.write(json.dumps(r) + "\n")
-        os.replace(tmp, path)
+        rawdata.write_text(path, "".join(json.dumps(r) + "\n" for r in self.records))
         return path
 
 
@@ -1243,11 +1217,7 @@ def finish(raw, rows, removed, seed):
     table = dataset_table(rows, removed.counts)
     table["removed_list"] = "removed.jsonl"
     for name, text in (("dataset_table.json", json.dumps(table, indent=2)), ("dataset_table.md", table_markdown(table))):
-        path = os.path.join(raw, name)
-        tmp = rawdata.atomic_path(path)
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
+        rawdata.write_text(os.path.join(raw, name), text)
     print(table_markdown(table))
     rejected = [r for r in removed.records if r["stage"] in ("invalid", "bad_file")]
     if rejected:
@@ -1496,7 +1466,7 @@ def build_folder(args, raw, oracle_models=None):
 
 
 # settings (a config file and/or --key=value, configurator.py; --help lists them)
-dataset = ""                  # name under data/ ('' = toyzoo / animals / the folder or list name)
+dataset = None                # name under data/ (None = toyzoo / animals / the folder or list name)
 data_root = "data"
 source = "toyzoo"             # toyzoo | audioset,vggsound (either or both) | manifest | folder
 path = ""                     # the clip list CSV (--source=manifest) or the folder (--source=folder)
@@ -1535,6 +1505,7 @@ CHOICES = {"min_length_policy": ("pad", "refuse"), "pseudo_labels": ("auto", "da
 def check_settings(args):
     """Derived settings (sources, the oracles skipped) and the checks a setting's type cannot make."""
     args.sources = [s.strip() for s in args.source.split(",") if s.strip()]
+    args.dataset = None if args.dataset is None else str(args.dataset)   # --dataset=2024 is the name '2024'
     if args.skip_oracles == "auto":
         args.skip_oracles = "pann,clip,vad" if args.sources == ["folder"] else ""
     args.skip_oracles = [s.strip() for s in args.skip_oracles.split(",") if s.strip()]
@@ -1545,7 +1516,7 @@ def check_settings(args):
         raise configurator.ConfigError(f"--url_template={args.url_template!r} has no {{youtube_id}} to fill in")
     if not 0.0 <= args.min_success <= 1.0:
         raise configurator.ConfigError(f"--min_success={args.min_success} is not a share in [0, 1]")
-    if args.dataset and not rawdata.SAFE_NAME.fullmatch(args.dataset):
+    if args.dataset is not None and not rawdata.SAFE_NAME.fullmatch(str(args.dataset)):
         raise configurator.ConfigError(f"--dataset={args.dataset!r}: a dataset name is one folder under "
                                        f"{args.data_root}/ (1-200 of A-Z a-z 0-9 _ . -, not starting with a dot)")
 

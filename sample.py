@@ -12,7 +12,6 @@ the ground truth. The decoding itself (MaskGIT / ROAR) is generation.generate.
 Every setting below can be overridden by a config file or --key=value (configurator.py); --help lists them.
 """
 import html
-import json
 import os
 import sys
 import time

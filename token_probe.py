@@ -7,23 +7,20 @@ One line per dataset beside chance, so audio tokenizers of the same clips compar
     python token_probe.py --datasets=animals_encodec,animals_speechtokenizer,animals_mimi
     python token_probe.py --datasets=toyzoo --split=val
 """
-import argparse
 import sys
+import types
 
 import numpy as np
 
+import configurator
 import modalities as M
 from evaluate import clip_order, fit_token_judge, seeded_views, wilson_ci
 
 
 def probe(dataset, data_root="data", split="test", seed=1337):
     """-> dict: the probe's top-1 on every view of `split`, its 95% CI, chance and what the tokens are."""
-    tok_path = M.tok_dir(dataset, data_root)
-    meta = M.load_meta(tok_path)                      # (also sets the dataset's audio layout)
-    for s in ("train", split):
-        if not meta["splits"].get(s):
-            raise ValueError(f"{tok_path}/meta.json: split {s!r} is empty or missing (has {meta['splits']})")
-    train, held = M.open_split(tok_path, "train", meta), M.open_split(tok_path, split, meta)
+    tok_path, meta, arrays = M.open_tokenized(dataset, data_root, ["train", split])   # refuses a missing or empty split
+    train, held = arrays["train"], arrays[split]
     vocab, C = M.BY_NAME["tok_audio"].vocab, len(meta["class_names"])
     clips = np.asarray(clip_order(train))
     views = seeded_views(len(train["label"]), 3, seed)[clips]
@@ -37,13 +34,19 @@ def probe(dataset, data_root="data", split="test", seed=1337):
             "top1": hits / n, "ci": (lo, hi), "n_windows": n, "chance": 1 / C, "train_clips": len(clips)}
 
 
+# settings (a config file and/or --key=value, configurator.py; --help lists them)
+datasets = ""        # comma-separated tokenized datasets under data_root (required)
+data_root = "data"
+split = "test"
+seed = 1337
+DEFAULTS = configurator.settings(globals())
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--datasets", required=True, help="comma-separated tokenized datasets under data_root")
-    p.add_argument("--data_root", default="data")
-    p.add_argument("--split", default="test")
-    p.add_argument("--seed", type=int, default=1337)
-    args = p.parse_args(argv)
+    args = types.SimpleNamespace(**configurator.apply_overrides(DEFAULTS, sys.argv[1:] if argv is None else argv,
+                                                                verbose=False))
+    if not args.datasets:
+        raise ValueError("--datasets=NAME[,NAME...] is required")
     rows = [probe(d, args.data_root, args.split, args.seed) for d in args.datasets.split(",") if d]
     print(f"linear probe on audio token histograms: fit on train (one view per clip), top-1 on every "
           f"{args.split} view")

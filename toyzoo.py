@@ -25,7 +25,7 @@ Conventions of the written maps (see rawdata.py for the files):
 Determinism: every clip draws from its own generator seeded by (seed, class, index), so the bytes do not
 depend on the number of workers, on the class subset, or on resumption.
 
-    python toyzoo.py --out=data/toyzoo/raw --clips_per_class=100 --difficulty=0.25 --workers=2
+    python prepare_data.py --source=toyzoo --clips_per_class=100 --difficulty=0.25 --workers=2   # writes it
 """
 import json
 import os
@@ -923,10 +923,7 @@ def build_toyzoo(raw_dir, clips_per_class=100, difficulty=0.25, seed=1337, worke
             raise ValueError(f"{cfg_path}: this directory holds ToyZoo clips made with {old}, not {cfg}; "
                              f"use another --dataset or delete {raw_dir}")
     else:
-        tmp = rawdata.atomic_path(cfg_path)
-        with open(tmp, "w") as f:
-            json.dump(cfg, f)
-        os.replace(tmp, cfg_path)
+        rawdata.write_json(cfg_path, cfg)
 
     jobs = [(raw_dir, int(seed), c, i, difficulty) for c in classes for i in range(int(clips_per_class))]
     from tqdm import tqdm
@@ -965,17 +962,3 @@ def build_toyzoo(raw_dir, clips_per_class=100, difficulty=0.25, seed=1337, worke
     rawdata.write_manifest(os.path.join(raw_dir, "manifest.jsonl"), rows)
     return rows
 
-
-if __name__ == "__main__":
-    import argparse
-    ap = argparse.ArgumentParser(description="generate a ToyZoo raw dataset (prepare_data.py is the real entry)")
-    ap.add_argument("--out", default="data/toyzoo/raw")
-    ap.add_argument("--clips_per_class", type=int, default=100)
-    ap.add_argument("--difficulty", type=float, default=0.25)
-    ap.add_argument("--seed", type=int, default=1337)
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--classes", default=None, help="comma-separated subset, default all 11")
-    a = ap.parse_args()
-    rows = build_toyzoo(a.out, a.clips_per_class, a.difficulty, a.seed, a.workers,
-                        a.classes.split(",") if a.classes else None)
-    print(f"wrote {len(rows)} clips to {a.out}")
