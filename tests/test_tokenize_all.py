@@ -238,3 +238,35 @@ def test_refuses_missing_structure(broken_root):
     rawdata.write_manifest(path, rows)
     with pytest.raises(ValueError, match=f"clip {rows[7]['clip_id']}: no depths"):
         run_main(root)
+
+
+@pytest.mark.parametrize("script", ["tokenize_all.py", "prepare_data.py", "sample.py"])
+def test_scripts_take_config_files_and_key_value_like_train(script, tmp_path):
+    """One configuration mechanism (configurator.py): --help lists every setting with its default, a config
+    file and --key=value override them in order, and a bad name, a bad type or a space-separated value is
+    refused in one line naming it."""
+    import importlib
+    mod = importlib.import_module(script[:-3])
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, script), "--help"], capture_output=True, text=True,
+                          env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert all(f"--{k}=" in proc.stdout for k in mod.DEFAULTS), proc.stdout
+    cfg = tmp_path / "my.py"
+    cfg.write_text("seed = 7\nbatch_size = batch_size * 2\n")   # a config file reads the settings in scope
+    import configurator
+    got = configurator.apply_overrides(mod.DEFAULTS, [str(cfg), "--seed=8"], verbose=False)
+    assert got["seed"] == 8 and got["batch_size"] == 2 * mod.DEFAULTS["batch_size"]
+    for bad, why in (("--sed=1", "unknown setting 'sed'"), ("--batch_size=big", "expects an int"),
+                     ("--seed", "expected --key=value")):
+        proc = subprocess.run([sys.executable, os.path.join(ROOT, script), bad], capture_output=True, text=True,
+                              env=env, cwd=tmp_path)
+        assert proc.returncode != 0 and why in proc.stderr and "Traceback" not in proc.stderr, (bad, proc.stderr)
+
+
+def test_tokenize_all_settings_are_checked():
+    args = tokenize_all.parse_args(["--rgb_codes=4x8", "--audio_level1=shape_delta"])
+    assert args.rgb_codes == (4, 8) and args.depth_codes == tuple(T.DEFAULT_CODES["tok_depth"])
+    for bad, why in (("--rgb_codes=4by8", "MEANSxSHAPES"), ("--audio_tokenizer=wav2vec", "choose one of")):
+        with pytest.raises(SystemExit, match=why):
+            tokenize_all.parse_args([bad])
