@@ -239,7 +239,7 @@ def caption_targets(caption):
 
 # ---------------------------------------------------------------------------------------------------
 # the unconditional ("null") input: what conditioning dropout leaves in training and what classifier-free
-# guidance feeds at sampling, one definition for both (masking.condition_dropout, sample.generate)
+# guidance feeds at sampling, one definition for both (masking.condition_dropout, generation.generate)
 
 NULL_ID = CAPTION_PAD       # an empty caption: end-of-text alone
 
