@@ -343,17 +343,15 @@ def test_structure_decoded_scores_truth_perfectly_and_the_mean_map_as_it_should(
     L = M.BY_NAME["tok_depth"].length
     train = np.zeros((4, M.NUM_VIEWS, L), dtype=np.int64)
     train[:2], train[2:] = 0, 3                      # half the train maps at level 0, half at level 3
-    ctx = {"arrays": {"train": {"tok_depth": train}}, "split": "test", "seed": 0, "structure_train_maps": 40,
-           "device": "cpu", "tok:tok_depth": tok, "table": []}
     truth = np.full((3, L), 3, dtype=np.int64)
-    out = E.structure_decoded(ctx, "tok_depth", truth, truth)
+    out, rows = E.structure_decoded(tok, "tok_depth", truth, truth, train, "train", train_maps=40, seed=0)
     assert out["rmse"]["model"]["value"] == pytest.approx(0.0) and out["delta1"]["model"]["value"] == pytest.approx(1.0)
     maps = tok.decode(torch.tensor([[0] * L, [3] * L])).astype(np.float64)
     lo, hi = maps[0].mean(), maps[1].mean()          # the two flat decoded levels
     n_lo = (np.random.default_rng([0, 8]).permutation(4 * M.NUM_VIEWS)[:40] < 2 * M.NUM_VIEWS).sum()
     mean = (n_lo * lo + (40 - n_lo) * hi) / 40
     assert out["rmse"]["per_position_mean"]["value"] == pytest.approx(abs(hi - mean), rel=1e-6)
-    assert out["baseline_to_beat"] == "per_position_mean" and len(ctx["table"]) == 3
+    assert out["baseline_to_beat"] == "per_position_mean" and len(rows) == 3 and out["train_split"] == "train"
 
 
 # --- end to end on a tiny random checkpoint and a tiny tokenized dataset
