@@ -1497,92 +1497,65 @@ def probe_resnet(model, data, rgb_tok, sampler, per_class, weights_name, device)
 
 
 # -----------------------------------------------------------------------------------------------------
-# the HTML report: hand-written SVG, PNG spectrograms and wav players as data URIs (no plotting library)
+# the HTML report: charts drawn by matplotlib as inline SVG, PNG spectrograms and wav players as data URIs
 
 def _esc(s):
     return html.escape(str(s))
 
 
+def _axes(title, size):
+    from matplotlib.figure import Figure     # no pyplot: no global figure list, no backend to pick
+    fig = Figure(figsize=size)
+    ax = fig.subplots()
+    ax.set_title(title, fontweight="bold")
+    return fig, ax
+
+
+def _svg(fig):
+    """The figure as an inline <svg> element, its text kept as text (smaller, searchable on the page)."""
+    import matplotlib
+    buf = io.StringIO()
+    with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": "nano4m"}):   # reproducible ids
+        fig.savefig(buf, format="svg", bbox_inches="tight")
+    return buf.getvalue()[buf.getvalue().index("<svg"):]
+
+
 def svg_bars(title, labels, values, refs=None, ref_name="", unit=""):
-    W, H, left, bottom = 560, 260, 140, 30
-    top = max([v for v in values if v is not None and math.isfinite(v)] +
-              [r for r in (refs or []) if r is not None and math.isfinite(r)] + [1e-9])
-    bh = (H - bottom - 20) / max(len(labels), 1)
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-size="11">',
-             f'<text x="{W / 2}" y="12" text-anchor="middle" font-weight="bold">{_esc(title)}</text>']
-    for i, (lab, v) in enumerate(zip(labels, values)):
-        y = 20 + i * bh
-        w = 0 if v is None or not math.isfinite(v) else (W - left - 60) * v / top
-        parts.append(f'<text x="{left - 5}" y="{y + bh * 0.6}" text-anchor="end">{_esc(lab)}</text>')
-        parts.append(f'<rect x="{left}" y="{y + 2}" width="{w:.1f}" height="{bh * 0.6:.1f}" fill="#4a7ab5"/>')
-        parts.append(f'<text x="{left + w + 4}" y="{y + bh * 0.6}">{v:.3g}{unit}</text>' if v is not None else "")
-        if refs and refs[i] is not None:
-            x = left + (W - left - 60) * refs[i] / top
-            parts.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{y}" y2="{y + bh * 0.8}" stroke="#d33" '
-                         f'stroke-width="2"><title>{_esc(ref_name)}</title></line>')
+    fig, ax = _axes(title, (6, 0.8 + 0.3 * len(labels)))
+    y = np.arange(len(labels))
+    bars = ax.barh(y, [np.nan if v is None else v for v in values], color="#4a7ab5")
+    ax.bar_label(bars, fmt=f"%.3g{unit}", padding=3)
+    ax.set_yticks(y, labels)
+    ax.invert_yaxis()
     if refs:
-        parts.append(f'<text x="{left}" y="{H - 8}" fill="#d33">| {_esc(ref_name)}</text>')
-    parts.append("</svg>")
-    return "".join(parts)
+        ax.vlines([np.nan if r is None else r for r in refs], y - 0.4, y + 0.4, color="#d33", lw=2, label=ref_name)
+        ax.legend(loc="upper left", bbox_to_anchor=(1, 1))
+    return _svg(fig)
 
 
-def svg_lines(title, series, xlabel="", ylabel="", logx=False):
+def svg_lines(title, series, xlabel="", ylabel=""):
     """series: {name: (xs, ys)}."""
-    W, H, l, r, t, b = 560, 300, 50, 120, 20, 35
-    pts = [(x, y) for xs, ys in series.values() for x, y in zip(xs, ys) if y is not None and math.isfinite(y)]
-    if not pts:
-        return ""
-    fx = (lambda x: math.log10(max(x, 1e-9))) if logx else (lambda x: x)
-    x0, x1 = min(fx(p[0]) for p in pts), max(fx(p[0]) for p in pts)
-    y0, y1 = min(p[1] for p in pts), max(p[1] for p in pts)
-    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1)
-    px = lambda x: l + (W - l - r) * (fx(x) - x0) / (x1 - x0)
-    py = lambda y: H - b - (H - t - b) * (y - y0) / (y1 - y0)
-    colors = ["#4a7ab5", "#d33", "#3a3", "#a5a", "#e90", "#0aa", "#777", "#b55"]
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-size="11">',
-             f'<text x="{W / 2}" y="12" text-anchor="middle" font-weight="bold">{_esc(title)}</text>',
-             f'<rect x="{l}" y="{t}" width="{W - l - r}" height="{H - t - b}" fill="none" stroke="#999"/>',
-             f'<text x="{l}" y="{H - 5}">{x0 if not logx else 10 ** x0:.3g}</text>',
-             f'<text x="{W - r}" y="{H - 5}" text-anchor="end">{x1 if not logx else 10 ** x1:.3g}</text>',
-             f'<text x="{(W - r + l) / 2}" y="{H - 5}" text-anchor="middle">{_esc(xlabel)}</text>',
-             f'<text x="{l - 3}" y="{t + 8}" text-anchor="end">{y1:.3g}</text>',
-             f'<text x="{l - 3}" y="{H - b}" text-anchor="end">{y0:.3g}</text>',
-             f'<text x="12" y="{H / 2}" transform="rotate(-90 12 {H / 2})" text-anchor="middle">{_esc(ylabel)}</text>']
-    for i, (name, (xs, ys)) in enumerate(series.items()):
-        c = colors[i % len(colors)]
-        p = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in zip(xs, ys) if y is not None and math.isfinite(y))
-        parts.append(f'<polyline points="{p}" fill="none" stroke="{c}" stroke-width="1.5"/>')
-        parts.append(f'<text x="{W - r + 5}" y="{t + 12 + 14 * i}" fill="{c}">{_esc(name)}</text>')
-    parts.append("</svg>")
-    return "".join(parts)
+    fig, ax = _axes(title, (6, 3))
+    for name, (xs, ys) in series.items():
+        ax.plot(xs, [np.nan if y is None else y for y in ys], label=name)
+    ax.set(xlabel=xlabel, ylabel=ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1, 1), fontsize=8)
+    return _svg(fig)
 
 
 def svg_heatmap(matrix, labels, title):
-    m = np.asarray(matrix, dtype=np.float64)
-    n = len(labels)
-    cell, left, top = 28, 80, 90
-    W, H = left + n * cell + 10, top + n * cell + 20
-    rows = m.sum(axis=1, keepdims=True)
-    frac = m / np.maximum(rows, 1)
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-size="10">',
-             f'<text x="{W / 2}" y="12" text-anchor="middle" font-weight="bold">{_esc(title)}</text>']
-    for j, lab in enumerate(labels):
-        x = left + j * cell + cell / 2
-        parts.append(f'<text x="{x}" y="{top - 4}" transform="rotate(-60 {x} {top - 4})">{_esc(lab)}</text>')
-    for i, lab in enumerate(labels):
-        y = top + i * cell
-        parts.append(f'<text x="{left - 4}" y="{y + cell * 0.65}" text-anchor="end">{_esc(lab)}</text>')
-        for j in range(n):
-            v = frac[i, j]
-            shade = int(255 * (1 - v))
-            parts.append(f'<rect x="{left + j * cell}" y="{y}" width="{cell}" height="{cell}" '
-                         f'fill="rgb({shade},{shade},255)" stroke="#eee"><title>true {_esc(lab)}, predicted '
-                         f'{_esc(labels[j])}: {int(m[i, j])}</title></rect>')
-            if m[i, j]:
-                parts.append(f'<text x="{left + j * cell + cell / 2}" y="{y + cell * 0.65}" text-anchor="middle" '
-                             f'fill="{"#fff" if v > 0.5 else "#000"}">{int(m[i, j])}</text>')
-    parts.append(f'<text x="{left}" y="{H - 4}">rows: true class, columns: predicted</text></svg>')
-    return "".join(parts)
+    """Rows: true class, columns: predicted; shaded by the row's share, each cell's count written in it."""
+    m = np.asarray(matrix)
+    frac = m / np.maximum(m.sum(axis=1, keepdims=True), 1)
+    fig, ax = _axes(title, (1.5 + 0.35 * len(labels),) * 2)
+    ax.imshow(frac, cmap="Blues", vmin=0, vmax=1)
+    for i, j in zip(*np.nonzero(m)):
+        ax.text(j, i, int(m[i, j]), ha="center", va="center", color="w" if frac[i, j] > 0.5 else "k", fontsize=8)
+    ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set(xlabel="predicted", ylabel="true class")
+    return _svg(fig)
 
 
 def spectrogram_png(wave, height=64):
