@@ -522,12 +522,6 @@ def argmax_ids(model, inputs, target, target_idx, device, bs, desc=None):
     return out
 
 
-def argmax_correct(model, inputs, target, target_idx, true_ids, device, bs, desc=None):
-    """Bool [B, n_t]: is the decoder's argmax at each target position the true id?"""
-    pred = argmax_ids(model, inputs, target, target_idx, device, bs, desc)
-    return (pred == torch.as_tensor(true_ids).long()).numpy()
-
-
 # -----------------------------------------------------------------------------------------------------
 # the data the probes read, and the lines of the summary table
 
@@ -979,9 +973,9 @@ def reader_diagnostic(reader, tokens, labels, logp_audio, both):
 # ---- rgb -> depth / normal
 
 def train_majority(data, name):
+    """The most frequent id of modality `name` in the train split."""
     a = np.asarray(data.arrays[data.train][name]).reshape(-1)
-    counts = np.bincount(a.astype(np.int64), minlength=M.BY_NAME[name].vocab)
-    return int(counts.argmax()), data.train
+    return int(np.bincount(a.astype(np.int64), minlength=M.BY_NAME[name].vocab).argmax())
 
 
 def per_position_majority(ids):
@@ -997,7 +991,7 @@ def train_position_majority(data, name, max_rows=4000):
     a = a.reshape(-1, a.shape[-1])
     if len(a) > max_rows:
         a = a[np.sort(np.random.default_rng([data.seed, 7]).choice(len(a), max_rows, replace=False))]
-    return per_position_majority(a), data.train
+    return per_position_majority(a)
 
 
 def depth_metrics(pred, gt):
@@ -1093,9 +1087,9 @@ def probe_structure(model, data, decoder, views_per_clip, train_maps, device, bs
         truth = tokens[tgt].long()
         correct = (pred == truth).numpy()
         acc, lo, hi = clustered_accuracy(correct)
-        maj, src = train_majority(data, tgt)
+        maj, src = train_majority(data, tgt), data.train
         maj_acc = float((truth.numpy() == maj).mean())
-        pos_acc = float((truth.numpy() == train_position_majority(data, tgt)[0][None]).mean())
+        pos_acc = float((truth.numpy() == train_position_majority(data, tgt)[None]).mean())
         out[tgt] = {"top1": acc, "ci": [lo, hi], "n_tokens": int(correct.size), "n_images": int(len(clips)),
                     "uniform": 1 / V, "majority_token": maj, "majority_from": src, "majority_acc": maj_acc,
                     "per_position_majority_acc": pos_acc}
@@ -1130,8 +1124,8 @@ def probe_memo(model, data, memo_clips, suffix_frac, device, bs):
         n_train = len(data.arrays["train"]["label"])
         tr = np.random.default_rng([data.seed, 5]).choice(n_train, size=min(n, n_train), replace=False)
         sides = {"train": (np.sort(tr), seeded_views(len(tr), 6, data.seed)), **sides}
-    maj, src = train_majority(data, "tok_audio")
-    pos_maj = train_position_majority(data, "tok_audio")[0][start:]
+    maj, src = train_majority(data, "tok_audio"), data.train
+    pos_maj = train_position_majority(data, "tok_audio")[start:]
     out, rows = {"suffix_start": int(start), "targets_per_clip": int(L - start)}, []
     for side, (clips, views) in sides.items():
         tokens, _ = data.tokens(side, clips, views)
@@ -1141,8 +1135,8 @@ def probe_memo(model, data, memo_clips, suffix_frac, device, bs):
         inputs = {"tok_rgb": (tokens["tok_rgb"], all_given(tokens["tok_rgb"])),
                   "tok_audio": (audio, given), "caption": (tokens["caption"], all_given(tokens["caption"]))}
         truth = audio[:, start:]
-        correct = argmax_correct(model, inputs, "tok_audio", np.arange(start, L), truth, device, bs,
-                                 desc=f"memo {side}")
+        correct = (argmax_ids(model, inputs, "tok_audio", np.arange(start, L), device, bs, f"memo {side}")
+                   == truth).numpy()
         acc, lo, hi = clustered_accuracy(correct)
         last = audio[:, start - M.AUDIO_CODEBOOKS:start].repeat(1, (L - start) // M.AUDIO_CODEBOOKS)
         rep_acc = float((last == truth).float().mean())
@@ -1588,10 +1582,24 @@ def wav_uri(wave, sr=16000):
 
 
 def read_training_curves(path):
-    """out_dir/log.jsonl rows {'iter', 'train': {...}, 'val': {...}} -> {'val tok_audio': (iters, ces), ...}."""
+    """out_dir/log.jsonl lines {'iter', 'val': {...}, ...} -> {'val tok_audio': (iters, ces), ...}; a line that
+    does not parse (a run killed mid-write) is passed over."""
     curves = {}
     if not os.path.exists(path):
         return curves
+    with open(path) as f:
+        for line in f:
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            val = entry.get("val") if "iter" in entry else None
+            for k, v in (val.items() if isinstance(val, dict) else ()):
+                if isinstance(v, (int, float)):
+                    xs, ys = curves.setdefault(f"val {k}", ([], []))
+                    xs.append(entry["iter"])
+                    ys.append(float(v))
+    return curves
     with open(path) as f:
         for line in f:
             try:
@@ -1726,7 +1734,8 @@ def _jsonable(x):
 
 
 def _write_atomic(path, text):
-    tmp = path + f".tmp{os.getpid()}"
+    from rawdata import atomic_path
+    tmp = atomic_path(path)
     with open(tmp, "w") as f:
         f.write(text)
     os.replace(tmp, path)
