@@ -1060,7 +1060,10 @@ def _esc(s):
 
 
 def _axes(title, size):
-    from matplotlib.figure import Figure     # no pyplot: no global figure list, no backend to pick
+    try:
+        from matplotlib.figure import Figure     # no pyplot: no global figure list, no backend to pick
+    except ImportError as e:
+        raise ImportError(f"report.html's charts need matplotlib: pip install -r requirements.txt ({e})") from e
     fig = Figure(figsize=size)
     ax = fig.subplots()
     ax.set_title(title, fontweight="bold")
