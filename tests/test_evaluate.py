@@ -360,6 +360,16 @@ def test_structure_decoded_scores_truth_perfectly_and_the_mean_map_as_it_should(
 
 # --- end to end on a tiny random checkpoint and a tiny tokenized dataset
 
+def _write_split(tok, split, labels, ids_of):
+    """One split of a tokenized dataset on disk: ids_of(modality) -> its ids, then labels and clip ids."""
+    os.makedirs(os.path.join(tok, split))
+    for m in M.MODALITIES:
+        ids_of(m).astype(np.uint16).tofile(os.path.join(tok, split, m.name + ".bin"))
+    labels.astype(np.uint16).tofile(os.path.join(tok, split, "label.bin"))
+    with open(os.path.join(tok, split, "clip_ids.json"), "w") as f:
+        json.dump([f"{split}_{i:03d}" for i in range(len(labels))], f)
+
+
 def _make_fixture(root, classes=("cat", "pig", "pigeon"), n={"train": 6, "test": 6}):
     from model import Nano4M, Nano4MConfig
     from modality_tokenizers import MelRVQTokenizer, PatchKMeansTokenizer
@@ -379,20 +389,17 @@ def _make_fixture(root, classes=("cat", "pig", "pigeon"), n={"train": 6, "test":
         meta["modalities"][name].update(tokenizer="patch_kmeans", codebook=f"codebooks/{name}.pt")
         PatchKMeansTokenizer.fit(name, torch.rand(256, channels * 8 * 8) * 2 - 1, 4, 8, iters=2).save(
             os.path.join(tok, "codebooks", f"{name}.pt"))
+
+    def ids(m, labels):
+        if m.name == "caption":
+            return np.stack([M.encode_caption(M.caption_text(classes[c])) for c in labels])
+        if m.name == "tok_audio":
+            return M.interleave_audio(rng.integers(0, K, (len(labels), M.NUM_VIEWS, 2, M.AUDIO_FRAMES)))
+        return rng.integers(0, 64, (len(labels), M.NUM_VIEWS, m.length))
+
     for split, count in n.items():
-        os.makedirs(os.path.join(tok, split))
         labels = np.arange(count) % len(classes)
-        for m in M.MODALITIES:
-            if m.name == "caption":
-                a = np.stack([M.encode_caption(M.caption_text(classes[c])) for c in labels])
-            elif m.name == "tok_audio":
-                a = M.interleave_audio(rng.integers(0, K, (count, M.NUM_VIEWS, 2, M.AUDIO_FRAMES)))
-            else:
-                a = rng.integers(0, 64, (count, M.NUM_VIEWS, m.length))
-            a.astype(np.uint16).tofile(os.path.join(tok, split, m.name + ".bin"))
-        labels.astype(np.uint16).tofile(os.path.join(tok, split, "label.bin"))
-        with open(os.path.join(tok, split, "clip_ids.json"), "w") as f:
-            json.dump([f"{split}_{i:03d}" for i in range(count)], f)
+        _write_split(tok, split, labels, lambda m: ids(m, labels))
     with open(os.path.join(tok, "meta.json"), "w") as f:
         json.dump(meta, f)
     args = dict(n_enc_layer=1, n_dec_layer=1, n_embd=32, n_head=2)
@@ -508,21 +515,18 @@ def _planted_fixture(root, classes=("cat", "dog", "pig", "cow"), n={"train": 16,
     own = lambda k, shape: np.arange(C).reshape(C, *([1] * len(shape))) * k + rng.integers(0, k, (C, *shape))
     templates = {"tok_rgb": own(2, (196,)), "tok_depth": own(2, (196,)), "tok_normal": own(2, (196,)),
                  "tok_audio": M.interleave_audio(own(2, (2, M.AUDIO_FRAMES)))}
+
+    def ids(m, labels):
+        if m.name == "caption":
+            return np.stack([M.encode_caption(M.caption_text(classes[c])) for c in labels])
+        a = np.repeat(templates[m.name][labels][:, None], M.NUM_VIEWS, 1)
+        noise = rng.random(a.shape) < 0.1
+        return np.where(noise, M.interleave_audio(rng.integers(0, 2 * C, (len(labels), M.NUM_VIEWS, 2, M.AUDIO_FRAMES)))
+                        if m.name == "tok_audio" else rng.integers(0, 2 * C, a.shape), a)
+
     for split, count in n.items():
-        os.makedirs(os.path.join(tok, split))
         labels = np.arange(count) % C
-        for m in M.MODALITIES:
-            if m.name == "caption":
-                a = np.stack([M.encode_caption(M.caption_text(classes[c])) for c in labels])
-            else:
-                a = np.repeat(templates[m.name][labels][:, None], M.NUM_VIEWS, 1)
-                noise = rng.random(a.shape) < 0.1
-                a = np.where(noise, M.interleave_audio(rng.integers(0, 2 * C, (count, M.NUM_VIEWS, 2, M.AUDIO_FRAMES)))
-                             if m.name == "tok_audio" else rng.integers(0, 2 * C, a.shape), a)
-            a.astype(np.uint16).tofile(os.path.join(tok, split, m.name + ".bin"))
-        labels.astype(np.uint16).tofile(os.path.join(tok, split, "label.bin"))
-        with open(os.path.join(tok, split, "clip_ids.json"), "w") as f:
-            json.dump([f"{split}_{i:03d}" for i in range(count)], f)
+        _write_split(tok, split, labels, lambda m: ids(m, labels))
     with open(os.path.join(tok, "meta.json"), "w") as f:
         json.dump(meta, f)
     none = (0.0,) * 5
