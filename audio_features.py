@@ -11,6 +11,8 @@ the front-end is plain torchaudio, not the tokenizer's own log-mel).
     clf = fit_logreg(emb_train, y_train, num_classes); probs = predict_proba(clf, emb_test)
     fd = frechet_distance(frames_a, frames_b)
 """
+import functools
+
 import numpy as np
 import torch
 
@@ -19,18 +21,18 @@ HOP = 320            # 75 Hz, the codec frame rate
 N_FFT = 1024
 N_MELS = 64
 EMBED_NAME = f"log-mel mean+std statistics, {2 * N_MELS}-d ({N_MELS} mel bands, {N_FFT}-pt STFT, hop {HOP} at 24 kHz)"
-FRAME_EMBED_NAME = f"per-frame log-mel vectors, {N_MELS}-d ({N_MELS} mel bands, 75 Hz), pooled over every frame of a set"
 
-_mel_cache = {}
+
+@functools.cache
+def _mel_transform():
+    import torchaudio
+    return torchaudio.transforms.MelSpectrogram(sample_rate=SR, n_fft=N_FFT, hop_length=HOP, n_mels=N_MELS,
+                                                f_min=20.0, f_max=SR / 2, power=2.0)
 
 
 def log_mel_frames(waves, batch=64):
     """waves [B, T] float (numpy or tensor, 24 kHz) -> float32 numpy [B, frames, N_MELS] natural-log mel power."""
-    import torchaudio
-    if "mel" not in _mel_cache:
-        _mel_cache["mel"] = torchaudio.transforms.MelSpectrogram(
-            sample_rate=SR, n_fft=N_FFT, hop_length=HOP, n_mels=N_MELS, f_min=20.0, f_max=SR / 2, power=2.0)
-    mel = _mel_cache["mel"]
+    mel = _mel_transform()
     w = torch.as_tensor(np.asarray(waves, dtype=np.float32))
     if w.dim() != 2:
         raise ValueError(f"log_mel_frames expects waves [B, T], got shape {tuple(w.shape)}")

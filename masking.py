@@ -564,7 +564,7 @@ def condition_dropout(batch, rate, generator=None):
     sample, with probability `rate`, loses every input token of a modality it has no target in, so it is
     asked for its targets from their own modality's visible tokens alone. A sample left with no input gets
     the null token (modalities.NULL_ID at modalities.null_position), exactly the unconditional input that
-    sample.generate feeds for guidance, so the guided direction is one the model has learnt. The kept
+    generation.generate feeds for guidance, so the guided direction is one the model has learnt. The kept
     inputs stay packed first, in order. batch: build_batch's dict; returns a new one (targets untouched).
     Sync-free, like build_batch."""
     if rate <= 0:

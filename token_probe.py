@@ -14,7 +14,7 @@ import numpy as np
 
 import configurator
 import modalities as M
-from evaluate import clip_order, fit_token_judge, seeded_views, wilson_ci
+from metrics import clip_order, fit_token_judge, seeded_views, wilson_ci
 
 
 def probe(dataset, data_root="data", split="test", seed=1337):

@@ -1,5 +1,5 @@
-"""evaluate.py and audio_features.py: each probe on a fixture with a known answer, then an end-to-end run on a
-tiny random checkpoint and a tiny tokenized dataset."""
+"""evaluate.py, metrics.py and audio_features.py: each probe on a fixture with a known answer, then an end-to-end
+run on a tiny random checkpoint and a tiny tokenized dataset."""
 import json
 import math
 import os
@@ -12,36 +12,37 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import audio_features as AF  # noqa: E402
 import evaluate as E  # noqa: E402
+import metrics  # noqa: E402
 import modalities as M  # noqa: E402
 
 
 # --- statistics
 
 def test_wilson_ci_known_case():
-    lo, hi = E.wilson_ci(50, 100)
+    lo, hi = metrics.wilson_ci(50, 100)
     assert lo < 0.5 < hi
     assert abs(lo - 0.4038) < 1e-3 and abs(hi - 0.5962) < 1e-3   # the textbook 95% Wilson interval
-    lo0, hi0 = E.wilson_ci(0, 20)
+    lo0, hi0 = metrics.wilson_ci(0, 20)
     assert lo0 == 0.0 and 0.1 < hi0 < 0.2                        # never negative, not degenerate at p = 0
-    w_small, w_big = np.subtract(*E.wilson_ci(5, 10)[::-1]), np.subtract(*E.wilson_ci(500, 1000)[::-1])
+    w_small, w_big = np.subtract(*metrics.wilson_ci(5, 10)[::-1]), np.subtract(*metrics.wilson_ci(500, 1000)[::-1])
     assert w_big < w_small / 5                                    # shrinks like 1/sqrt(n)
 
 
 def test_clustered_accuracy_and_mean_ci():
     correct = np.array([[1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 0]])
-    acc, lo, hi = E.clustered_accuracy(correct)
+    acc, lo, hi = metrics.clustered_accuracy(correct)
     assert acc == pytest.approx(6 / 12) and lo < acc < hi
-    m, lo, hi = E.mean_ci([1.0, 2.0, 3.0])
+    m, lo, hi = metrics.mean_ci([1.0, 2.0, 3.0])
     assert m == 2.0 and lo < 2.0 < hi
 
 
 def test_marginal_entropy():
     V = 2048
-    assert E.marginal_entropy(np.arange(V).repeat(3), V) == pytest.approx(math.log(V))
-    assert E.marginal_entropy(np.zeros(100, dtype=np.int64), V) == pytest.approx(0.0)
+    assert metrics.marginal_entropy(np.arange(V).repeat(3), V) == pytest.approx(math.log(V))
+    assert metrics.marginal_entropy(np.zeros(100, dtype=np.int64), V) == pytest.approx(0.0)
     rng = np.random.default_rng(0)
     ids = rng.integers(0, 16, 100000)
-    assert E.cross_entropy_to_marginal(ids, ids, 16) == pytest.approx(math.log(16), abs=0.01)
+    assert metrics.cross_entropy_to_marginal(ids, ids, 16) == pytest.approx(math.log(16), abs=0.01)
 
 
 def test_entropy_bias_correction_covers_what_the_plug_in_underestimates():
@@ -51,23 +52,23 @@ def test_entropy_bias_correction_covers_what_the_plug_in_underestimates():
     truth = math.log(V)
     for seed in range(3):
         a = np.random.default_rng(seed).integers(0, V, (40, 50))
-        h = E.marginal_entropy(a, V)
-        corrected, lo, hi = E.entropy_bias_corrected(a, V, reps=100)
+        h = metrics.marginal_entropy(a, V)
+        corrected, lo, hi = metrics.entropy_bias_corrected(a, V, reps=100)
         assert h < truth and h < corrected and lo <= truth <= hi
 
 
 def test_jackknife_ci_of_a_mean_is_the_normal_interval():
     x = np.random.default_rng(0).normal(size=30)
-    point, lo, hi = E.jackknife_ci(lambda i: x[i].mean(), len(x))
-    m, m_lo, m_hi = E.mean_ci(x)
+    point, lo, hi = metrics.jackknife_ci(lambda i: x[i].mean(), len(x))
+    m, m_lo, m_hi = metrics.mean_ci(x)
     assert point == pytest.approx(m) and lo == pytest.approx(m_lo) and hi == pytest.approx(m_hi)
 
 
 def test_ratio_ci_is_centred_on_the_token_weighted_mean():
     sums, counts = np.array([10.0, 1.0, 30.0, 2.0]), np.array([2, 1, 10, 1])   # per-row means 5, 1, 3, 2
-    r, lo, hi = E.ratio_ci(sums, counts)
+    r, lo, hi = metrics.ratio_ci(sums, counts)
     assert r == pytest.approx(43 / 14) and lo < r < hi
-    r, lo, hi = E.ratio_ci(np.array([6.0, 9.0]), np.array([2, 3]))          # every row's mean is 3
+    r, lo, hi = metrics.ratio_ci(np.array([6.0, 9.0]), np.array([2, 3]))          # every row's mean is 3
     assert r == pytest.approx(3.0) and lo == pytest.approx(3.0) and hi == pytest.approx(3.0)
 
 
@@ -79,12 +80,12 @@ def test_classification_perfect_and_constant_scorer():
     labels = np.arange(N) % C
     perfect = rng.normal(size=(N, C))
     perfect[np.arange(N), labels] = 100.0
-    out = E.classification_metrics(perfect, labels, [f"c{i}" for i in range(C)])
+    out = metrics.classification_metrics(perfect, labels, [f"c{i}" for i in range(C)])
     assert out["top1"]["value"] == 1.0 and out["top5"]["value"] == 1.0
     assert np.trace(np.array(out["confusion"])) == N
     assert all(v["x_chance"] == pytest.approx(C) for v in out["per_class"].values())
     const = np.zeros((N, C))
-    out = E.classification_metrics(const, labels, [f"c{i}" for i in range(C)])
+    out = metrics.classification_metrics(const, labels, [f"c{i}" for i in range(C)])
     assert out["top1"]["value"] == pytest.approx(1 / C)          # exactly chance, never a lucky tie-break
     assert out["top5"]["value"] == pytest.approx(5 / C)
     assert out["top1"]["ci"][0] < 1 / C < out["top1"]["ci"][1]
@@ -93,16 +94,16 @@ def test_classification_perfect_and_constant_scorer():
 
 def test_constant_scorer_does_not_win_by_tie_order():
     # answer always at index 0 (where a naive argmax tie-break would land)
-    hits = E.fair_hits(np.zeros((10, 4)), np.zeros(10, dtype=np.int64), [1, 2, 4])
+    hits = metrics.fair_hits(np.zeros((10, 4)), np.zeros(10, dtype=np.int64), [1, 2, 4])
     assert np.allclose(hits.mean(0), [0.25, 0.5, 1.0])
 
 
 def test_retrieval_perfect_and_constant():
     G = 20
     s = -np.abs(np.arange(G)[:, None] - np.arange(G)[None, :]).astype(float)   # best on the diagonal
-    r = E.retrieval_metrics(s)
+    r = metrics.retrieval_metrics(s)
     assert r["R@1"]["value"] == 1.0 and r["R@5"]["value"] == 1.0
-    r = E.retrieval_metrics(np.ones((G, G)))
+    r = metrics.retrieval_metrics(np.ones((G, G)))
     assert r["R@1"]["value"] == pytest.approx(1 / G) and r["R@5"]["value"] == pytest.approx(5 / G)
     assert r["curve"][-1] == pytest.approx(1.0) and len(r["curve"]) == G
 
@@ -110,28 +111,28 @@ def test_retrieval_perfect_and_constant():
 def test_class_level_retrieval_known_answers():
     labels = np.repeat(np.arange(4), 5)                      # 4 classes x 5 clips, gallery 20
     same = (labels[:, None] == labels[None, :]).astype(float)
-    c = E.class_level_retrieval(same, labels)                # knows the class, nothing else
+    c = metrics.class_level_retrieval(same, labels)                # knows the class, nothing else
     assert c["top1_same_class"]["value"] == 1.0
     assert c["top1_same_class"]["chance"] == pytest.approx(5 / 20)
     assert c["class_only_ceiling"]["R@1"] == pytest.approx(1 / 5) and c["class_only_ceiling"]["R@5"] == 1.0
-    assert E.retrieval_metrics(same)["R@1"]["value"] == pytest.approx(1 / 5)    # ... which is that ceiling
+    assert metrics.retrieval_metrics(same)["R@1"]["value"] == pytest.approx(1 / 5)    # ... which is that ceiling
     assert c["class_effect"] == pytest.approx(1.0) and c["clip_effect"] == pytest.approx(0.0)
-    c = E.class_level_retrieval(np.ones((20, 20)), labels)  # knows nothing
+    c = metrics.class_level_retrieval(np.ones((20, 20)), labels)  # knows nothing
     assert c["top1_same_class"]["value"] == pytest.approx(5 / 20)
     assert c["class_effect"] == pytest.approx(0.0) and c["other_class_sd"] == pytest.approx(0.0)
-    c = E.class_level_retrieval(np.eye(20) * 3.0, labels)   # knows the very clip, not its class
+    c = metrics.class_level_retrieval(np.eye(20) * 3.0, labels)   # knows the very clip, not its class
     assert c["clip_effect"] > 2.0 and c["class_effect"] < 0.5
 
 
 def test_class_pivot_known_answers():
     labels = np.repeat(np.arange(4), 5)                      # 4 classes x 5 clips, gallery 20
     sure = np.where(np.eye(4)[labels] > 0, 0.0, -30.0)       # each side names the class with certainty
-    piv = E.class_pivot_scores(sure, sure)
+    piv = metrics.class_pivot_scores(sure, sure)
     same = labels[:, None] == labels[None, :]
     assert np.allclose(piv[same], np.log(4)) and (piv[~same] < -20).all()   # PMI log C when they agree
-    assert E.retrieval_metrics(piv)["R@5"]["value"] == pytest.approx(1.0)   # = the class-only ceiling
-    assert np.allclose(E.class_pivot_scores(np.zeros((20, 4)), sure), 0.0)  # one side knows nothing: no
-    assert E.retrieval_metrics(E.class_pivot_scores(np.zeros((20, 4)), sure))["R@1"]["value"] == \
+    assert metrics.retrieval_metrics(piv)["R@5"]["value"] == pytest.approx(1.0)   # = the class-only ceiling
+    assert np.allclose(metrics.class_pivot_scores(np.zeros((20, 4)), sure), 0.0)  # one side knows nothing: no
+    assert metrics.retrieval_metrics(metrics.class_pivot_scores(np.zeros((20, 4)), sure))["R@1"]["value"] == \
         pytest.approx(1 / 20)                                               # information, chance
 
 
@@ -140,21 +141,22 @@ def test_fuse_scores_standardises_each_query():
     labels = np.repeat(np.arange(4), 5)
     cls = (labels[:, None] == labels[None, :]).astype(float)                   # knows the class only
     clip = np.eye(20) + 0.01 * rng.standard_normal((20, 20))                   # knows the clip, weakly
-    assert E.retrieval_metrics(cls)["R@1"]["value"] == pytest.approx(1 / 5)
-    fused = E.fuse_scores(cls * 100.0, clip)           # the scale of either score does not matter
-    assert E.retrieval_metrics(fused)["R@1"]["value"] == 1.0
-    assert np.allclose(E.fuse_scores(3.0 * clip + 7.0), E.fuse_scores(clip))
-    assert np.allclose(E.fuse_scores(np.ones((5, 5)), clip[:5, :5]), E.fuse_scores(clip[:5, :5]))  # no spread
+    assert metrics.retrieval_metrics(cls)["R@1"]["value"] == pytest.approx(1 / 5)
+    fused = metrics.fuse_scores(cls * 100.0, clip)           # the scale of either score does not matter
+    assert metrics.retrieval_metrics(fused)["R@1"]["value"] == 1.0
+    assert np.allclose(metrics.fuse_scores(3.0 * clip + 7.0), metrics.fuse_scores(clip))
+    no_spread = np.ones((5, 5))
+    assert np.allclose(metrics.fuse_scores(no_spread, clip[:5, :5]), metrics.fuse_scores(clip[:5, :5]))
 
 
 def test_token_judge_known_answers():
     rng = np.random.default_rng(0)
     y = np.repeat(np.arange(4), 10)
     ids = rng.integers(0, 16, (40, 32)) + 16 * y[:, None]     # each class draws from its own 16 ids
-    judge = E.fit_token_judge(ids, y, 4, 64)
+    judge = metrics.fit_token_judge(ids, y, 4, 64)
     test = rng.integers(0, 16, (8, 32)) + 16 * np.repeat(np.arange(4), 2)[:, None]
     assert (judge(test) == np.repeat(np.arange(4), 2)).all()
-    h = E.token_histograms(ids, 64)
+    h = metrics.token_histograms(ids, 64)
     assert h.shape == (40, 64) and np.allclose(h.sum(1), 1.0)
 
 
@@ -172,20 +174,21 @@ def test_grid_reader_reads_a_planted_class_and_leaves_the_rng_alone():
     features = torch.from_numpy(rng.normal(size=(35, 8))).float()    # ids past the table read zeros
     for feats in (None, features):
         state = torch.get_rng_state()
-        read = E.fit_grid_reader(xtr, ytr, 3, 64, feats, epochs=12, width=32, lr=3e-3, seed=0)
+        read = metrics.fit_grid_reader(xtr, ytr, 3, 64, feats, epochs=12, width=32, lr=3e-3, seed=0)
         assert torch.equal(state, torch.get_rng_state())
         lp = read(xte)
         assert lp.shape == (96, 3) and np.allclose(np.exp(lp).sum(1), 1, atol=1e-5)
         assert (lp.argmax(1) == yte).mean() > 0.9         # chance is 1/3
     # reproducible from its seed
-    assert np.array_equal(lp, E.fit_grid_reader(xtr, ytr, 3, 64, features, epochs=12, width=32, lr=3e-3, seed=0)(xte))
+    again = metrics.fit_grid_reader(xtr, ytr, 3, 64, features, epochs=12, width=32, lr=3e-3, seed=0)
+    assert np.array_equal(lp, again(xte))
 
 
 def test_clip_order_round_robin_over_classes():
     # rows stored out of order; sorted by clip id the classes come in blocks, as a split on disk does
     ids = ["b_2", "a_1", "c_1", "a_0", "b_0", "a_2", "b_1", "c_0"]
     labels = [1, 0, 2, 0, 1, 0, 1, 2]
-    order = E.clip_order({"clip_ids": ids, "label": np.array(labels)})
+    order = metrics.clip_order({"clip_ids": ids, "label": np.array(labels)})
     assert [ids[i] for i in order] == ["a_0", "b_0", "c_0", "a_1", "b_1", "c_1", "a_2", "b_2"]
     assert sorted(order.tolist()) == list(range(len(ids)))   # a permutation: every clip once
     # so any prefix (a --num_clips subset, the retrieval gallery) holds the classes evenly
@@ -195,7 +198,7 @@ def test_clip_order_round_robin_over_classes():
 # --- caption hypotheses: exact tokenized caption, no substring matching
 
 def test_pig_and_pigeon_are_distinct_hypotheses():
-    hyps = E.caption_hypotheses(["pig", "pigeon"])
+    hyps = metrics.caption_hypotheses(["pig", "pigeon"])
     assert not np.array_equal(hyps[0], hyps[1])
     # each is the caption training scores: the text, its end-of-text, then unscored positions
     for h, name in zip(hyps, ["pig", "pigeon"]):
@@ -207,7 +210,7 @@ def test_pig_and_pigeon_are_distinct_hypotheses():
 
     def fake_scorer(favoured):
         """log-probs that put all mass on the favoured class's exact caption; 2 samples."""
-        target = E.caption_hypotheses([favoured])[0]
+        target = metrics.caption_hypotheses([favoured])[0]
 
         def score_fn(length, hyp_ids):
             logp = np.full((length, V), -20.0)
@@ -217,10 +220,10 @@ def test_pig_and_pigeon_are_distinct_hypotheses():
         return score_fn
 
     for i, name in enumerate(["pig", "pigeon"]):
-        s = E.caption_class_scores(fake_scorer(name), ["pig", "pigeon"])
+        s = metrics.caption_class_scores(fake_scorer(name), ["pig", "pigeon"])
         assert s.shape == (2, 2) and (s.argmax(1) == i).all(), (name, s)
     with pytest.raises(ValueError):
-        E.caption_hypotheses(["pig", "pig"])
+        metrics.caption_hypotheses(["pig", "pig"])
 
 
 # --- audio features
@@ -242,15 +245,15 @@ def test_paired_fad_is_zero_for_one_set_and_grows_with_a_shift():
     shift, 4 dims x 2^2 = 16); unequal sides are refused."""
     rng = np.random.default_rng(0)
     a, b = rng.normal(size=(60, 4)), rng.normal(size=(60, 4))
-    assert E.paired_fad(a, a)[0] == pytest.approx(0.0, abs=1e-9)
-    same, lo, hi, n = E.paired_fad(a, b)
+    assert metrics.paired_fad(a, a)[0] == pytest.approx(0.0, abs=1e-9)
+    same, lo, hi, n = metrics.paired_fad(a, b)
     assert n == 60 and lo <= same <= hi and same < 1.0
-    far, flo, fhi, _ = E.paired_fad(a, b + 2.0)
+    far, flo, fhi, _ = metrics.paired_fad(a, b + 2.0)
     assert flo > hi and abs(far - 16.0) < 3.0
     with pytest.raises(ValueError, match="as many rows"):
-        E.paired_fad(a, b[:10])
-    assert E.matched_rows(np.array([0, 1, 1]), np.array([1, 0, 1, 1])).tolist() == [1, 0, 2]
-    assert E.matched_rows(np.array([2]), np.array([0, 1])) is None
+        metrics.paired_fad(a, b[:10])
+    assert metrics.matched_rows(np.array([0, 1, 1]), np.array([1, 0, 1, 1])).tolist() == [1, 0, 2]
+    assert metrics.matched_rows(np.array([2]), np.array([0, 1])) is None
 
 
 def test_audio_features_and_classifier():
@@ -300,7 +303,7 @@ def test_structure_judge_sees_order_where_the_bag_judge_cannot():
     frames = AF.log_mel_frames(waves)
     train = np.arange(len(y)) % 3 != 0
     noise = AF.log_mel_frames(np.random.default_rng(1).standard_normal((int((~train).sum()), M.AUDIO_WINDOW)))
-    res = E.structure_scores(frames[train], y[train], {"gt": frames[~train], "noise": noise}, y[~train], 4)
+    res = metrics.structure_scores(frames[train], y[train], {"gt": frames[~train], "noise": noise}, y[~train], 4)
     assert res["gt"]["value"] >= 0.75                  # ground-truth calls near the ceiling
     assert res["gt_shuffled"]["value"] <= 0.4          # the same frames, shuffled: near chance (0.25)
     assert res["noise"]["floor_to_ceiling"] <= 0.35    # noise near the floor
@@ -314,24 +317,25 @@ def test_structure_judge_sees_order_where_the_bag_judge_cannot():
 
 def test_depth_and_normal_metrics_known_answers():
     g = np.random.default_rng(0).uniform(1.0, 5.0, (3, 8, 8))
-    perfect = E.depth_metrics(g, g)
+    perfect = metrics.depth_metrics(g, g)
     assert np.allclose(perfect["rmse"], 0) and np.allclose(perfect["absrel"], 0) and np.allclose(perfect["delta1"], 1)
-    assert np.allclose(E.depth_metrics(g + 3.0, g)["rmse"], 3.0)
-    scaled = E.depth_metrics(g * 1.1, g)
+    assert np.allclose(metrics.depth_metrics(g + 3.0, g)["rmse"], 3.0)
+    scaled = metrics.depth_metrics(g * 1.1, g)
     assert np.allclose(scaled["absrel"], 0.1) and np.allclose(scaled["delta1"], 1.0)
-    assert np.allclose(E.depth_metrics(g * 2.0, g)["delta1"], 0.0)
+    assert np.allclose(metrics.depth_metrics(g * 2.0, g)["delta1"], 0.0)
     up = np.zeros((2, 4, 4, 3)); up[..., 2] = 1.0
     side = np.zeros((2, 4, 4, 3)); side[..., 0] = 1.0
-    assert np.allclose(E.normal_metrics(up, up)["angle"], 0) and np.allclose(E.normal_metrics(up, up)["within_11.25"], 1)
-    assert np.allclose(E.normal_metrics(side, up)["angle"], 90.0) and np.allclose(E.normal_metrics(side, up)["within_11.25"], 0)
+    same, crossed = metrics.normal_metrics(up, up), metrics.normal_metrics(side, up)
+    assert np.allclose(same["angle"], 0) and np.allclose(same["within_11.25"], 1)
+    assert np.allclose(crossed["angle"], 90.0) and np.allclose(crossed["within_11.25"], 0)
     # uint8 images round-trip to unit vectors: c = 255 (n + 1) / 2
     img = np.full((1, 2, 2, 3), 128, dtype=np.uint8); img[..., 2] = 255
-    assert np.allclose(E.normal_vectors(img)[..., 2], 1.0, atol=0.01)
+    assert np.allclose(metrics.normal_vectors(img)[..., 2], 1.0, atol=0.01)
 
 
 def test_per_position_majority_known_answer():
     ids = np.array([[1, 5, 7], [1, 6, 7], [2, 6, 7]])
-    assert E.per_position_majority(ids).tolist() == [1, 6, 7]
+    assert metrics.per_position_majority(ids).tolist() == [1, 6, 7]
 
 
 def test_structure_decoded_scores_truth_perfectly_and_the_mean_map_as_it_should():
@@ -343,20 +347,28 @@ def test_structure_decoded_scores_truth_perfectly_and_the_mean_map_as_it_should(
     L = M.BY_NAME["tok_depth"].length
     train = np.zeros((4, M.NUM_VIEWS, L), dtype=np.int64)
     train[:2], train[2:] = 0, 3                      # half the train maps at level 0, half at level 3
-    ctx = {"arrays": {"train": {"tok_depth": train}}, "split": "test", "seed": 0, "structure_train_maps": 40,
-           "device": "cpu", "tok:tok_depth": tok, "table": []}
     truth = np.full((3, L), 3, dtype=np.int64)
-    out = E.structure_decoded(ctx, "tok_depth", truth, truth)
+    out, rows = E.structure_decoded(tok, "tok_depth", truth, truth, train, "train", train_maps=40, seed=0)
     assert out["rmse"]["model"]["value"] == pytest.approx(0.0) and out["delta1"]["model"]["value"] == pytest.approx(1.0)
     maps = tok.decode(torch.tensor([[0] * L, [3] * L])).astype(np.float64)
     lo, hi = maps[0].mean(), maps[1].mean()          # the two flat decoded levels
     n_lo = (np.random.default_rng([0, 8]).permutation(4 * M.NUM_VIEWS)[:40] < 2 * M.NUM_VIEWS).sum()
     mean = (n_lo * lo + (40 - n_lo) * hi) / 40
     assert out["rmse"]["per_position_mean"]["value"] == pytest.approx(abs(hi - mean), rel=1e-6)
-    assert out["baseline_to_beat"] == "per_position_mean" and len(ctx["table"]) == 3
+    assert out["baseline_to_beat"] == "per_position_mean" and len(rows) == 3 and out["train_split"] == "train"
 
 
 # --- end to end on a tiny random checkpoint and a tiny tokenized dataset
+
+def _write_split(tok, split, labels, ids_of):
+    """One split of a tokenized dataset on disk: ids_of(modality) -> its ids, then labels and clip ids."""
+    os.makedirs(os.path.join(tok, split))
+    for m in M.MODALITIES:
+        ids_of(m).astype(np.uint16).tofile(os.path.join(tok, split, m.name + ".bin"))
+    labels.astype(np.uint16).tofile(os.path.join(tok, split, "label.bin"))
+    with open(os.path.join(tok, split, "clip_ids.json"), "w") as f:
+        json.dump([f"{split}_{i:03d}" for i in range(len(labels))], f)
+
 
 def _make_fixture(root, classes=("cat", "pig", "pigeon"), n={"train": 6, "test": 6}):
     from model import Nano4M, Nano4MConfig
@@ -377,20 +389,17 @@ def _make_fixture(root, classes=("cat", "pig", "pigeon"), n={"train": 6, "test":
         meta["modalities"][name].update(tokenizer="patch_kmeans", codebook=f"codebooks/{name}.pt")
         PatchKMeansTokenizer.fit(name, torch.rand(256, channels * 8 * 8) * 2 - 1, 4, 8, iters=2).save(
             os.path.join(tok, "codebooks", f"{name}.pt"))
+
+    def ids(m, labels):
+        if m.name == "caption":
+            return np.stack([M.encode_caption(M.caption_text(classes[c])) for c in labels])
+        if m.name == "tok_audio":
+            return M.interleave_audio(rng.integers(0, K, (len(labels), M.NUM_VIEWS, 2, M.AUDIO_FRAMES)))
+        return rng.integers(0, 64, (len(labels), M.NUM_VIEWS, m.length))
+
     for split, count in n.items():
-        os.makedirs(os.path.join(tok, split))
         labels = np.arange(count) % len(classes)
-        for m in M.MODALITIES:
-            if m.name == "caption":
-                a = np.stack([M.encode_caption(M.caption_text(classes[c])) for c in labels])
-            elif m.name == "tok_audio":
-                a = M.interleave_audio(rng.integers(0, K, (count, M.NUM_VIEWS, 2, M.AUDIO_FRAMES)))
-            else:
-                a = rng.integers(0, 64, (count, M.NUM_VIEWS, m.length))
-            a.astype(np.uint16).tofile(os.path.join(tok, split, m.name + ".bin"))
-        labels.astype(np.uint16).tofile(os.path.join(tok, split, "label.bin"))
-        with open(os.path.join(tok, split, "clip_ids.json"), "w") as f:
-            json.dump([f"{split}_{i:03d}" for i in range(count)], f)
+        _write_split(tok, split, labels, lambda m: ids(m, labels))
     with open(os.path.join(tok, "meta.json"), "w") as f:
         json.dump(meta, f)
     args = dict(n_enc_layer=1, n_dec_layer=1, n_embd=32, n_head=2)
@@ -506,21 +515,18 @@ def _planted_fixture(root, classes=("cat", "dog", "pig", "cow"), n={"train": 16,
     own = lambda k, shape: np.arange(C).reshape(C, *([1] * len(shape))) * k + rng.integers(0, k, (C, *shape))
     templates = {"tok_rgb": own(2, (196,)), "tok_depth": own(2, (196,)), "tok_normal": own(2, (196,)),
                  "tok_audio": M.interleave_audio(own(2, (2, M.AUDIO_FRAMES)))}
+
+    def ids(m, labels):
+        if m.name == "caption":
+            return np.stack([M.encode_caption(M.caption_text(classes[c])) for c in labels])
+        a = np.repeat(templates[m.name][labels][:, None], M.NUM_VIEWS, 1)
+        noise = rng.random(a.shape) < 0.1
+        return np.where(noise, M.interleave_audio(rng.integers(0, 2 * C, (len(labels), M.NUM_VIEWS, 2, M.AUDIO_FRAMES)))
+                        if m.name == "tok_audio" else rng.integers(0, 2 * C, a.shape), a)
+
     for split, count in n.items():
-        os.makedirs(os.path.join(tok, split))
         labels = np.arange(count) % C
-        for m in M.MODALITIES:
-            if m.name == "caption":
-                a = np.stack([M.encode_caption(M.caption_text(classes[c])) for c in labels])
-            else:
-                a = np.repeat(templates[m.name][labels][:, None], M.NUM_VIEWS, 1)
-                noise = rng.random(a.shape) < 0.1
-                a = np.where(noise, M.interleave_audio(rng.integers(0, 2 * C, (count, M.NUM_VIEWS, 2, M.AUDIO_FRAMES)))
-                             if m.name == "tok_audio" else rng.integers(0, 2 * C, a.shape), a)
-            a.astype(np.uint16).tofile(os.path.join(tok, split, m.name + ".bin"))
-        labels.astype(np.uint16).tofile(os.path.join(tok, split, "label.bin"))
-        with open(os.path.join(tok, split, "clip_ids.json"), "w") as f:
-            json.dump([f"{split}_{i:03d}" for i in range(count)], f)
+        _write_split(tok, split, labels, lambda m: ids(m, labels))
     with open(os.path.join(tok, "meta.json"), "w") as f:
         json.dump(meta, f)
     none = (0.0,) * 5
