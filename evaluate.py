@@ -599,10 +599,7 @@ def all_given(x):
 
 def probe_ce(ctx):
     import masking
-    from dataclasses import fields
-    cfg = ctx["ckpt"].get("config", {})
-    names = [f.name for f in fields(masking.MaskingConfig)]
-    mcfg = masking.MaskingConfig(**{k: cfg[k] for k in names if k in cfg})
+    mcfg = masking.MaskingConfig.from_settings(ctx["ckpt"].get("config", {}))   # grouped or (older) flat
     gen = torch.Generator().manual_seed(ctx["seed"] + 7919)
     rng = np.random.default_rng([ctx["seed"], 11])
     clips_all = ctx["eval_clips"]
