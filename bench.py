@@ -54,6 +54,7 @@ n_head = 8
 separate_vocab = False          # ToyZoo's adapters (adapters.py): own embedding / head rows per modality
 code_features = False           # ... code features at ToyZoo's vector sizes (random vectors)
 grid_conv = False               # ... a small CNN per image grid before the encoder
+vocab_head = 'modality'         # the model's head: 'modality' (own ids per modality) or 'full' (config/audio.py's)
 dtypes = 'float32,bfloat16'     # comma-separated
 compiles = 'False'              # comma-separated: False, True (default mode), or a torch.compile mode
                                 # such as reduce-overhead (the trunk as CUDA graphs)
@@ -206,7 +207,8 @@ for dtype in dtypes.split(','):
         feature_dims = (192, 64, 192, 80, 0) if code_features else ()   # patch_kmeans images, mel_rvq audio
         _adapters = dict(separate_vocab=separate_vocab, code_feature_dims=feature_dims, grid_conv=grid_conv)
         model = Nano4M(Nano4MConfig(n_enc_layer=n_enc_layer, n_dec_layer=n_dec_layer, n_embd=n_embd,
-                                    n_head=n_head, adapters=_adapters if any(_adapters.values()) else None))
+                                    n_head=n_head, head=vocab_head,
+                                    adapters=_adapters if any(_adapters.values()) else None))
         if model.adapters is not None:
             model.adapters.set_code_features({m.name: torch.randn(m.vocab, f)
                                               for m, f in zip(modalities.MODALITIES, feature_dims) if f})
@@ -307,9 +309,11 @@ for label, per_round, per_round_cpu in ratios:
           f"{', '.join(f'{x:.2f}' for x in per_round_cpu)}x CPU time")
 if len(heads) > 1:   # each head against the first, per (dtype, compile[, layout]) setting of the same run
     _col = 3 if budgets == 'recipe' else 2
-    for r in rows:
-        base = next(x for x in rows if x[:_col] == r[:_col] and x[_col] == heads[0])
-        if r[_col] != heads[0]:
+    base = None
+    for r in rows:      # (against the latest baseline row before it: --heads=a,b,a,b pairs each round)
+        if r[_col] == heads[0] or base is None or base[:_col] != r[:_col]:
+            base = r
+        else:
             print(f"{', '.join(r[:_col])}: head {r[_col]} / {heads[0]} = {float(r[_col + 1]) / float(base[_col + 1]):.2f}x s/step")
 if ratios:
     # the headline: the first setting's median round (same batches, same process)
