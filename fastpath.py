@@ -15,6 +15,7 @@ tests/test_model.py and tests/test_packing.py hold each to the plain path's loss
 import torch
 
 import modalities as M
+from model import mean_over_modalities
 
 
 class PerModalityCE(torch.autograd.Function):
@@ -140,14 +141,6 @@ def loss(model, h, dec_pos, dec_ids, dec_valid, dec_counts=None):
     if model.static_head:
         return getattr(model, "compiled_static_head", static_shape_loss)(model, h, dec_pos, dec_ids, dec_valid)
     return per_modality_loss(model, h, dec_pos, dec_ids, dec_valid, dec_counts)
-
-
-def mean_over_modalities(sums, counts):
-    """The mean over the modalities present of each one's mean CE (sums, counts: [n_mod] tensors), and the
-    {name: (sum, count)} parts; no targets at all gives a zero still in the graph."""
-    present = counts > 0
-    loss = (sums / counts.clamp_min(1)).sum() / present.sum().clamp_min(1)
-    return loss, {name: (sums[m].detach(), counts[m]) for m, name in enumerate(M.MODALITY_NAMES)}
 
 
 def per_modality_loss(model, h, dec_pos, dec_ids, dec_valid, dec_counts=None):

@@ -20,9 +20,7 @@ partial frame (then audio rounds down to whole frames and the total is up to K -
 
 Everything is vectorized over the batch and free of host syncs (no .item(), no boolean indexing, no
 host-to-device copies), so it runs on the inputs' device (CPU or CUDA) without stalling the GPU queue. On
-CUDA the ~370 small ops are captured once into a CUDA graph and replayed (build_batch(..., cuda_graph=True),
-the default). Measured for a batch of 64, default config: H200 0.68 ms per call (graph; 0.45 ms of host
-time), 3.8 ms op by op; CPU about 6.5 ms of CPU time, single thread. `python masking.py` times it.
+CUDA the fast path replays its ~370 small ops as one CUDA graph (fastpath.graphed_batch); bench.py times it.
 
 MaskingConfig fields (train.py's `masking` setting is a dict of them; MaskingConfig.from_settings):
 
@@ -64,7 +62,6 @@ whole rgb grid) as the only input and the whole 512-token audio stream as the ta
 The algorithm follows the 4M paper and apple/ml-4m's masking (Dirichlet shares of a token budget per
 modality); the audio spans, the redistribution of clamped budgets and the mixture-as-dicts are ours.
 """
-import time
 from dataclasses import dataclass
 
 import torch
@@ -518,27 +515,6 @@ def random_tokens(B, device="cpu", generator=None):
     n_text = torch.randint(3, M.CAPTION_LEN, (B, 1), generator=generator, device=device)
     out["caption"] = torch.where(torch.arange(M.CAPTION_LEN, device=device) < n_text, out["caption"], M.CAPTION_PAD)
     return out
-
-
-if __name__ == "__main__":
-    # timing: python masking.py  (batch 64, default config, and with a single-source mixture)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    g = torch.Generator(device=device).manual_seed(0)
-    toks = random_tokens(64, device, g)
-    for name, cfg in [("default", MaskingConfig()),
-                      ("single_source_mixture", MaskingConfig(mixture=single_source_mixture()))]:
-        for _ in range(5):
-            build_batch(toks, cfg, g)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        n = 50
-        t0 = time.perf_counter()
-        for _ in range(n):
-            build_batch(toks, cfg, g)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        print(f"{device} {name}: {(time.perf_counter() - t0) / n * 1e3:.3f} ms per batch of 64 "
-              f"(widths {cfg.max_input_tokens} in, {cfg.max_target_tokens} out)")
 
 
 def condition_dropout(batch, rate, generator=None):

@@ -323,10 +323,7 @@ class Nano4M(nn.Module):
                 logits, target = self.modality_logits(h[sel], m), dec_ids[sel]
             sums.append(F.cross_entropy(logits, target, reduction="sum"))
             counts.append(sel.sum().float())
-        sums, counts = torch.stack(sums), torch.stack(counts)
-        present = counts > 0
-        loss = (sums / counts.clamp_min(1)).sum() / present.sum().clamp_min(1)
-        return loss, {name: (sums[m].detach(), counts[m]) for m, name in enumerate(MODALITY_NAMES)}
+        return mean_over_modalities(torch.stack(sums), torch.stack(counts))
 
     def forward(self, enc_ids, enc_pos, enc_valid, dec_pos, dec_valid, dec_ids=None, dec_counts=None):
         h = self.decode_hidden(enc_ids, enc_pos, enc_valid, dec_pos, dec_valid)
@@ -393,6 +390,14 @@ class Nano4M(nn.Module):
         """Model FLOPs utilization of a step that took dt seconds. peak_flops: the accelerator's dense peak
         for the dtype used (H100 SXM bf16 989e12; for fp32 via TF32 pass ~494e12)."""
         return self.flops_per_step(batch_size, n_in, n_out) / dt / peak_flops
+
+
+def mean_over_modalities(sums, counts):
+    """-> (the mean over the modalities present of each one's mean CE, {name: (sum_ce, count)}) from the
+    per-modality CE sums and target counts ([n_mod] tensors); no targets at all gives a zero still in the graph."""
+    present = counts > 0
+    loss = (sums / counts.clamp_min(1)).sum() / present.sum().clamp_min(1)
+    return loss, {name: (sums[m].detach(), counts[m]) for m, name in enumerate(MODALITY_NAMES)}
 
 
 def sincos_table(n, dim):

@@ -180,8 +180,7 @@ if ddp:
     gradient_accumulation_steps //= ddp_world_size
 else:
     ddp_rank, ddp_world_size, master_process, seed_offset = 0, 1, True, 0
-    if device == 'auto':
-        device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    device = modalities.pick_device(device)
 device_type = 'cuda' if 'cuda' in device else ('mps' if 'mps' in device else 'cpu')
 if dtype not in ('float32', 'bfloat16', 'float16'):
     raise SystemExit(f"--dtype must be float32, bfloat16 or float16, not {dtype!r}")
