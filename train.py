@@ -99,11 +99,12 @@ compile = False                 # torch.compile the trunk (the static-shape part
 compile_mode = 'default'        # its torch.compile mode: 'reduce-overhead' replays the trunk as CUDA graphs
                                 # (fewer host launches: the fastest bf16 step on an H200, README "Speed")
 peak_flops = 989e12             # for MFU: the accelerator's dense peak (H100 SXM bf16)
-packing = 'auto'                # the trunk on real tokens only (packing.py; same loss and grads): 'on', 'off', or
-                                # 'auto' = on for eager CPU steps (measured faster: bench.py --budgets=recipe),
-                                # off on a GPU (unmeasured there) and under --compile (it needs static shapes)
 fast_path = True                # the same loss through fastpath.py (hand-written head, counts copied ahead, masking as
-                                # one CUDA graph); False: model.py's plain F.cross_entropy. bench.py --heads=plain,fast
+                                # one CUDA graph; measured faster: bench.py --heads=per_modality,plain); False: only
+                                # model.py's and masking.py's plain code (F.cross_entropy, no packing unless 'on')
+packing = 'auto'                # (fast path) the trunk on real tokens only (packing.py; same loss and grads): 'on', 'off',
+                                # or 'auto' = on for eager CPU steps (measured faster: bench.py --budgets=recipe),
+                                # off on a GPU (unmeasured there) and under --compile (it needs static shapes)
 static_head = False             # (fast path) the head in static shapes, no host sync (fastpath.static_shape_loss): lets
                                 # --compile take the head too; more FLOPs (measured slower on a CPU)
 threads = 0                     # CPU threads for torch (0 = torch's default); 1 is best on a busy machine
@@ -192,7 +193,8 @@ if compile_mode not in COMPILE_MODES:
 cuda_graphs = compile and device_type == 'cuda' and compile_mode in ('reduce-overhead', 'max-autotune')
 if packing.lower() not in ('auto', 'on', 'true', 'off', 'false'):
     raise SystemExit(f"--packing={packing!r}: choose auto, on or off")
-use_packing = packing.lower() in ('on', 'true') or (packing.lower() == 'auto' and device_type == 'cpu' and not compile)
+use_packing = packing.lower() in ('on', 'true') or (packing.lower() == 'auto' and fast_path and device_type == 'cpu'
+                                                    and not compile)
 if use_packing and compile:
     raise SystemExit("--packing=on needs eager steps (the packed trunk's shapes change every batch): drop --compile "
                      "or use --packing=auto")

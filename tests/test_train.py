@@ -236,17 +236,19 @@ def test_bf16_follows_fp32(data_root, tmp_path):
 
 
 def test_packed_and_static_head_steps_follow_the_padded_curve(data_root, tmp_path):
-    """train.py's packed trunk (on by default on a CPU) and static head give the padded per-modality step's
-    losses, step after step (float rounding apart), and say which step they run."""
+    """train.py's packed trunk (on by default on a CPU), static head and plain path (--fast_path=False: model.py's
+    F.cross_entropy, no packing) give the padded per-modality step's losses, step after step (float rounding
+    apart), and say which step they run."""
     runs = {}
     for name, args in (("padded", ["--packing=off"]), ("packed", ["--packing=on"]),
-                       ("static", ["--packing=off", "--static_head=True"])):
+                       ("static", ["--packing=off", "--static_head=True"]), ("plain", ["--fast_path=False"])):
         proc = train(data_root, tmp_path / name, "--max_iters=6", "--lr_decay_iters=6", "--eval_interval=1000", *args)
         assert f"step: packing {'on' if name == 'packed' else 'off'}, head " \
                f"{'static' if name == 'static' else 'per-modality'}" in proc.stdout
         runs[name] = [r["loss"] for r in read_jsonl(tmp_path / name / "train_log.jsonl")]
     assert len(runs["padded"]) == 6 and len(set(runs["padded"])) > 1
-    for name in ("packed", "static"):
+    assert "head per-modality (plain)" in proc.stdout                  # the last run's: the plain path
+    for name in ("packed", "static", "plain"):
         assert runs[name] == pytest.approx(runs["padded"], rel=1e-4, abs=1e-5), name
     proc = train(data_root, tmp_path / "refused", "--packing=on", "--compile=True", check=False)
     assert proc.returncode != 0 and "--packing=on needs eager steps" in proc.stderr
