@@ -23,7 +23,7 @@ the dataset's tokenizers) plus block_lr_scale, the blocks' learning rate relativ
 (Nano4M.configure_optimizers).
 """
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, asdict
 
 import torch
 import torch.nn as nn
@@ -77,6 +77,15 @@ def shapes(settings):
                 grid_conv=bool(s.get('grid_conv')))
 
 
+def vocab_rows(cfg):
+    """-> (rows of the embedding and head, row_offset: modality m's ids read and predict rows
+    [row_offset[m], row_offset[m] + vocab_m)): one shared table, or with separate_vocab one block per modality."""
+    vocabs = [m.vocab for m in M.MODALITIES]
+    if AdapterConfig(**cfg).separate_vocab:
+        return sum(vocabs), [sum(vocabs[:i]) for i in range(len(vocabs))]
+    return M.VOCAB_SIZE, [0] * len(vocabs)
+
+
 class EmbeddingAdapters(nn.Module):
     """The adapters of one model: its token rows per modality, code features, feature-only inputs, grid CNNs."""
 
@@ -85,12 +94,7 @@ class EmbeddingAdapters(nn.Module):
         cfg = AdapterConfig(**cfg)
         self.cfg, D, MODALITIES = cfg, n_embd, M.MODALITIES
         pos_modality = M.position_modality(torch.arange(M.TOTAL_POSITIONS))
-        # modality m's ids read (and its logits come from) rows [row_offset[m], row_offset[m] + vocab_m)
-        vocabs = [m.vocab for m in MODALITIES]
-        if cfg.separate_vocab:
-            self.row_offset, self.rows = [sum(vocabs[:i]) for i in range(len(vocabs))], sum(vocabs)
-        else:
-            self.row_offset, self.rows = [0] * len(vocabs), M.VOCAB_SIZE
+        self.rows, self.row_offset = vocab_rows(asdict(cfg))
         self.register_buffer("pos_row_offset", torch.tensor(self.row_offset)[pos_modality], persistent=False)
         # code features: each featured modality's vectors [vocab_m, F_m] (a buffer, saved with the model) and
         # its map to the width; in code_embedding's table modality m starts at code_offset[m], and every
@@ -133,13 +137,6 @@ class EmbeddingAdapters(nn.Module):
         for k, (i, m) in enumerate(grids):
             slot[M.POS_OFFSETS[i]:M.POS_OFFSETS[i] + m.length] = k * GRID * GRID + torch.arange(m.length)
         self.register_buffer("pos_grid_slot", slot, persistent=False)
-
-    def init_weights(self, model):
-        """After the model's GPT-2 init: init='torch' puts PyTorch's own init back on every Linear."""
-        if self.cfg.init == "torch":
-            for module in model.modules():
-                if isinstance(module, nn.Linear):
-                    module.reset_parameters()
 
     def embed_inputs(self, wte, ids, pos, valid):
         """The content part of the input embeddings [B, Ni, D] (model.Nano4M.embed adds modality + position)."""

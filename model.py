@@ -170,11 +170,10 @@ class Nano4M(nn.Module):
             raise ValueError(f"head={config.head!r}: expected 'modality' or 'full'")
         # modality m's ids read (and its logits come from) rows [row_offset[m], row_offset[m] + vocab_m):
         # one shared table (the report's), unless the adapters give each modality rows of its own
-        rows, self.row_offset, self.adapters = config.vocab_size, [0] * len(MODALITIES), None
+        rows, self.row_offset = config.vocab_size, [0] * len(MODALITIES)
         if config.adapters:
-            from adapters import EmbeddingAdapters
-            self.adapters = EmbeddingAdapters(config.adapters, D, config.bias)
-            rows, self.row_offset = self.adapters.rows, self.adapters.row_offset
+            import adapters as adapters_lib
+            rows, self.row_offset = adapters_lib.vocab_rows(config.adapters)
         self.wte = nn.Embedding(rows, D)                         # token embedding
         self.wme = nn.Embedding(len(MODALITIES), D)             # which modality a token belongs to
         learned = []
@@ -196,6 +195,9 @@ class Nano4M(nn.Module):
         self.decoder = nn.ModuleList([DecoderBlock(config) for _ in range(config.n_dec_layer)])
         self.dec_ln_f = LayerNorm(D, config.bias)
         self.lm_head = nn.Linear(D, rows, bias=False)           # untied; the same rows per modality as wte
+        # ToyZoo's embedding adapters (adapters.py; None: the report's model), made last so that the weights
+        # above draw the same random numbers with or without them
+        self.adapters = adapters_lib.EmbeddingAdapters(config.adapters, D, config.bias) if config.adapters else None
         self.register_buffer("pos_modality", position_modality(torch.arange(M.TOTAL_POSITIONS)), persistent=False)
         # the head row offset of each global position's modality (all zero with the shared table)
         self.register_buffer("pos_row_offset", torch.tensor(self.row_offset)[self.pos_modality], persistent=False)
@@ -204,19 +206,19 @@ class Nano4M(nn.Module):
         # static_head = fastpath's head in static shapes with no host sync. All give the same numbers.
         self.fast, self.packed, self.static_head = False, False, False
 
-        self.apply(self._init_weights)
+        # GPT-2's init, unless the adapters keep PyTorch's own Linear init (init='torch', adapters.py)
+        gpt2 = self.adapters is None or self.adapters.cfg.init == "gpt2"
+        self.apply(lambda module: self._init_weights(module, gpt2))
         for p in learned + [self.mask_token]:
             nn.init.normal_(p, mean=0.0, std=0.02)
         # GPT-2's scaled init of the projections that write into the residual stream
         n_resid = 2 * config.n_enc_layer + 3 * config.n_dec_layer
         for name, p in self.named_parameters():
-            if name.endswith("proj.weight"):
+            if name.endswith("proj.weight") and gpt2:
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(n_resid))
-        if self.adapters is not None:
-            self.adapters.init_weights(self)
 
-    def _init_weights(self, module):
-        if isinstance(module, nn.Linear):
+    def _init_weights(self, module, gpt2=True):
+        if isinstance(module, nn.Linear) and gpt2:
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)

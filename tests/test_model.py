@@ -557,3 +557,15 @@ def test_checkpoints_from_before_adapters_py_still_load(tmp_path):
     assert MaskingConfig.from_settings({"masking": {"target_budget": (4, 16)}}) == MaskingConfig(target_budget=(4, 16))
     with pytest.raises(ValueError, match="unknown masking setting.*input_budgett"):
         MaskingConfig.from_settings({"masking": {"input_budgett": (1, 2)}})
+
+
+def test_adapters_come_after_the_reports_weights():
+    """The adapters are made after the report's model's own modules, as their weights were before adapters.py:
+    their parameters come last (the optimizer's order in checkpoints from before adapters.py), and an
+    init='gpt2' model gets the same init either way, so a seed gives what it gave before the move."""
+    plain, toy = tiny(), tiny(separate_vocab=False, grid_conv=True, code_feature_dims=(6, 0, 0, 4, 0))
+    names, n = [n for n, _ in toy.named_parameters()], len(list(plain.parameters()))
+    assert names[:n] == [n for n, _ in plain.named_parameters()]
+    assert names[n:] and all(n.startswith("adapters.") for n in names[n:])
+    fc = dict(toy.named_parameters())["encoder.0.mlp.fc.weight"]
+    assert abs(fc.std().item() - 0.02) < 0.003                         # GPT-2's init reaches the blocks
