@@ -25,7 +25,9 @@ rounds of the per-round ratio, with its range.
 On a CPU, --budgets=recipe times 2 steps per layout and round after 1 warm-up step, unless --steps / --warmup
 are given. On a busy CPU run it with OMP_WAIT_POLICY=PASSIVE (or --threads=1): spinning OpenMP threads
 blur the figures (README, Speed).
---heads=per_modality,static times the static-shape head (Nano4M.static_shape_loss) beside the default one.
+--heads=per_modality,static,plain times the fast path's static-shape head (fastpath.static_shape_loss) and model.py's
+plain F.cross_entropy head (model.fast = False, train.py --fast_path=False) beside the fast per-modality one; the
+last lines then give each head's s/step over the first head's, from the same run.
 """
 import os
 import statistics
@@ -36,9 +38,9 @@ from contextlib import nullcontext
 import torch
 
 import configurator
+import fastpath
 import masking
 import modalities
-import packing
 from model import Nano4M, Nano4MConfig
 
 # -----------------------------------------------------------------------------------------------------
@@ -49,9 +51,10 @@ n_enc_layer = 6
 n_dec_layer = 6
 n_embd = 512
 n_head = 8
-separate_vocab = False          # model.Nano4MConfig.separate_vocab: own embedding / head rows per modality
-code_features = False           # train.py --code_features, at ToyZoo's vector sizes (random vectors)
-grid_conv = False               # model.Nano4MConfig.grid_conv: a small CNN per image grid before the encoder
+separate_vocab = False          # ToyZoo's adapters (adapters.py): own embedding / head rows per modality
+code_features = False           # ... code features at ToyZoo's vector sizes (random vectors)
+grid_conv = False               # ... a small CNN per image grid before the encoder
+vocab_head = 'modality'         # the model's head: 'modality' (own ids per modality) or 'full' (config/audio.py's)
 dtypes = 'float32,bfloat16'     # comma-separated
 compiles = 'False'              # comma-separated: False, True (default mode), or a torch.compile mode
                                 # such as reduce-overhead (the trunk as CUDA graphs)
@@ -68,7 +71,7 @@ counts_ahead = True             # as train.py: the head's per-modality row count
 small = False                   # tiny shape for CPU: d1-1w64, batch 4, 32 + 32 slots
 budgets = 'full'                # full: every slot filled; recipe: config/audio.py's budgets per sample
 layouts = 'padded,packed'       # with --budgets=recipe, comma-separated: padded, trimmed, packed
-heads = 'per_modality'          # comma-separated: per_modality (Nano4M.per_modality_loss), static (static_shape_loss)
+heads = 'per_modality'          # comma-separated: per_modality, static (fastpath.py), plain (model.py's Nano4M.loss)
 repeats = 3                     # with --budgets=recipe: interleaved rounds of `steps` steps per layout
 sdpa_backend = 'auto'           # auto (PyTorch picks), or force one: cudnn, efficient, math (flash takes no mask)
 profile = False                 # after timing, profile a few steps and print the kernels that cost the most
@@ -84,7 +87,7 @@ device_type = 'cuda' if 'cuda' in device else 'cpu'
 if budgets not in ('full', 'recipe'):
     raise SystemExit(f"bench.py: --budgets={budgets!r}: choose full or recipe")
 LAYOUTS = ('padded', 'trimmed', 'packed')
-HEADS = ('per_modality', 'static')
+HEADS = ('per_modality', 'static', 'plain')
 layouts = [x.strip() for x in layouts.split(',')] if budgets == 'recipe' else ['padded']
 heads = [x.strip() for x in heads.split(',')]
 for _name, _given, _known in (('layouts', layouts, LAYOUTS), ('heads', heads, HEADS)):
@@ -94,7 +97,7 @@ if budgets == 'recipe':
     _recipe = {}    # the report's recipe file, read for its two budgets
     with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'config', 'audio.py')) as _f:
         exec(_f.read(), _recipe)
-    input_budget, target_budget = _recipe['input_budget'], _recipe['target_budget']
+    input_budget, target_budget = _recipe['masking']['input_budget'], _recipe['masking']['target_budget']
 if budgets == 'recipe' and device_type == 'cpu' and not small:
     # a CPU step of the report's model takes seconds: 2 timed steps per layout and round unless told otherwise
     steps = steps if any(a.startswith('--steps=') for a in _args) else 2
@@ -180,7 +183,7 @@ print(f"device {device}" + (f" ({torch.cuda.get_device_name()})" if device_type 
       f"d{n_enc_layer}-{n_dec_layer}w{n_embd}, budgets {budgets} (input {tuple(input_budget)}, target "
       f"{tuple(target_budget)}): {n_real_in / batch_size:.0f} + {n_real_out / batch_size:.0f} real tokens per sample, "
       f"{(n_real_in + n_real_out) / (batch_size * (n_in + n_out)) * 100:.0f}% of the slots")
-trimmed_batches = [packing.trim_padding(b) for b in batches]
+trimmed_batches = [masking.trim_padding(b) for b in batches]
 
 
 def real_flops(model):
@@ -202,20 +205,24 @@ for dtype in dtypes.split(','):
         dtype = dtype.strip()
         torch.manual_seed(seed)
         feature_dims = (192, 64, 192, 80, 0) if code_features else ()   # patch_kmeans images, mel_rvq audio
+        _adapters = dict(separate_vocab=separate_vocab, code_feature_dims=feature_dims, grid_conv=grid_conv)
         model = Nano4M(Nano4MConfig(n_enc_layer=n_enc_layer, n_dec_layer=n_dec_layer, n_embd=n_embd,
-                                    n_head=n_head, separate_vocab=separate_vocab,
-                                    code_feature_dims=feature_dims, grid_conv=grid_conv))
-        model.set_code_features({m.name: torch.randn(m.vocab, f) for m, f in zip(modalities.MODALITIES, feature_dims) if f})
+                                    n_head=n_head, head=vocab_head,
+                                    adapters=_adapters if any(_adapters.values()) else None))
+        if model.adapters is not None:
+            model.adapters.set_code_features({m.name: torch.randn(m.vocab, f)
+                                              for m, f in zip(modalities.MODALITIES, feature_dims) if f})
         model.to(device)
-        model.static_head = head == 'static'
+        model.fast, model.static_head = head != 'plain', head == 'static'
         optimizer = model.configure_optimizers(0.05, 1e-4, (0.9, 0.95), device_type)
         if compile_on:
             model.compile_trunk(mode=compile_mode)
         ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16}[dtype]
         ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
         # the static head needs no counts: that is its point (no host round trip)
-        ahead = counts_ahead and not model.static_head
-        counts = [model.target_counts(b['dec_pos'], b['dec_valid'], b['dec_ids']) if ahead else None for b in batches]
+        ahead = counts_ahead and model.fast and not model.static_head
+        counts = [fastpath.target_counts(model, b['dec_pos'], b['dec_valid'], b['dec_ids']) if ahead else None
+                  for b in batches]
         run_layouts = [x for x in layouts if not (compile_on and x == 'packed')]   # packing is eager only
         if len(run_layouts) < len(layouts):
             print(f"(compile={compile_flag}: the packed layout is eager only, not timed)")
@@ -300,6 +307,14 @@ print(f"(MFU against peak_flops={peak_flops:.3g}; the head counted at the mean m
 for label, per_round, per_round_cpu in ratios:
     print(f"{label}: packed/padded per round {', '.join(f'{x:.2f}' for x in per_round)}x wall, "
           f"{', '.join(f'{x:.2f}' for x in per_round_cpu)}x CPU time")
+if len(heads) > 1:   # each head against the first, per (dtype, compile[, layout]) setting of the same run
+    _col = 3 if budgets == 'recipe' else 2
+    base = None
+    for r in rows:      # (against the latest baseline row before it: --heads=a,b,a,b pairs each round)
+        if r[_col] == heads[0] or base is None or base[:_col] != r[:_col]:
+            base = r
+        else:
+            print(f"{', '.join(r[:_col])}: head {r[_col]} / {heads[0]} = {float(r[_col + 1]) / float(base[_col + 1]):.2f}x s/step")
 if ratios:
     # the headline: the first setting's median round (same batches, same process)
     label, per_round, _ = ratios[0]

@@ -5,7 +5,8 @@ tokenize_all.py, bench.py) declares its settings as module-level variables, then
     python train.py config/audio.py --dtype=float32 --batch_size=32
 
 Each bare argument is a Python file executed with the current settings in scope (it may read them); each
---key=value overrides one setting, the value parsed with ast.literal_eval (bare words stay strings). Unknown
+--key=value overrides one setting, the value parsed with ast.literal_eval (bare words stay strings);
+--group.key=value (or a dict in a file) sets keys of a dict setting (train.py's masking), refusing unknown ones. Unknown
 names and values of the wrong type are refused with the list of valid settings, so a typo never silently
 trains the default.
 """
@@ -48,10 +49,13 @@ def coerce(key, value, default):
         if isinstance(value, (tuple, list)):
             return type(default)(value)
         raise ConfigError(f"--{key} expects a tuple like {default!r}, got {value!r}")
-    if isinstance(default, dict):
-        if isinstance(value, dict):
-            return value
-        raise ConfigError(f"--{key} expects a dict, got {value!r}")
+    if isinstance(default, dict):   # a group of settings (train.py's masking): the keys given replace theirs
+        if not isinstance(value, dict):
+            raise ConfigError(f"--{key} expects a dict, got {value!r}")
+        unknown = sorted(set(value) - set(default)) if default else []
+        if unknown:
+            raise ConfigError(f"unknown key(s) {unknown} in {key}; valid: {', '.join(sorted(default))}")
+        return {**default, **value}
     raise ConfigError(f"--{key}: cannot override a setting of type {type(default).__name__}")
 
 
@@ -104,6 +108,12 @@ def apply_overrides(config, args, verbose=True):
         if "=" not in arg:
             raise ConfigError(f"{arg}: expected --key=value; {_valid_keys(config)}")
         key, text = arg[2:].split("=", 1)
+        if "." in key:        # --group.key=value: one key of a group (a dict setting; None: a new dict)
+            key, sub = key.split(".", 1)
+            group = config.get(key, 0)
+            if group is not None and not isinstance(group, dict):
+                raise ConfigError(f"{arg}: {key!r} is not a group of settings; {_valid_keys(config)}")
+            text = repr({sub: parse_value(text, (group or {}).get(sub))})
         if key not in config:
             raise ConfigError(f"unknown setting {key!r} in {arg}; {_valid_keys(config)}")
         config[key] = coerce(key, parse_value(text, config[key]), config[key])

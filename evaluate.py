@@ -279,9 +279,7 @@ class ProbeSkipped(Exception):
 def masking_config(ckpt_config):
     """The masking the checkpoint trained with, from the settings train.py recorded in its config."""
     import masking
-    from dataclasses import fields
-    names = [f.name for f in fields(masking.MaskingConfig)]
-    return masking.MaskingConfig(**{k: ckpt_config[k] for k in names if k in ckpt_config})
+    return masking.MaskingConfig.from_settings(ckpt_config)   # grouped, or flat in older checkpoints
 
 
 @torch.no_grad()

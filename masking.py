@@ -20,11 +20,9 @@ partial frame (then audio rounds down to whole frames and the total is up to K -
 
 Everything is vectorized over the batch and free of host syncs (no .item(), no boolean indexing, no
 host-to-device copies), so it runs on the inputs' device (CPU or CUDA) without stalling the GPU queue. On
-CUDA the ~370 small ops are captured once into a CUDA graph and replayed (build_batch(..., cuda_graph=True),
-the default). Measured for a batch of 64, default config: H200 0.68 ms per call (graph; 0.45 ms of host
-time), 3.8 ms op by op; CPU about 6.5 ms of CPU time, single thread. `python masking.py` times it.
+CUDA the fast path replays its ~370 small ops as one CUDA graph (fastpath.graphed_batch); bench.py times it.
 
-MaskingConfig fields (train.py builds it from its module-level variables of the same names):
+MaskingConfig fields (train.py's `masking` setting is a dict of them; MaskingConfig.from_settings):
 
   input_budget      (lo, hi) inclusive; per sample the total number of input tokens is drawn uniformly
                     from it (before clamping to what exists; modalities in input_full come on top).
@@ -64,7 +62,6 @@ whole rgb grid) as the only input and the whole 512-token audio stream as the ta
 The algorithm follows the 4M paper and apple/ml-4m's masking (Dirichlet shares of a token budget per
 modality); the audio spans, the redistribution of clamped budgets and the mixture-as-dicts are ours.
 """
-import time
 from dataclasses import dataclass
 
 import torch
@@ -148,6 +145,18 @@ class MaskingConfig:
                                  f"the encoder would see nothing")
             out.append(c)
         return out
+
+    @classmethod
+    def from_settings(cls, settings):
+        """The MaskingConfig of a script's settings (train.py's, or a checkpoint's saved 'config'): its
+        'masking' dict, or, in checkpoints from before that group, the fields saved flat beside the rest."""
+        fields = set(cls.__dataclass_fields__)
+        if isinstance(settings.get("masking"), dict):
+            unknown = set(settings["masking"]) - fields
+            if unknown:
+                raise ValueError(f"unknown masking setting(s) {sorted(unknown)}; valid: {', '.join(sorted(fields))}")
+            return cls(**settings["masking"])
+        return cls(**{k: v for k, v in settings.items() if k in fields})
 
     @property
     def max_input_tokens(self):
@@ -379,10 +388,8 @@ def build_batch(tokens, cfg, generator=None, cuda_graph=True):
     dec_valid (see docs/interfaces.md), on the tokens' device. `generator` (on that device) makes it
     reproducible. No host-device synchronization: on CUDA the work is only queued.
 
-    On CUDA the ~370 small ops are replayed as one captured CUDA graph (cuda_graph=True, captured on the
-    first call for each batch size): launching them one by one costs the host ~4 ms, the replay plus the
-    input/output copies ~0.4 ms. The graph is a pure function of the tokens and of the
-    random numbers, which are drawn outside it from `generator`, so both paths give identical batches."""
+    On CUDA with cuda_graph=True the ops are replayed as one captured CUDA graph (fastpath.graphed_batch);
+    the random numbers are drawn outside it from `generator`, so both paths give identical batches."""
     missing = [m.name for m in M.MODALITIES if m.name not in tokens]
     if missing:
         raise ValueError(f"build_batch: tokens lack modalities {missing}")
@@ -394,51 +401,14 @@ def build_batch(tokens, cfg, generator=None, cuda_graph=True):
             raise ValueError(f"build_batch: tokens[{m.name!r}] is {t.dtype} {tuple(t.shape)} on {t.device}, "
                              f"expected torch.int64 ({B}, {m.length}) on {device}")
     n_u, n_z = _num_draws(cfg)
-    if device.type == "cuda" and cuda_graph:
-        graphed = _graphed(cfg, B, device)
-        if graphed is not None:
-            static_in, graph, static_out = graphed
-            for name in M.MODALITY_NAMES:
-                static_in[name].copy_(tokens[name])
-            torch.rand(B, n_u, generator=generator, device=device, out=static_in["U"])
-            torch.randn(B, n_z, generator=generator, device=device, out=static_in["Z"])
-            graph.replay()
-            # copies: the next replay overwrites the static outputs, maybe before this batch's backward ran
-            return {k: v.clone() for k, v in static_out.items()}
+    if device.type == "cuda" and cuda_graph:     # the fast path (fastpath.py): one CUDA graph, replayed
+        import fastpath
+        batch = fastpath.graphed_batch(tokens, cfg, generator, B, device)
+        if batch is not None:
+            return batch
     U = torch.rand(B, n_u, generator=generator, device=device)
     Z = torch.randn(B, n_z, generator=generator, device=device)
     return _assemble(tokens, U, Z, cfg)
-
-
-_GRAPHS = {}
-
-
-def _graphed(cfg, B, device):
-    """(static inputs, captured CUDA graph of _assemble, static outputs) for this config and batch size,
-    captured on first use; None (and eager from then on) if capture fails on this setup."""
-    key = (repr(cfg), B, str(device), M.AUDIO_LAYOUT)
-    if key not in _GRAPHS:
-        n_u, n_z = _num_draws(cfg)
-        static_in = {m.name: torch.zeros(B, m.length, dtype=torch.long, device=device) for m in M.MODALITIES}
-        static_in["caption"].fill_(M.CAPTION_PAD)
-        static_in["U"] = torch.full((B, n_u), 0.5, device=device)   # (not torch.rand: leave the global RNG alone)
-        static_in["Z"] = torch.zeros(B, n_z, device=device)
-        run = lambda: _assemble(static_in, static_in["U"], static_in["Z"], cfg)
-        try:
-            side = torch.cuda.Stream(device)
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side):      # warm-up off the main stream, as torch.cuda.graph asks
-                for _ in range(2):
-                    run()
-            torch.cuda.current_stream(device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                static_out = run()
-            _GRAPHS[key] = (static_in, graph, static_out)
-        except RuntimeError as e:
-            print(f"masking.py: CUDA graph capture failed ({e}); building batches op by op")
-            _GRAPHS[key] = None
-    return _GRAPHS[key]
 
 
 def _draw_sizes(cfg):
@@ -528,6 +498,15 @@ def _assemble(tokens, U, Z, cfg):
                 dec_ids=ids[1, :, :no].contiguous(), dec_valid=valid[1, :, :no].contiguous())
 
 
+def trim_padding(batch):
+    """Drop the padded columns no sample of this batch uses (build_batch packs each sample's tokens first).
+    The fixed widths only serve torch.compile and the GPU; on a CPU a mixture with a whole-audio component
+    would otherwise pay for 512 + 512 slots on every sample."""
+    n_in = int(batch['enc_valid'].sum(1).max())
+    n_out = max(int(batch['dec_valid'].sum(1).max()), 1)
+    return {k: v[:, :n_in] if k.startswith('enc') else v[:, :n_out] for k, v in batch.items()}
+
+
 def random_tokens(B, device="cpu", generator=None):
     """Random token ids of the right shapes and ranges (captions of 4-15 valid ids), for tests and timing."""
     out = {}
@@ -536,27 +515,6 @@ def random_tokens(B, device="cpu", generator=None):
     n_text = torch.randint(3, M.CAPTION_LEN, (B, 1), generator=generator, device=device)
     out["caption"] = torch.where(torch.arange(M.CAPTION_LEN, device=device) < n_text, out["caption"], M.CAPTION_PAD)
     return out
-
-
-if __name__ == "__main__":
-    # timing: python masking.py  (batch 64, default config, and with a single-source mixture)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    g = torch.Generator(device=device).manual_seed(0)
-    toks = random_tokens(64, device, g)
-    for name, cfg in [("default", MaskingConfig()),
-                      ("single_source_mixture", MaskingConfig(mixture=single_source_mixture()))]:
-        for _ in range(5):
-            build_batch(toks, cfg, g)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        n = 50
-        t0 = time.perf_counter()
-        for _ in range(n):
-            build_batch(toks, cfg, g)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        print(f"{device} {name}: {(time.perf_counter() - t0) / n * 1e3:.3f} ms per batch of 64 "
-              f"(widths {cfg.max_input_tokens} in, {cfg.max_target_tokens} out)")
 
 
 def condition_dropout(batch, rate, generator=None):

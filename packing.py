@@ -97,16 +97,6 @@ def decode_hidden_packed(model, enc_ids, enc_pos, enc_valid, dec_pos, dec_valid)
     return y.new_zeros(B * No, D).index_copy(0, dec_rows, y).view(B, No, D)
 
 
-def trim_padding(batch):
-    """Drop the padded columns no sample of this batch uses (masking packs each sample's tokens first).
-    The fixed widths only serve torch.compile and the GPU; on a CPU a mixture with a whole-audio component
-    would otherwise pay for 512 + 512 slots on every sample. (The packed path drops all padding; this one
-    only the batch-wide part.)"""
-    n_in = int(batch['enc_valid'].sum(1).max())
-    n_out = max(int(batch['dec_valid'].sum(1).max()), 1)
-    return {k: v[:, :n_in] if k.startswith('enc') else v[:, :n_out] for k, v in batch.items()}
-
-
 if __name__ == "__main__":
     # python packing.py: the attention routes above, timed on this machine
     import time

@@ -30,11 +30,9 @@ from torch.distributed import init_process_group, destroy_process_group
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import configurator
-import masking
 import modalities
-import modality_tokenizers
-import packing as packing_lib   # (the module; `packing` is the setting)
-from model import Nano4M, Nano4MConfig
+from masking import MaskingConfig, build_batch, condition_dropout, trim_padding
+from model import Nano4M, Nano4MConfig, model_from_checkpoint, read_checkpoint
 
 # -----------------------------------------------------------------------------------------------------
 # default config values: the report's recipe (d6-6w512, batch 64, 18,311 steps, AdamW, cosine 1e-4 -> 1e-6)
@@ -62,18 +60,8 @@ max_train_clips = 0             # 0 = all; K = a class x source stratified subse
                                 # clips of K lie inside those of 2K) and fixed by seed (data-scale scans)
 gradient_accumulation_steps = 1 # total over all DDP ranks
 batch_size = 64                 # per rank, per micro-step
-# masking: every field of masking.MaskingConfig, same names and defaults (see masking.py for each)
-input_budget = (16, 256)        # inclusive range, drawn uniformly per sample
-target_budget = (16, 256)
-input_alphas = (1.0, 1.0, 1.0, 1.0, 1.0)   # Dirichlet concentrations, order rgb, depth, normal, audio, caption
-target_alphas = (1.0, 1.0, 1.0, 1.0, 1.0)
-input_full = ()                 # modality names always given whole as input
-target_full = ()                # modality names whose every non-input token is a target
-mixture = None                  # None or a list of component dicts, each with a 'weight' (e.g.
-                                # masking.single_source_mixture(...) in a config file)
-min_input_tokens = 1
-audio_spans = (1, 4)            # contiguous audio spans per sample, inclusive range
-mixture_per_batch = False       # one mixture component per batch (uniform shapes: cheap on a CPU) vs per sample
+masking = asdict(MaskingConfig())  # the masking settings, one group (masking.py says what each does; the defaults
+                                # live there): e.g. --masking.input_budget=(8,64) or masking = dict(...) in a config
 cond_dropout = 0.1              # conditioning dropout: this fraction of train samples keep only the inputs of the
                                 # modalities they predict (or the null token), the input guidance uses at sampling
                                 # (masking.condition_dropout; MaskGIT-style guided models use ~0.1; the report 0)
@@ -86,18 +74,14 @@ n_head = 8
 dropout = 0.0
 bias = False
 dec_same_modality = True
-separate_vocab = False          # True: own embedding / head rows per modality, not the report's shared table
 head = 'modality'               # 'modality': a softmax over each modality's own ids; 'full': the report's one softmax
                                 # over all 50,304 ids (model.py)
 pos_emb = 'learned'             # 'learned': factorised learned positions; 'sincos': the report's fixed 1-D sin-cos table
                                 # over the flat global position (model.py)
-code_features = False           # True: embeddings also read each id's vector from the dataset's tokenizers (model.py)
-feature_only = ()               # e.g. ('tok_rgb',): those inputs read their code features alone, no row per id (model.py)
-init = 'gpt2'                   # 'gpt2' (nanoGPT's N(0, 0.02)) or 'torch' (PyTorch's Linear init; model.py)
-grid_conv = False               # True: a small CNN over each image grid's input embeddings before the encoder (model.py)
+adapters = None                 # ToyZoo's embedding adapters (adapters.py), a dict of separate_vocab, code_features,
+                                # feature_only, grid_conv, init, block_lr_scale; None = the report's model
 # adamw optimizer
 learning_rate = 1e-4
-block_lr_scale = 1.0            # the encoder/decoder blocks' lr as a fraction of the rest's (model.configure_optimizers)
 max_iters = 18311
 weight_decay = 0.05
 beta1 = 0.9
@@ -115,11 +99,14 @@ compile = False                 # torch.compile the trunk (the static-shape part
 compile_mode = 'default'        # its torch.compile mode: 'reduce-overhead' replays the trunk as CUDA graphs
                                 # (fewer host launches: the fastest bf16 step on an H200, README "Speed")
 peak_flops = 989e12             # for MFU: the accelerator's dense peak (H100 SXM bf16)
-packing = 'auto'                # the trunk on real tokens only (packing.py; same loss and grads): 'on', 'off', or
-                                # 'auto' = on for eager CPU steps (measured faster: bench.py --budgets=recipe),
+fast_path = True                # the same loss through fastpath.py (hand-written head, counts copied ahead, masking as
+                                # one CUDA graph; measured faster: bench.py --heads=per_modality,plain); False: only
+                                # model.py's and masking.py's plain code (F.cross_entropy, no packing unless 'on')
+packing = 'auto'                # (fast path) the trunk on real tokens only (packing.py; same loss and grads): 'on', 'off',
+                                # or 'auto' = on for eager CPU steps (measured faster: bench.py --budgets=recipe),
                                 # off on a GPU (unmeasured there) and under --compile (it needs static shapes)
-static_head = False             # the head in static shapes, no host sync (Nano4M.static_shape_loss; same loss):
-                                # lets --compile take the head too; more FLOPs (measured slower on a CPU)
+static_head = False             # (fast path) the head in static shapes, no host sync (fastpath.static_shape_loss): lets
+                                # --compile take the head too; more FLOPs (measured slower on a CPU)
 threads = 0                     # CPU threads for torch (0 = torch's default); 1 is best on a busy machine
 seed = 1337
 dry_run = False                 # True: resolve every setting, build the model, print them as one JSON line, exit
@@ -134,27 +121,39 @@ globals().update(_config)
 config = dict(_config)          # everything, recorded in the checkpoint and in wandb
 # -----------------------------------------------------------------------------------------------------
 
-_masking_fields = [f.name for f in fields(masking.MaskingConfig)]
 try:
-    mask_cfg = masking.MaskingConfig(**{k: config[k] for k in _masking_fields})
-except ValueError as e:
+    mask_cfg = MaskingConfig.from_settings(config)
+except (ValueError, TypeError) as e:
     raise SystemExit(f"train.py: bad masking settings: {e}")
 if not 0.0 <= cond_dropout < 1.0:
     raise SystemExit(f"train.py: --cond_dropout={cond_dropout} must lie in [0, 1)")
+config['masking'] = asdict(mask_cfg)   # resolved: what the dry run prints and the checkpoint records
+model_args = {f.name: config[f.name] for f in fields(Nano4MConfig) if f.name in config}
+
+
+def resolve_adapters(tok_path=None, meta=None):
+    """model_args['adapters'], block_lr_scale, code feature vectors (adapters.resolve; no data: a dry run)."""
+    if not adapters:
+        return None, 1.0, {}
+    import adapters as adapters_lib
+    try:
+        return adapters_lib.resolve(adapters, tok_path, meta, trust_checkpoint)
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        raise SystemExit(f"train.py: {e}")
+
 
 if dry_run:
     # what this command would train, resolved (config files, then --key=value), and the model it builds;
     # code feature widths and a warm start's architecture come from files, which a dry run does not read
-    _args = {f.name: config[f.name] for f in fields(Nano4MConfig) if f.name in config}
-    if code_features:
-        _args['feature_only'] = ()      # it reads code features, whose widths a dry run does not know
+    model_args['adapters'] = resolve_adapters()[0]
     try:
-        _model = Nano4M(Nano4MConfig(**_args))
+        _model = Nano4M(Nano4MConfig(**model_args))
     except ValueError as e:
         raise SystemExit(f"train.py: {e}")
     _n = _model.get_num_params()
+    _features = bool(adapters and adapters.get('code_features'))
     print(f"model: {_n / 1e6:.2f}M parameters" + (" (without code features: their widths come from the "
-                                                  "dataset's tokenizers)" if code_features else ""))
+                                                  "dataset's tokenizers)" if _features else ""))
     print(json.dumps({**config, 'derived': {
         'n_params': _n, 'audio_span_stride': modalities.AUDIO_CODEBOOKS, 'lr_schedule': 'linear warmup then cosine' if decay_lr
         else 'constant', 'max_input_tokens': mask_cfg.max_input_tokens, 'max_target_tokens': mask_cfg.max_target_tokens,
@@ -182,8 +181,7 @@ if ddp:
     gradient_accumulation_steps //= ddp_world_size
 else:
     ddp_rank, ddp_world_size, master_process, seed_offset = 0, 1, True, 0
-    if device == 'auto':
-        device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    device = modalities.pick_device(device)
 device_type = 'cuda' if 'cuda' in device else ('mps' if 'mps' in device else 'cpu')
 if dtype not in ('float32', 'bfloat16', 'float16'):
     raise SystemExit(f"--dtype must be float32, bfloat16 or float16, not {dtype!r}")
@@ -195,7 +193,8 @@ if compile_mode not in COMPILE_MODES:
 cuda_graphs = compile and device_type == 'cuda' and compile_mode in ('reduce-overhead', 'max-autotune')
 if packing.lower() not in ('auto', 'on', 'true', 'off', 'false'):
     raise SystemExit(f"--packing={packing!r}: choose auto, on or off")
-use_packing = packing.lower() in ('on', 'true') or (packing.lower() == 'auto' and device_type == 'cpu' and not compile)
+use_packing = packing.lower() in ('on', 'true') or (packing.lower() == 'auto' and fast_path and device_type == 'cpu'
+                                                    and not compile)
 if use_packing and compile:
     raise SystemExit("--packing=on needs eager steps (the packed trunk's shapes change every batch): drop --compile "
                      "or use --packing=auto")
@@ -279,16 +278,15 @@ def get_batch(split, data_generator, mask_generator, augment=False):
         tokens = {k: v.pin_memory().to(device, non_blocking=True) for k, v in tokens.items()}
     else:
         tokens = {k: v.to(device) for k, v in tokens.items()}
-    batch = masking.build_batch(tokens, mask_cfg, mask_generator)
+    batch = build_batch(tokens, mask_cfg, mask_generator, cuda_graph=fast_path)
     if augment and cond_dropout:               # training steps only, like the shifts
-        batch = masking.condition_dropout(batch, cond_dropout, mask_generator)
+        batch = condition_dropout(batch, cond_dropout, mask_generator)
     if device_type == 'cpu' and not compile:
-        batch = packing_lib.trim_padding(batch)   # cheaper for the padded path, no change for the packed one
-    # the per-modality head needs each modality's target count on the host: start that copy now, so that
-    # reading it in the step waits for this copy only and never drains the GPU queue (Nano4M.target_counts);
-    # the static head needs none
-    batch['dec_counts'] = None if static_head else \
-        raw_model.target_counts(batch['dec_pos'], batch['dec_valid'], batch['dec_ids'])
+        batch = trim_padding(batch)   # cheaper for the padded path, no change for the packed one
+    batch['dec_counts'] = None
+    if fast_path and not static_head:   # the fast head's counts, copied to the host now (fastpath.target_counts)
+        import fastpath
+        batch['dec_counts'] = fastpath.target_counts(raw_model, batch['dec_pos'], batch['dec_valid'], batch['dec_ids'])
     return batch
 
 
@@ -302,26 +300,27 @@ def model_inputs(batch):
 
 iter_num = 0
 best_val_loss = 1e9
-model_args = {f.name: config[f.name] for f in fields(Nano4MConfig) if f.name in config}
 checkpoint = None
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 
 
 def _load_ckpt(path):
     try:
-        return modalities.load_torch_file(path, map_location=device, trust=trust_checkpoint)
+        return read_checkpoint(path, device, trust_checkpoint)
     except modalities.UntrustedFileError as e:
         raise SystemExit(f"train.py: {e}")
 
 
+_adapters, block_lr_scale, _features = resolve_adapters(tok_path, meta) if init_from == 'scratch' else \
+    resolve_adapters()   # (code features: a checkpoint holds them)
+model_args['adapters'] = _adapters
 if init_from == 'resume':
     if not os.path.exists(ckpt_path):
         raise SystemExit(f"--init_from=resume but {ckpt_path} does not exist")
     print(f"resuming from {ckpt_path}")
     checkpoint = _load_ckpt(ckpt_path)
-    model_args = dict(checkpoint['model_args'])   # the architecture comes from the checkpoint
-    model = Nano4M(Nano4MConfig(**model_args))
-    model.load_state_dict(checkpoint['model'])
+    model = model_from_checkpoint(checkpoint)        # the architecture comes from the checkpoint
+    model_args = asdict(model.config)
     iter_num = checkpoint['iter_num']
     best_val_loss = checkpoint['best_val_loss']
 elif init_from.endswith('.pt'):
@@ -330,38 +329,37 @@ elif init_from.endswith('.pt'):
                          f"ToyZoo default: python train.py config/toyzoo_rgb.py), or pass --init_from=scratch")
     print(f"warm start from the weights of {init_from}")
     _warm = _load_ckpt(init_from)
-    _differ = {k: (v, _warm['model_args'][k]) for k, v in model_args.items()
-               if k not in ('dropout', 'init') and k in _warm['model_args'] and _warm['model_args'][k] != v}
+    _theirs = asdict(Nano4MConfig(**_warm['model_args']))
+    _differ = {k: (v, _theirs[k]) for k, v in model_args.items() if k not in ('dropout', 'adapters') and _theirs[k] != v}
+    if adapters or _theirs['adapters']:
+        import adapters as adapters_lib
+        _shapes = adapters_lib.shapes(adapters), adapters_lib.shapes(_theirs['adapters'])
+        if _shapes[0] != _shapes[1]:
+            _differ['adapters'] = _shapes
     if _differ:   # the weights fix the architecture: a config that says otherwise is a mistake, not an override
         raise SystemExit(f"--init_from={init_from}: its model differs from this run's settings " +
                          ", ".join(f"{k}: this run {a!r}, checkpoint {b!r}" for k, (a, b) in _differ.items()))
-    model_args = dict(_warm['model_args'], dropout=dropout)   # the architecture comes from that checkpoint
-    model = Nano4M(Nano4MConfig(**model_args))
-    model.load_state_dict(_warm['model'])
+    model = model_from_checkpoint(_warm, dropout=dropout)   # the architecture comes from that checkpoint
+    model_args = asdict(model.config)
     _warm = None
 elif init_from == 'scratch':
-    try:
-        features = modality_tokenizers.code_features(tok_path, meta, trust=trust_checkpoint) if code_features else {}
-    except (ValueError, FileNotFoundError, ImportError) as e:
-        raise SystemExit(f"--code_features: {e}")
-    model_args['code_feature_dims'] = tuple(0 if features.get(m.name) is None else features[m.name].shape[1]
-                                            for m in modalities.MODALITIES)
-    if code_features and not any(model_args['code_feature_dims']):
-        raise SystemExit(f"--code_features: no tokenizer of {tok_path} gives a vector per id")
     try:
         model = Nano4M(Nano4MConfig(**model_args))
     except ValueError as e:
         raise SystemExit(f"train.py: {e}")
-    model.set_code_features(features)
+    if model.adapters is not None:
+        model.adapters.set_code_features(_features)
 else:
     raise SystemExit(f"--init_from must be 'scratch', 'resume' or a path to a ckpt.pt, not {init_from!r}")
 model.to(device)
-if static_head and model.config.head == 'full':
-    raise SystemExit("train.py: --static_head=True is a form of the per-modality head; head='full' has one of its own")
-model.packed, model.static_head = use_packing, static_head     # how the step is computed, not what
+if static_head and (model.config.head == 'full' or not fast_path):
+    raise SystemExit("train.py: --static_head=True is a form of the fast per-modality head (head='modality', "
+                     "--fast_path=True)")
+model.fast, model.packed, model.static_head = fast_path, use_packing, static_head   # how the step is computed, not what
 if master_process:
     print(f"model: {model.get_num_params() / 1e6:.2f}M parameters, {model_args}")
-    _head = 'full' if model.config.head == 'full' else ('static' if static_head else 'per-modality')
+    _head = ('full' if model.config.head == 'full' else ('static' if static_head else 'per-modality')) + \
+        ('' if fast_path else ' (plain)')
     print(f"step: packing {'on' if use_packing else 'off'}, head {_head}")
 
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))

@@ -29,13 +29,11 @@ grad_clip = 1.0
 n_enc_layer, n_dec_layer, n_embd, n_head = 6, 6, 512, 8
 head = 'full'                   # one softmax over all 50,304 ids (the report's "unified 50k-vocab softmax")
 pos_emb = 'sincos'              # one fixed 1-D sin-cos table over the flat position, shared by every modality
-separate_vocab = False          # one shared token table for every modality
+adapters = None                 # one shared token table for every modality, none of ToyZoo's adapters
 cond_dropout = 0.0              # the report trained no unconditional model
 
-input_budget = (16, 256)
-target_budget = (16, 256)
-input_alphas = (1.0, 1.0, 1.0, 1.0, 1.0)
-target_alphas = (1.0, 1.0, 1.0, 1.0, 1.0)
+masking = dict(input_budget=(16, 256), target_budget=(16, 256),
+               input_alphas=(1.0, 1.0, 1.0, 1.0, 1.0), target_alphas=(1.0, 1.0, 1.0, 1.0, 1.0))
 
 dtype = 'float32'
 compile = False

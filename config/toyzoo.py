@@ -34,18 +34,13 @@ max_iters = 3000
 lr_decay_iters = 3000
 warmup_iters = 150              # 5% of the run, as 916 / 18,311 in the report
 learning_rate = 2e-3            # a small model on a small world: a higher peak than the report's 1e-4
-block_lr_scale = 0.25           # ... for the embeddings and head; the blocks get 5e-4 (see model.configure_optimizers)
 min_lr = 2e-5
 
 n_enc_layer, n_dec_layer, n_embd, n_head = 2, 2, 128, 2
-separate_vocab = True
-code_features = True            # needs the dataset's codebooks (tokenize_all.py writes them)
-feature_only = ('tok_rgb',)
-grid_conv = True
-init = 'torch'
-
-input_budget = (8, 64)
-target_budget = (8, 64)
+adapters = dict(separate_vocab=True,
+                code_features=True,     # needs the dataset's codebooks (tokenize_all.py writes them)
+                feature_only=('tok_rgb',), grid_conv=True, init='torch',
+                block_lr_scale=0.25)    # the lr above is for the embeddings and head; the blocks get 5e-4
 _none = (0.0,) * 5
 _only = {m: tuple(float(i == k) for i in range(5)) for k, m in enumerate(('rgb', 'depth', 'normal', 'audio'))}
 
@@ -58,14 +53,14 @@ def _whole(source, target, weight, also=None, n_also=32):
 
 
 # rgb -> caption keeps the largest share of the batches, as in the run measured (docs/experiments.md)
-mixture = [dict(weight=0.10),                           # the 4M recipe with the budgets above
+_mixture = [dict(weight=0.10),                           # the 4M recipe with the budgets below
            _whole('audio', 'caption', 0.30, also='rgb'),  # audio -> class
            _whole('rgb', 'caption', 0.45, also='audio'),  # rgb -> class
            _whole('caption', 'audio', 0.10),            # class-only generation
            _whole('rgb', 'depth', 0.025, also='audio'),   # structure from rgb
            _whole('rgb', 'normal', 0.025, also='audio')]
-
-mixture_per_batch = True        # one component per batch: on a CPU the unused padding is dropped
+masking = dict(input_budget=(8, 64), target_budget=(8, 64), mixture=_mixture,
+               mixture_per_batch=True)   # one component per batch: on a CPU the unused padding is dropped
 packing = 'off'                 # these batches hold little padding: packed steps measured ~6% slower here
 
 # device and threads stay train.py's: the GPU when there is one, else every CPU core

@@ -13,4 +13,4 @@ init_from = 'scratch'
 out_dir = 'out/toyzoo_rgb'
 wandb_run_name = 'toyzoo-d2-2w128-rgb'
 max_iters = lr_decay_iters = 2200        # 2,200 x 16 = 35,200 pictures: 4 epochs of the 8,800 train views
-mixture = [_whole('rgb', 'caption', 1.0)]
+masking = dict(masking, mixture=[_whole('rgb', 'caption', 1.0)])

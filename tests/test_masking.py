@@ -368,6 +368,7 @@ def test_toyzoo_config_whole_targets_with_a_side_budget():
     import runpy
     c = runpy.run_path(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "config",
                                     "toyzoo.py"))
+    c = c["masking"]                                            # (per sample here: mixture_per_batch left out)
     cfg = K.MaskingConfig(input_budget=c["input_budget"], target_budget=c["target_budget"], mixture=c["mixture"])
     toks, b = run(cfg, B=1000)
     enc, dec = check_structure(toks, b, cfg)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import modalities as M  # noqa: E402
+import fastpath  # noqa: E402
 from model import Nano4M, Nano4MConfig, load_checkpoint  # noqa: E402
 
 TINY = dict(n_enc_layer=1, n_dec_layer=2, n_embd=32, n_head=2)
@@ -69,8 +70,10 @@ def test_position_table_layout():
     assert (model.pos_modality[torch.tensor(M.POS_OFFSETS)] == torch.arange(5)).all()
 
 
-def test_loss_is_mean_over_modalities_of_per_modality_mean_ce():
+@pytest.mark.parametrize("fast", [False, True])   # model.py's plain loss and fastpath.py's: the same numbers
+def test_loss_is_mean_over_modalities_of_per_modality_mean_ce(fast):
     model = tiny()
+    model.fast = fast
     b = random_batch()
     loss, per = run(model, b)
     h = model.decode_hidden(b["enc_ids"], b["enc_pos"], b["enc_valid"], b["dec_pos"], b["dec_valid"])
@@ -94,11 +97,13 @@ def test_loss_is_mean_over_modalities_of_per_modality_mean_ce():
             assert abs(float(s / c) - math.log(m.vocab)) < 1.5
 
 
-def test_separate_vocab_gives_each_modality_its_own_rows():
+@pytest.mark.parametrize("fast", [False, True])
+def test_separate_vocab_gives_each_modality_its_own_rows(fast):
     """separate_vocab=True: modality m's ids read and predict rows row_offset[m] + id; the loss is still each
     modality's CE over its own vocabulary, its gradient reaches only those rows, and the same id of two
     modalities is two different embeddings."""
     shared, own = tiny(), tiny(separate_vocab=True)
+    own.fast = fast
     rows = sum(m.vocab for m in M.MODALITIES)
     assert own.wte.weight.shape[0] == own.lm_head.weight.shape[0] == rows == 85120
     assert own.get_num_params() - shared.get_num_params() == 2 * (rows - M.VOCAB_SIZE) * 32
@@ -128,10 +133,12 @@ def test_separate_vocab_gives_each_modality_its_own_rows():
     torch.testing.assert_close(emb[0, 1], own.wte.weight[16384 + 7])
 
 
-def test_ignored_targets_are_queried_but_not_scored():
+@pytest.mark.parametrize("fast", [False, True])
+def test_ignored_targets_are_queried_but_not_scored(fast):
     """A target slot whose id is M.IGNORE_ID (the caption's trailing padding) still takes part in the decoder
     as a query, but neither counts in its modality's mean nor changes the loss whatever it would have held."""
     model, b = tiny(), random_batch()
+    model.fast = fast
     ign = b["dec_valid"] & (torch.rand(b["dec_valid"].shape, generator=torch.Generator().manual_seed(3)) < 0.3)
     b["dec_ids"] = torch.where(ign, M.IGNORE_ID, b["dec_ids"])
     loss, per = run(model, b)
@@ -144,7 +151,7 @@ def test_ignored_targets_are_queried_but_not_scored():
         if sel.any():
             means.append(F.cross_entropy(model.modality_logits(h[sel], m_idx), b["dec_ids"][sel]))
     torch.testing.assert_close(loss, torch.stack(means).mean(), rtol=1e-5, atol=1e-5)
-    counts = model.target_counts(b["dec_pos"], b["dec_valid"], b["dec_ids"])
+    counts = fastpath.target_counts(model, b["dec_pos"], b["dec_valid"], b["dec_ids"])
     assert torch.equal(run(model, b)[0], model(*[b[k] for k in ("enc_ids", "enc_pos", "enc_valid", "dec_pos",
                                                                   "dec_valid", "dec_ids")], counts)[0])
 
@@ -178,8 +185,10 @@ def test_decoder_targets_only_see_their_own_modality():
     assert not torch.allclose(model.decode_hidden(*args(b))[0, rgb], model.decode_hidden(*args(b2))[0, rgb])
 
 
-def test_empty_rows_give_finite_loss_and_grads():
+@pytest.mark.parametrize("fast", [False, True])
+def test_empty_rows_give_finite_loss_and_grads(fast):
     model = tiny()
+    model.fast = fast
     b = random_batch(B=4)
     b["dec_valid"][1] = False          # a sample with zero targets
     b["enc_valid"][2] = False          # a sample with zero inputs (masking forbids it; the model survives it)
@@ -235,7 +244,7 @@ def test_load_checkpoint_round_trip(tmp_path, separate):
     path = tmp_path / "ckpt.pt"
     torch.save({"model": model.state_dict(), "model_args": {**TINY, "separate_vocab": separate}, "config": {}}, path)
     loaded, ckpt = load_checkpoint(str(path), "cpu")
-    assert not loaded.training and loaded.config.separate_vocab == separate
+    assert not loaded.training and bool((loaded.config.adapters or {}).get("separate_vocab")) == separate
     torch.testing.assert_close(run(loaded, b)[0], run(model, b)[0])
     with pytest.raises(FileNotFoundError):
         load_checkpoint(str(tmp_path / "nope.pt"))
@@ -256,7 +265,7 @@ def test_per_modality_ce_matches_cross_entropy_with_empty_modalities_and_padding
     """The fused head gives F.cross_entropy's sums and gradients over each modality's own head rows (a
     shared prefix [0, vocab), or a block of its own); a modality with no rows gives 0, and padding rows
     after the counted ones get no gradient."""
-    from model import PerModalityCE
+    from fastpath import PerModalityCE
     torch.manual_seed(0)
     vocabs, counts, pad = [50, 30, 30, 10, 80], [7, 0, 5, 3, 1], 4
     starts = [sum(vocabs[:i]) for i in range(5)] if separate else [0] * 5
@@ -287,8 +296,9 @@ def test_counts_copied_ahead_give_the_same_loss():
     """train.py hands the head its per-modality row counts made when the batch was drawn (target_counts);
     the loss and its parts equal those of the model reading the counts itself."""
     model, b = tiny(), random_batch()
+    model.fast = True
     loss_a, parts_a = run(model, b)
-    counts = model.target_counts(b["dec_pos"], b["dec_valid"], b["dec_ids"])
+    counts = fastpath.target_counts(model, b["dec_pos"], b["dec_valid"], b["dec_ids"])
     loss_b, parts_b = model(b["enc_ids"], b["enc_pos"], b["enc_valid"], b["dec_pos"], b["dec_valid"], b["dec_ids"],
                             counts)
     assert torch.equal(loss_a, loss_b)
@@ -322,34 +332,34 @@ def test_code_features_embed_what_each_id_stands_for(tmp_path):
     rgb[7] = rgb[3]                                          # two ids that decode to the same patch
     audio = torch.zeros(2048, 4)
     audio[:50] = torch.randn(50, 4, generator=g)             # ids past a small codebook: zero rows
-    model.set_code_features({"tok_rgb": rgb, "tok_audio": audio})
-    f = model.code_feat_tok_rgb
+    model.adapters.set_code_features({"tok_rgb": rgb, "tok_audio": audio})
+    f = model.adapters.code_feat_tok_rgb
     assert f.shape == (M.BY_NAME["tok_rgb"].vocab, 6) and f[100:].abs().sum() == 0
     torch.testing.assert_close(f[:100].mean(0), torch.zeros(6), atol=1e-5, rtol=0)      # standardised
     torch.testing.assert_close(f[:100].std(0), torch.full((6,), 6 ** -0.5))
-    assert model.code_feat_tok_audio[50:].abs().sum() == 0
+    assert model.adapters.code_feat_tok_audio[50:].abs().sum() == 0
     rgb_pos = torch.tensor([[0, 1]])                          # rgb positions come first
-    e = model.code_embedding(torch.tensor([[3, 7]]), rgb_pos)
+    e = model.adapters.code_embedding(torch.tensor([[3, 7]]), rgb_pos)
     torch.testing.assert_close(e[0, 0], e[0, 1])
-    torch.testing.assert_close(e[0, 0], model.code_proj["tok_rgb"](f[3]))
+    torch.testing.assert_close(e[0, 0], model.adapters.code_proj["tok_rgb"](f[3]))
     cap_pos = torch.tensor([[M.TOTAL_POSITIONS - 1]])         # the caption has no features: zero
-    assert model.code_embedding(torch.tensor([[3]]), cap_pos).abs().sum() == 0
+    assert model.adapters.code_embedding(torch.tensor([[3]]), cap_pos).abs().sum() == 0
     # it reaches the loss, and the map learns
     b = random_batch()
     b["enc_ids"] = b["enc_ids"] % 50                         # ids that have vectors, in every modality
     run(model, b)[0].backward()
-    assert model.code_proj["tok_rgb"].weight.grad.abs().sum() > 0
-    assert model.code_proj["tok_audio"].weight.grad.abs().sum() > 0
+    assert model.adapters.code_proj["tok_rgb"].weight.grad.abs().sum() > 0
+    assert model.adapters.code_proj["tok_audio"].weight.grad.abs().sum() > 0
     # the vectors are saved with the model
     path = tmp_path / "ckpt.pt"
     torch.save({"model": model.state_dict(), "model_args": {**TINY, "code_feature_dims": dims}}, path)
     loaded, _ = load_checkpoint(str(path))
-    assert torch.equal(loaded.code_feat_tok_rgb, f)
+    assert torch.equal(loaded.adapters.code_feat_tok_rgb, f)
     torch.testing.assert_close(run(loaded, b)[0], run(model.eval(), b)[0])
     with pytest.raises(ValueError, match="tok_audio"):
-        model.set_code_features({"tok_rgb": rgb})
+        model.adapters.set_code_features({"tok_rgb": rgb})
     with pytest.raises(ValueError, match="shape"):
-        model.set_code_features({"tok_rgb": rgb[:, :5], "tok_audio": audio})
+        model.adapters.set_code_features({"tok_rgb": rgb[:, :5], "tok_audio": audio})
     with pytest.raises(ValueError, match="one entry per modality"):
         tiny(code_feature_dims=(6, 4))
 
@@ -363,7 +373,7 @@ def test_feature_only_inputs_read_no_id_row(separate_vocab):
     g = torch.Generator().manual_seed(1)
     rgb = torch.randn(M.BY_NAME["tok_rgb"].vocab, 6, generator=g)
     rgb[7] = rgb[3]
-    model.set_code_features({"tok_rgb": rgb, "tok_audio": torch.randn(2048, 4, generator=g)})
+    model.adapters.set_code_features({"tok_rgb": rgb, "tok_audio": torch.randn(2048, 4, generator=g)})
     b = random_batch()
     args = (b["enc_ids"], b["enc_pos"], b["enc_valid"], b["dec_pos"], b["dec_valid"])
     h0 = model.decode_hidden(*args)
@@ -394,11 +404,11 @@ def test_grid_conv_is_each_grids_cnn_read_back_at_its_cells():
     inputs' content (zeros elsewhere), read at its own cell; padding, audio and caption tokens get nothing;
     the inputs' order does not matter; the CNNs train at the blocks' learning rate."""
     model = tiny(grid_conv=True).eval()
-    assert set(model.grid_conv) == {"tok_rgb", "tok_depth", "tok_normal"}
+    assert set(model.adapters.grid_conv) == {"tok_rgb", "tok_depth", "tok_normal"}
     b = random_batch(seed=3)
     B, Ni, D = b["enc_ids"].shape + (32,)
     content = torch.randn(B, Ni, D, generator=torch.Generator().manual_seed(0))
-    got = model.grid_features(content, b["enc_pos"], b["enc_valid"])
+    got = model.adapters.grid_features(content, b["enc_pos"], b["enc_valid"])
     mod = M.position_modality(b["enc_pos"])
     for s in range(B):
         for k, name in enumerate(("tok_rgb", "tok_depth", "tok_normal")):
@@ -408,7 +418,7 @@ def test_grid_conv_is_each_grids_cnn_read_back_at_its_cells():
                 continue
             grid = torch.zeros(M.GRID * M.GRID, D)
             grid[cells] = content[s][keep]
-            want = model.grid_conv[name](grid.t().reshape(1, D, M.GRID, M.GRID)).reshape(D, -1).t()[cells]
+            want = model.adapters.grid_conv[name](grid.t().reshape(1, D, M.GRID, M.GRID)).reshape(D, -1).t()[cells]
             torch.testing.assert_close(got[s][keep], want)
         other = ~b["enc_valid"][s] | (mod[s] >= 3)
         assert other.any() and (got[s][other] == 0).all()
@@ -417,25 +427,25 @@ def test_grid_conv_is_each_grids_cnn_read_back_at_its_cells():
     no_image = b["enc_valid"].clone()
     no_image[0] &= mod[0] >= 3
     assert (no_image[0] != b["enc_valid"][0]).any()
-    skipped = model.grid_features(content, b["enc_pos"], no_image)
+    skipped = model.adapters.grid_features(content, b["enc_pos"], no_image)
     torch.testing.assert_close(skipped[1:], got[1:])
     assert (skipped[0] == 0).all()
     # ... and a batch with no image input at all still gives every CNN weight a (zero) gradient, as DDP needs
     model.zero_grad(set_to_none=True)
-    model.grid_features(content.requires_grad_(), b["enc_pos"], b["enc_valid"] & (mod >= 3)).sum().backward()
-    assert all(p.grad is not None and (p.grad == 0).all() for p in model.grid_conv.parameters())
+    model.adapters.grid_features(content.requires_grad_(), b["enc_pos"], b["enc_valid"] & (mod >= 3)).sum().backward()
+    assert all(p.grad is not None and (p.grad == 0).all() for p in model.adapters.grid_conv.parameters())
     content = content.detach()
     perm = torch.randperm(Ni, generator=torch.Generator().manual_seed(1))
-    again = model.grid_features(content[:, perm], b["enc_pos"][:, perm], b["enc_valid"][:, perm])
+    again = model.adapters.grid_features(content[:, perm], b["enc_pos"][:, perm], b["enc_valid"][:, perm])
     if all(len(set(p.tolist())) == Ni for p in b["enc_pos"]):
         torch.testing.assert_close(again, got[:, perm])
     # the model runs with it, and its parameters sit in the blocks' lr group
     loss, _ = run(model.train(), b)
     assert torch.isfinite(loss)
     groups = model.configure_optimizers(0.05, 1e-3, (0.9, 0.95), "cpu", block_lr_scale=0.25).param_groups
-    conv_ids = {id(p) for p in model.grid_conv.parameters()}
+    conv_ids = {id(p) for p in model.adapters.grid_conv.parameters()}
     assert all(g["lr_scale"] == 0.25 for g in groups if conv_ids & {id(p) for p in g["params"]})
-    assert tiny().grid_conv is not None and len(tiny().grid_conv) == 0        # off by default: the report's model
+    assert tiny().adapters is None                                          # off by default: the report's model
 
 
 def test_init_choice_sets_the_linear_spread_and_refuses_unknown_names():
@@ -456,13 +466,15 @@ def test_init_choice_sets_the_linear_spread_and_refuses_unknown_names():
         tiny(init="xavier")
 
 
+@pytest.mark.parametrize("fast", [False, True])   # F.cross_entropy, and fastpath's chunked FullVocabCE
 @pytest.mark.parametrize("separate", [False, True])
-def test_full_vocab_head_is_one_softmax_over_every_row(separate):
+def test_full_vocab_head_is_one_softmax_over_every_row(separate, fast):
     """head='full' (the report's head): each target's CE is over all the head's rows (50,304 shared, or the
     85,120 separate ones), averaged per modality then over the modalities, with the same gradients as
     F.cross_entropy on the whole logits; the per-modality head scores the same hidden states lower (fewer
     competitors), so the two heads' CEs are different quantities."""
     model = tiny(head="full", separate_vocab=separate)
+    model.fast = fast
     b = random_batch()
     b["dec_ids"][0, 0] = M.IGNORE_ID                                       # a queried, unscored target
     loss, per = run(model, b)
@@ -516,3 +528,44 @@ def test_sincos_positions_are_one_fixed_table_over_the_flat_position():
     assert math.isfinite(loss.item())
     with pytest.raises(ValueError, match="pos_emb="):
         tiny(pos_emb="rope")
+
+
+def test_checkpoints_from_before_adapters_py_still_load(tmp_path):
+    """A checkpoint written before adapters.py (main's layout: the adapter switches flat in model_args, their
+    weights at the top level of the state dict, the masking settings flat in config) loads to the same model,
+    and its masking settings read back (masking.MaskingConfig.from_settings)."""
+    from masking import MaskingConfig
+    dims = (6, 0, 0, 4, 0)
+    model = tiny(separate_vocab=True, code_feature_dims=dims, feature_only=("tok_rgb",), grid_conv=True,
+                 init="torch").eval()
+    g = torch.Generator().manual_seed(0)
+    model.adapters.set_code_features({"tok_rgb": torch.randn(100, 6, generator=g),
+                                      "tok_audio": torch.randn(2048, 4, generator=g)})
+    old_state = {k.removeprefix("adapters."): v for k, v in model.state_dict().items()}
+    assert "code_feat_tok_rgb" in old_state and "grid_conv.tok_rgb.0.weight" in old_state
+    old_args = {**TINY, "separate_vocab": True, "code_feature_dims": dims, "feature_only": ("tok_rgb",),
+                "grid_conv": True, "init": "torch"}
+    old_config = {"dataset": "toyzoo", "input_budget": (8, 64), "target_budget": (4, 16), "mixture_per_batch": True,
+                  "separate_vocab": True, "code_features": True}
+    torch.save({"model": old_state, "model_args": old_args, "config": old_config}, tmp_path / "ckpt.pt")
+    loaded, ckpt = load_checkpoint(str(tmp_path / "ckpt.pt"))
+    assert loaded.config.adapters["separate_vocab"] and loaded.config.adapters["code_feature_dims"] == dims
+    b = random_batch()
+    torch.testing.assert_close(run(loaded, b)[0], run(model, b)[0], rtol=0, atol=0)
+    cfg = MaskingConfig.from_settings(ckpt["config"])
+    assert cfg == MaskingConfig(input_budget=(8, 64), target_budget=(4, 16), mixture_per_batch=True)
+    assert MaskingConfig.from_settings({"masking": {"target_budget": (4, 16)}}) == MaskingConfig(target_budget=(4, 16))
+    with pytest.raises(ValueError, match="unknown masking setting.*input_budgett"):
+        MaskingConfig.from_settings({"masking": {"input_budgett": (1, 2)}})
+
+
+def test_adapters_come_after_the_reports_weights():
+    """The adapters are made after the report's model's own modules, as their weights were before adapters.py:
+    their parameters come last (the optimizer's order in checkpoints from before adapters.py), and an
+    init='gpt2' model gets the same init either way, so a seed gives what it gave before the move."""
+    plain, toy = tiny(), tiny(separate_vocab=False, grid_conv=True, code_feature_dims=(6, 0, 0, 4, 0))
+    names, n = [n for n, _ in toy.named_parameters()], len(list(plain.parameters()))
+    assert names[:n] == [n for n, _ in plain.named_parameters()]
+    assert names[n:] and all(n.startswith("adapters.") for n in names[n:])
+    fc = dict(toy.named_parameters())["encoder.0.mlp.fc.weight"]
+    assert abs(fc.std().item() - 0.02) < 0.003                         # GPT-2's init reaches the blocks

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import fastpath  # noqa: E402
 import masking  # noqa: E402
 import modalities as M  # noqa: E402
 from model import Nano4M, Nano4MConfig  # noqa: E402
@@ -133,15 +134,15 @@ def test_static_head_equals_the_per_modality_head(separate_vocab):
     model = tiny(separate_vocab=separate_vocab)
     for b in (recipe_batch(B=6, seed=2), scattered_batch()):
         per_modality = loss_and_grads(model, b)
-        model.static_head = True
+        model.fast = model.static_head = True
         static = loss_and_grads(model, b)
-        model.static_head = False
+        model.fast = model.static_head = False
         assert_same(static, per_modality, float32=True)
 
 
 def test_static_head_with_no_targets_is_a_zero_that_still_backpropagates():
     model = tiny()
-    model.static_head = True
+    model.fast = model.static_head = True
     b = scattered_batch()
     b["dec_valid"] = torch.zeros_like(b["dec_valid"])
     loss, _, grads = loss_and_grads(model, b)
@@ -155,7 +156,7 @@ def test_static_head_traces_as_one_graph():
     model = tiny()
     b = recipe_batch(B=3, seed=3)
     h = model.decode_hidden(b["enc_ids"], b["enc_pos"], b["enc_valid"], b["dec_pos"], b["dec_valid"])
-    compiled = torch.compile(model.static_shape_loss, backend="eager", fullgraph=True)
-    loss, _ = compiled(h, b["dec_pos"], b["dec_ids"], b["dec_valid"])
-    ref, _ = model.per_modality_loss(h, b["dec_pos"], b["dec_ids"], b["dec_valid"])
+    compiled = torch.compile(fastpath.static_shape_loss, backend="eager", fullgraph=True)
+    loss, _ = compiled(model, h, b["dec_pos"], b["dec_ids"], b["dec_valid"])
+    ref, _ = fastpath.per_modality_loss(model, h, b["dec_pos"], b["dec_ids"], b["dec_valid"])
     torch.testing.assert_close(loss, ref)

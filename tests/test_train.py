@@ -71,7 +71,7 @@ def write_feature_dataset(root, name="feat"):
 
 # width 32 and few targets: the 50k-row embedding/head and per-modality logits dominate a tiny model's step
 TINY = ["--n_enc_layer=1", "--n_dec_layer=1", "--n_embd=32", "--n_head=2", "--batch_size=8",
-        "--input_budget=(4, 32)", "--target_budget=(4, 16)", "--eval_iters=4", "--log_interval=1",
+        "--masking.input_budget=(4, 32)", "--masking.target_budget=(4, 16)", "--eval_iters=4", "--log_interval=1",
         "--learning_rate=1e-2", "--min_lr=1e-3", "--warmup_iters=10", "--seed=7"]
 
 
@@ -184,10 +184,11 @@ def test_toyzoo_config_trains(tmp_path):
     assert len(losses) == 6 and all(math.isfinite(x) for x in losses)
     ckpt = torch.load(stage2 / "ckpt.pt", map_location="cpu", weights_only=False)
     args = ckpt["model_args"]
+    args = args["adapters"]                                  # ToyZoo's embedding adapters (adapters.py)
     assert args["separate_vocab"] and args["code_feature_dims"] == (192, 64, 192, 80, 0)
     assert args["feature_only"] == ("tok_rgb",) and args["grid_conv"] and args["init"] == "torch"
     assert ckpt["config"]["init_from"] == f"{stage1}/ckpt.pt"
-    mixture = ckpt["config"]["mixture"]
+    mixture = ckpt["config"]["masking"]["mixture"]
     assert sum(c["weight"] for c in mixture) == pytest.approx(1.0)
     whole = {(tuple(c.get("input_full", ())), tuple(c.get("target_full", ()))) for c in mixture}
     assert {(("audio",), ("caption",)), (("rgb",), ("caption",)), (("caption",), ("audio",))} <= whole
@@ -199,22 +200,22 @@ def test_code_features_train_and_resume(tmp_path):
     same curve; a dataset whose tokenizers have no codebooks is refused with its meta.json named."""
     import torch
     root = write_feature_dataset(str(tmp_path / "data"))
-    common = ["--dataset=feat", "--code_features=True", "--lr_decay_iters=40", "--eval_interval=20",
+    common = ["--dataset=feat", "--adapters.code_features=True", "--lr_decay_iters=40", "--eval_interval=20",
               "--eval_iters=2", "--log_interval=5", "--augment_shift=2"]   # the shifts come from the saved rngs too
     train(root, tmp_path / "straight", "--max_iters=40", *common)
     evals = read_jsonl(tmp_path / "straight" / "log.jsonl")
     assert evals[-1]["val"]["loss"] < evals[0]["val"]["loss"] - 1.0
     ckpt = torch.load(tmp_path / "straight" / "ckpt.pt", map_location="cpu", weights_only=False)
-    assert ckpt["model_args"]["code_feature_dims"] == (192, 64, 192, 80, 0)
-    assert ckpt["model"]["code_feat_tok_rgb"].shape == (16384, 192)
-    assert ckpt["model"]["code_feat_tok_rgb"][16 * 64:].abs().sum() == 0     # past the 1,024 codes
+    assert ckpt["model_args"]["adapters"]["code_feature_dims"] == (192, 64, 192, 80, 0)
+    assert ckpt["model"]["adapters.code_feat_tok_rgb"].shape == (16384, 192)
+    assert ckpt["model"]["adapters.code_feat_tok_rgb"][16 * 64:].abs().sum() == 0     # past the 1,024 codes
     train(root, tmp_path / "split", "--max_iters=20", *common)
     train(root, tmp_path / "split", "--max_iters=40", "--init_from=resume", *common)
     straight = {r["iter"]: r["loss"] for r in read_jsonl(tmp_path / "straight" / "train_log.jsonl")}
     resumed = [r for r in read_jsonl(tmp_path / "split" / "train_log.jsonl") if r["iter"] > 20]
     assert resumed and all(abs(r["loss"] - straight[r["iter"]]) <= 1e-6 for r in resumed)
     write_dataset(root)                                         # "synth": tokenizers without codebooks
-    proc = train(root, tmp_path / "refused", "--max_iters=1", "--code_features=True", check=False)
+    proc = train(root, tmp_path / "refused", "--max_iters=1", "--adapters.code_features=True", check=False)
     assert proc.returncode != 0 and "meta.json" in proc.stderr and "synthetic" in proc.stderr
 
 
@@ -235,17 +236,19 @@ def test_bf16_follows_fp32(data_root, tmp_path):
 
 
 def test_packed_and_static_head_steps_follow_the_padded_curve(data_root, tmp_path):
-    """train.py's packed trunk (on by default on a CPU) and static head give the padded per-modality step's
-    losses, step after step (float rounding apart), and say which step they run."""
+    """train.py's packed trunk (on by default on a CPU), static head and plain path (--fast_path=False: model.py's
+    F.cross_entropy, no packing) give the padded per-modality step's losses, step after step (float rounding
+    apart), and say which step they run."""
     runs = {}
     for name, args in (("padded", ["--packing=off"]), ("packed", ["--packing=on"]),
-                       ("static", ["--packing=off", "--static_head=True"])):
+                       ("static", ["--packing=off", "--static_head=True"]), ("plain", ["--fast_path=False"])):
         proc = train(data_root, tmp_path / name, "--max_iters=6", "--lr_decay_iters=6", "--eval_interval=1000", *args)
         assert f"step: packing {'on' if name == 'packed' else 'off'}, head " \
                f"{'static' if name == 'static' else 'per-modality'}" in proc.stdout
         runs[name] = [r["loss"] for r in read_jsonl(tmp_path / name / "train_log.jsonl")]
     assert len(runs["padded"]) == 6 and len(set(runs["padded"])) > 1
-    for name in ("packed", "static"):
+    assert "head per-modality (plain)" in proc.stdout                  # the last run's: the plain path
+    for name in ("packed", "static", "plain"):
         assert runs[name] == pytest.approx(runs["padded"], rel=1e-4, abs=1e-5), name
     proc = train(data_root, tmp_path / "refused", "--packing=on", "--compile=True", check=False)
     assert proc.returncode != 0 and "--packing=on needs eager steps" in proc.stderr
@@ -261,8 +264,12 @@ def test_typo_and_wrong_type_are_refused(data_root, tmp_path):
     assert "unknown setting 'batchsize'" in proc.stderr and "batch_size" in proc.stderr
     proc = train(data_root, tmp_path, "--max_iters=2.5", check=False)   # (more types: test_configurator_parsing)
     assert proc.returncode != 0 and "expects an int" in proc.stderr
-    proc = train(data_root, tmp_path, "--input_alphas=(1.0, 1.0)", check=False)   # masking validates it
+    proc = train(data_root, tmp_path, "--masking.input_alphas=(1.0, 1.0)", check=False)   # masking validates it
     assert proc.returncode != 0 and "bad masking settings" in proc.stderr
+    proc = train(data_root, tmp_path, "--masking.input_budgett=(1, 2)", check=False)   # a typo inside a group
+    assert proc.returncode != 0 and "input_budgett" in proc.stderr and "input_budget" in proc.stderr
+    proc = train(data_root, tmp_path, "--adapters.grid_convv=True", check=False)
+    assert proc.returncode != 0 and "grid_convv" in proc.stderr and "grid_conv" in proc.stderr
     proc = train(data_root, tmp_path, "--compile=True", "--compile_mode=fast", check=False)
     assert proc.returncode != 0 and "reduce-overhead" in proc.stderr               # lists torch's modes
     proc = train(data_root, tmp_path, "--max_train_clips=49", check=False)          # the data has 48
@@ -292,24 +299,19 @@ def test_configurator_parsing(tmp_path):
         apply_overrides(defaults, [str(tmp_path / "missing.py")], verbose=False)
 
 
-def test_train_declares_every_masking_setting():
-    """train.py must expose each MaskingConfig field as a setting of the same name and default."""
-    import ast
+def test_train_resolves_every_masking_setting_from_masking_config(tmp_path):
+    """train.py's masking settings are one group whose defaults live in masking.MaskingConfig alone: the dry
+    run prints every MaskingConfig field, at its default unless a config or --masking.key=value set it."""
     import dataclasses
     import masking
-    tree = ast.parse(open(os.path.join(HERE, "train.py")).read())
-    declared = {}
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
-            try:
-                declared[node.targets[0].id] = ast.literal_eval(node.value)
-            except ValueError:
-                pass
+    cfg, _ = dry_run("--masking.audio_spans=(2, 3)")
     for f in dataclasses.fields(masking.MaskingConfig):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        assert f.name in declared, f"train.py lacks a setting for MaskingConfig.{f.name}"
-        assert declared[f.name] == default or (isinstance(default, (list, tuple)) and
-                                               tuple(declared[f.name]) == tuple(default)), f.name
+        assert f.name in cfg["masking"], f"train.py lacks MaskingConfig.{f.name}"
+        got = cfg["masking"][f.name]
+        want = [2, 3] if f.name == "audio_spans" else default
+        assert got == want or (isinstance(want, (list, tuple)) and tuple(got) == tuple(want)), f.name
+    assert set(cfg["masking"]) == {f.name for f in dataclasses.fields(masking.MaskingConfig)}
 
 
 def test_help_lists_every_setting_with_its_default(tmp_path):
@@ -360,10 +362,11 @@ def test_dry_run_holds_the_reports_recipe_in_config_audio(tmp_path):
     assert cfg["max_iters"] == cfg["lr_decay_iters"] == 18311 and cfg["warmup_iters"] == 916
     assert cfg["decay_lr"] and cfg["learning_rate"] == 1e-4 and cfg["min_lr"] == 1e-6
     assert (cfg["beta1"], cfg["beta2"], cfg["weight_decay"], cfg["grad_clip"]) == (0.9, 0.95, 0.05, 1.0)
-    assert cfg["input_budget"] == cfg["target_budget"] == [16, 256]
-    assert cfg["input_alphas"] == cfg["target_alphas"] == [1.0] * 5 and cfg["mixture"] is None
+    mask = cfg["masking"]
+    assert mask["input_budget"] == mask["target_budget"] == [16, 256]
+    assert mask["input_alphas"] == mask["target_alphas"] == [1.0] * 5 and mask["mixture"] is None
     assert cfg["derived"]["audio_span_stride"] == 2 and cfg["derived"]["lr_schedule"].endswith("cosine")
-    assert cfg["head"] == "full" and cfg["pos_emb"] == "sincos" and not cfg["separate_vocab"]
+    assert cfg["head"] == "full" and cfg["pos_emb"] == "sincos" and cfg["adapters"] is None   # one shared table
     assert cfg["cond_dropout"] == 0.0 and cfg["dtype"] == "float32"
     assert 94e6 < cfg["derived"]["n_params"] < 98e6 and "95." in out
     plus, _ = dry_run(f"--data_root={tmp_path}/nowhere", configs=("config/audio_plus.py",))
@@ -371,7 +374,7 @@ def test_dry_run_holds_the_reports_recipe_in_config_audio(tmp_path):
     assert changed == {"head", "pos_emb", "cond_dropout", "out_dir", "wandb_run_name"}, changed
     assert plus["derived"]["n_params"] > cfg["derived"]["n_params"]   # the learned positions
     toy, _ = dry_run(configs=("config/toyzoo.py",))        # code features and feature_only: no data read
-    assert toy["feature_only"] == ["tok_rgb"] and toy["code_features"] and toy["n_embd"] == 128
+    assert toy["adapters"]["feature_only"] == ["tok_rgb"] and toy["adapters"]["code_features"] and toy["n_embd"] == 128
     mine, _ = dry_run("--n_embd=64", "--n_head=2", "--head=modality")
     assert mine["n_embd"] == 64 and mine["head"] == "modality" and mine["derived"]["n_params"] < 20e6
 

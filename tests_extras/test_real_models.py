@@ -176,7 +176,7 @@ def test_tokenize_all_encodec_divae_then_train(divae_models, tmp_path, monkeypat
     out = tmp_path / "out"
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--dataset=real", f"--data_root={data}",
            f"--out_dir={out}", "--n_enc_layer=1", "--n_dec_layer=1", "--n_embd=32", "--n_head=2",
-           "--batch_size=4", "--input_budget=(4, 32)", "--target_budget=(4, 16)", "--max_iters=4",
+           "--batch_size=4", "--masking.input_budget=(4, 32)", "--masking.target_budget=(4, 16)", "--max_iters=4",
            "--eval_interval=2", "--eval_iters=1", "--log_interval=1", "--warmup_iters=1", "--device=cpu",
            "--compile=False"]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
