@@ -89,6 +89,7 @@ num_clips = 0            # 0 = every clip of the split; else the first num_clips
 gallery = 100            # retrieval gallery size G
 structure_views = 2      # views per clip for rgb -> depth / normal (110 test clips x 2 = 220 images, 43k tokens)
 structure_train_maps = 200  # decoded train maps behind the per-position mean map baseline
+structure_decode = 'argmax'  # 'argmax' (the likeliest id per cell) or 'mbr' (the id nearest the expected patch)
 memo_clips = 0           # clips per side of the memorization probe (0 = as many as the eval set)
 suffix_frac = 0.2        # the memorization probe / continuation predict this last fraction of the audio
 gen_per_class = 2        # generation probes: clips (and class-only samples) per class
@@ -179,6 +180,21 @@ def argmax_ids(model, inputs, target, target_idx, device, bs, desc=None):
     for s, e, logits in tqdm(iter_target_logits(model, inputs, target, target_idx, device, bs),
                              desc=desc, disable=desc is None, leave=False):
         out[s:e] = logits.argmax(-1).cpu()
+    return out
+
+
+def mbr_ids(model, inputs, target, target_idx, device, bs, tok):
+    """Long [B, n_t]: per cell, the id nearest the expected patch under the decoder's distribution (minimum
+    expected squared error): for smooth fields many ids decode alike, and a flat distribution's argmax is a
+    poor point estimate. tok: a tokenizer with a patch vector per id (id_features, ids_from_vectors)."""
+    if not (hasattr(tok, "id_features") and hasattr(tok, "ids_from_vectors")):
+        raise ValueError(f"structure_decode='mbr' needs a patch tokenizer (id_features), not {type(tok).__name__}")
+    feats = tok.id_features().to(device)                                       # [codes, D]
+    B = next(iter(inputs.values()))[0].size(0)
+    out = torch.zeros(B, len(target_idx), dtype=torch.long)
+    for s, e, logits in iter_target_logits(model, inputs, target, target_idx, device, bs):
+        v = torch.softmax(logits[..., :feats.size(0)], -1) @ feats            # [b, n_t, D] expected patches
+        out[s:e] = tok.ids_from_vectors(v.reshape(-1, v.size(-1))).view(e - s, -1).cpu()
     return out
 
 
@@ -662,17 +678,21 @@ def structure_decoded(tok, tgt, pred_ids, true_ids, train_ids, train_split="trai
     return out, rows
 
 
-def probe_structure(model, data, decoder, views_per_clip, train_maps, device, bs):
-    """decoder: modality name -> the dataset's tokenizer (ProbeSkipped where it cannot decode here)."""
+def probe_structure(model, data, decoder, views_per_clip, train_maps, device, bs, decode_rule="argmax"):
+    """decoder: modality name -> the dataset's tokenizer (ProbeSkipped where it cannot decode here);
+    decode_rule: 'argmax' or 'mbr' (mbr_ids), how a cell's distribution becomes one id."""
+    if decode_rule not in ("argmax", "mbr"):
+        raise ValueError(f"structure_decode must be 'argmax' or 'mbr', got {decode_rule!r}")
     nv = max(1, min(views_per_clip, M.NUM_VIEWS))
     clips = np.repeat(data.clips, nv)
     views = np.concatenate([(v + np.arange(nv)) % M.NUM_VIEWS for v in data.views])
     tokens, _ = data.tokens(data.split, clips, views)
-    out, rows = {"n_images": int(len(clips)), "views_per_clip": nv}, []
+    out, rows = {"n_images": int(len(clips)), "views_per_clip": nv, "decode_rule": decode_rule}, []
     for tgt, rep in (("tok_depth", REPORT["rgb_depth_top1"]), ("tok_normal", REPORT["rgb_normal_top1"])):
         L, V = M.BY_NAME[tgt].length, M.BY_NAME[tgt].vocab
-        pred = argmax_ids(model, {"tok_rgb": (tokens["tok_rgb"], all_given(tokens["tok_rgb"]))},
-                          tgt, np.arange(L), device, bs, desc=f"rgb->{tgt[4:]}")
+        inputs = {"tok_rgb": (tokens["tok_rgb"], all_given(tokens["tok_rgb"]))}
+        pred = (mbr_ids(model, inputs, tgt, np.arange(L), device, bs, decoder(tgt)) if decode_rule == "mbr" else
+                argmax_ids(model, inputs, tgt, np.arange(L), device, bs, desc=f"rgb->{tgt[4:]}"))
         truth = tokens[tgt].long()
         correct = (pred == truth).numpy()
         acc, lo, hi = clustered_accuracy(correct)
@@ -1313,7 +1333,7 @@ def probe_calls(s, model, ckpt, data, device, results):
         "class": lambda: probe_class(model, data, judge(), s["class_views"], device, bs),
         "retrieval": lambda: probe_retrieval(model, data, s["gallery"], s["retrieval_views"], device, bs, reader),
         "structure": lambda: probe_structure(model, data, decoder, s["structure_views"], s["structure_train_maps"],
-                                             device, bs),
+                                             device, bs, s["structure_decode"]),
         "memo": lambda: probe_memo(model, data, s["memo_clips"], s["suffix_frac"], device, bs),
         "generation": lambda: probe_generation(data, gen(), ref(), judge(), sampler, s["seed"]),
         "fad": lambda: probe_fad(data, gen(), ref(), s["gen_guidance"], s["clf_per_class"]),

@@ -358,6 +358,28 @@ def test_structure_decoded_scores_truth_perfectly_and_the_mean_map_as_it_should(
     assert out["baseline_to_beat"] == "per_position_mean" and len(rows) == 3 and out["train_split"] == "train"
 
 
+def test_mbr_decoding_picks_the_id_nearest_the_expected_patch_where_argmax_picks_a_mode():
+    """A decoder split evenly between two flat depth levels (-0.3 and 1.0): argmax returns one of them, the
+    minimum-expected-error rule the level nearest their mean (0.35 -> 0.3), in every cell."""
+    from modality_tokenizers import PatchKMeansTokenizer
+    tok = PatchKMeansTokenizer("tok_depth", torch.tensor([[-1.0], [-0.3], [0.3], [1.0]]), torch.zeros(1, 64),
+                               {"depth_ref": [1.0, 1.0]})
+
+    class TwoModes(torch.nn.Module):
+        def decode_hidden(self, e_ids, e_pos, e_valid, d_pos, d_valid):
+            return torch.zeros(*d_pos.shape, 1)
+
+        def modality_logits(self, h, m):
+            logits = torch.full((*h.shape[:-1], M.MODALITIES[m].vocab), -1e4)
+            logits[..., 1] = logits[..., 3] = 0.0
+            return logits
+
+    rgb = torch.zeros(2, M.BY_NAME["tok_rgb"].length, dtype=torch.long)
+    inputs, L = {"tok_rgb": (rgb, E.all_given(rgb))}, M.BY_NAME["tok_depth"].length
+    assert set(E.argmax_ids(TwoModes(), inputs, "tok_depth", np.arange(L), "cpu", 2).unique().tolist()) <= {1, 3}
+    assert (E.mbr_ids(TwoModes(), inputs, "tok_depth", np.arange(L), "cpu", 2, tok) == 2).all()
+
+
 # --- end to end on a tiny random checkpoint and a tiny tokenized dataset
 
 def _write_split(tok, split, labels, ids_of):
