@@ -1301,11 +1301,8 @@ def load_inputs(s, device):
     """-> (model, checkpoint, EvalData): the checkpoint of s['out_dir'], then the tokenized data it names."""
     from model import load_checkpoint
     model, ckpt = load_checkpoint(os.path.join(s["out_dir"], "ckpt.pt"), device, s["trust_checkpoint"])
-    tok_path = M.tok_dir(*M.checkpoint_dataset(ckpt, s["dataset"], s["data_root"]))
-    meta = M.load_meta(tok_path)
-    arrays = {sp: M.open_split(tok_path, sp, meta) for sp in meta["splits"] if sp in (s["split"], "train")}
-    if s["split"] not in arrays:
-        raise ValueError(f"split {s['split']!r} not in {tok_path}/meta.json (has {list(meta['splits'])})")
+    tok_path, meta, arrays = M.open_tokenized(*M.checkpoint_dataset(ckpt, s["dataset"], s["data_root"]),
+                                              [s["split"]], also=["train"])
     order = clip_order(arrays[s["split"]])
     clips = order[:s["num_clips"]] if s["num_clips"] > 0 else order
     views_of = seeded_views(len(order), 1, s["seed"])

@@ -274,12 +274,15 @@ def load_meta(tok_path):
     return meta
 
 
-def open_tokenized(dataset, data_root="data", splits=None):
-    """(tok_path, meta, {split: memmaps}) of a tokenized dataset: the named splits (each must be there), or
-    every split meta.json lists. meta.json is read first: it sets the dataset's audio layout."""
+def open_tokenized(dataset, data_root="data", splits=None, also=()):
+    """(tok_path, meta, {split: memmaps}) of a tokenized dataset: the named splits (each must be there) and
+    those of `also` that meta.json lists, or every split it lists. meta.json is read first: it sets the
+    dataset's audio layout."""
     tok_path = tok_dir(dataset, data_root)
     meta = load_meta(tok_path)
-    return tok_path, meta, {s: open_split(tok_path, s, meta) for s in (meta["splits"] if splits is None else splits)}
+    names = list(meta["splits"]) if splits is None else list(splits)
+    names += [s for s in also if s in meta["splits"] and s not in names]
+    return tok_path, meta, {s: open_split(tok_path, s, meta) for s in names}
 
 
 def checkpoint_dataset(ckpt, dataset="", data_root="", where="the checkpoint"):

@@ -218,18 +218,14 @@ ctx = nullcontext() if dtype == 'float32' or device_type == 'mps' else \
 # -----------------------------------------------------------------------------------------------------
 # data: memmapped token arrays, a random (clip, view) per sample, then Dirichlet masking
 
-tok_path = modalities.tok_dir(dataset, data_root)
-meta = modalities.load_meta(tok_path)
+try:   # a missing meta.json, a missing or empty train split, a bad file: one line that names it
+    tok_path, meta, splits = modalities.open_tokenized(dataset, data_root, ['train'], also=['val'])
+except (FileNotFoundError, ValueError) as e:
+    raise SystemExit(f"train.py: {e}")
 for _m in modalities.MODALITIES:
     _v = meta['modalities'].get(_m.name, {}).get('vocab')
     if _v is None or _v > _m.vocab:
         raise SystemExit(f"{tok_path}/meta.json: modality {_m.name} has vocab {_v}, expected <= {_m.vocab}")
-if 'train' not in meta['splits']:
-    raise SystemExit(f"{tok_path}/meta.json has no train split (splits: {list(meta['splits'])})")
-try:
-    splits = {s: modalities.open_split(tok_path, s, meta) for s in ('train', 'val') if s in meta['splits']}
-except modalities.EmptySplitError as e:
-    raise SystemExit(f"train.py: {e}")
 n_train = len(splits['train']['label'])
 train_rows = None               # the train rows a subset run draws from (None: all)
 if max_train_clips:
