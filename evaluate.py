@@ -65,6 +65,7 @@ import os
 import sys
 import time
 import traceback
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -790,12 +791,20 @@ def gen_selection(data, per_class):
     return picked, data.views_of[picked]
 
 
+def sampling_generator(data):
+    """The sampler's generator, seeded by the seed and the split: class-only samples see only the caption, so
+    with the seed alone val and test would draw the very same samples, and a choice made on val would be
+    'tested' on them again."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([data.seed, zlib.crc32(data.split.encode())])
+                                             .generate_state(1)[0]))
+
+
 def generations(model, data, audio_tok, sampler, per_class, suffix_frac, device, bs):
     """Class-only (at sampler's guidance, and at 1 beside it) and continuation samples of per_class clips of
     each class, their ids and decoded waves (audio_tok: the audio tokenizer), plus decoded ground truth."""
     clips, views = gen_selection(data, per_class)
     tokens, labels = data.tokens(data.split, clips, views)
-    g = torch.Generator().manual_seed(data.seed)
+    g = sampling_generator(data)
     start = generation.continuation_prefix(1 - suffix_frac)
     audio = tokens["tok_audio"]
     res = {"clips": clips, "views": views, "labels": labels, "gt_ids": audio.numpy(), "suffix_start": start}
@@ -1024,7 +1033,7 @@ def probe_resnet(model, data, rgb_tok, sampler, per_class, weights_name, device)
     keep = np.flatnonzero([name in IMAGENET_CLASSES for name in names])
     if not len(keep):
         raise ProbeSkipped("no class of this dataset has ImageNet labels in IMAGENET_CLASSES")
-    g = torch.Generator().manual_seed(data.seed)
+    g = sampling_generator(data)
     out = {"classes": {k: v for k, v in IMAGENET_CLASSES.items() if k in data.class_names},
            "weights": weights_name if weights_name == "random" else str(weights),
            "rule": "a hit when the top-5 ImageNet predictions contain one of the class's ImageNet labels; "

@@ -380,6 +380,15 @@ def test_mbr_decoding_picks_the_id_nearest_the_expected_patch_where_argmax_picks
     assert (E.mbr_ids(TwoModes(), inputs, "tok_depth", np.arange(L), "cpu", 2, tok) == 2).all()
 
 
+def test_val_and_test_draw_different_samples_from_one_seed():
+    """Class-only generation sees only the caption: the sampler's generator must differ by split, or a
+    choice made on val is judged on test by the same samples; the same split and seed repeat exactly."""
+    from types import SimpleNamespace
+    draw = lambda split, seed=1337: torch.rand(4, generator=E.sampling_generator(SimpleNamespace(seed=seed, split=split)))
+    assert torch.equal(draw("val"), draw("val")) and not torch.equal(draw("val"), draw("test"))
+    assert not torch.equal(draw("val"), draw("val", seed=2))
+
+
 # --- end to end on a tiny random checkpoint and a tiny tokenized dataset
 
 def _write_split(tok, split, labels, ids_of):
