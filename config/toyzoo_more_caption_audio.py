@@ -1,0 +1,8 @@
+# Issue #31's lever "the amount of caption -> audio training": stage 2 of the ToyZoo default with the
+# class-only component (caption in, audio out) at weight 0.30 instead of 0.10; all else as config/toyzoo.py.
+#     python train.py config/toyzoo_more_caption_audio.py   (after config/toyzoo_rgb.py)
+import os
+exec(open(os.path.join(os.path.dirname(__file__), 'toyzoo.py')).read())
+out_dir = 'out/toyzoo_more_caption_audio'
+_mixture[3] = dict(_mixture[3], weight=0.30)
+masking = dict(masking, mixture=_mixture)
