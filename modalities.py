@@ -349,31 +349,6 @@ def open_split(tok_path, split, meta=None):
     return arrays
 
 
-def stratified_order(strata, seed):
-    """A seeded order of the rows whose every prefix is stratified: the first K rows hold each stratum
-    (e.g. class x source) in proportion to its size, less than one row off, whatever K. Within a stratum
-    the rows are shuffled by the seed; then each next row comes from the stratum furthest below its share
-    k * n_s / N (ties: a seeded stratum order). So the rows of K lie inside the rows of 2K (a data-scale scan
-    is nested), and the same seed gives the same order. strata: one hashable per row. -> int64 [N]."""
-    rng = np.random.default_rng(seed)
-    by = {}
-    for i, s in enumerate(strata):
-        by.setdefault(s, []).append(i)
-    keys = sorted(by, key=str)
-    rows = [np.array(by[s])[rng.permutation(len(by[s]))] for s in keys]
-    share = np.array([len(r) for r in rows], dtype=np.float64) / len(strata)
-    tie = rng.permutation(len(keys)) * 1e-9                   # a seeded order among equal deficits
-    taken = np.zeros(len(keys), dtype=np.int64)
-    sizes = np.array([len(r) for r in rows])
-    order = np.empty(len(strata), dtype=np.int64)
-    for k in range(len(strata)):
-        deficit = np.where(taken < sizes, (k + 1) * share - taken - tie, -np.inf)
-        s = int(np.argmax(deficit))
-        order[k] = rows[s][taken[s]]
-        taken[s] += 1
-    return order
-
-
 def shift_grids(tokens, max_shift, generator=None):
     """Move every image grid of each sample by one random whole-patch offset (dy, dx), |dy|, |dx| <= max_shift,
     the same for rgb, depth and normal (they stay pixel-aligned); the rows / columns uncovered at the border

@@ -229,25 +229,19 @@ for _m in modalities.MODALITIES:
 n_train = len(splits['train']['label'])
 train_rows = None               # the train rows a subset run draws from (None: all)
 if max_train_clips:
-    if max_train_clips > n_train:
-        raise SystemExit(f"max_train_clips={max_train_clips} but {tok_path} has only {n_train} train clips")
-    # class x source strata; the source is in the raw manifest (a tokenized set without it: class alone)
-    from rawdata import raw_dir, read_manifest
-    _manifest = os.path.join(raw_dir(dataset, data_root), 'manifest.jsonl')
-    _source = {}
-    if os.path.exists(_manifest):
-        _source = {r['clip_id']: r.get('source', '') for r in read_manifest(_manifest)}
-    elif master_process:
-        print(f"note: {_manifest} not found: the train subset is stratified by class alone")
-    _labels = np.asarray(splits['train']['label'])
-    _strata = [(int(c), _source.get(cid, '')) for c, cid in zip(_labels, splits['train']['clip_ids'])]
-    train_rows = np.sort(modalities.stratified_order(_strata, seed)[:max_train_clips])
+    from rawdata import train_subset   # class x source stratified, nested, fixed by the seed
+    try:
+        train_rows, _note = train_subset(dataset, data_root, splits['train'], max_train_clips, seed)
+    except ValueError as e:
+        raise SystemExit(f"train.py: {tok_path}: {e}")
     n_train = max_train_clips
     if master_process:
+        if _note:
+            print(f"note: {_note}")
         with open(os.path.join(out_dir, 'train_clips.json'), 'w') as _f:
             json.dump([splits['train']['clip_ids'][i] for i in train_rows], _f)
-        _per = np.bincount(_labels[train_rows], minlength=len(meta['class_names']))
-        print(f"train subset: {max_train_clips} of {len(_labels)} clips, per class {_per.tolist()} "
+        _per = np.bincount(np.asarray(splits['train']['label'])[train_rows], minlength=len(meta['class_names']))
+        print(f"train subset: {max_train_clips} of {len(splits['train']['label'])} clips, per class {_per.tolist()} "
               f"(ids in {out_dir}/train_clips.json)")
 num_clips = {s: (n_train if s == 'train' else len(a['label'])) for s, a in splits.items()}
 if master_process:

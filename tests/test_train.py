@@ -12,6 +12,7 @@ import pytest
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, HERE)
 import modalities as M  # noqa: E402
+import rawdata  # noqa: E402
 
 
 def write_dataset(root, name="synth", n_train=48, n_val=16, n_classes=4, noise=0.1, seed=0):
@@ -398,10 +399,10 @@ def write_grouped(root, n_per=(12, 12, 6, 30), sources=("a", "b")):
 
 def test_stratified_order_prefixes_are_nested_and_proportional():
     strata = [(c, s) for c, n in enumerate((40, 40, 10, 110)) for s in ("a", "b") for _ in range(n // 2)]
-    order = M.stratified_order(strata, seed=3)
+    order = rawdata.stratified_order(strata, seed=3)
     assert sorted(order.tolist()) == list(range(len(strata)))
-    assert np.array_equal(order, M.stratified_order(strata, seed=3))
-    assert not np.array_equal(order, M.stratified_order(strata, seed=4))
+    assert np.array_equal(order, rawdata.stratified_order(strata, seed=3))
+    assert not np.array_equal(order, rawdata.stratified_order(strata, seed=4))
     sizes = {s: strata.count(s) for s in set(strata)}
     for k in (10, 25, 50, 100, 150):
         got = {s: 0 for s in sizes}
@@ -435,6 +436,9 @@ def test_max_train_clips_takes_a_stratified_nested_subset(tmp_path):
     train(str(tmp_path / "data"), tmp_path / "again", "--dataset=grouped", "--max_train_clips=15", "--seed=7",
           "--max_iters=1", "--eval_interval=1", "--eval_iters=1")
     assert json.load(open(tmp_path / "again" / "train_clips.json")) == k15
+    proc = train(str(tmp_path / "data"), tmp_path / "toomany", "--dataset=grouped", "--max_train_clips=61",
+                 "--max_iters=1", check=False)                          # more than the 60 train clips: refused
+    assert proc.returncode != 0 and "max_train_clips=61" in proc.stderr and "only 60 train clips" in proc.stderr
 
 
 def test_cond_dropout_reaches_the_train_batches_only(data_root, tmp_path):
