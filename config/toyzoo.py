@@ -57,8 +57,8 @@ _mixture = [dict(weight=0.10),                           # the 4M recipe with th
            _whole('audio', 'caption', 0.30, also='rgb'),  # audio -> class
            _whole('rgb', 'caption', 0.45, also='audio'),  # rgb -> class
            _whole('caption', 'audio', 0.10),            # class-only generation
-           _whole('rgb', 'depth', 0.025, also='audio'),   # structure from rgb
-           _whole('rgb', 'normal', 0.025, also='audio')]
+           _whole('rgb', 'depth', 0.10, also='audio'),    # structure from rgb: 0.10 each, not 0.025, lowers
+           _whole('rgb', 'normal', 0.10, also='audio')]   # depth / normal error on val over 3 seeds (issue #33)
 masking = dict(input_budget=(8, 64), target_budget=(8, 64), mixture=_mixture,
                mixture_per_batch=True)   # one component per batch: on a CPU the unused padding is dropped
 packing = 'off'                 # these batches hold little padding: packed steps measured ~6% slower here
