@@ -383,7 +383,8 @@ def test_toyzoo_config_whole_targets_with_a_side_budget():
     assert (to_caption | whole)[from_rgb].all() and (pd[from_rgb, AUDIO] == 32).all()
     assert (pd[to_caption, CAPTION] == cap_n[to_caption]).all()
     assert (pd[whole].sum(1) == 196 + 32).all() and (pd[to_caption].sum(1) == cap_n[to_caption] + 32).all()
-    for frac, want in ((from_audio, 0.30), (to_caption, 0.45), (whole, 0.05)):
+    w = [comp["weight"] / sum(x["weight"] for x in c["mixture"]) for comp in c["mixture"]]   # the config's shares
+    for frac, want in ((from_audio, w[1]), (to_caption, w[2]), (whole, w[4] + w[5])):
         assert abs(frac.float().mean() - want) < 0.05
 
 

@@ -190,7 +190,7 @@ def test_toyzoo_config_trains(tmp_path):
     assert args["feature_only"] == ("tok_rgb",) and args["grid_conv"] and args["init"] == "torch"
     assert ckpt["config"]["init_from"] == f"{stage1}/ckpt.pt"
     mixture = ckpt["config"]["masking"]["mixture"]
-    assert sum(c["weight"] for c in mixture) == pytest.approx(1.0)
+    assert all(c["weight"] > 0 for c in mixture)                # relative weights (masking normalises them)
     whole = {(tuple(c.get("input_full", ())), tuple(c.get("target_full", ()))) for c in mixture}
     assert {(("audio",), ("caption",)), (("rgb",), ("caption",)), (("caption",), ("audio",))} <= whole
 
