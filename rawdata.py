@@ -289,6 +289,7 @@ def stratified_split(strata, seed=1337, fractions=(0.8, 0.1, 0.1), groups=None):
         out[i] = group_split[groups[i]]
     return out
 
+
 def stratified_order(strata, seed):
     """A seeded order of the rows whose every prefix is stratified: the first K rows hold each stratum
     (e.g. class x source) in proportion to its size, less than one row off, whatever K. Within a stratum
@@ -330,4 +331,3 @@ def train_subset(dataset, data_root, train_split, k, seed):
         note = f"{manifest} not found: the train subset is stratified by class alone"
     strata = [(int(c), source.get(cid, '')) for c, cid in zip(train_split['label'], train_split['clip_ids'])]
     return np.sort(stratified_order(strata, seed)[:k]), note
-
