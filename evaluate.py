@@ -643,7 +643,9 @@ def decoded_maps(tok, name, ids, device="cpu"):
 
 STRUCTURE_METRICS = {  # decoded metric -> (label, unit, lower is better)
     "tok_depth": {"rmse": ("depth RMSE (decoded units)", "", True), "absrel": ("depth AbsRel", "", True),
-                  "delta1": ("depth pixels within 1.25x", "%", False)},
+                  "delta1": ("depth pixels within 1.25x", "%", False),
+                  "rmse_far": ("depth RMSE where the truth is far (train's farthest 10%)", "", True),
+                  "rmse_near": ("depth RMSE where the truth is nearer", "", True)},
     "tok_normal": {"angle": ("normal mean angular error (degrees)", "", True),
                    "within_11.25": ("normal pixels within 11.25 degrees", "%", False)},
 }
@@ -664,16 +666,20 @@ def structure_decoded(tok, tgt, pred_ids, true_ids, train_ids, train_split="trai
     const_map = np.broadcast_to(const, mean_map.shape)
     if tgt == "tok_normal":   # a mean of unit vectors is shorter than one: renormalise
         mean_map, const_map = unit_vectors(mean_map), unit_vectors(const_map)
-    fn = depth_metrics if tgt == "tok_depth" else normal_metrics
+    far = float(np.percentile(train_maps, 90)) if tgt == "tok_depth" else None
+    fn = (lambda p, g: depth_metrics(p, g, far)) if tgt == "tok_depth" else normal_metrics
     runs = {"model": fn(pred, gt), "per_position_mean": fn(np.broadcast_to(mean_map, gt.shape), gt),
             "constant": fn(np.broadcast_to(const_map, gt.shape), gt)}
     out = {"n_images": int(len(gt)), "train_maps": int(len(train_maps)), "train_split": train_split,
-           "baseline_to_beat": "per_position_mean"}
+           "baseline_to_beat": "per_position_mean", "far_beyond": far}
     rows = []
     for key, (label, unit, _) in STRUCTURE_METRICS[tgt].items():
-        vals = {who: mean_ci(r[key]) for who, r in runs.items()}
+        vals = {who: mean_ci(r[key][~np.isnan(r[key])]) for who, r in runs.items()}
         out[key] = {who: {"value": v[0], "ci": [v[1], v[2]]} for who, v in vals.items()}
-        rows.append(row(f"rgb -> {tgt[4:]}, decoded: {label}", vals["model"][0], vals["model"][1:], int(len(gt)),
+        if not np.isfinite(vals["model"][0]):   # no image has pixels of that part
+            continue
+        n = int(np.isfinite(runs["model"][key]).sum())   # far / near: the images that have such pixels
+        rows.append(row(f"rgb -> {tgt[4:]}, decoded: {label}", vals["model"][0], vals["model"][1:], n,
                         vals["per_position_mean"][0], "per-position train mean map (the one to beat)", unit=unit,
                         extra={"constant": vals["constant"][0]}))
     return out, rows

@@ -390,9 +390,11 @@ def per_position_majority(ids):
     return np.array([np.bincount(ids[:, j]).argmax() for j in range(ids.shape[1])], dtype=np.int64)
 
 
-def depth_metrics(pred, gt):
+def depth_metrics(pred, gt, far=None):
     """Per-image depth errors of decoded maps pred, gt [N, H, W] (the same units): RMSE, AbsRel
-    (mean |p - g| / g) and the share of pixels with max(p / g, g / p) < 1.25, over pixels with g > 0."""
+    (mean |p - g| / g) and the share of pixels with max(p / g, g / p) < 1.25, over pixels with g > 0.
+    far: also the RMSE over the pixels whose truth is at least that far and over the rest (nan where an image
+    has none), to show where the error lies: a far field such as the sky can hold most of it."""
     p, g = np.asarray(pred, dtype=np.float64), np.asarray(gt, dtype=np.float64)
     valid = g > 0
     n = valid.sum((1, 2)).clip(min=1)
@@ -401,7 +403,12 @@ def depth_metrics(pred, gt):
     absrel = np.where(valid, np.abs(d) / np.where(valid, g, 1.0), 0.0).sum((1, 2)) / n
     ratio = np.maximum(p, 1e-9) / np.where(valid, g, 1.0)
     within = (valid & (np.maximum(ratio, 1 / ratio) < 1.25)).sum((1, 2)) / n
-    return {"rmse": rmse, "absrel": absrel, "delta1": within}
+    out = {"rmse": rmse, "absrel": absrel, "delta1": within}
+    if far is not None:
+        for key, part in (("rmse_far", valid & (g >= far)), ("rmse_near", valid & (g < far))):
+            k = part.sum((1, 2))
+            out[key] = np.where(k > 0, np.sqrt(np.where(part, d ** 2, 0.0).sum((1, 2)) / k.clip(min=1)), np.nan)
+    return out
 
 
 def unit_vectors(v):

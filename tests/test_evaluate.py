@@ -355,7 +355,21 @@ def test_structure_decoded_scores_truth_perfectly_and_the_mean_map_as_it_should(
     n_lo = (np.random.default_rng([0, 8]).permutation(4 * M.NUM_VIEWS)[:40] < 2 * M.NUM_VIEWS).sum()
     mean = (n_lo * lo + (40 - n_lo) * hi) / 40
     assert out["rmse"]["per_position_mean"]["value"] == pytest.approx(abs(hi - mean), rel=1e-6)
-    assert out["baseline_to_beat"] == "per_position_mean" and len(rows) == 3 and out["train_split"] == "train"
+    assert out["baseline_to_beat"] == "per_position_mean" and len(rows) == 4 and out["train_split"] == "train"
+    # the far / near split: the truth (level 3) is at the train maps' 90th percentile, so every pixel is far
+    # (the same RMSE as over the whole map) and none is near (no row)
+    assert out["far_beyond"] == pytest.approx(hi) and np.isnan(out["rmse_near"]["model"]["value"])
+    assert out["rmse_far"]["per_position_mean"]["value"] == pytest.approx(abs(hi - mean), rel=1e-6)
+
+
+def test_depth_metrics_split_the_error_between_far_and_near_pixels():
+    g = np.array([[[1.0, 1.0], [10.0, 10.0]]])       # a near row and a far row
+    p = g + np.array([[[1.0, 1.0], [4.0, 4.0]]])
+    r = metrics.depth_metrics(p, g, far=5.0)
+    assert r["rmse_near"][0] == pytest.approx(1.0) and r["rmse_far"][0] == pytest.approx(4.0)
+    assert r["rmse"][0] == pytest.approx(np.sqrt((1 + 16) / 2))
+    assert np.isnan(metrics.depth_metrics(p, g, far=100.0)["rmse_far"][0])
+    assert metrics.depth_metrics(p, g, far=10.0)["rmse_far"][0] == pytest.approx(4.0)   # at least that far
 
 
 def test_mbr_decoding_picks_the_id_nearest_the_expected_patch_where_argmax_picks_a_mode():
