@@ -74,6 +74,7 @@ from tqdm import tqdm
 
 import generation
 import modalities as M
+import streams as S
 from metrics import (wilson_ci, mean_ci, ratio_ci, clustered_accuracy, bootstrap_ci, marginal_entropy,
                      entropy_bias_corrected, cross_entropy_to_marginal, fair_hits, classification_metrics,
                      retrieval_metrics, class_level_retrieval, class_pivot_scores, fuse_scores, fit_token_judge,
@@ -907,7 +908,7 @@ def energy_spread_rows(gen, names, guidance, seed, out):
     from audio_features import energy_spread
     guided = None if guidance == 1.0 else (f"guidance {guidance:g} here; the report trained no unconditional "
                                            "model, so it sampled without guidance (compare the guidance 1 row)")
-    tail = M.audio_sample_of(gen["suffix_start"])
+    tail = S.audio_sample_of(gen["suffix_start"])
     rows = []
     for setting, s0, rep, differs in (
             [("class_only", 0, REPORT["energy_class_only"], guided)] +
@@ -960,7 +961,7 @@ def probe_fad(data, gen, ref, guidance, clf_per_class):
     """gen: generations(); ref: train_reference() (clf_per_class clips of each class, for the floor)."""
     from audio_features import EMBED_NAME, HOP, clip_embedding, frechet_distance, log_mel_frames
     y, n = gen["labels"], len(gen["labels"])
-    start_frame = M.audio_sample_of(gen["suffix_start"]) // HOP    # a log-mel frame (hop HOP) index
+    start_frame = S.audio_sample_of(gen["suffix_start"]) // HOP    # a log-mel frame (hop HOP) index
     frames = {s: log_mel_frames(gen[f"{s}_wave"]) for s in ["gt"] + gen["class_only_settings"] + ["continuation"]}
     ref_rows = matched_rows(y, ref["labels"])
     if ref_rows is None:

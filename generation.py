@@ -65,7 +65,7 @@ def filter_logits(logits, top_k=0, top_p=1.0):
 
 def codebook_mask(index, vocab):
     """Audio stream indices [n] -> bool [n, vocab]: the ids each slot may take. Slot K*t + k holds codebook
-    k of frame t, whose ids are [k * V, (k + 1) * V) (modalities.interleave_audio); any other id would be
+    k of frame t, whose ids are [k * V, (k + 1) * V) (streams.interleave_audio); any other id would be
     another codebook's code, which decoding can only clamp."""
     k = (index % M.AUDIO_CODEBOOKS)[:, None]
     ids = torch.arange(vocab, device=index.device)[None]

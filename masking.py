@@ -1,66 +1,19 @@
 """
-4M-style input/target masking for nano4M-Audio, with contiguous whole-frame spans on the audio stream
-(stride K = the audio layout's codebooks: 2 for the report's EnCodec).
+4M-style input/target masking, with contiguous whole-frame spans on the audio stream (a frame = the audio
+layout's K codebook ids; K = 2 for the report's EnCodec, so stride-2 spans).
 
-build_batch(tokens, cfg, generator) turns one view per sample ({modality: LongTensor [B, L_m]}) into
-the padded encoder/decoder batch of docs/interfaces.md. Per sample it:
+build_batch(tokens, cfg, generator) turns one view per sample ({modality: LongTensor [B, L_m]}) into the
+padded encoder/decoder batch of docs/interfaces.md. Per sample it (1) picks a mixture component, (2) draws an
+input budget, splits it over the modalities by Dirichlet(input_alphas) proportions, clamped to what each has
+(what clamping frees goes to those with room), (3) does the same for the targets over the tokens the inputs
+left, (4) picks uniformly random positions (rgb/depth/normal/caption) or a few contiguous frame spans (audio),
+and (5) packs the chosen tokens, modality order then position order. Budgets are exact unless the allowed
+modalities hold fewer tokens, or audio must round to whole frames (then up to K - 1 short).
 
-  1. picks a mixture component (cfg.mixture; one component when it is None),
-  2. draws an input budget uniformly from input_budget, splits it over the modalities with proportions
-     drawn from Dirichlet(input_alphas), clamps each share to what the modality has, and hands what
-     clamping freed to the modalities that still have room (a zero alpha always gets nothing),
-  3. does the same for the targets, over the tokens NOT chosen as inputs (inputs and targets disjoint),
-  4. picks the tokens: uniformly random positions for rgb/depth/normal and for the caption, a few
-     contiguous frame spans for audio (a frame = its K codebook ids K*t .. K*t + K - 1, never split),
-  5. packs the chosen tokens (modality order, then position order) into fixed-size padded tensors.
-
-A sample's total is exactly its drawn budget unless the modalities it may use (positive alpha) hold fewer
-tokens than that (then it takes all of them), or, rarely, when no other modality has room for audio's
-partial frame (then audio rounds down to whole frames and the total is up to K - 1 short).
-
-Everything is vectorized over the batch and free of host syncs (no .item(), no boolean indexing, no
-host-to-device copies), so it runs on the inputs' device (CPU or CUDA) without stalling the GPU queue. On
-CUDA the fast path replays its ~370 small ops as one CUDA graph (fastpath.graphed_batch); bench.py times it.
-
-MaskingConfig fields (train.py's `masking` setting is a dict of them; MaskingConfig.from_settings):
-
-  input_budget      (lo, hi) inclusive; per sample the total number of input tokens is drawn uniformly
-                    from it (before clamping to what exists; modalities in input_full come on top).
-  target_budget     (lo, hi) inclusive; the same for target tokens.
-  input_alphas      5 Dirichlet concentrations, order modalities.MODALITIES (rgb, depth, normal, audio,
-                    caption). 1.0 everywhere = 4M's uniform mixing; small values (e.g. 0.2) make samples
-                    concentrate on one or two modalities; 0 means that modality is never an input.
-  target_alphas     the same for the targets.
-  input_full        modality names ('caption', 'rgb' or 'tok_rgb', ...) always given WHOLE as input (all
-                    their valid tokens), on top of the Dirichlet budget shared by the other modalities.
-  target_full       modality names whose every token not used as input becomes a target.
-  mixture           None, or a list of dicts, one per component: 'weight' (relative probability) plus any of
-                    input_budget, target_budget, input_alphas, target_alphas, input_full, target_full,
-                    audio_spans, which override the top-level values for samples that draw this component.
-                    An empty dict (besides 'weight') is the plain top-level recipe. See single_source_mixture().
-  min_input_tokens  the encoder never sees fewer inputs than this (an empty encoder gave NaNs in the report's
-                    code): the drawn input budget is raised to it, and every component must be able to give
-                    inputs (a positive input alpha or an input_full modality).
-  audio_spans       (lo, hi) inclusive, 1 <= lo <= hi <= 256: the number of contiguous audio spans drawn per
-                    sample, separately for the inputs and the targets. A high count scatters the frames, as
-                    MaskGIT's decoding does (README: the report's fix 2, the caption + audio -> audio component).
-  mixture_per_batch False (4M): each sample draws its own mixture component. True: one component for the
-                    whole batch, so a batch has one shape; on a CPU train.py then drops the unused padding,
-                    which makes mixtures with whole-modality components ~3x cheaper there.
-
-Properties max_input_tokens / max_target_tokens give the FIXED padded widths of a batch (static shapes for
-torch.compile), large enough for every mixture component.
-
-The report's second fix (train/inference mismatch: random Dirichlet masking almost never asks "predict a whole
-modality from one other alone") is one line in a config file, e.g.
-
-    mixture = single_source_mixture(sources=("caption", "rgb"), target="audio", weight=0.2)
-
-which keeps the usual recipe for 80% of the samples and, for the other 20%, gives the whole caption (or the
-whole rgb grid) as the only input and the whole 512-token audio stream as the target.
-
-The algorithm follows the 4M paper and apple/ml-4m's masking (Dirichlet shares of a token budget per
-modality); the audio spans, the redistribution of clamped budgets and the mixture-as-dicts are ours.
+Vectorized over the batch and free of host syncs, so it runs on the GPU without stalling it; fastpath.py
+replays it as one CUDA graph. The 4M paper and apple/ml-4m's masking are the model; the audio spans, the
+budget redistribution and the mixtures are ours. The report's second fix (train/inference mismatch) is one
+line of a config: `mixture = single_source_mixture(sources=("caption", "rgb"), target="audio", weight=0.2)`.
 """
 from dataclasses import dataclass
 
@@ -85,16 +38,20 @@ COMPONENT_KEYS = ("weight", "input_budget", "target_budget", "input_alphas", "ta
 
 @dataclass
 class MaskingConfig:
-    input_budget: tuple = (16, 256)
-    target_budget: tuple = (16, 256)
+    """train.py's `masking` setting is a dict of these fields (from_settings)."""
+    input_budget: tuple = (16, 256)        # (lo, hi): input tokens per sample, uniform (input_full on top)
+    target_budget: tuple = (16, 256)       # the same for targets
+    # Dirichlet concentrations in modalities.MODALITIES order (rgb, depth, normal, audio, caption): 1.0 = 4M's
+    # uniform mixing, small values concentrate a sample on one or two modalities, 0 = never
     input_alphas: tuple = (1.0,) * NUM_MOD
     target_alphas: tuple = (1.0,) * NUM_MOD
-    input_full: tuple = ()
-    target_full: tuple = ()
+    input_full: tuple = ()                 # modality names always given whole as input, beside the budget
+    target_full: tuple = ()                # modality names whose every non-input token is a target
+    # None, or components: dicts of 'weight' plus any field above (and audio_spans) that they override
     mixture: list = None
-    min_input_tokens: int = 1
-    audio_spans: tuple = (1, 4)
-    mixture_per_batch: bool = False
+    min_input_tokens: int = 1              # never fewer inputs (an empty encoder gave NaNs in the report)
+    audio_spans: tuple = (1, 4)            # (lo, hi) contiguous audio spans per sample, inputs and targets each
+    mixture_per_batch: bool = False        # one component per batch: one shape, so a CPU trims padding
 
     def __post_init__(self):
         self.components()  # validates everything now rather than at the first batch

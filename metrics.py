@@ -12,6 +12,7 @@ import torch
 from tqdm import tqdm
 
 import modalities as M
+import streams as S
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -318,12 +319,12 @@ def fit_grid_reader(ids, labels, num_classes, vocab, features=None, epochs=4, wi
 # caption hypotheses: the exact tokenized caption of each class, as training saw it
 
 def caption_hypotheses(class_names):
-    """-> list of int arrays: each class's caption as training scores it, modalities.encode_caption(
+    """-> list of int arrays: each class's caption as training scores it, streams.encode_caption(
     caption_text(c)) with its trailing padding (after the first end-of-text) set to M.IGNORE_ID: queried,
     not scored (modalities.caption_scored). Two classes with identical ids are an error."""
     hyps = []
     for c in class_names:
-        ids = torch.from_numpy(M.encode_caption(M.caption_text(c)))
+        ids = torch.from_numpy(S.encode_caption(S.caption_text(c)))
         hyps.append(M.caption_targets(ids).numpy().astype(np.int64))
     seen = {}
     for c, h in zip(class_names, hyps):

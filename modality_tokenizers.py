@@ -13,7 +13,7 @@ Real tokenizers (need downloads on first use):
 Offline tokenizers (fitted by tokenize_all.py on the training split, no downloads):
     MelRVQTokenizer    log-mel frames at 75 Hz -> 2-level residual k-means codebook, Griffin-Lim decoder
     PatchKMeansTokenizer  14x14 patches of 16x16 px -> one k-means code per patch
-    CaptionTokenizer   GPT-2 BPE via tiktoken (modalities.encode_caption)
+    CaptionTokenizer   GPT-2 BPE via tiktoken (streams.encode_caption)
 
 Fitted codebooks live in tok/codebooks/<modality>.pt; `load_tokenizer` rebuilds whichever tokenizer
 meta.json says produced a modality, so sampling and evaluation decode with the very same one.
@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 import modalities as M
+import streams as S
 from modalities import pick_device
 
 IMAGE_SIZE = 224
@@ -166,7 +167,7 @@ def _check_windows(waves, device):
 
 class MelRVQTokenizer:
     """Each 75 Hz log-mel frame f is coded as (i, j): i = the level-1 code, j = nearest(f - C1[i], C2);
-    the 512-id stream is modalities.interleave_audio of [i-codes, j-codes]. Decoding sums C1[i] + C2[j] and
+    the 512-id stream is streams.interleave_audio of [i-codes, j-codes]. Decoding sums C1[i] + C2[j] and
     inverts the mel with Griffin-Lim.
 
     What level 1 looks at (`level1`, recorded in the codebook's settings; tokenize_all.py --audio_level1):
@@ -266,7 +267,7 @@ class MelRVQTokenizer:
         return self.codebooks[0][codes[:, 0]] + self.codebooks[1][codes[:, 1]]
 
     def encode(self, waves):
-        return M.interleave_audio(self.codes(waves), self.layout)
+        return S.interleave_audio(self.codes(waves), self.layout)
 
     def id_features(self):
         """[2048, 80]: the log-mel codebook vector behind each audio id (model.py's code features)."""
@@ -274,7 +275,7 @@ class MelRVQTokenizer:
 
     @torch.no_grad()
     def decode(self, ids):
-        codes = M.deinterleave_audio(_as_tensor(ids, self.device, torch.long), self.layout)
+        codes = S.deinterleave_audio(_as_tensor(ids, self.device, torch.long), self.layout)
         codes = codes.clamp(0, self.codebooks.shape[1] - 1)  # a sampled id past a small codebook: clamp
         wave = mel_to_wave(self.codes_to_features(codes), n_iter=self.griffin_lim_iters)
         return wave.clamp(-1, 1).cpu().numpy().astype(np.float32)
@@ -346,7 +347,7 @@ class EncodecTokenizer:
         return torch.cat(out)
 
     def encode(self, waves):
-        return M.interleave_audio(self.codes(waves), self.layout)
+        return S.interleave_audio(self.codes(waves), self.layout)
 
     def id_features(self):
         """[2048, 128]: the quantizer's codebook vector behind each audio id (model.py's code features)."""
@@ -355,7 +356,7 @@ class EncodecTokenizer:
 
     @torch.no_grad()
     def decode(self, ids):
-        codes = M.deinterleave_audio(_as_tensor(ids, self.device, torch.long), self.layout).clamp(0, 1023)
+        codes = S.deinterleave_audio(_as_tensor(ids, self.device, torch.long), self.layout).clamp(0, 1023)
         out = []
         for i in range(0, codes.shape[0], self.batch_size):
             w = self.model.decode([(codes[i:i + self.batch_size], None)])[:, 0]
@@ -407,11 +408,11 @@ class _PretrainedCodec:
         return torch.cat(out)
 
     def encode(self, waves):
-        return M.interleave_audio(self.codes(waves), self.layout)
+        return S.interleave_audio(self.codes(waves), self.layout)
 
     @torch.no_grad()
     def decode(self, ids):
-        codes = M.deinterleave_audio(_as_tensor(ids, self.device, torch.long), self.layout)
+        codes = S.deinterleave_audio(_as_tensor(ids, self.device, torch.long), self.layout)
         codes = codes.clamp(0, self.layout.codebook_size - 1)
         out = []
         for i in range(0, codes.shape[0], self.batch_size):
@@ -772,11 +773,11 @@ class CaptionTokenizer:
 
     def encode(self, texts):
         texts = [texts] if isinstance(texts, str) else list(texts)
-        return torch.from_numpy(np.stack([M.encode_caption(t) for t in texts]))
+        return torch.from_numpy(np.stack([S.encode_caption(t) for t in texts]))
 
     def decode(self, ids):
         ids = ids.cpu().numpy() if torch.is_tensor(ids) else np.asarray(ids)
-        return [M.decode_caption(row) for row in ids.reshape(-1, ids.shape[-1])]
+        return [S.decode_caption(row) for row in ids.reshape(-1, ids.shape[-1])]
 
 
 # ---------------------------------------------------------------------------------------------------

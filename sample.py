@@ -21,6 +21,7 @@ import torch
 
 import configurator
 import modalities as M
+import streams as S
 from generation import continuation_prefix, full_name, generate
 from rawdata import raw_dir, write_json, write_npy, write_png, write_text, write_wav
 
@@ -205,7 +206,7 @@ class Decoder:
 
     def __call__(self, modality, ids):
         if modality == "caption":
-            return [M.decode_caption(row) for row in ids.numpy()]
+            return [S.decode_caption(row) for row in ids.numpy()]
         return list(self.toks[modality].decode(ids.to(self.device)))
 
     def raw(self, clip_id, modality):

@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 import configurator
 import modalities as M
+import streams as S
 import modality_tokenizers as T
 import rawdata
 
@@ -300,7 +301,7 @@ def tokenize_split(split, rows, class_names, raw, out, toks, args, signature):
         B = len(batch)
         for m in M.MODALITIES:
             if m.name == "caption":
-                ids = toks["caption"].encode([r.get("caption") or M.caption_text(r["class"]) for r in batch])
+                ids = toks["caption"].encode([r.get("caption") or S.caption_text(r["class"]) for r in batch])
                 arrays[m.name][start:start + B] = ids.cpu().numpy()
                 continue
             x = np.concatenate([c[m.name] for c in clips])            # [B * 10, ...]

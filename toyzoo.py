@@ -36,7 +36,7 @@ import zlib
 import numpy as np
 
 import rawdata
-from modalities import caption_text
+from streams import caption_text
 
 CLASSES = tuple(sorted(["pig", "sheep", "dog", "cat", "horse", "cow", "chicken", "duck", "pigeon",
                         "coyote", "lion"]))

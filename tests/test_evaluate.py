@@ -14,6 +14,7 @@ import audio_features as AF  # noqa: E402
 import evaluate as E  # noqa: E402
 import metrics  # noqa: E402
 import modalities as M  # noqa: E402
+import streams as S  # noqa: E402
 
 
 # --- statistics
@@ -202,7 +203,7 @@ def test_pig_and_pigeon_are_distinct_hypotheses():
     assert not np.array_equal(hyps[0], hyps[1])
     # each is the caption training scores: the text, its end-of-text, then unscored positions
     for h, name in zip(hyps, ["pig", "pigeon"]):
-        full = M.encode_caption(f"a photo of a {name}")
+        full = S.encode_caption(f"a photo of a {name}")
         n = int((h >= 0).sum())
         assert len(h) == M.CAPTION_LEN and h[n - 1] == M.CAPTION_PAD and (h[n:] == M.IGNORE_ID).all()
         assert np.array_equal(h[:n], full[:n]) and (full[n:] == M.CAPTION_PAD).all()
@@ -437,9 +438,9 @@ def _make_fixture(root, classes=("cat", "pig", "pigeon"), n={"train": 6, "test":
 
     def ids(m, labels):
         if m.name == "caption":
-            return np.stack([M.encode_caption(M.caption_text(classes[c])) for c in labels])
+            return np.stack([S.encode_caption(S.caption_text(classes[c])) for c in labels])
         if m.name == "tok_audio":
-            return M.interleave_audio(rng.integers(0, K, (len(labels), M.NUM_VIEWS, 2, M.AUDIO_FRAMES)))
+            return S.interleave_audio(rng.integers(0, K, (len(labels), M.NUM_VIEWS, 2, M.AUDIO_FRAMES)))
         return rng.integers(0, 64, (len(labels), M.NUM_VIEWS, m.length))
 
     for split, count in n.items():
@@ -559,14 +560,14 @@ def _planted_fixture(root, classes=("cat", "dog", "pig", "cow"), n={"train": 16,
     # hundred steps find
     own = lambda k, shape: np.arange(C).reshape(C, *([1] * len(shape))) * k + rng.integers(0, k, (C, *shape))
     templates = {"tok_rgb": own(2, (196,)), "tok_depth": own(2, (196,)), "tok_normal": own(2, (196,)),
-                 "tok_audio": M.interleave_audio(own(2, (2, M.AUDIO_FRAMES)))}
+                 "tok_audio": S.interleave_audio(own(2, (2, M.AUDIO_FRAMES)))}
 
     def ids(m, labels):
         if m.name == "caption":
-            return np.stack([M.encode_caption(M.caption_text(classes[c])) for c in labels])
+            return np.stack([S.encode_caption(S.caption_text(classes[c])) for c in labels])
         a = np.repeat(templates[m.name][labels][:, None], M.NUM_VIEWS, 1)
         noise = rng.random(a.shape) < 0.1
-        return np.where(noise, M.interleave_audio(rng.integers(0, 2 * C, (len(labels), M.NUM_VIEWS, 2, M.AUDIO_FRAMES)))
+        return np.where(noise, S.interleave_audio(rng.integers(0, 2 * C, (len(labels), M.NUM_VIEWS, 2, M.AUDIO_FRAMES)))
                         if m.name == "tok_audio" else rng.integers(0, 2 * C, a.shape), a)
 
     for split, count in n.items():

@@ -16,6 +16,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 import masking  # noqa: E402
 import modalities as M  # noqa: E402
+import streams as S  # noqa: E402
 import generation  # noqa: E402
 from model import Nano4M, Nano4MConfig  # noqa: E402
 
@@ -50,7 +51,7 @@ def test_default_is_the_reports_layout():
     assert (a.length, a.vocab, M.AUDIO_FRAMES, M.AUDIO_CODEBOOKS, M.AUDIO_CODEBOOK_SIZE) == (512, 2048, 256, 2, 1024)
     assert M.POS_OFFSETS == (0, 196, 392, 588, 1100) and M.TOTAL_POSITIONS == 1116
     codes = np.arange(512).reshape(2, 256) % 1024
-    seq = M.interleave_audio(codes)
+    seq = S.interleave_audio(codes)
     assert seq[0] == codes[0, 0] and seq[1] == codes[1, 0] + 1024 and seq[2 * 7 + 1] == codes[1, 7] + 1024
 
 
@@ -60,15 +61,15 @@ def test_stream_round_trip_and_level_ranges(layout):
     assert abs(K * T - 512) <= 12 and M.BY_NAME["tok_audio"].length == K * T and M.BY_NAME["tok_audio"].vocab == K * V
     g = torch.Generator().manual_seed(K)
     codes = torch.randint(0, V, (5, K, T), generator=g)
-    seq = M.interleave_audio(codes)
+    seq = S.interleave_audio(codes)
     assert seq.shape == (5, K * T)
     level = torch.arange(K * T) % K                   # slot K*t + k holds level k
     assert ((seq >= level * V) & (seq < (level + 1) * V)).all()
     assert torch.equal(seq.view(5, T, K)[:, 9, 1], codes[:, 1, 9] + V)
-    assert torch.equal(M.deinterleave_audio(seq), codes)
-    assert np.array_equal(M.deinterleave_audio(M.interleave_audio(codes.numpy())), codes.numpy())
+    assert torch.equal(S.deinterleave_audio(seq), codes)
+    assert np.array_equal(S.deinterleave_audio(S.interleave_audio(codes.numpy())), codes.numpy())
     with pytest.raises(ValueError, match="expected"):
-        M.interleave_audio(codes[:, :, :-1])
+        S.interleave_audio(codes[:, :, :-1])
 
 
 @all_k
@@ -81,7 +82,7 @@ def test_masking_keeps_whole_frames(layout):
         g = torch.Generator().manual_seed(K)
         toks = masking.random_tokens(400, "cpu", g)
         assert toks["tok_audio"].shape == (400, K * T)
-        toks["tok_audio"] = M.interleave_audio(torch.randint(0, layout.codebook_size, (400, K, T), generator=g))
+        toks["tok_audio"] = S.interleave_audio(torch.randint(0, layout.codebook_size, (400, K, T), generator=g))
         b = masking.build_batch(toks, cfg, g)
         for p in ("enc", "dec"):
             pos, valid, ids = b[p + "_pos"], b[p + "_valid"], b[p + "_ids"]

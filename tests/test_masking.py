@@ -9,6 +9,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import masking as K  # noqa: E402
 import modalities as M  # noqa: E402
+import streams as S  # noqa: E402
 
 N = 2000  # samples per statistical check (one vectorized batch)
 AUDIO, CAPTION = K.AUDIO, K.CAPTION
@@ -346,8 +347,8 @@ def test_caption_query_set_does_not_reveal_its_length():
     cfg = K.MaskingConfig(mixture=[dict(weight=1.0, input_full=("audio",), input_alphas=none, input_budget=(0, 0),
                                         target_full=("caption",), target_alphas=none, target_budget=(0, 0))])
     toks = K.random_tokens(2, generator=torch.Generator().manual_seed(0))
-    toks["caption"][0] = torch.from_numpy(M.encode_caption(M.caption_text("coyote")))
-    toks["caption"][1] = torch.from_numpy(M.encode_caption(M.caption_text("cat")))
+    toks["caption"][0] = torch.from_numpy(S.encode_caption(S.caption_text("coyote")))
+    toks["caption"][1] = torch.from_numpy(S.encode_caption(S.caption_text("cat")))
     b = K.build_batch(toks, cfg, torch.Generator().manual_seed(1))
     assert b["dec_valid"].sum(1).tolist() == [M.CAPTION_LEN, M.CAPTION_LEN]
     assert torch.equal(b["dec_pos"][0], b["dec_pos"][1])

@@ -12,8 +12,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import generation  # noqa: E402
 import sample  # noqa: E402
-from modalities import (MODALITIES, BY_NAME, POS_OFFSETS, CAPTION_PAD, modality_index, encode_caption,  # noqa: E402
-                        caption_text, caption_valid, NULL_ID, null_position, AUDIO_CODEBOOKS, AUDIO_CODEBOOK_SIZE)
+from modalities import (MODALITIES, BY_NAME, POS_OFFSETS, CAPTION_PAD, modality_index,  # noqa: E402
+                        caption_valid, NULL_ID, null_position, AUDIO_CODEBOOKS, AUDIO_CODEBOOK_SIZE)
+import streams as S  # noqa: E402
+from streams import encode_caption, caption_text  # noqa: E402
 from model import Nano4M, Nano4MConfig  # noqa: E402
 
 A0 = POS_OFFSETS[modality_index("audio")]
@@ -308,11 +310,11 @@ def make_fixture(root, n_clips=4, with_raw=True):
     clip_ids = [f"clip{i}" for i in range(n_clips)]
     for m in M.MODALITIES:
         if m.name == "caption":
-            a = np.stack([M.encode_caption(M.caption_text(classes[c])) for c in labels])
+            a = np.stack([S.encode_caption(S.caption_text(classes[c])) for c in labels])
         else:
             a = rng.integers(0, K if m.name != "tok_audio" else 2 * K, (n_clips, M.NUM_VIEWS, m.length))
             if m.name == "tok_audio":   # a valid stream: codebook k's ids offset by 1024 k
-                a = M.interleave_audio(rng.integers(0, K, (n_clips, M.NUM_VIEWS, 2, 256)))
+                a = S.interleave_audio(rng.integers(0, K, (n_clips, M.NUM_VIEWS, 2, 256)))
         np.asarray(a, dtype=np.uint16).tofile(os.path.join(tok, "test", f"{m.name}.bin"))
     labels.astype(np.uint16).tofile(os.path.join(tok, "test", "label.bin"))
     with open(os.path.join(tok, "test", "clip_ids.json"), "w") as f:
@@ -337,7 +339,7 @@ def make_fixture(root, n_clips=4, with_raw=True):
                 write_png(os.path.join(d, f"frame_{v:02d}.png"), rng.integers(0, 255, (224, 224, 3), dtype=np.uint8))
                 frames.append(f"clips/{clip_ids[i]}/frame_{v:02d}.png")
             rows.append(dict(clip_id=clip_ids[i], **{"class": classes[labels[i]]}, source="toyzoo", split="test",
-                             caption=M.caption_text(classes[labels[i]]), audio=f"clips/{clip_ids[i]}/audio.wav",
+                             caption=S.caption_text(classes[labels[i]]), audio=f"clips/{clip_ids[i]}/audio.wav",
                              frames=frames, depths=None, normals=None,
                              keyframe_times=[0.5 * v for v in range(M.NUM_VIEWS)], duration_s=5.0))
         write_manifest(os.path.join(raw, "manifest.jsonl"), rows)

@@ -14,6 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import modalities as M  # noqa: E402
+import streams as S  # noqa: E402
 import modality_tokenizers as T  # noqa: E402
 import rawdata  # noqa: E402
 import tokenize_all  # noqa: E402
@@ -58,7 +59,7 @@ def make_raw_fixture(data_root, dataset="fx"):
             dur = make_clip(os.path.join(raw, "clips", cid), cls, k, seed=100 * ci + k)
             rows.append({
                 "clip_id": cid, "class": cls, "source": "folder", "split": split,
-                "caption": M.caption_text(cls), "audio": f"clips/{cid}/audio.wav",
+                "caption": S.caption_text(cls), "audio": f"clips/{cid}/audio.wav",
                 "frames": [f"clips/{cid}/frame_{v:02d}.png" for v in range(10)],
                 "depths": [f"clips/{cid}/depth_{v:02d}.png" for v in range(10)],
                 "normals": [f"clips/{cid}/normal_{v:02d}.png" for v in range(10)],
@@ -102,8 +103,8 @@ def test_shapes_ranges_meta(tokenized):
         assert np.asarray(arrays["tok_rgb"]).max() < 32
         labels = np.asarray(arrays["label"])
         assert [CLASSES[i] for i in labels] == [c.split("_")[0] for c in arrays["clip_ids"]]
-        captions = [M.decode_caption(r) for r in np.asarray(arrays["caption"])]
-        assert captions == [M.caption_text(CLASSES[i]) for i in labels]
+        captions = [S.decode_caption(r) for r in np.asarray(arrays["caption"])]
+        assert captions == [S.caption_text(CLASSES[i]) for i in labels]
     assert not any(f.endswith(".partial") for f in os.listdir(os.path.join(tokenized, "train")))
 
 

@@ -10,6 +10,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import modalities as M  # noqa: E402
+import streams as S  # noqa: E402
 import modality_tokenizers as T  # noqa: E402
 
 SR = M.AUDIO_SR
@@ -40,11 +41,11 @@ def mel_tok(waves):
 
 def test_interleave_round_trip():
     codes = torch.randint(0, 1024, (3, 7, 2, 256))
-    seq = M.interleave_audio(codes)
+    seq = S.interleave_audio(codes)
     assert seq.shape == (3, 7, 512) and seq.max() < 2048
     assert (seq[..., 0::2] == codes[..., 0, :]).all() and (seq[..., 1::2] == codes[..., 1, :] + 1024).all()
-    assert torch.equal(M.deinterleave_audio(seq), codes)
-    assert np.array_equal(M.deinterleave_audio(M.interleave_audio(codes.numpy())), codes.numpy())
+    assert torch.equal(S.deinterleave_audio(seq), codes)
+    assert np.array_equal(S.deinterleave_audio(S.interleave_audio(codes.numpy())), codes.numpy())
 
 
 def test_log_mel_geometry():
@@ -72,7 +73,7 @@ def test_mel_rvq_ids_and_reconstruction(mel_tok, waves):
     feats = mel_tok.id_features()
     assert feats.shape == (2048, T.N_MELS)
     torch.testing.assert_close(feats[ids[:, 0::2]] + feats[ids[:, 1::2]],
-                               mel_tok.codes_to_features(M.deinterleave_audio(ids)))
+                               mel_tok.codes_to_features(S.deinterleave_audio(ids)))
     assert feats[128:1024].abs().sum() == 0 and feats[1024 + 128:].abs().sum() == 0
 
 
@@ -117,7 +118,7 @@ def test_mel_rvq_exact_parts(mel_tok, waves, tmp_path):
     path = str(tmp_path / "a.pt")
     mel_tok.save(path)
     assert torch.equal(T.MelRVQTokenizer.load(path).encode(waves), mel_tok.encode(waves))
-    assert torch.equal(M.interleave_audio(codes), mel_tok.encode(waves))
+    assert torch.equal(S.interleave_audio(codes), mel_tok.encode(waves))
 
 
 def images(modality, n=6, seed=0):
@@ -196,7 +197,7 @@ def test_encodec_untrained_code_path():
     assert codes.shape == (1, 2, 256) and codes.min() >= 0 and codes.max() < 1024
     ids = tok.encode(x)
     assert ids.shape == (1, 512) and ids.min() >= 0 and ids.max() < 2048
-    assert torch.equal(M.deinterleave_audio(ids), codes)
+    assert torch.equal(S.deinterleave_audio(ids), codes)
     wave = tok.decode(ids)
     assert wave.shape == (1, M.AUDIO_WINDOW) and wave.dtype == np.float32
     # code features: audio id c + 1024 k is codebook k's vector c

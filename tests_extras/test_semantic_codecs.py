@@ -18,6 +18,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 import modalities as M  # noqa: E402
+import streams as S  # noqa: E402
 import modality_tokenizers as T  # noqa: E402
 import tokenize_all  # noqa: E402
 from test_tokenize_all import FAST, make_raw_fixture  # noqa: E402
@@ -93,7 +94,7 @@ def test_round_trip_shapes_and_level_ranges(kind):
     assert ids.shape == (2, K * T_frames)
     level = torch.arange(K * T_frames) % K
     assert ((ids >= level * 64) & (ids < (level + 1) * 64)).all()
-    assert torch.equal(M.deinterleave_audio(ids, lay), codes)
+    assert torch.equal(S.deinterleave_audio(ids, lay), codes)
     wave = tok.decode(ids)
     assert wave.shape == (2, M.AUDIO_WINDOW) and wave.dtype == np.float32 and np.isfinite(wave).all()
     assert np.abs(wave).max() <= 1 and wave.std() > 0
