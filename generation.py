@@ -99,7 +99,8 @@ def generate(model, tokens, known, target, steps=16, schedule="maskgit", tempera
         fed whole, its end-of-text padding included, as training feeds it (modalities.caption_valid).
         A caption target ends at its first end-of-text: once one is decoded (or given), every later position
         is set to end-of-text (the padding training always saw there) and is no longer decoded.
-    schedule: "maskgit" (confidence-ranked commits) or "roar" (random order, accept all of a step).
+    schedule: "maskgit" (confidence-ranked commits), "roar" (random order, accept all of a step) or "raster"
+        (position order, accept all: audio in time order, each step conditioned on the frames before it).
     count_schedule: "cosine" or "linear": how many positions stay masked after each step.
     temperature, temperature_end: sampling temperature, annealed linearly to temperature_end over the steps
         when given. temperature <= 0 means greedy (argmax).
@@ -119,10 +120,10 @@ def generate(model, tokens, known, target, steps=16, schedule="maskgit", tempera
     The model is used as it is: put it in eval mode first (model.load_checkpoint does), or dropout samples too.
     Returns LongTensor [B, L_target] of the target modality's ids (in [0, vocab_target)).
     """
-    for name, value, allowed in (("schedule", schedule, ("maskgit", "roar")),
+    for name, value, allowed in (("schedule", schedule, ("maskgit", "roar", "raster")),
                                  ("count_schedule", count_schedule, ("cosine", "linear"))):
         if value not in allowed:
-            raise ValueError(f"{name} must be {allowed[0]!r} or {allowed[1]!r}, got {value!r}")
+            raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     target = full_name(target)
@@ -150,8 +151,9 @@ def generate(model, tokens, known, target, steps=16, schedule="maskgit", tempera
         temp = temperature if temperature_end is None else temperature + (temperature_end - temperature) * progress
         masked_u = units(masked)                                                # [B, units]
         n_commit = masked_u.sum(dim=1) - masked_count(n_unknown, step, steps, count_schedule)   # [B], >= 0
-        # ROAR's random order: this step's units are picked first, only they are queried, and all are accepted
-        query = random_units(masked, masked_u, n_commit, group, generator) if schedule == "roar" else masked
+        # ROAR and raster: this step's units are picked first, only they are queried, and all are accepted
+        query = random_units(masked, masked_u, n_commit, group, generator) if schedule == "roar" else \
+            first_units(masked, masked_u, n_commit, group) if schedule == "raster" else masked
         if not query.any():
             continue
         flat_now = flat_ids.clone()
@@ -168,7 +170,7 @@ def generate(model, tokens, known, target, steps=16, schedule="maskgit", tempera
         rows, cols = torch.arange(B, device=device)[:, None].expand_as(d_order)[dv], d_order[dv]
         cand = torch.zeros_like(out)
         cand[rows, cols] = sampled
-        commit = query if schedule == "roar" else \
+        commit = query if schedule != "maskgit" else \
             confident_units(masked, logp, rows, cols, n_commit, group, remask_noise, 1.0 - progress, generator)
         out = torch.where(commit, cand, out)
         masked = masked & ~commit
@@ -260,6 +262,12 @@ def random_units(masked, masked_u, n_commit, group, generator):
     score = torch.where(masked_u, _rand(masked_u.shape, generator, masked.device), -1.0)
     rank = torch.argsort(torch.argsort(score, dim=1, descending=True), dim=1)
     return masked & (rank < n_commit[:, None]).repeat_interleave(group, dim=1)
+
+
+def first_units(masked, masked_u, n_commit, group):
+    """The raster pick: the first n_commit masked units of each row in position order -> Bool [B, L_target]."""
+    rank = masked_u.long().cumsum(dim=1) - 1
+    return masked & (masked_u & (rank < n_commit[:, None])).repeat_interleave(group, dim=1)
 
 
 def confident_units(masked, logp, rows, cols, n_commit, group, noise, anneal, generator):

@@ -39,7 +39,7 @@ view = 0                    # which of the 10 views (keyframe + its audio window
 num_samples = 2             # generations per clip
 batch_size = 32
 steps = 16                  # decoding steps
-schedule = "maskgit"        # 'maskgit' (confidence-ranked) or 'roar' (random order, accept all)
+schedule = "maskgit"        # 'maskgit' (confidence-ranked), 'roar' (random order) or 'raster' (time order)
 count_schedule = "cosine"   # 'cosine' or 'linear': how many positions stay masked after each step
 temperature = 1.0
 temperature_end = None      # anneal linearly to this over the steps (None = constant)

@@ -136,7 +136,7 @@ class Recorder(torch.nn.Module):
 
 
 @all_k
-@pytest.mark.parametrize("schedule", ["maskgit", "roar"])
+@pytest.mark.parametrize("schedule", ["maskgit", "roar", "raster"])
 def test_sampling_commits_whole_frames(layout, schedule):
     K, T = layout.codebooks, layout.frames
     torch.manual_seed(0)

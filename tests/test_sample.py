@@ -99,7 +99,7 @@ def test_masked_count_cosine_ends_at_zero():
     assert [generation.masked_count(10, s, 5, "linear") for s in range(5)] == [8, 6, 4, 2, 0]
 
 
-@pytest.mark.parametrize("schedule", ["maskgit", "roar"])
+@pytest.mark.parametrize("schedule", ["maskgit", "roar", "raster"])
 def test_schedule_decodes_every_position_once_and_keeps_given(schedule):
     model = Recorder(tiny_model())
     tokens, known = mixed_batch()
@@ -142,9 +142,12 @@ def test_schedule_decodes_every_position_once_and_keeps_given(schedule):
                 # committed this step = queried now but not at the next step (all of them at the last)
                 committed = dec - rows_of(model.calls[s + 1], b)[1] if s + 1 < S else dec
             else:
-                # ROAR queries only this step's positions, and accepts them all
+                # ROAR and raster query only this step's positions, and accept them all
                 committed = dec
                 assert dec <= unknown - committed_so_far
+                if schedule == "raster":   # in time order: every frame committed now precedes every one left
+                    left = frame(unknown - committed_so_far - committed)
+                    assert not (left and committed) or max(frame(committed)) < min(left), (s, b)
             assert len(frame(committed)) == still - keep, (s, b)
             # never half a frame: a committed frame's every unknown token is committed with it
             assert committed == {p for p in unknown if (p - A0) // 2 in frame(committed)}
@@ -443,7 +446,7 @@ class CaptionScript(nn.Module):
         return logits
 
 
-@pytest.mark.parametrize("schedule", ["maskgit", "roar"])
+@pytest.mark.parametrize("schedule", ["maskgit", "roar", "raster"])
 def test_caption_target_is_padding_after_its_first_end_of_text(schedule):
     model = CaptionScript()
     audio = torch.randint(0, 2048, (2, 512), generator=gen(3))
@@ -478,7 +481,7 @@ class WrongCodebook(nn.Module):
         return torch.where(other, 8.0, 0.0) + torch.sin(ids * 0.37 + h) * 0.1
 
 
-@pytest.mark.parametrize("schedule", ["maskgit", "roar"])
+@pytest.mark.parametrize("schedule", ["maskgit", "roar", "raster"])
 def test_every_audio_slot_samples_from_its_own_codebook(schedule):
     """Codebook-true sampling: slot K*t + k only ever gets an id of codebook k, [k * V, (k + 1) * V), even
     from a model that prefers the other codebook (before, e^8 odds would put nearly every slot in the wrong
