@@ -99,8 +99,7 @@ def generate(model, tokens, known, target, steps=16, schedule="maskgit", tempera
         fed whole, its end-of-text padding included, as training feeds it (modalities.caption_valid).
         A caption target ends at its first end-of-text: once one is decoded (or given), every later position
         is set to end-of-text (the padding training always saw there) and is no longer decoded.
-    schedule: "maskgit" (confidence-ranked commits), "roar" (random order, accept all of a step) or "raster"
-        (position order, accept all: audio in time order, each step conditioned on the frames before it).
+    schedule: "maskgit" (confidence-ranked commits); "roar" / "raster" (random / position order, accept all).
     count_schedule: "cosine" or "linear": how many positions stay masked after each step.
     temperature, temperature_end: sampling temperature, annealed linearly to temperature_end over the steps
         when given. temperature <= 0 means greedy (argmax).
@@ -151,9 +150,8 @@ def generate(model, tokens, known, target, steps=16, schedule="maskgit", tempera
         temp = temperature if temperature_end is None else temperature + (temperature_end - temperature) * progress
         masked_u = units(masked)                                                # [B, units]
         n_commit = masked_u.sum(dim=1) - masked_count(n_unknown, step, steps, count_schedule)   # [B], >= 0
-        # ROAR and raster: this step's units are picked first, only they are queried, and all are accepted
-        query = random_units(masked, masked_u, n_commit, group, generator) if schedule == "roar" else \
-            first_units(masked, masked_u, n_commit, group) if schedule == "raster" else masked
+        # ROAR and raster: this step's units are picked first (audio in time order for raster), only they are queried
+        query = PICK[schedule](masked, masked_u, n_commit, group, generator) if schedule in PICK else masked
         if not query.any():
             continue
         flat_now = flat_ids.clone()
@@ -264,10 +262,13 @@ def random_units(masked, masked_u, n_commit, group, generator):
     return masked & (rank < n_commit[:, None]).repeat_interleave(group, dim=1)
 
 
-def first_units(masked, masked_u, n_commit, group):
+def first_units(masked, masked_u, n_commit, group, generator=None):
     """The raster pick: the first n_commit masked units of each row in position order -> Bool [B, L_target]."""
     rank = masked_u.long().cumsum(dim=1) - 1
     return masked & (masked_u & (rank < n_commit[:, None])).repeat_interleave(group, dim=1)
+
+
+PICK = {"roar": random_units, "raster": first_units}   # the schedules that accept every unit they query
 
 
 def confident_units(masked, logp, rows, cols, n_commit, group, noise, anneal, generator):

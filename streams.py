@@ -1,7 +1,4 @@
-"""
-A modality's content <-> its stream of ids, for the scripts that tokenize and decode (training reads ids only):
-the audio codes' interleave (the layout in force, modalities.AUDIO_LAYOUT) and the caption's GPT-2 BPE.
-"""
+"""A modality's content <-> its ids, for the scripts that tokenize and decode (training reads ids only)."""
 import os
 
 import numpy as np
@@ -10,7 +7,6 @@ import torch
 import modalities as M
 
 
-# ---------------------------------------------------------------------------------------------------
 # audio stream layout: seq[K*t + k] = c[k, t] + k * V (M.AUDIO_LAYOUT)
 
 def interleave_audio(codes, layout=None):
@@ -47,7 +43,6 @@ def audio_sample_of(index):
     return int(round((index // M.AUDIO_CODEBOOKS) * M.AUDIO_SR / M.AUDIO_LAYOUT.frame_rate))
 
 
-# ---------------------------------------------------------------------------------------------------
 # captions: GPT-2 BPE through tiktoken, offline when the ranks file is at hand
 
 _R50K_HASH = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
