@@ -119,7 +119,7 @@ def generate(model, tokens, known, target, steps=16, schedule="maskgit", tempera
     The model is used as it is: put it in eval mode first (model.load_checkpoint does), or dropout samples too.
     Returns LongTensor [B, L_target] of the target modality's ids (in [0, vocab_target)).
     """
-    for name, value, allowed in (("schedule", schedule, ("maskgit", "roar", "raster")),
+    for name, value, allowed in (("schedule", schedule, ("maskgit", *PICK)),
                                  ("count_schedule", count_schedule, ("cosine", "linear"))):
         if value not in allowed:
             raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
