@@ -1,19 +1,14 @@
 """
-4M-style input/target masking, with contiguous whole-frame spans on the audio stream (a frame = the audio
-layout's K codebook ids; K = 2 for the report's EnCodec, so stride-2 spans).
+4M-style input/target masking (after apple/ml-4m), with contiguous whole-frame spans on the audio stream (a
+frame = K codebook ids; K = 2 for EnCodec: stride-2 spans).
 
 build_batch(tokens, cfg, generator) turns one view per sample ({modality: LongTensor [B, L_m]}) into the
-padded encoder/decoder batch of docs/interfaces.md. Per sample it (1) picks a mixture component, (2) draws an
-input budget, splits it over the modalities by Dirichlet(input_alphas) proportions, clamped to what each has
-(what clamping frees goes to those with room), (3) does the same for the targets over the tokens the inputs
-left, (4) picks uniformly random positions (rgb/depth/normal/caption) or a few contiguous frame spans (audio),
-and (5) packs the chosen tokens, modality order then position order. Budgets are exact unless the allowed
-modalities hold fewer tokens, or audio must round to whole frames (then up to K - 1 short).
-
-Vectorized over the batch and free of host syncs, so it runs on the GPU without stalling it; fastpath.py
-replays it as one CUDA graph. The 4M paper and apple/ml-4m's masking are the model; the audio spans, the
-budget redistribution and the mixtures are ours. The report's second fix (train/inference mismatch) is one
-line of a config: `mixture = single_source_mixture(sources=("caption", "rgb"), target="audio", weight=0.2)`.
+padded encoder/decoder batch of docs/interfaces.md. Per sample: (1) a mixture component; (2) an input budget
+split over the modalities by Dirichlet(input_alphas), capped by what each has (the excess goes to the others);
+(3) the same for targets over what the inputs left; (4) uniformly random positions, or a few frame spans for
+audio; (5) the chosen tokens packed, modality order then position order. Sync-free and vectorized, so the GPU
+never stalls (fastpath.py replays it as one CUDA graph). The report's second fix is one config line:
+`mixture = single_source_mixture(sources=("caption", "rgb"), target="audio", weight=0.2)`.
 """
 from dataclasses import dataclass
 
@@ -59,8 +54,7 @@ class MaskingConfig:
             raise ValueError(f"min_input_tokens={self.min_input_tokens}: must be >= 1")
 
     def components(self):
-        """The mixture resolved into full components: a list of dicts with every key of COMPONENT_KEYS;
-        alphas as 5 floats, full as 5 bools."""
+        """The mixture, validated, as full dicts of COMPONENT_KEYS (alphas: 5 floats, full: 5 bools)."""
         base = dict(weight=1.0, input_budget=self.input_budget, target_budget=self.target_budget,
                     input_alphas=self.input_alphas, target_alphas=self.target_alphas,
                     input_full=self.input_full, target_full=self.target_full, audio_spans=self.audio_spans)
@@ -105,8 +99,7 @@ class MaskingConfig:
 
     @classmethod
     def from_settings(cls, settings):
-        """The MaskingConfig of a script's settings (train.py's, or a checkpoint's saved 'config'): its
-        'masking' dict, or, in checkpoints from before that group, the fields saved flat beside the rest."""
+        """From train.py's settings (or a checkpoint's 'config'): its 'masking' dict, or older flat fields."""
         fields = set(cls.__dataclass_fields__)
         if isinstance(settings.get("masking"), dict):
             unknown = set(settings["masking"]) - fields
@@ -130,16 +123,13 @@ class MaskingConfig:
         return max(1, min(max(widths), M.TOTAL_POSITIONS))
 
     @property
-    def max_audio_spans(self):
-        # read straight from the settings (validated at construction): it is asked for on every batch, and
-        # components() re-validates the whole mixture
+    def max_audio_spans(self):   # from the raw settings: components() would re-validate on every batch
         return max(int(c.get("audio_spans", self.audio_spans)[1]) for c in (self.mixture or [{}]))
 
 
 def single_source_mixture(sources=("caption", "rgb"), target="audio", weight=0.2):
-    """A mixture: with probability 1 - weight the usual Dirichlet recipe; with probability weight one of
-    `sources` (equally likely) is the WHOLE input and the whole `target` modality is the target.
-    This is the report's fix for the train/inference mismatch of single-source generation."""
+    """The report's fix for the train/inference mismatch: with probability weight, one of `sources` whole in
+    and the whole `target` out; else the usual Dirichlet recipe."""
     if not 0 < weight < 1:
         raise ValueError(f"weight={weight}: must be in (0, 1)")
     sources = (sources,) if isinstance(sources, str) else tuple(sources)
@@ -173,9 +163,8 @@ def _build_tables(cfg, device):
 
 
 def _tables(cfg, device):
-    # per-component parameters as device tensors, built once per (config, device): creating them on every
-    # call would be a host-to-device copy, which synchronizes the CUDA stream
-    # (never evicted: captured CUDA graphs read these tensors)
+    # device tensors built once per (config, device): a copy per call would sync the CUDA stream (never
+    # evicted: captured CUDA graphs read them)
     key = (repr(cfg), str(device), M.AUDIO_LAYOUT)
     if key not in _TABLES:
         _TABLES[key] = _build_tables(cfg, device)
@@ -183,20 +172,16 @@ def _tables(cfg, device):
 
 
 # ---------------------------------------------------------------------------------------------------
-# random draws. build_batch draws all its random numbers as one uniform and one normal tensor and slices
-# them: on the GPU every op is a kernel launch, and launches, not arithmetic, are what this code costs.
-# torch.distributions' Gamma/Dirichlet take no generator (not reproducible from a CUDA generator), so the
-# Gamma sampler is ours.
+# random draws: one uniform and one normal tensor per batch, sliced (on a GPU, launches are the cost); our own
+# Gamma sampler, since torch.distributions' takes no generator
 
 GAMMA_ROUNDS = 8
 
 
 def gamma_log(alpha, x, u, ub):
-    """log Gamma(alpha, 1) samples, elementwise, from given draws: x ~ N(0, 1) and u ~ U(0, 1) of shape
-    [GAMMA_ROUNDS, *alpha.shape], ub ~ U(0, 1) of alpha's shape; -inf where alpha == 0.
-    Marsaglia-Tsang squeeze method with a fixed number of proposal rounds (no data-dependent loop: each round
-    is accepted with probability >= 0.95, so all 8 fail with probability < 1e-10, and then the mode is used).
-    alpha < 1 uses Gamma(a) = Gamma(a + 1) * U^(1/a), kept in log space so tiny alphas do not underflow."""
+    """log Gamma(alpha, 1), elementwise, from draws x ~ N(0, 1), u ~ U(0, 1) [GAMMA_ROUNDS, *alpha.shape] and
+    ub ~ U(0, 1) [alpha.shape]; -inf where alpha == 0. Marsaglia-Tsang with a fixed 8 rounds (all fail with
+    p < 1e-10: then the mode); alpha < 1 via Gamma(a + 1) * U^(1/a), in log space so tiny alphas never underflow."""
     small = alpha < 1
     a = torch.where(small, alpha + 1, alpha)
     d = a - 1.0 / 3.0
@@ -241,25 +226,18 @@ def _uniform_int(lo, hi, u):
 # budgets
 
 def _rank_desc(v):
-    """Rank of each entry of v [B, K] in descending order, ties to the lower index. Pairwise comparison
-    ([B, K, K], K = 5) is cheaper than a sort, above all on the GPU."""
+    """Descending rank of each entry of v [B, K], ties to the lower index (pairwise: cheaper than a sort)."""
     idx = torch.arange(v.shape[-1], device=v.device)
     before = (v[:, None, :] > v[:, :, None]) | ((v[:, None, :] == v[:, :, None]) & (idx < idx[:, None]))
     return before.sum(-1)
 
 
 def allocate(total, p, cap, min_total=None):
-    """Integer token counts [B, 5] that sum to total [B] (or to all there is, if less), in proportion to
-    p [B, 5] (float64; 0 = this modality gets nothing), each at most cap [B, 5].
-
-    Water-filling: the shares are lam * p_i capped at cap_i, with lam such that they sum to total; that is,
-    what a capped modality cannot take goes to the others in proportion to their p. Modality i fills up at
-    lam = cap_i / p_i; lam lies below the first such breakpoint at which the capped sum reaches total, so
-    comparing all breakpoints pairwise gives it in closed form. Then floor, and the tokens left over one each
-    to the largest fractional parts (never above a cap: a capped share is an exact integer).
-    Audio is then made whole frames (a multiple of K): the r = count % K spare tokens move to another modality
-    with room for all r, or else audio rounds down (up if that would leave fewer than min_total; its cap is a
-    multiple of K, so there is room)."""
+    """Integer counts [B, 5] summing to total [B] (or all there is), in proportion to p [B, 5] (float64),
+    each at most cap [B, 5]. Water-filling in closed form: shares min(lam * p_i, cap_i), lam found by comparing
+    the breakpoints cap_i / p_i pairwise; floor, then the leftover to the largest fractions. Audio is then
+    made whole frames: its count % K spare ids move to a modality with room, else audio rounds down (up if that
+    would leave fewer than min_total)."""
     capf = cap.double()
     use = p > 0
     fill_at = torch.where(use, capf / p.clamp_min(1e-300), 1e300)                                  # [B, 5]
@@ -307,15 +285,9 @@ def _draw_counts(comp, tab, which, cap, p, u, min_total):
 # audio spans
 
 def _spans(length, n, u, lo, hi):
-    """Contiguous spans along a frame axis of `length` [N] frames (<= T) covering exactly n [N] frames,
-    from uniforms u [N, 2 * H] (H >= every hi). lo, hi [N]: each row's inclusive range of span counts.
-    Returns a bool mask [N, T] (T = M.AUDIO_FRAMES; only the first `length` entries of a row can be True).
-
-    Construction: per sample draw s spans (uniform in [lo, hi], at most n). Cut the n chosen frames into s
-    span lengths and the length - n free frames into s + 1 gaps (before, between, after the spans), each a
-    random partition given by sorted uniform cut points (unused cuts sit at the end and give empty parts).
-    Span i starts after gaps 0..i and spans 0..i-1. Rounding can give an empty span or an empty inner gap
-    (two spans merge), so a sample has at most s runs."""
+    """Bool mask [N, T] of contiguous spans covering exactly n [N] of the first `length` [N] frames, from
+    uniforms u [N, 2 * H] (H >= every hi); lo, hi [N]: each row's range of span counts. s spans cut the n
+    frames, s + 1 gaps cut the rest, each by sorted uniform cut points (rounding may merge spans: <= s runs)."""
     N, device = n.shape[0], n.device
     H = u.shape[1] // 2
     s = torch.minimum(lo + (u[:, 0] * (hi - lo + 1)).long(), hi)
@@ -342,11 +314,8 @@ def _spans(length, n, u, lo, hi):
 
 def build_batch(tokens, cfg, generator=None, cuda_graph=True):
     """tokens {modality name: LongTensor [B, L_m]} -> dict enc_ids, enc_pos, enc_valid, dec_pos, dec_ids,
-    dec_valid (see docs/interfaces.md), on the tokens' device. `generator` (on that device) makes it
-    reproducible. No host-device synchronization: on CUDA the work is only queued.
-
-    On CUDA with cuda_graph=True the ops are replayed as one captured CUDA graph (fastpath.graphed_batch);
-    the random numbers are drawn outside it from `generator`, so both paths give identical batches."""
+    dec_valid (docs/interfaces.md) on the tokens' device, reproducible from `generator`. On CUDA with
+    cuda_graph=True, replayed as one CUDA graph (fastpath.graphed_batch): the same batch, fewer launches."""
     missing = [m.name for m in M.MODALITIES if m.name not in tokens]
     if missing:
         raise ValueError(f"build_batch: tokens lack modalities {missing}")
@@ -405,12 +374,8 @@ def _assemble(tokens, U, Z, cfg):
     n_in = _draw_counts(comp, tab, "input", avail, p[:, 0], u["budget"][:, 0], cfg.min_input_tokens)
     n_tgt = _draw_counts(comp, tab, "target", avail - n_in, p[:, 1], u["budget"][:, 1], None)
 
-    # 4a. rgb / depth / normal / caption: one random order per modality over its available tokens; inputs are
-    # the first n_in of that order, targets the next n_tgt (a uniform subset of what the inputs left).
-    # Caption: random tokens too. It has 16 tokens ("a photo of a cat", end-of-text, then end-of-text padding:
-    # all of them can be chosen, see modalities.caption_valid) and its Dirichlet share often covers them all; when it
-    # is split, random tokens keep the budgets exact, and the class word sits at a random place among few
-    # tokens, so spans (4M's choice for long text) would buy nothing here.
+    # 4a. rgb / depth / normal / caption: one random order per modality; inputs are its first n_in, targets the
+    # next n_tgt. Random tokens for the 16-id caption too: spans (4M's choice for long text) buy nothing here.
     cap_row = torch.nn.functional.pad(cap_valid, (0, BLOCK - M.CAPTION_LEN))
     avail_blk = torch.cat([tab["grid_block"].expand(B, n_blk - 1, BLOCK), cap_row[:, None]], 1)    # [B, 4, BLOCK]
     scores = torch.where(avail_blk, u["scores"].view(B, n_blk, BLOCK), 2.0)
@@ -420,9 +385,8 @@ def _assemble(tokens, U, Z, cfg):
     k_end = k_in + n_tgt.index_select(1, tab["non_audio"])[:, :, None]
     blk = torch.stack([rank < k_in, (rank >= k_in) & (rank < k_end)], 0)                          # [2, B, 4, BLOCK]
 
-    # 4b. audio: input spans on the whole frame axis; target spans on the frames the inputs left, laid out
-    # contiguously (a "compressed" axis) and mapped back, so a target span may straddle an input span.
-    # Both are drawn in one call, stacked as [2 * B] rows.
+    # 4b. audio: input spans on the frame axis; target spans on the frames the inputs left, laid out
+    # contiguously and mapped back (a target span may straddle an input span); one call for both.
     FRAMES, K = M.AUDIO_FRAMES, M.AUDIO_CODEBOOKS
     f_in = n_in[:, AUDIO] // K
     f_tgt = n_tgt[:, AUDIO] // K
@@ -456,9 +420,7 @@ def _assemble(tokens, U, Z, cfg):
 
 
 def trim_padding(batch):
-    """Drop the padded columns no sample of this batch uses (build_batch packs each sample's tokens first).
-    The fixed widths only serve torch.compile and the GPU; on a CPU a mixture with a whole-audio component
-    would otherwise pay for 512 + 512 slots on every sample."""
+    """Drop the padded columns no sample uses: fixed widths serve torch.compile and the GPU, not a CPU."""
     n_in = int(batch['enc_valid'].sum(1).max())
     n_out = max(int(batch['dec_valid'].sum(1).max()), 1)
     return {k: v[:, :n_in] if k.startswith('enc') else v[:, :n_out] for k, v in batch.items()}
@@ -475,13 +437,9 @@ def random_tokens(B, device="cpu", generator=None):
 
 
 def condition_dropout(batch, rate, generator=None):
-    """Conditioning dropout (classifier-free guidance's training half, as in MaskGIT-style guided models): each
-    sample, with probability `rate`, loses every input token of a modality it has no target in, so it is
-    asked for its targets from their own modality's visible tokens alone. A sample left with no input gets
-    the null token (modalities.NULL_ID at modalities.null_position), exactly the unconditional input that
-    generation.generate feeds for guidance, so the guided direction is one the model has learnt. The kept
-    inputs stay packed first, in order. batch: build_batch's dict; returns a new one (targets untouched).
-    Sync-free, like build_batch."""
+    """Guidance's training half: with probability `rate` a sample loses every input of the modalities it has no
+    target in; one left with none gets the null token (modalities.NULL_ID), the unconditional input
+    generation.generate feeds. Kept inputs stay packed first; returns a new dict, sync-free."""
     if rate <= 0:
         return batch
     enc_ids, enc_pos, enc_valid = batch["enc_ids"], batch["enc_pos"], batch["enc_valid"]

@@ -1,22 +1,12 @@
 """
-The five-modality table and everything that touches the tokenized arrays on disk.
+The five-modality table and the tokenized arrays on disk (docs/interfaces.md): uint16 memmaps
+tok/<split>/<modality>.bin ([N, 10, L] per view, [N, L] for the caption), label.bin and clip_ids.json,
+described by tok/meta.json. Ids of every modality start at 0 in one 50,304-id space; the modality embedding
+tells them apart. A token's *global position* (its modality's offset plus its index in the stream) gives
+its modality and its row/col, frame/codebook or index, so a batch needs only (ids, positions).
 
-One shared id space of 50,304 ids; each modality uses ids from 0 up to its own vocab size, and the
-modality embedding tells overlapping ids apart. Every stream is stored as uint16 memmaps described by
-`data/<dataset>/tok/meta.json` (see ../shared/docs/design.md):
-
-    tok/<split>/<modality>.bin   uint16 [N, 10, L] for per-view streams, [N, L] for the caption
-    tok/<split>/label.bin        uint16 [N]   class index into meta["class_names"]
-    tok/<split>/clip_ids.json    the raw clip id of each row (to find ground truth in data/<dataset>/raw)
-
-Each model token carries a *global position*: the offset of its modality in the concatenation of all
-streams plus its index inside the stream. The modality and the (row, col) / (frame, codebook) / index
-layout are both derived from it, so a batch only needs (ids, positions).
-
-The audio stream's layout (K codebooks of V codes over T frames) comes from the audio tokenizer and is
-recorded in meta.json. It is module state, set once per process by load_meta (or set_audio_layout): the
-modality table, the global positions and the AUDIO_* names below follow it, so read them as
-`modalities.NAME` when you use them, never copy them at import. The default is the report's EnCodec layout.
+The audio layout (K codebooks of V codes over T frames) is the tokenizer's, recorded in meta.json, and is
+module state set by load_meta: read MODALITIES, POS_OFFSETS and AUDIO_* as `modalities.NAME`, never copy them.
 """
 import json
 import os
@@ -125,13 +115,8 @@ def position_modality(pos):
 # the caption's masks (its BPE codec: streams.py)
 
 def caption_valid(caption):
-    """[..., CAPTION_LEN] ids -> bool mask of the caption tokens that take part as inputs or targets: all of
-    them, the end-of-text padding included (as targets the loss scores only up to the first end-of-text, see
-    caption_scored). Where the text ends is part of what is predicted. Masking only
-    the text and its first end-of-text would make the number of caption positions (which the decoder sees
-    as its queries) tell the model the caption's length, and with it the class wherever one class name has
-    its own length: on ToyZoo "coyote" is the only two-id name, and a model trained that way ranked
-    "coyote" first for every test clip (audio -> class top-1 at chance, top-5 97%)."""
+    """[..., CAPTION_LEN] ids -> bool mask of the caption tokens that take part: all of them, padding included,
+    so the number of caption queries never gives away the caption's length (and with it the class)."""
     if torch.is_tensor(caption):
         return torch.ones_like(caption, dtype=torch.bool)
     return np.ones(np.shape(caption), dtype=bool)
@@ -141,11 +126,8 @@ IGNORE_ID = -1              # a decoder target that is queried but not scored (s
 
 
 def caption_scored(caption):
-    """[..., CAPTION_LEN] ids -> bool mask of the caption positions the loss scores: the text and its first
-    end-of-text. The padding after that first end-of-text follows from it, so scoring it would only dilute
-    the words: "a photo of a cat" is 5 ids of 16, and with its 11 trailing pads the class word was 1/16 of
-    the caption's length-normalized loss instead of 1/6. The trailing positions stay decoder queries (and
-    inputs) all the same: caption_valid's length leak does not come back."""
+    """[..., CAPTION_LEN] ids -> bool mask of the positions the loss scores: the text and its first end-of-text
+    (the padding after it follows from it; scoring it would dilute the class word). The rest stay queries."""
     pad = caption == CAPTION_PAD
     return (pad.cumsum(-1) if torch.is_tensor(pad) else np.cumsum(pad, -1)) <= 1
 
@@ -157,15 +139,13 @@ def caption_targets(caption):
 
 
 # ---------------------------------------------------------------------------------------------------
-# the unconditional ("null") input: what conditioning dropout leaves in training and what classifier-free
-# guidance feeds at sampling, one definition for both (masking.condition_dropout, generation.generate)
+# the unconditional ("null") input of conditioning dropout (training) and guidance (sampling)
 
 NULL_ID = CAPTION_PAD       # an empty caption: end-of-text alone
 
 
 def null_position(caption_targeted):
-    """Global position of the null token: caption index 0, or the caption's last index when the caption is
-    being predicted (so it never sits on a queried caption word). Takes a bool or a BoolTensor."""
+    """Global position of the null token: caption index 0, or its last index when the caption is predicted."""
     start = POS_OFFSETS[MODALITY_NAMES.index("caption")]
     if torch.is_tensor(caption_targeted):
         return start + caption_targeted.long() * (CAPTION_LEN - 1)
@@ -194,9 +174,7 @@ def load_meta(tok_path):
 
 
 def open_tokenized(dataset, data_root="data", splits=None, also=()):
-    """(tok_path, meta, {split: memmaps}) of a tokenized dataset: the named splits (each must be there) and
-    those of `also` that meta.json lists, or every split it lists. meta.json is read first: it sets the
-    dataset's audio layout."""
+    """(tok_path, meta, {split: memmaps}): the named splits (or all), plus those of `also` that exist."""
     tok_path = tok_dir(dataset, data_root)
     meta = load_meta(tok_path)
     names = list(meta["splits"]) if splits is None else list(splits)
@@ -222,9 +200,7 @@ class UntrustedFileError(ValueError):
 
 
 def load_torch_file(path, map_location="cpu", trust=False, flag="--trust_checkpoint=True"):
-    """torch.load with weights_only=True: tensors, dicts, lists, numbers and strings only, so a file someone
-    else made cannot run code when it is opened (a pickle may name any callable to run on load).
-    trust=True (the scripts' --trust_checkpoint=True) loads a file of your own that predates this, at your word."""
+    """torch.load(weights_only=True): a file cannot run code when opened. trust=True: a pickled file of your own."""
     import pickle
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such file")
@@ -242,8 +218,7 @@ def load_torch_file(path, map_location="cpu", trust=False, flag="--trust_checkpo
 
 
 def open_split(tok_path, split, meta=None):
-    """Memory-map one split: {modality name: uint16 memmap, 'label': [N]} plus 'clip_ids' (list).
-    Nothing is read into memory."""
+    """Memory-map one split: {modality name: uint16 memmap, 'label': [N]} plus 'clip_ids' (list)."""
     meta = meta or load_meta(tok_path)
     if split not in meta["splits"]:
         raise ValueError(f"split {split!r} not in {tok_path}/meta.json (has {list(meta['splits'])})")
@@ -269,11 +244,8 @@ def open_split(tok_path, split, meta=None):
 
 
 def shift_grids(tokens, max_shift, generator=None):
-    """Move every image grid of each sample by one random whole-patch offset (dy, dx), |dy|, |dx| <= max_shift,
-    the same for rgb, depth and normal (they stay pixel-aligned); the rows / columns uncovered at the border
-    repeat the nearest patch. tokens: {name: LongTensor [B, L]} as gather_views returns it; a new dict.
-    An augmentation that is exact in id space: a patch keeps its id when it moves, so the model sees the same
-    animal at new grid positions without any re-tokenizing."""
+    """Shift each sample's image grids by one random whole-patch offset (|dy|, |dx| <= max_shift, the same for
+    rgb, depth and normal; borders repeat): exact in id space, a patch keeps its id. Returns a new dict."""
     B = tokens[MODALITIES[0].name].shape[0]
     d = torch.randint(-max_shift, max_shift + 1, (B, 2), generator=generator)
     r = torch.arange(GRID)
@@ -288,8 +260,7 @@ def shift_grids(tokens, max_shift, generator=None):
 
 
 def gather_views(arrays, clips, views):
-    """Read the given (clip, view) pairs: returns {modality name: LongTensor [B, L]} and labels [B].
-    Reads only the rows asked for; sorted fancy indexing keeps the memmap reads sequential-ish."""
+    """Read the given (clip, view) pairs: returns {modality name: LongTensor [B, L]} and labels [B]."""
     clips = np.asarray(clips)
     views = np.asarray(views)
     out = {}

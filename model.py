@@ -2,21 +2,14 @@
 The nano4M encoder-decoder, in one file.
 
 Inputs are (id, global position) pairs chosen by masking.py; targets are global positions whose ids the
-decoder must predict. Every token embedding is token + modality + position, where the modality and the
-per-modality position (image row/col, audio frame/codebook, caption index) both follow from the global
-position (see modalities.py). The encoder runs over the inputs; decoder queries are a learned mask token
-plus modality and position embeddings, they attend to each other (within their own modality, as in 4M) and
-cross-attend to the encoder output.
+decoder predicts. An embedding is token + modality + position, both read off the global position
+(modalities.py). Decoder queries (a mask token + modality + position) attend to each other within their
+modality, as in 4M, and cross-attend to the encoder. The loss is each modality's mean CE over its scored
+targets, then the mean over the modalities present, so 512 audio ids do not drown a 5-id caption; in float32
+(a bf16 softmax over 50k ids gave NaNs in the report). head='full' is the report's one softmax over all ids.
 
-The loss is length-normalized per modality: each modality's cross-entropy is averaged over its own scored
-targets (a target whose id is modalities.IGNORE_ID, the caption's trailing padding, is a query only),
-then the modalities present in the batch are averaged with equal weight, so the 512-token audio stream does
-not drown the ~5-token caption. With head='modality' (the default) each modality's logits only span its own
-id range; head='full' is the report's one softmax over all 50,304 ids. Either way in float32 (bf16 softmax
-over a 50k vocabulary produced NaNs in the report).
-
-Beside this file: adapters.py (ToyZoo's embedding adapters, model_args['adapters']), fastpath.py (the same
-loss with hand-written autograd, model.fast) and packing.py (the trunk on real tokens only, model.packed).
+Beside it: adapters.py (ToyZoo's embedding adapters), fastpath.py (the same loss, hand-written autograd) and
+packing.py (the trunk on real tokens only).
 
     model = Nano4M(Nano4MConfig())
     loss, per_modality = model(enc_ids, enc_pos, enc_valid, dec_pos, dec_valid, dec_ids)
@@ -46,17 +39,9 @@ class Nano4MConfig:
     bias: bool = False          # bias in Linears and LayerNorms
     vocab_size: int = VOCAB_SIZE
     dec_same_modality: bool = True  # decoder self-attention only among targets of the same modality (4M)
-    # 'modality': each modality's targets are scored by a softmax over its own id range only (an audio target
-    # competes with 2,048 ids, a caption target with 50,304), the head nano4M-Audio trains by default.
-    # 'full': the report's head, one softmax over all vocab_size ids for every target: an audio target also
-    # competes with every rgb, depth and BPE id, so its CE is the report's quantity.
-    head: str = 'modality'
-    # 'learned': factorised learned positions (image row + col, audio frame + codebook, caption index).
-    # 'sincos': the report's code, one fixed 1-D sin-cos table over the flat global position (0 .. 1,115),
-    # the same table for every modality (the modality embedding tells them apart)
-    pos_emb: str = 'learned'
-    # None: the report's model. A dict of adapters.AdapterConfig: ToyZoo's embedding adapters (adapters.py)
-    adapters: dict = None
+    head: str = 'modality'      # a softmax over each modality's own ids; 'full': the report's, over all ids
+    pos_emb: str = 'learned'    # factorised row/col, frame/codebook, index; 'sincos': the report's fixed 1-D table
+    adapters: dict = None       # None: the report's model; a dict of adapters.AdapterConfig: ToyZoo's
     separate_vocab: InitVar[bool] = None        # (LEGACY_ADAPTER_KEYS: fold into adapters)
     code_feature_dims: InitVar[tuple] = None
     feature_only: InitVar[tuple] = None
@@ -201,9 +186,8 @@ class Nano4M(nn.Module):
         self.register_buffer("pos_modality", position_modality(torch.arange(M.TOTAL_POSITIONS)), persistent=False)
         # the head row offset of each global position's modality (all zero with the shared table)
         self.register_buffer("pos_row_offset", torch.tensor(self.row_offset)[self.pos_modality], persistent=False)
-        # how a step is computed, not what it computes (not saved; train.py / bench.py set them): fast = the
-        # loss through fastpath.py's hand-written head; packed = the trunk on the real tokens only (packing.py);
-        # static_head = fastpath's head in static shapes with no host sync. All give the same numbers.
+        # how a step is computed, not what (train.py / bench.py set them): fastpath.py's head, packing.py's
+        # trunk on real tokens, fastpath's static-shape head. All give the same numbers.
         self.fast, self.packed, self.static_head = False, False, False
 
         # GPT-2's init, unless the adapters keep PyTorch's own Linear init (init='torch', adapters.py)
@@ -337,8 +321,7 @@ class Nano4M(nn.Module):
         return self.loss(h, dec_pos, dec_ids, dec_valid)
 
     def compile_trunk(self, **kwargs):
-        """torch.compile the static-shape trunk only; the per-modality head's row counts vary per batch
-        (with static_head, fastpath's static head is compiled too). The state_dict keys stay unchanged."""
+        """torch.compile the static-shape trunk (and fastpath's static head); state_dict keys unchanged."""
         self.decode_hidden = torch.compile(self.decode_hidden, **kwargs)
         if self.static_head:
             import fastpath
@@ -349,12 +332,8 @@ class Nano4M(nn.Module):
     # training helpers (nanoGPT-style)
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, block_lr_scale=1.0):
-        """AdamW; weight decay on matrices and embeddings (>= 2-D), none on norms, biases, vectors.
-        block_lr_scale (ToyZoo's adapters setting): the learning rate of the encoder/decoder blocks (and of
-        the adapters' grid CNNs) relative to the rest. Every group carries its 'lr_scale'; train.py multiplies
-        the scheduled lr by it. Below 1 helps a small, fast-trained model: at a high lr Adam's first noisy
-        steps move the small-init block weights far enough to swamp which token is which, while the
-        embeddings still need the high lr (docs/experiments.md)."""
+        """AdamW, weight decay on >= 2-D weights only. block_lr_scale (ToyZoo's): the blocks' lr relative to the
+        embeddings' (each group's 'lr_scale', which train.py applies to the schedule; docs/experiments.md)."""
         in_block = lambda name: name.startswith(("encoder.", "decoder.", "adapters.grid_conv."))
         named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
         groups = []
@@ -365,18 +344,14 @@ class Nano4M(nn.Module):
                 if ps:
                     groups.append({"params": ps, "weight_decay": weight_decay if matrices else 0.0,
                                    "lr": learning_rate * scale, "lr_scale": scale})
-        # fused AdamW: one kernel over all parameters on CUDA; on a CPU (torch >= 2.4) one vectorised pass
-        # instead of a dozen, ~5x faster there, where the small ToyZoo model's 22M embedding and head weights
-        # make the optimizer step a large part of the step
+        # fused: one kernel on CUDA; one vectorised pass on a CPU (torch >= 2.4), ~5x faster there
         use_fused = device_type in ("cuda", "cpu") and "fused" in inspect.signature(torch.optim.AdamW).parameters
         extra = {"fused": True} if use_fused else {}
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **extra)
 
     def flops_per_step(self, batch_size, n_in, n_out):
-        """Training FLOPs (forward + backward = 3x forward, 2 per multiply-add) of one step with n_in input
-        and n_out target slots per sample. Counts the padded slots (they are computed), attention scores,
-        and the head at the mean vocabulary of the five modalities (targets split evenly on average), and the
-        grid_conv CNNs where they are on."""
+        """Training FLOPs of a step (3x forward) with n_in / n_out slots per sample, padding included; the head
+        at the modalities' mean vocabulary."""
         D, Le, Ld = self.config.n_embd, self.config.n_enc_layer, self.config.n_dec_layer
         enc = n_in * Le * (12 * D * D + 4 * n_in * D)
         dec = Ld * (n_out * (14 * D * D + 4 * n_out * D + 4 * n_in * D) + n_in * 2 * D * D)
@@ -389,22 +364,19 @@ class Nano4M(nn.Module):
         return 3 * 2 * batch_size * (enc + dec + head + stem)
 
     def estimate_mfu(self, batch_size, n_in, n_out, dt, peak_flops=989e12):
-        """Model FLOPs utilization of a step that took dt seconds. peak_flops: the accelerator's dense peak
-        for the dtype used (H100 SXM bf16 989e12; for fp32 via TF32 pass ~494e12)."""
+        """Model FLOPs utilization of a dt-second step; peak_flops: H100 bf16 989e12 (TF32 ~494e12)."""
         return self.flops_per_step(batch_size, n_in, n_out) / dt / peak_flops
 
 
 def mean_over_modalities(sums, counts):
-    """-> (the mean over the modalities present of each one's mean CE, {name: (sum_ce, count)}) from the
-    per-modality CE sums and target counts ([n_mod] tensors); no targets at all gives a zero still in the graph."""
+    """(mean over present modalities of each one's mean CE, {name: (sum_ce, count)}) from [n_mod] sums, counts."""
     present = counts > 0
     loss = (sums / counts.clamp_min(1)).sum() / present.sum().clamp_min(1)
     return loss, {name: (sums[m].detach(), counts[m]) for m, name in enumerate(MODALITY_NAMES)}
 
 
 def sincos_table(n, dim):
-    """[n, dim] fixed 1-D sin-cos positions (Vaswani et al. 2017): sin in the first half, cos in the second,
-    frequencies 1 / 10000^(2i / dim)."""
+    """[n, dim] fixed 1-D sin-cos positions (Vaswani et al. 2017): sin half, then cos half."""
     half = dim // 2
     freq = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float64) / half)
     angle = torch.arange(n, dtype=torch.float64)[:, None] * freq[None]
@@ -412,14 +384,8 @@ def sincos_table(n, dim):
     return torch.nn.functional.pad(table, (0, dim - 2 * half)).float()
 
 
-def model_config(model_args):
-    """Nano4MConfig from a checkpoint's model_args (those from before adapters.py fold in, see Nano4MConfig)."""
-    return Nano4MConfig(**model_args)
-
-
 def read_checkpoint(path, device="cpu", trust=False):
-    """-> the checkpoint dict, checked. Loaded with weights_only=True (modalities.load_torch_file);
-    trust=True (--trust_checkpoint=True) only for a file of your own that needs pickle."""
+    """-> the checkpoint dict, checked; weights_only unless trust (modalities.load_torch_file)."""
     import os
     from modalities import load_torch_file
     if not os.path.exists(path):
@@ -433,7 +399,7 @@ def read_checkpoint(path, device="cpu", trust=False):
 
 def model_from_checkpoint(checkpoint, **override):
     """The model a checkpoint dict holds (its weights loaded; override: model_args to replace, e.g. dropout)."""
-    model = Nano4M(model_config(dict(checkpoint["model_args"], **override)))
+    model = Nano4M(Nano4MConfig(**dict(checkpoint["model_args"], **override)))
     state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in checkpoint["model"].items()}
     model.load_state_dict(state)
     return model

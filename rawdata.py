@@ -315,11 +315,12 @@ def stratified_order(strata, seed):
     return order
 
 
-def train_subset(dataset, data_root, train_split, k, seed):
+def train_subset(dataset, data_root, train_split, k, seed, report_to=None):
     """The train rows of a K-clip subset run (train.py --max_train_clips): the first K of a seeded
     stratified_order over class x source, so a data-scale scan is nested. The source comes from the raw
-    manifest; a tokenized set without one is stratified by class alone (said in the returned note).
-    -> (sorted int64 rows, note or None)."""
+    manifest; a tokenized set without one is stratified by class alone (with a printed note).
+    report_to: a run's out_dir: print the subset's make-up and write its clip ids to train_clips.json there.
+    -> sorted int64 rows."""
     n = len(train_split['label'])
     if k > n:
         raise ValueError(f"max_train_clips={k} but the train split has only {n} train clips")
@@ -330,4 +331,12 @@ def train_subset(dataset, data_root, train_split, k, seed):
     else:
         note = f"{manifest} not found: the train subset is stratified by class alone"
     strata = [(int(c), source.get(cid, '')) for c, cid in zip(train_split['label'], train_split['clip_ids'])]
-    return np.sort(stratified_order(strata, seed)[:k]), note
+    rows = np.sort(stratified_order(strata, seed)[:k])
+    if report_to is not None:
+        if note:
+            print(f"note: {note}")
+        write_json(os.path.join(report_to, 'train_clips.json'), [train_split['clip_ids'][i] for i in rows])
+        labels = np.asarray(train_split['label'])
+        per = np.bincount(labels[rows], minlength=int(labels.max()) + 1).tolist()
+        print(f"train subset: {k} of {n} clips, per class {per} (ids in {report_to}/train_clips.json)")
+    return rows

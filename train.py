@@ -1,20 +1,13 @@
 """
-Train nano4M on a tokenized dataset. Single process:
+Train nano4M on a tokenized dataset:
 
-    python train.py config/audio.py
-    python train.py config/toyzoo.py --dtype=bfloat16 --compile=True
-
-DDP on one node with 8 GPUs (gradient_accumulation_steps must be a multiple of the world size):
-
+    python train.py config/audio.py --dtype=bfloat16 --compile=True
     torchrun --standalone --nproc_per_node=8 train.py config/audio.py --gradient_accumulation_steps=8
 
-Every setting below can be overridden by a config file or --key=value (see configurator.py).
-Each step draws batch_size random (clip, view) pairs from the memmapped train split, allocates input and
-target tokens with 4M Dirichlet masking (masking.py) and minimizes the per-modality-averaged cross-entropy.
-Runs max_iters updates; evaluates every eval_interval and after the last update, which is saved too.
-Check a config without training: python train.py config/audio.py --dry_run=True (the resolved settings as JSON).
-Writes out_dir/ckpt.pt (atomically; --init_from=resume continues exactly the same run), out_dir/log.jsonl
-(per-modality eval CE on train and val at every eval) and out_dir/train_log.jsonl (the logged train steps).
+Each step masks batch_size random (clip, view) pairs of the memmapped train split with 4M Dirichlet masking
+(masking.py) and minimizes the per-modality-averaged cross-entropy. Settings: a config file or --key=value
+(--help lists them; --dry_run=True prints them resolved). Writes out_dir/ckpt.pt (atomically;
+--init_from=resume continues the same curve), log.jsonl (eval CE per modality) and train_log.jsonl.
 """
 import json
 import math
@@ -24,7 +17,6 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict, fields
 
-import numpy as np
 import torch
 from torch.distributed import init_process_group, destroy_process_group
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -43,11 +35,9 @@ log_interval = 10
 eval_iters = 20                 # batches per split per eval (the same batches every eval: fixed seed)
 eval_only = False
 always_save_checkpoint = True   # else only when val loss improves
-init_from = 'scratch'           # 'scratch', 'resume' (from out_dir/ckpt.pt) or the path of another run's ckpt.pt:
-                                # a warm start from its weights (and architecture), with a fresh optimizer, schedule
-                                # and step count (a curriculum: pretrain on one task mix, then go on with another)
-trust_checkpoint = False        # checkpoints load with torch.load(weights_only=True); True: also a file of your own
-                                # that needs pickle (older checkpoints of this project). Never for someone else's
+init_from = 'scratch'           # 'scratch', 'resume' (out_dir/ckpt.pt), or another run's ckpt.pt: its weights with
+                                # a fresh optimizer and schedule (a curriculum)
+trust_checkpoint = False        # True: also load a pickled checkpoint of your own (never someone else's)
 # wandb logging
 wandb_log = False
 wandb_project = 'nano4m-audio'
@@ -56,16 +46,13 @@ wandb_mode = 'offline'          # 'online' to sync; offline works without networ
 # data
 dataset = 'toyzoo'
 data_root = 'data'
-max_train_clips = 0             # 0 = all; K = a class x source stratified subset of K train clips, nested (the
-                                # clips of K lie inside those of 2K) and fixed by seed (data-scale scans)
+max_train_clips = 0             # 0 = all; K = a stratified subset of K train clips, nested, fixed by seed
 gradient_accumulation_steps = 1 # total over all DDP ranks
 batch_size = 64                 # per rank, per micro-step
-masking = asdict(MaskingConfig())  # the masking settings, one group (masking.py says what each does; the defaults
-                                # live there): e.g. --masking.input_budget=(8,64) or masking = dict(...) in a config
-cond_dropout = 0.1              # conditioning dropout: this fraction of train samples keep only the inputs of the
-                                # modalities they predict (or the null token), the input guidance uses at sampling
-                                # (masking.condition_dropout; MaskGIT-style guided models use ~0.1; the report 0)
-augment_shift = 0               # train batches: move the image grids by up to this many patches (modalities.shift_grids)
+masking = asdict(MaskingConfig())  # one group, defaults in masking.py: e.g. --masking.input_budget=(8,64)
+cond_dropout = 0.1              # share of train samples that keep only their targets' modalities' inputs: guidance's
+                                # unconditional half (masking.condition_dropout; the report: 0)
+augment_shift = 0               # train batches: shift the image grids by up to this many patches
 # model
 n_enc_layer = 6
 n_dec_layer = 6
@@ -74,12 +61,9 @@ n_head = 8
 dropout = 0.0
 bias = False
 dec_same_modality = True
-head = 'modality'               # 'modality': a softmax over each modality's own ids; 'full': the report's one softmax
-                                # over all 50,304 ids (model.py)
-pos_emb = 'learned'             # 'learned': factorised learned positions; 'sincos': the report's fixed 1-D sin-cos table
-                                # over the flat global position (model.py)
-adapters = None                 # ToyZoo's embedding adapters (adapters.py), a dict of separate_vocab, code_features,
-                                # feature_only, grid_conv, init, block_lr_scale; None = the report's model
+head = 'modality'               # a softmax over each modality's own ids; 'full': the report's, over all 50,304
+pos_emb = 'learned'             # factorised learned positions; 'sincos': the report's fixed 1-D table
+adapters = None                 # None = the report's model; a dict: ToyZoo's embedding adapters (adapters.py)
 # adamw optimizer
 learning_rate = 1e-4
 max_iters = 18311
@@ -96,25 +80,20 @@ min_lr = 1e-6
 device = 'auto'                 # 'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = 'float32'               # 'float32' (TF32 matmuls on CUDA), 'bfloat16' (autocast) or 'float16'
 compile = False                 # torch.compile the trunk (the static-shape part of the model)
-compile_mode = 'default'        # its torch.compile mode: 'reduce-overhead' replays the trunk as CUDA graphs
-                                # (fewer host launches: the fastest bf16 step on an H200, README "Speed")
+compile_mode = 'default'        # 'reduce-overhead': the trunk as CUDA graphs (fastest on an H200, docs/speed.md)
 peak_flops = 989e12             # for MFU: the accelerator's dense peak (H100 SXM bf16)
-fast_path = True                # the same loss through fastpath.py (hand-written head, counts copied ahead, masking as
-                                # one CUDA graph; measured faster: bench.py --heads=per_modality,plain); False: only
-                                # model.py's and masking.py's plain code (F.cross_entropy, no packing unless 'on')
-packing = 'auto'                # (fast path) the trunk on real tokens only (packing.py; same loss and grads): 'on', 'off',
-                                # or 'auto' = on for eager CPU steps (measured faster: bench.py --budgets=recipe),
-                                # off on a GPU (unmeasured there) and under --compile (it needs static shapes)
-static_head = False             # (fast path) the head in static shapes, no host sync (fastpath.static_shape_loss): lets
-                                # --compile take the head too; more FLOPs (measured slower on a CPU)
+fast_path = True                # the same loss through fastpath.py (measured faster: bench.py); False: the plain code
+packing = 'auto'                # the trunk on real tokens only (packing.py): 'on', 'off', 'auto' = on for eager CPU steps
+static_head = False             # (fast path) a static-shape head that --compile can take too (slower on a CPU)
 threads = 0                     # CPU threads for torch (0 = torch's default); 1 is best on a busy machine
 seed = 1337
-dry_run = False                 # True: resolve every setting, build the model, print them as one JSON line, exit
-                                # without reading data
+dry_run = False                 # True: print the resolved settings and the model's size as JSON, then exit
 # -----------------------------------------------------------------------------------------------------
 _defaults = configurator.settings(globals())
 try:
     _config = configurator.apply_overrides(_defaults, sys.argv[1:])
+    configurator.check_choices(_config, {'dtype': ('float32', 'bfloat16', 'float16'), 'compile_mode': (
+        'default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs')})   # torch.compile's modes
 except configurator.ConfigError as e:
     raise SystemExit(f"train.py: {e}")
 globals().update(_config)
@@ -142,21 +121,18 @@ def resolve_adapters(tok_path=None, meta=None):
         raise SystemExit(f"train.py: {e}")
 
 
-if dry_run:
-    # what this command would train, resolved (config files, then --key=value), and the model it builds;
-    # code feature widths and a warm start's architecture come from files, which a dry run does not read
+if dry_run:   # the resolved settings and model (code feature widths come from the data, not read here)
     model_args['adapters'] = resolve_adapters()[0]
     try:
-        _model = Nano4M(Nano4MConfig(**model_args))
+        _n = Nano4M(Nano4MConfig(**model_args)).get_num_params()
     except ValueError as e:
         raise SystemExit(f"train.py: {e}")
-    _n = _model.get_num_params()
-    _features = bool(adapters and adapters.get('code_features'))
-    print(f"model: {_n / 1e6:.2f}M parameters" + (" (without code features: their widths come from the "
-                                                  "dataset's tokenizers)" if _features else ""))
+    print(f"model: {_n / 1e6:.2f}M parameters" + (" (without code features)" if adapters and adapters.get(
+        'code_features') else ""))
     print(json.dumps({**config, 'derived': {
-        'n_params': _n, 'audio_span_stride': modalities.AUDIO_CODEBOOKS, 'lr_schedule': 'linear warmup then cosine' if decay_lr
-        else 'constant', 'max_input_tokens': mask_cfg.max_input_tokens, 'max_target_tokens': mask_cfg.max_target_tokens,
+        'n_params': _n, 'audio_span_stride': modalities.AUDIO_CODEBOOKS,
+        'lr_schedule': 'linear warmup then cosine' if decay_lr else 'constant',
+        'max_input_tokens': mask_cfg.max_input_tokens, 'max_target_tokens': mask_cfg.max_target_tokens,
         'architecture_from': init_from if init_from != 'scratch' else 'these settings'}}, default=str))
     sys.exit(0)
 
@@ -183,21 +159,14 @@ else:
     ddp_rank, ddp_world_size, master_process, seed_offset = 0, 1, True, 0
     device = modalities.pick_device(device)
 device_type = 'cuda' if 'cuda' in device else ('mps' if 'mps' in device else 'cpu')
-if dtype not in ('float32', 'bfloat16', 'float16'):
-    raise SystemExit(f"--dtype must be float32, bfloat16 or float16, not {dtype!r}")
-COMPILE_MODES = ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs')   # torch.compile's
-if compile_mode not in COMPILE_MODES:
-    raise SystemExit(f"--compile_mode={compile_mode!r}: choose one of {', '.join(COMPILE_MODES)}")
-# these modes replay the trunk as CUDA graphs, whose outputs the next replay overwrites: each step (and each
-# eval batch) tells torch a new iteration begins, so a graph is never read after it was replayed again
+# CUDA-graph modes: each step and eval batch marks a new iteration, so no graph output is read after a replay
 cuda_graphs = compile and device_type == 'cuda' and compile_mode in ('reduce-overhead', 'max-autotune')
 if packing.lower() not in ('auto', 'on', 'true', 'off', 'false'):
     raise SystemExit(f"--packing={packing!r}: choose auto, on or off")
 use_packing = packing.lower() in ('on', 'true') or (packing.lower() == 'auto' and fast_path and device_type == 'cpu'
                                                     and not compile)
 if use_packing and compile:
-    raise SystemExit("--packing=on needs eager steps (the packed trunk's shapes change every batch): drop --compile "
-                     "or use --packing=auto")
+    raise SystemExit("--packing=on needs eager steps (its shapes change every batch): drop --compile")
 
 tokens_per_iter = gradient_accumulation_steps * ddp_world_size * batch_size * (
     mask_cfg.max_input_tokens + mask_cfg.max_target_tokens)
@@ -231,18 +200,11 @@ train_rows = None               # the train rows a subset run draws from (None: 
 if max_train_clips:
     from rawdata import train_subset   # class x source stratified, nested, fixed by the seed
     try:
-        train_rows, _note = train_subset(dataset, data_root, splits['train'], max_train_clips, seed)
+        train_rows = train_subset(dataset, data_root, splits['train'], max_train_clips, seed,
+                                  report_to=out_dir if master_process else None)
     except ValueError as e:
         raise SystemExit(f"train.py: {tok_path}: {e}")
     n_train = max_train_clips
-    if master_process:
-        if _note:
-            print(f"note: {_note}")
-        with open(os.path.join(out_dir, 'train_clips.json'), 'w') as _f:
-            json.dump([splits['train']['clip_ids'][i] for i in train_rows], _f)
-        _per = np.bincount(np.asarray(splits['train']['label'])[train_rows], minlength=len(meta['class_names']))
-        print(f"train subset: {max_train_clips} of {len(splits['train']['label'])} clips, per class {_per.tolist()} "
-              f"(ids in {out_dir}/train_clips.json)")
 num_clips = {s: (n_train if s == 'train' else len(a['label'])) for s, a in splits.items()}
 if master_process:
     print(f"data: {tok_path}, " + ", ".join(f"{s} {n} clips" for s, n in num_clips.items()))
