@@ -553,8 +553,9 @@ def images_to_unit(images, modality, device):
 
 
 def unit_to_images(x, modality, depth_ref=(0.0, 1.0)):
-    """Inverse of images_to_unit. Depth has lost its per-image offset and scale in the tokens, so it is
-    shown with the training set's typical ones (depth_ref = median per-image mean and std of log depth)."""
+    """Inverse of images_to_unit. Depth (log, standardised) is scaled back with depth_ref, the training set's
+    median per-image mean and std: exact for depth_norm='global'; per-image codes lost their own, so those
+    maps are shown at the typical scale."""
     if modality == "tok_depth":
         d = torch.expm1(x[:, 0] * depth_ref[1] + depth_ref[0])
         return d.round().clamp(0, 65535).cpu().numpy().astype(np.uint16)
@@ -593,6 +594,7 @@ class PatchKMeansTokenizer:
     (40k training patches, 20 iterations) it gave 26.9 dB PSNR against 26.2 dB for a single 1,024-entry
     codebook and 26.1 dB for 64 x 256, and fits in about the same time."""
     kind = "patch_kmeans"
+    DEPTH_NORMS = ("image", "global")   # depth: standardised per image (the default) or by depth_ref for all
 
     def __init__(self, modality, means, shapes, settings=None, device="cpu"):
         self.modality = M.SHORT_NAMES.get(modality, modality)
@@ -603,6 +605,9 @@ class PatchKMeansTokenizer:
         self.down = int(self.settings.get("down", 2))
         self.channels = 1 if self.modality == "tok_depth" else 3
         self.depth_ref = tuple(self.settings.get("depth_ref", (0.0, 1.0)))
+        self.depth_norm = self.settings.get("depth_norm", "image")
+        if self.depth_norm not in self.DEPTH_NORMS:
+            raise ValueError(f"{self.modality}: depth_norm={self.depth_norm!r}: expected one of {self.DEPTH_NORMS}")
         self.size = self.means.shape[0] * self.shapes.shape[0]
         if self.size > M.BY_NAME[self.modality].vocab:
             raise ValueError(f"{self.modality}: {self.means.shape[0]} x {self.shapes.shape[0]} codes > vocab "
@@ -644,6 +649,9 @@ class PatchKMeansTokenizer:
     def patch_vectors(self, images):
         """Raw images -> patch vectors [B, 196, D] (and depth's per-image mean/std)."""
         x, stats = images_to_unit(images, self.modality, self.device)
+        if stats is not None and self.depth_norm == "global":   # log depth on one scale, which decode inverts
+            mean, std = (s[:, None, None, None] for s in stats)
+            x = (x * std + mean - self.depth_ref[0]) / self.depth_ref[1]
         return patchify(x, self.down), stats
 
     def ids_from_vectors(self, v):

@@ -57,13 +57,16 @@ depth_codes = "%dx%d" % T.DEFAULT_CODES["tok_depth"]
 normal_codes = "%dx%d" % T.DEFAULT_CODES["tok_normal"]
 audio_codes = T.DEFAULT_CODES["tok_audio"]               # mel_rvq, per level, <= 1024
 audio_level1 = "shape"            # what mel_rvq's level 1 codes (modality_tokenizers.MelRVQTokenizer.LEVEL1_MODES)
+depth_norm = "image"              # patch_kmeans depth: log depth standardised per image, or "global": by the train
+                                  # set's typical mean and std, so a patch's code depends on its own depth alone
 kmeans_iters = 20
 fit_clips = 100                   # train clips read to fit the codebooks
 fit_vectors = 40000               # vectors (frames / patches) per codebook fit
 griffin_lim_iters = 32            # mel_rvq decoding
 DEFAULTS = configurator.settings(globals())
 CHOICES = {"audio_tokenizer": ("mel_rvq", "encodec", "speechtokenizer", "mimi"),
-           "image_tokenizer": ("patch_kmeans", "divae"), "audio_level1": T.MelRVQTokenizer.LEVEL1_MODES}
+           "image_tokenizer": ("patch_kmeans", "divae"), "audio_level1": T.MelRVQTokenizer.LEVEL1_MODES,
+           "depth_norm": T.PatchKMeansTokenizer.DEPTH_NORMS}
 
 
 def codes_arg(key, text):
@@ -165,6 +168,8 @@ def codebook_settings(args, modality, train_ids):
         s.update(kind="mel_rvq", codes=args.audio_codes, level1=args.audio_level1)
     else:
         s.update(kind="patch_kmeans", codes=list(getattr(args, modality[4:] + "_codes")))
+        if modality == "tok_depth" and args.depth_norm != "image":   # (older codebooks record none: "image")
+            s.update(depth_norm=args.depth_norm)
     return s
 
 
@@ -219,6 +224,13 @@ def fit_codebooks(args, rows, raw, tok_path, device):
                 depth_stats.append(torch.stack(stats, 1).cpu())
     for m in todo:
         x = torch.cat(vecs[m])
+        ref = (0.0, 1.0)
+        if m == "tok_depth":   # the train set's typical per-image mean and std of log depth
+            s = torch.cat(depth_stats)                                       # [images, 2], in the order of x
+            ref = (s[:, 0].median().item(), s[:, 1].median().item())
+            if args.depth_norm == "global":   # each image's patches back to log depth, then one fixed scale
+                per = s.repeat_interleave(len(x) // len(s), 0)
+                x = (x * per[:, 1:] + per[:, :1] - ref[0]) / ref[1]
         g = torch.Generator().manual_seed(args.seed)
         x = x[torch.randperm(len(x), generator=g)[:args.fit_vectors]]
         fit = codebook_settings(args, m, train_ids)
@@ -229,12 +241,9 @@ def fit_codebooks(args, rows, raw, tok_path, device):
                                         level1=args.audio_level1, griffin_lim_iters=args.griffin_lim_iters)
             err = f"mse {tok.settings['mse_level1']:.3f} -> {tok.settings['mse_level2']:.3f}"
         else:
-            ref = (0.0, 1.0)
-            if m == "tok_depth":
-                s = torch.cat(depth_stats)
-                ref = (s[:, 0].median().item(), s[:, 1].median().item())
+            extra = dict(depth_norm=args.depth_norm) if m == "tok_depth" else {}
             tok = T.PatchKMeansTokenizer.fit(m, x, *fit["codes"], iters=args.kmeans_iters, seed=args.seed,
-                                             device=device, depth_ref=ref, fit=fit)
+                                             device=device, depth_ref=ref, fit=fit, **extra)
             err = f"mse {tok.settings['mse']:.4f}"
         print(f"fitted {m}: {fit['codes']} codes on {len(x)} vectors in {time.time() - t0:.1f}s "
               f"({err}, data variance {tok.settings['variance']:.3f})")

@@ -147,6 +147,25 @@ def test_audio_level1_shape_delta(fixture_root, tokenized, tmp_path):
                               np.asarray(M.open_split(tokenized, "test")["tok_audio"]))
 
 
+
+def test_depth_norm_global(fixture_root, tokenized, tmp_path):
+    """--depth_norm=global: the depth codebook records it (so it is refit, never mistaken for the default's),
+    and the stored ids are what the loaded tokenizer gives the clip's depth maps."""
+    root = str(tmp_path)
+    shutil.copytree(os.path.join(fixture_root, "fx"), os.path.join(root, "fx"))
+    tokenize_all.main(["--dataset=fx", f"--data_root={root}", "--depth_norm=global"] + FAST)
+    tok_path = M.tok_dir("fx", root)
+    meta = M.load_meta(tok_path)
+    depth_tok = T.load_tokenizer(tok_path, meta, "depth")
+    assert depth_tok.depth_norm == "global" and depth_tok.settings["fit"]["depth_norm"] == "global"
+    assert T.load_tokenizer(tokenized, M.load_meta(tokenized), "depth").depth_norm == "image"
+    arrays = M.open_split(tok_path, "test", meta)
+    raw = rawdata.raw_dir("fx", root)
+    row = next(r for r in rawdata.read_manifest(os.path.join(raw, "manifest.jsonl"))
+               if r["clip_id"] == arrays["clip_ids"][0])
+    maps = tokenize_all.load_images(row, raw, "tok_depth")
+    assert np.array_equal(depth_tok.encode(maps).numpy(), np.asarray(arrays["tok_depth"][0]))
+
 def run_cli(root, extra_env=None):
     env = dict(os.environ, **(extra_env or {}))
     return subprocess.run([sys.executable, os.path.join(ROOT, "tokenize_all.py"), "--dataset=fx",

@@ -173,6 +173,36 @@ def test_patch_kmeans(modality, means, shapes, tmp_path):
     assert torch.equal(T.PatchKMeansTokenizer.load(path).encode(test), ids)
 
 
+
+def test_patch_kmeans_depth_norm_global():
+    """depth_norm='global' codes log depth on one fixed scale (the train set's typical mean and std), so a map
+    decodes at its own depth; the per-image default keeps only the shape, decoded at the typical scale."""
+    rng = np.random.default_rng(0)
+
+    def scene(level):   # a floor at `level`, an 80 px square twice as near
+        d = np.full((224, 224), level, np.float64)
+        y, x = rng.integers(0, 144, 2)
+        d[y:y + 80, x:x + 80] = level / 2
+        return d.astype(np.uint16)
+
+    train = np.stack([scene(level) for level in rng.uniform(4000, 40000, 24)])
+    logd = np.log1p(train.astype(np.float64))
+    ref = (float(np.median(logd.mean((1, 2)))), float(np.median(logd.std((1, 2)))))
+    test = np.stack([scene(5000), scene(40000)])
+    decoded = {}
+    for norm in T.PatchKMeansTokenizer.DEPTH_NORMS:
+        helper = T.PatchKMeansTokenizer("tok_depth", torch.zeros(1, 1), torch.zeros(1, 1),
+                                        dict(depth_norm=norm, depth_ref=ref))
+        v, _ = helper.patch_vectors(train)
+        tok = T.PatchKMeansTokenizer.fit("tok_depth", v.reshape(-1, v.shape[-1]), 16, 8, iters=8, seed=0,
+                                         depth_ref=ref, depth_norm=norm)
+        assert tok.depth_norm == norm
+        decoded[norm] = np.median(tok.decode(tok.encode(test)).astype(np.float64), axis=(1, 2))   # the floors
+    assert np.allclose(decoded["global"], [5000, 40000], rtol=0.15)
+    assert decoded["image"][0] == pytest.approx(decoded["image"][1], rel=0.05)   # one scale for both maps
+    with pytest.raises(ValueError, match="depth_norm"):
+        T.PatchKMeansTokenizer("tok_depth", torch.zeros(1, 1), torch.zeros(1, 1), dict(depth_norm="per_patch"))
+
 def test_caption():
     tok = T.CaptionTokenizer()
     ids = tok.encode(["a photo of a cow", "a photo of a pigeon"])
