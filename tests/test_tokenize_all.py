@@ -125,20 +125,27 @@ def test_load_tokenizer_decodes(tokenized):
     assert T.load_tokenizer(tokenized, meta, "caption").decode(batch["caption"])[0].startswith("a photo of a")
 
 
-def test_audio_level1_shape_delta(fixture_root, tokenized, tmp_path):
-    """--audio_level1=shape_delta: its codebook carries the 160-d level-1 keys, the stored ids are what the
-    loaded tokenizer gives the clip's windows, and it is not mistaken for the default's codebook."""
+def tokenize_variant(fixture_root, tmp_path, flag):
+    """Tokenize a copy of the fixture with one extra flag -> (tok_path, meta, the test split, raw dir, the raw
+    manifest row of the test split's first clip)."""
     root = str(tmp_path)
     shutil.copytree(os.path.join(fixture_root, "fx"), os.path.join(root, "fx"))
-    tokenize_all.main(["--dataset=fx", f"--data_root={root}", "--audio_level1=shape_delta"] + FAST)
+    tokenize_all.main(["--dataset=fx", f"--data_root={root}", flag] + FAST)
     tok_path = M.tok_dir("fx", root)
     meta = M.load_meta(tok_path)
-    audio_tok = T.load_tokenizer(tok_path, meta, "audio")
-    assert audio_tok.level1_mode == "shape_delta" and audio_tok.keys.shape == (16, 160)
     arrays = M.open_split(tok_path, "test", meta)
     raw = rawdata.raw_dir("fx", root)
     row = next(r for r in rawdata.read_manifest(os.path.join(raw, "manifest.jsonl"))
                if r["clip_id"] == arrays["clip_ids"][0])
+    return tok_path, meta, arrays, raw, row
+
+
+def test_audio_level1_shape_delta(fixture_root, tokenized, tmp_path):
+    """--audio_level1=shape_delta: its codebook carries the 160-d level-1 keys, the stored ids are what the
+    loaded tokenizer gives the clip's windows, and it is not mistaken for the default's codebook."""
+    tok_path, meta, arrays, raw, row = tokenize_variant(fixture_root, tmp_path, "--audio_level1=shape_delta")
+    audio_tok = T.load_tokenizer(tok_path, meta, "audio")
+    assert audio_tok.level1_mode == "shape_delta" and audio_tok.keys.shape == (16, 160)
     windows = rawdata.audio_windows(rawdata.load_audio(row, raw), row["keyframe_times"])
     assert np.array_equal(audio_tok.encode(windows).numpy(), np.asarray(arrays["tok_audio"][0]))
     default = T.load_tokenizer(tokenized, M.load_meta(tokenized), "audio")
@@ -147,24 +154,16 @@ def test_audio_level1_shape_delta(fixture_root, tokenized, tmp_path):
                               np.asarray(M.open_split(tokenized, "test")["tok_audio"]))
 
 
-
 def test_depth_norm_global(fixture_root, tokenized, tmp_path):
     """--depth_norm=global: the depth codebook records it (so it is refit, never mistaken for the default's),
     and the stored ids are what the loaded tokenizer gives the clip's depth maps."""
-    root = str(tmp_path)
-    shutil.copytree(os.path.join(fixture_root, "fx"), os.path.join(root, "fx"))
-    tokenize_all.main(["--dataset=fx", f"--data_root={root}", "--depth_norm=global"] + FAST)
-    tok_path = M.tok_dir("fx", root)
-    meta = M.load_meta(tok_path)
+    tok_path, meta, arrays, raw, row = tokenize_variant(fixture_root, tmp_path, "--depth_norm=global")
     depth_tok = T.load_tokenizer(tok_path, meta, "depth")
     assert depth_tok.depth_norm == "global" and depth_tok.settings["fit"]["depth_norm"] == "global"
     assert T.load_tokenizer(tokenized, M.load_meta(tokenized), "depth").depth_norm == "image"
-    arrays = M.open_split(tok_path, "test", meta)
-    raw = rawdata.raw_dir("fx", root)
-    row = next(r for r in rawdata.read_manifest(os.path.join(raw, "manifest.jsonl"))
-               if r["clip_id"] == arrays["clip_ids"][0])
     maps = tokenize_all.load_images(row, raw, "tok_depth")
     assert np.array_equal(depth_tok.encode(maps).numpy(), np.asarray(arrays["tok_depth"][0]))
+
 
 def run_cli(root, extra_env=None):
     env = dict(os.environ, **(extra_env or {}))
