@@ -310,8 +310,8 @@ if static_head and (model.config.head == 'full' or not fast_path):
 model.fast, model.packed, model.static_head = fast_path, use_packing, static_head   # how the step is computed, not what
 if master_process:
     print(f"model: {model.get_num_params() / 1e6:.2f}M parameters, {model_args}")
-    print(f"step: packing {'on' if use_packing else 'off'}, head {model.config.head}" +
-          (' (static)' if static_head else '') + ('' if fast_path else ' (plain)'))
+    _head = 'full' if model.config.head == 'full' else ('static' if static_head else 'per-modality')
+    print(f"step: packing {'on' if use_packing else 'off'}, head {_head}" + ('' if fast_path else ' (plain)'))
 
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type, block_lr_scale)
