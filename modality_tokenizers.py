@@ -650,9 +650,13 @@ class PatchKMeansTokenizer:
         """Raw images -> patch vectors [B, 196, D] (and depth's per-image mean/std)."""
         x, stats = images_to_unit(images, self.modality, self.device)
         if stats is not None and self.depth_norm == "global":   # log depth on one scale, which decode inverts
-            mean, std = (s[:, None, None, None] for s in stats)
-            x = (x * std + mean - self.depth_ref[0]) / self.depth_ref[1]
+            x = self.global_scale(x, *(s[:, None, None, None] for s in stats), self.depth_ref)
         return patchify(x, self.down), stats
+
+    @staticmethod
+    def global_scale(x, mean, std, ref):
+        """Log depth standardised by its image's (mean, std) -> standardised by ref, one (mean, std) for all."""
+        return (x * std + mean - ref[0]) / ref[1]
 
     def ids_from_vectors(self, v):
         """[N, D] -> ids [N]: the nearest mean, then the nearest shape to the mean-removed patch."""

@@ -230,7 +230,7 @@ def fit_codebooks(args, rows, raw, tok_path, device):
             ref = (s[:, 0].median().item(), s[:, 1].median().item())
             if args.depth_norm == "global":   # each image's patches back to log depth, then one fixed scale
                 per = s.repeat_interleave(len(x) // len(s), 0)
-                x = (x * per[:, 1:] + per[:, :1] - ref[0]) / ref[1]
+                x = T.PatchKMeansTokenizer.global_scale(x, per[:, :1], per[:, 1:], ref)
         g = torch.Generator().manual_seed(args.seed)
         x = x[torch.randperm(len(x), generator=g)[:args.fit_vectors]]
         fit = codebook_settings(args, m, train_ids)
