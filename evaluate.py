@@ -686,6 +686,40 @@ def structure_decoded(tok, tgt, pred_ids, true_ids, train_ids, train_split="trai
     return out, rows
 
 
+@torch.no_grad()
+def cross_attention_locality(model, rgb_ids, target, device):
+    """Where a target cell's query looks in the picture: the decoder's cross-attention from every cell of the
+    target grid (all masked) to the 196 rgb cells, rgb_ids [B, 196] given whole. -> {'same_cell', 'within_3x3'}:
+    the attention mass on the cell's own rgb cell and on its 3x3 neighbourhood, for the most local head of any
+    layer, and the same for uniform attention. A model that draws a map from the picture must look there."""
+    grabbed = []
+    hooks = [b.cross_attn.register_forward_hook(lambda mod, a, kw, out: grabbed.append((mod, a[0], kw["context"])),
+                                                with_kwargs=True) for b in model.decoder]
+    packed, model.packed = model.packed, False   # the padded trunk: its attention weights are per sample
+    try:
+        inputs = {"tok_rgb": (rgb_ids, all_given(rgb_ids))}
+        next(iter_target_logits(model, inputs, target, np.arange(M.GRID * M.GRID), device, len(rgb_ids)))
+    finally:
+        model.packed = packed
+        for h in hooks:
+            h.remove()
+    cell = torch.arange(M.GRID * M.GRID, device=device)
+    near = torch.maximum((cell[:, None] // M.GRID - cell[None] // M.GRID).abs(),
+                         (cell[:, None] % M.GRID - cell[None] % M.GRID).abs()) <= 1              # [196, 196]
+    best = None
+    for mod, x, memory in grabbed:   # the rgb tokens are the whole encoder input, in cell order
+        B, T, C = x.shape
+        heads = lambda t: t.reshape(B, t.size(1), mod.n_head, C // mod.n_head).transpose(1, 2)
+        logits = heads(mod.q(x)) @ heads(mod.kv(memory)[..., :C]).transpose(-1, -2) * (C // mod.n_head) ** -0.5
+        w = logits.softmax(-1)
+        for a in w.unbind(1):   # [B, 196 queries, 196 keys], one head
+            got = ((a * near).sum(-1).mean().item(), a.diagonal(dim1=-2, dim2=-1).mean().item())
+            best = got if best is None or got > best else best
+    uniform = (near.float().mean().item(), 1 / len(cell))
+    return {"within_3x3": best[0], "same_cell": best[1], "uniform_within_3x3": uniform[0],
+            "uniform_same_cell": uniform[1], "n_images": int(len(rgb_ids))}
+
+
 def probe_structure(model, data, decoder, views_per_clip, train_maps, device, bs, decode_rule="argmax"):
     """decoder: modality name -> the dataset's tokenizer (ProbeSkipped where it cannot decode here);
     decode_rule: 'argmax' or 'mbr' (mbr_ids), how a cell's distribution becomes one id."""
@@ -714,6 +748,11 @@ def probe_structure(model, data, decoder, views_per_clip, train_maps, device, bs
                      f"per-position {src}-majority (the one to beat)", rep, extra={"majority": maj_acc, "uniform": 1 / V}),
                  row(f"rgb -> {tgt[4:]}: {src}-majority token baseline", maj_acc, None, int(correct.size), 1 / V,
                      "1/vocab")]
+        look = cross_attention_locality(model, tokens["tok_rgb"][:32], tgt, device)
+        out[tgt]["cross_attention"] = look
+        rows.append(row(f"rgb -> {tgt[4:]}: cross-attention on the cell's own 3x3 (most local head)",
+                        look["within_3x3"], None, look["n_images"], look["uniform_within_3x3"], "uniform attention",
+                        extra={"same_cell": look["same_cell"], "uniform_same_cell": look["uniform_same_cell"]}))
         try:
             out[tgt]["decoded"], r = structure_decoded(decoder(tgt), tgt, pred.numpy(), truth.numpy(),
                                                        data.arrays[src][tgt], src, train_maps, data.seed, device)

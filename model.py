@@ -40,7 +40,9 @@ class Nano4MConfig:
     vocab_size: int = VOCAB_SIZE
     dec_same_modality: bool = True  # decoder self-attention only among targets of the same modality (4M)
     head: str = 'modality'      # a softmax over each modality's own ids; 'full': the report's, over all ids
-    pos_emb: str = 'learned'    # factorised row/col, frame/codebook, index; 'sincos': the report's fixed 1-D table
+    pos_emb: str = 'learned'    # factorised row/col, frame/codebook, index; 'sincos': the report's fixed 1-D table;
+                                # 'sincos_layout': fixed 2-D on the grids, 1-D over audio frames (sincos_grid)
+    mimetic_cross: float = 0.0  # > 0: cross-attention's W_q, W_k start at this times I plus their init
     adapters: dict = None       # None: the report's model; a dict of adapters.AdapterConfig: ToyZoo's
     separate_vocab: InitVar[bool] = None        # (LEGACY_ADAPTER_KEYS: fold into adapters)
     code_feature_dims: InitVar[tuple] = None
@@ -149,8 +151,8 @@ class Nano4M(nn.Module):
         D = config.n_embd
         # the modality table of the audio layout in force (modalities.load_meta sets it from the dataset)
         self.modalities = MODALITIES = M.MODALITIES
-        if config.pos_emb not in ("learned", "sincos"):
-            raise ValueError(f"pos_emb={config.pos_emb!r}: expected 'learned' or 'sincos'")
+        if config.pos_emb not in ("learned", "sincos", "sincos_layout"):
+            raise ValueError(f"pos_emb={config.pos_emb!r}: expected 'learned', 'sincos' or 'sincos_layout'")
         if config.head not in ("modality", "full"):
             raise ValueError(f"head={config.head!r}: expected 'modality' or 'full'")
         # modality m's ids read (and its logits come from) rows [row_offset[m], row_offset[m] + vocab_m):
@@ -162,15 +164,20 @@ class Nano4M(nn.Module):
         self.wte = nn.Embedding(rows, D)                         # token embedding
         self.wme = nn.Embedding(len(MODALITIES), D)             # which modality a token belongs to
         learned = []
-        if config.pos_emb == "learned":
+        if config.pos_emb != "sincos":
             # position parts; the three image grids share row/col (they are pixel-aligned views of one frame)
-            self.pos_row = nn.Parameter(torch.zeros(GRID, D))
-            self.pos_col = nn.Parameter(torch.zeros(GRID, D))
-            self.pos_frame = nn.Parameter(torch.zeros(M.AUDIO_FRAMES, D))        # stream index i -> frame i // K
+            if config.pos_emb == "learned":
+                self.pos_row = nn.Parameter(torch.zeros(GRID, D))
+                self.pos_col = nn.Parameter(torch.zeros(GRID, D))
+                self.pos_frame = nn.Parameter(torch.zeros(M.AUDIO_FRAMES, D))    # stream index i -> frame i // K
+                learned = [self.pos_row, self.pos_col, self.pos_frame]
+            else:   # fixed, near places alike: a query starts out most like the keys at and around its place
+                self.register_buffer("pos_grid", sincos_grid(GRID, D), persistent=False)
+                self.register_buffer("pos_frame", local_sincos(M.AUDIO_FRAMES, D), persistent=False)
             self.pos_codebook = nn.Parameter(torch.zeros(M.AUDIO_CODEBOOKS, D))  # ... and codebook i % K
             seq_lengths = {m.length for m in MODALITIES if m.layout == "seq"}
             self.pos_seq = nn.Parameter(torch.zeros(max(seq_lengths), D))      # caption index
-            learned = [self.pos_row, self.pos_col, self.pos_frame, self.pos_codebook, self.pos_seq]
+            learned += [self.pos_codebook, self.pos_seq]
         else:   # fixed, so not saved: it follows from the width
             self.register_buffer("pos_sincos", sincos_table(M.TOTAL_POSITIONS, D), persistent=False)
         self.mask_token = nn.Parameter(torch.zeros(D))                      # the decoder query content
@@ -200,6 +207,14 @@ class Nano4M(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("proj.weight") and gpt2:
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(n_resid))
+        # 'mimetic' cross-attention (Trockman & Kolter 2023): W_q W_k^T starts near s^2 I, so a query first
+        # attends to the keys most like itself (with sincos_layout: its own place in the other modality), which
+        # at this budget cross-attention does not learn from the usual init (docs/experiments.md, issue #33)
+        if config.mimetic_cross:
+            with torch.no_grad():
+                for block in self.decoder:
+                    block.cross_attn.q.weight.add_(torch.eye(D) * config.mimetic_cross)
+                    block.cross_attn.kv.weight[:D].add_(torch.eye(D) * config.mimetic_cross)
 
     def _init_weights(self, module, gpt2=True):
         if isinstance(module, nn.Linear) and gpt2:
@@ -226,7 +241,8 @@ class Nano4M(nn.Module):
         if self.config.pos_emb == "sincos":
             return self.pos_sincos
         D = self.config.n_embd
-        grid = (self.pos_row[:, None, :] + self.pos_col[None, :, :]).reshape(GRID * GRID, D)
+        grid = self.pos_grid if self.config.pos_emb == "sincos_layout" else \
+            (self.pos_row[:, None, :] + self.pos_col[None, :, :]).reshape(GRID * GRID, D)
         audio = (self.pos_frame[:, None, :] + self.pos_codebook[None, :, :]).reshape(-1, D)
         parts = {"grid": grid, "audio": audio}
         return torch.cat([parts[m.layout] if m.layout in parts else self.pos_seq[:m.length]
@@ -382,6 +398,25 @@ def sincos_table(n, dim):
     angle = torch.arange(n, dtype=torch.float64)[:, None] * freq[None]
     table = torch.cat([angle.sin(), angle.cos()], dim=1)
     return torch.nn.functional.pad(table, (0, dim - 2 * half)).float()
+
+
+def local_sincos(n, dim):
+    """[n, dim] fixed 1-D sin-cos positions of n places whose frequencies span those places (pi per place down
+    to pi per n places, not 1-D text's 10,000 positions), at unit norm per place (a content row's scale)."""
+    k = dim // 2
+    freq = math.pi * (1.0 / n) ** (torch.arange(k, dtype=torch.float64) / max(k - 1, 1))
+    angle = torch.arange(n, dtype=torch.float64)[:, None] * freq[None]
+    table = torch.nn.functional.pad(torch.cat([angle.sin(), angle.cos()], 1), (0, dim - 2 * k))
+    return (table / table.norm(dim=1, keepdim=True)).float()
+
+
+def sincos_grid(n, dim):
+    """[n * n, dim] fixed 2-D positions of an n x n grid (as 4M's for its image modalities): the row's
+    local_sincos in one half, the column's in the other, at unit norm. Neighbouring cells are 0.68 alike
+    (cosine), diagonal ones 0.37, far ones ~0; with 10,000 as the base, neighbours would be 0.98 alike."""
+    row, col = local_sincos(n, dim // 2), local_sincos(n, dim - dim // 2)
+    table = torch.cat([row[:, None].expand(n, n, -1), col[None].expand(n, n, -1)], -1).reshape(n * n, dim)
+    return table / table.norm(dim=1, keepdim=True)
 
 
 def read_checkpoint(path, device="cpu", trust=False):

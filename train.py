@@ -62,7 +62,9 @@ dropout = 0.0
 bias = False
 dec_same_modality = True
 head = 'modality'               # a softmax over each modality's own ids; 'full': the report's, over all 50,304
-pos_emb = 'learned'             # factorised learned positions; 'sincos': the report's fixed 1-D table
+pos_emb = 'learned'             # factorised learned positions; 'sincos': the report's fixed 1-D table; 'sincos_layout':
+                                # fixed, 2-D on the image grids and 1-D over audio frames (model.sincos_grid)
+mimetic_cross = 0.0             # > 0: cross-attention starts attending to like keys (model.py; docs/experiments.md)
 adapters = None                 # None = the report's model; a dict: ToyZoo's embedding adapters (adapters.py)
 # adamw optimizer
 learning_rate = 1e-4
@@ -282,7 +284,8 @@ elif init_from.endswith('.pt'):
     print(f"warm start from the weights of {init_from}")
     _warm = _load_ckpt(init_from)
     _theirs = asdict(Nano4MConfig(**_warm['model_args']))
-    _differ = {k: (v, _theirs[k]) for k, v in model_args.items() if k not in ('dropout', 'adapters') and _theirs[k] != v}
+    _init_only = ('dropout', 'adapters', 'mimetic_cross')   # (adapters: compared by shape below)
+    _differ = {k: (v, _theirs[k]) for k, v in model_args.items() if k not in _init_only and _theirs[k] != v}
     if adapters or _theirs['adapters']:
         import adapters as adapters_lib
         _shapes = adapters_lib.shapes(adapters), adapters_lib.shapes(_theirs['adapters'])

@@ -363,6 +363,29 @@ def test_structure_decoded_scores_truth_perfectly_and_the_mean_map_as_it_should(
     assert out["rmse_far"]["per_position_mean"]["value"] == pytest.approx(abs(hi - mean), rel=1e-6)
 
 
+def test_cross_attention_locality_known_answers():
+    """Queries that carry nothing attend uniformly: the figures are uniform attention's exactly. A planted
+    local head (every block else an identity, queries and keys the cells' own 2-D positions, sharpened) puts
+    its mass on the cell's own rgb cell."""
+    from model import Nano4M, Nano4MConfig
+    torch.manual_seed(0)
+    model = Nano4M(Nano4MConfig(n_enc_layer=1, n_dec_layer=1, n_embd=32, n_head=1, pos_emb="sincos_layout")).eval()
+    rgb = torch.randint(0, M.BY_NAME["tok_rgb"].vocab, (3, M.GRID * M.GRID))
+    cross = model.decoder[0].cross_attn
+    with torch.no_grad():
+        cross.q.weight.zero_()
+        flat = E.cross_attention_locality(model, rgb, "tok_depth", "cpu")
+        assert flat["within_3x3"] == pytest.approx(flat["uniform_within_3x3"], abs=1e-6)
+        assert flat["same_cell"] == pytest.approx(1 / 196, abs=1e-6) == flat["uniform_same_cell"]
+        for p in (model.wte.weight, model.wme.weight, model.mask_token, model.encoder[0].attn.proj.weight,
+                  model.encoder[0].mlp.proj.weight, model.decoder[0].self_attn.proj.weight):
+            p.zero_()   # the encoder's rgb cells and the decoder's depth cells: their positions alone
+        cross.q.weight.copy_(torch.eye(32) * 200.0)
+        cross.kv.weight.copy_(torch.cat([torch.eye(32), torch.zeros(32, 32)]))
+        local = E.cross_attention_locality(model, rgb, "tok_depth", "cpu")
+    assert local["same_cell"] > 0.9 and local["within_3x3"] > 0.9 and local["n_images"] == 3
+
+
 def test_depth_metrics_split_the_error_between_far_and_near_pixels():
     g = np.array([[[1.0, 1.0], [10.0, 10.0]]])       # a near row and a far row
     p = g + np.array([[[1.0, 1.0], [4.0, 4.0]]])
@@ -517,6 +540,8 @@ def test_end_to_end_tiny(tmp_path):
         assert dec["n_images"] == 12 and dec["baseline_to_beat"] == "per_position_mean"
         assert all(math.isfinite(dec[key][who]["value"]) for who in ("model", "per_position_mean", "constant"))
         assert 0.0 <= P["structure"][name]["per_position_majority_acc"] <= 1.0
+        look = P["structure"][name]["cross_attention"]
+        assert 0.0 <= look["same_cell"] <= look["within_3x3"] <= 1.0 and look["n_images"] == 12
     assert P["memo"]["train"]["n_clips"] == 6 and P["memo"]["test"]["n_clips"] == 6
     assert 0.0 <= P["memo"]["test"]["per_position_majority"] <= 1.0
     assert P["generation"]["n_per_setting"] == 6

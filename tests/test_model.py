@@ -530,6 +530,56 @@ def test_sincos_positions_are_one_fixed_table_over_the_flat_position():
         tiny(pos_emb="rope")
 
 
+def test_sincos_layout_positions_align_the_grids_and_the_audio_frames():
+    """pos_emb='sincos_layout': the three image grids share one fixed 2-D table, so rgb cell p and depth cell p
+    get the same position part; a cell is most like itself, then a row / column neighbour, then a diagonal
+    one, then a far cell. Audio frames get a fixed 1-D table alike (near frames alike, far ones not) plus the
+    learnt codebook rows. Nothing fixed is learnt or saved."""
+    model = tiny(pos_emb="sincos_layout")
+    table = model.position_table().detach()
+    start = {n: M.POS_OFFSETS[M.modality_index(n)] for n in ("tok_rgb", "tok_depth", "tok_normal", "tok_audio")}
+    cells = M.GRID * M.GRID
+    grid = table[start["tok_rgb"]:start["tok_rgb"] + cells]
+    for name in ("tok_depth", "tok_normal"):
+        assert torch.equal(table[start[name]:start[name] + cells], grid)
+    sim = grid @ grid.t()
+    torch.testing.assert_close(sim.diagonal(), torch.ones(cells))
+    c = 5 * M.GRID + 5
+    assert sim[c, c] > sim[c, c + 1] > sim[c, c + M.GRID + 1] > sim[c, cells - 1]
+    assert sim[c, c + 1] == pytest.approx(sim[c, c + M.GRID].item(), abs=1e-5)   # rows and columns alike
+    K = M.AUDIO_CODEBOOKS
+    frames = model.pos_frame
+    assert frames.shape == (M.AUDIO_FRAMES, 32) and not frames.requires_grad
+    f = frames @ frames.t()
+    assert f[100, 100] > f[100, 101] > f[100, 102] > 0.3 > abs(f[100, 150])
+    audio = table[start["tok_audio"]:start["tok_audio"] + M.AUDIO_FRAMES * K].view(M.AUDIO_FRAMES, K, -1)
+    torch.testing.assert_close(audio[:, 1] - audio[:, 0], (model.pos_codebook[1] - model.pos_codebook[0]).detach()
+                               .expand(M.AUDIO_FRAMES, -1))
+    names = {n for n, _ in model.named_parameters()}
+    assert {"pos_codebook", "pos_seq"} <= names and not names & {"pos_row", "pos_col", "pos_frame"}
+    assert not any(k.startswith(("pos_grid", "pos_frame")) for k in model.state_dict())
+    assert tiny().get_num_params() - model.get_num_params() == 32 * (2 * M.GRID + M.AUDIO_FRAMES)
+    loss, _ = run(model, random_batch())
+    loss.backward()
+    assert math.isfinite(loss.item())
+
+
+def test_mimetic_cross_starts_queries_on_like_keys():
+    """mimetic_cross=s adds s * I to every decoder cross-attention's W_q and W_k (the keys' half of kv) and
+    changes nothing else: the same random draws, the same other weights."""
+    torch.manual_seed(0)
+    plain = tiny()
+    torch.manual_seed(0)
+    mim = tiny(mimetic_cross=2.0)
+    eye = torch.eye(32) * 2.0
+    for a, b in zip(plain.decoder, mim.decoder):
+        torch.testing.assert_close(b.cross_attn.q.weight, a.cross_attn.q.weight + eye)
+        torch.testing.assert_close(b.cross_attn.kv.weight[:32], a.cross_attn.kv.weight[:32] + eye)
+        torch.testing.assert_close(b.cross_attn.kv.weight[32:], a.cross_attn.kv.weight[32:])
+    changed = {n for (n, p), (_, q) in zip(plain.named_parameters(), mim.named_parameters()) if not torch.equal(p, q)}
+    assert changed == {f"decoder.{i}.cross_attn.{w}.weight" for i in range(len(mim.decoder)) for w in ("q", "kv")}
+
+
 def test_checkpoints_from_before_adapters_py_still_load(tmp_path):
     """A checkpoint written before adapters.py (main's layout: the adapter switches flat in model_args, their
     weights at the top level of the state dict, the masking settings flat in config) loads to the same model,

@@ -376,6 +376,11 @@ def test_dry_run_holds_the_reports_recipe_in_config_audio(tmp_path):
     assert plus["derived"]["n_params"] > cfg["derived"]["n_params"]   # the learned positions
     toy, _ = dry_run(configs=("config/toyzoo.py",))        # code features and feature_only: no data read
     assert toy["adapters"]["feature_only"] == ["tok_rgb"] and toy["adapters"]["code_features"] and toy["n_embd"] == 128
+    depth, _ = dry_run("--pos_emb=sincos_layout", "--mimetic_cross=2.0", configs=("config/toyzoo_rgb_depth.py",))
+    changed = {k for k in toy if k != "derived" and depth[k] != toy[k]}
+    assert changed == {"masking", "init_from", "out_dir", "wandb_run_name", "pos_emb", "mimetic_cross"}, changed
+    assert [(c["input_full"], c["target_full"]) for c in depth["masking"]["mixture"]] == [(["rgb"], ["depth"])]
+    assert depth["derived"]["n_params"] < toy["derived"]["n_params"]   # fixed grid and frame positions
     mine, _ = dry_run("--n_embd=64", "--n_head=2", "--head=modality")
     assert mine["n_embd"] == 64 and mine["head"] == "modality" and mine["derived"]["n_params"] < 20e6
 
