@@ -381,6 +381,9 @@ def test_dry_run_holds_the_reports_recipe_in_config_audio(tmp_path):
     assert changed == {"masking", "init_from", "out_dir", "wandb_run_name", "pos_emb", "mimetic_cross"}, changed
     assert [(c["input_full"], c["target_full"]) for c in depth["masking"]["mixture"]] == [(["rgb"], ["depth"])]
     assert depth["derived"]["n_params"] < toy["derived"]["n_params"]   # fixed grid and frame positions
+    audio, _ = dry_run(configs=("config/toyzoo_caption_audio.py",))
+    assert [(c["input_full"], c["target_full"]) for c in audio["masking"]["mixture"]] == [(["caption"], ["audio"])] * 2
+    assert audio["masking"]["mixture"][1]["input_alphas"] == [0.0, 0.0, 0.0, 1.0, 0.0] and audio["max_iters"] == 1200
     mine, _ = dry_run("--n_embd=64", "--n_head=2", "--head=modality")
     assert mine["n_embd"] == 64 and mine["head"] == "modality" and mine["derived"]["n_params"] < 20e6
 
