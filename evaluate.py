@@ -706,15 +706,12 @@ def cross_attention_locality(model, rgb_ids, target, device):
     cell = torch.arange(M.GRID * M.GRID, device=device)
     near = torch.maximum((cell[:, None] // M.GRID - cell[None] // M.GRID).abs(),
                          (cell[:, None] % M.GRID - cell[None] % M.GRID).abs()) <= 1              # [196, 196]
-    best = None
+    heads = []   # (3x3 mass, own-cell mass) of every head of every layer
     for mod, x, memory in grabbed:   # the rgb tokens are the whole encoder input, in cell order
-        B, T, C = x.shape
-        heads = lambda t: t.reshape(B, t.size(1), mod.n_head, C // mod.n_head).transpose(1, 2)
-        logits = heads(mod.q(x)) @ heads(mod.kv(memory)[..., :C]).transpose(-1, -2) * (C // mod.n_head) ** -0.5
-        w = logits.softmax(-1)
-        for a in w.unbind(1):   # [B, 196 queries, 196 keys], one head
-            got = ((a * near).sum(-1).mean().item(), a.diagonal(dim1=-2, dim2=-1).mean().item())
-            best = got if best is None or got > best else best
+        q, k, _ = mod.qkv_heads(x, memory)
+        w = (q @ k.transpose(-1, -2) * q.size(-1) ** -0.5).softmax(-1)     # [B, n_head, 196 queries, 196 keys]
+        heads += [((a * near).sum(-1).mean().item(), a.diagonal(dim1=-2, dim2=-1).mean().item()) for a in w.unbind(1)]
+    best = max(heads)
     uniform = (near.float().mean().item(), 1 / len(cell))
     return {"within_3x3": best[0], "same_cell": best[1], "uniform_within_3x3": uniform[0],
             "uniform_same_cell": uniform[1], "n_images": int(len(rgb_ids))}

@@ -86,19 +86,23 @@ class Attention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.dropout = config.dropout
 
-    def forward(self, x, attn_mask, context=None):
-        B, T, C = x.shape
+    def qkv_heads(self, x, context=None):
+        """(q, k, v), each [B, n_head, T, head dim]: k and v from context in cross-attention."""
         if self.cross:
-            q = self.q(x)
-            k, v = self.kv(context).split(self.n_embd, dim=2)
+            q, (k, v) = self.q(x), self.kv(context).split(self.n_embd, dim=2)
         else:
             q, k, v = self.qkv(x).split(self.n_embd, dim=2)
-        heads = lambda t: t.view(B, t.size(1), self.n_head, C // self.n_head).transpose(1, 2)
+        return tuple(t.view(t.size(0), t.size(1), self.n_head, self.n_embd // self.n_head).transpose(1, 2)
+                     for t in (q, k, v))
+
+    def forward(self, x, attn_mask, context=None):
+        B, T, C = x.shape
+        q, k, v = self.qkv_heads(x, context)
         dropout_p = self.dropout if self.training else 0.0
         if isinstance(attn_mask, torch.Tensor):
-            y = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), attn_mask=attn_mask, dropout_p=dropout_p)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
         else:   # packed (packing.Segments): each segment attends within itself
-            y = attn_mask.attend(heads(q), heads(k), heads(v), dropout_p)
+            y = attn_mask.attend(q, k, v, dropout_p)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.proj(y))
 
