@@ -687,34 +687,68 @@ def structure_decoded(tok, tgt, pred_ids, true_ids, train_ids, train_split="trai
 
 
 @torch.no_grad()
-def cross_attention_locality(model, rgb_ids, target, device):
-    """Where a target cell's query looks in the picture: the decoder's cross-attention from every cell of the
-    target grid (all masked) to the 196 rgb cells, rgb_ids [B, 196] given whole. -> {'same_cell', 'within_3x3'}:
-    the attention mass on the cell's own rgb cell and on its 3x3 neighbourhood, for the most local head of any
-    layer, and the same for uniform attention. A model that draws a map from the picture must look there."""
+def cross_attention_locality(model, inputs, target, target_idx, near, device):
+    """Where target queries look: the decoder's cross-attention from the stream indices target_idx of `target`
+    to the given input tokens. near(e_pos [B, Ni], d_pos [n_t]) -> Bool [B, n_t, Ni] marks each query's own
+    neighbourhood. -> {'near', 'uniform_near'}: the mass on it for the most local head of any layer, and for
+    uniform attention. A model that draws a map from the picture, or fills a gap from the frames beside it,
+    must look there."""
     grabbed = []
     hooks = [b.cross_attn.register_forward_hook(lambda mod, a, kw, out: grabbed.append((mod, a[0], kw["context"])),
                                                 with_kwargs=True) for b in model.decoder]
+    e_ids, e_pos, e_valid = generation.pack_inputs(inputs, device)
+    d_pos = positions(target, target_idx).to(device)
     packed, model.packed = model.packed, False   # the padded trunk: its attention weights are per sample
     try:
-        inputs = {"tok_rgb": (rgb_ids, all_given(rgb_ids))}
-        next(iter_target_logits(model, inputs, target, np.arange(M.GRID * M.GRID), device, len(rgb_ids)))
+        with torch.no_grad():
+            model.decode_hidden(e_ids, e_pos, e_valid, d_pos.expand(len(e_ids), -1), torch.ones(
+                len(e_ids), len(d_pos), dtype=torch.bool, device=device))
     finally:
         model.packed = packed
         for h in hooks:
             h.remove()
-    cell = torch.arange(M.GRID * M.GRID, device=device)
-    near = torch.maximum((cell[:, None] // M.GRID - cell[None] // M.GRID).abs(),
-                         (cell[:, None] % M.GRID - cell[None] % M.GRID).abs()) <= 1              # [196, 196]
-    heads = []   # (3x3 mass, own-cell mass) of every head of every layer
-    for mod, x, memory in grabbed:   # the rgb tokens are the whole encoder input, in cell order
+    mask = near(e_pos, d_pos) & e_valid[:, None, :]
+    heads = []   # the near mass of every head of every layer
+    for mod, x, memory in grabbed:
         q, k, _ = mod.qkv_heads(x, memory)
-        w = (q @ k.transpose(-1, -2) * q.size(-1) ** -0.5).softmax(-1)     # [B, n_head, 196 queries, 196 keys]
-        heads += [((a * near).sum(-1).mean().item(), a.diagonal(dim1=-2, dim2=-1).mean().item()) for a in w.unbind(1)]
-    best = max(heads)
-    uniform = (near.float().mean().item(), 1 / len(cell))
-    return {"within_3x3": best[0], "same_cell": best[1], "uniform_within_3x3": uniform[0],
-            "uniform_same_cell": uniform[1], "n_images": int(len(rgb_ids))}
+        w = (q @ k.transpose(-1, -2) * q.size(-1) ** -0.5)
+        w = w.masked_fill(~e_valid[:, None, None, :], float("-inf")).softmax(-1)   # [B, n_head, n_t, Ni]
+        heads += [(a * mask).sum(-1).mean().item() for a in w.unbind(1)]
+    uniform = (mask.sum(-1) / e_valid.sum(-1, keepdim=True)).mean().item()
+    return {"near": max(heads), "uniform_near": uniform, "n_rows": int(len(e_ids))}
+
+
+def near_cell(target, radius=1):
+    """near() for rgb -> a grid target: the rgb cells within `radius` of the target cell (radius 1: its 3x3)."""
+    def near(e_pos, d_pos):
+        key, query = e_pos - M.POS_OFFSETS[M.modality_index("tok_rgb")], d_pos - M.POS_OFFSETS[M.modality_index(target)]
+        dist = torch.maximum((key[:, None] // M.GRID - query[None, :, None] // M.GRID).abs(),
+                             (key[:, None] % M.GRID - query[None, :, None] % M.GRID).abs())
+        return (dist <= radius) & ((key >= 0) & (key < M.GRID * M.GRID))[:, None]
+    return near
+
+
+def near_frame(radius=2):
+    """near() for audio -> audio: the given audio tokens within `radius` frames of the queried one."""
+    def near(e_pos, d_pos):
+        a0, K = M.POS_OFFSETS[M.modality_index("tok_audio")], M.AUDIO_CODEBOOKS
+        key = e_pos - a0
+        is_audio = (key >= 0) & (key < M.BY_NAME["tok_audio"].length)
+        return ((key[:, None] // K - (d_pos - a0)[None, :, None] // K).abs() <= radius) & is_audio[:, None]
+    return near
+
+
+def audio_infill_locality(model, tokens, device, seed=0):
+    """The caption and a random half of the audio frames given (the condition of MaskGIT's later steps), the
+    other frames queried: the attention mass on given frames within 2 frames of the queried one."""
+    K, L = M.AUDIO_CODEBOOKS, M.BY_NAME["tok_audio"].length
+    frames = torch.randperm(L // K, generator=torch.Generator().manual_seed(seed))[:L // K // 2]
+    given = torch.zeros(L, dtype=torch.bool)
+    given[(frames[:, None] * K + torch.arange(K)).flatten()] = True
+    audio, cap = tokens["tok_audio"].long(), tokens["caption"].long()
+    inputs = {"caption": (cap, all_given(cap)),
+              "tok_audio": (audio, given.expand_as(audio))}
+    return cross_attention_locality(model, inputs, "tok_audio", torch.nonzero(~given)[:, 0], near_frame(), device)
 
 
 def probe_structure(model, data, decoder, views_per_clip, train_maps, device, bs, decode_rule="argmax"):
@@ -745,11 +779,12 @@ def probe_structure(model, data, decoder, views_per_clip, train_maps, device, bs
                      f"per-position {src}-majority (the one to beat)", rep, extra={"majority": maj_acc, "uniform": 1 / V}),
                  row(f"rgb -> {tgt[4:]}: {src}-majority token baseline", maj_acc, None, int(correct.size), 1 / V,
                      "1/vocab")]
-        look = cross_attention_locality(model, tokens["tok_rgb"][:32], tgt, device)
+        rgb32 = tokens["tok_rgb"][:32]
+        look = cross_attention_locality(model, {"tok_rgb": (rgb32, all_given(rgb32))}, tgt, np.arange(L),
+                                        near_cell(tgt), device)
         out[tgt]["cross_attention"] = look
         rows.append(row(f"rgb -> {tgt[4:]}: cross-attention on the cell's own 3x3 (most local head)",
-                        look["within_3x3"], None, look["n_images"], look["uniform_within_3x3"], "uniform attention",
-                        extra={"same_cell": look["same_cell"], "uniform_same_cell": look["uniform_same_cell"]}))
+                        look["near"], None, look["n_rows"], look["uniform_near"], "uniform attention"))
         try:
             out[tgt]["decoded"], r = structure_decoded(decoder(tgt), tgt, pred.numpy(), truth.numpy(),
                                                        data.arrays[src][tgt], src, train_maps, data.seed, device)
@@ -798,6 +833,10 @@ def probe_memo(model, data, memo_clips, suffix_frac, device, bs):
                      f"1/{V}"),
                  row(f"audio suffix ({side}): per-position {src}-majority baseline", pos_acc, None,
                      int(correct.size), 1 / V, f"1/{V}")]
+    look = audio_infill_locality(model, {k: v[:32] for k, v in tokens.items()}, device, data.seed)
+    out["cross_attention"] = look   # (tokens: the last side's, the split's own)
+    rows.append(row("audio infill: cross-attention within 2 frames of a masked frame (most local head)", look["near"],
+                    None, look["n_rows"], look["uniform_near"], "uniform attention"))
     return out, rows
 
 

@@ -363,27 +363,54 @@ def test_structure_decoded_scores_truth_perfectly_and_the_mean_map_as_it_should(
     assert out["rmse_far"]["per_position_mean"]["value"] == pytest.approx(abs(hi - mean), rel=1e-6)
 
 
+def _planted_local_cross_attention(model):
+    """Every block else an identity: the decoder's queries and the encoder's keys are the tokens' positions alone,
+    and the one cross-attention head compares them, sharpened."""
+    cross = model.decoder[0].cross_attn
+    for p in (model.wte.weight, model.wme.weight, model.mask_token, model.encoder[0].attn.proj.weight,
+              model.encoder[0].mlp.proj.weight, model.decoder[0].self_attn.proj.weight):
+        p.zero_()
+    cross.q.weight.copy_(torch.eye(32) * 200.0)
+    cross.kv.weight.copy_(torch.cat([torch.eye(32), torch.zeros(32, 32)]))
+
+
 def test_cross_attention_locality_known_answers():
     """Queries that carry nothing attend uniformly: the figures are uniform attention's exactly. A planted
-    local head (every block else an identity, queries and keys the cells' own 2-D positions, sharpened) puts
-    its mass on the cell's own rgb cell."""
+    local head puts its mass on the cell's own rgb cell."""
     from model import Nano4M, Nano4MConfig
     torch.manual_seed(0)
     model = Nano4M(Nano4MConfig(n_enc_layer=1, n_dec_layer=1, n_embd=32, n_head=1, pos_emb="sincos_layout")).eval()
     rgb = torch.randint(0, M.BY_NAME["tok_rgb"].vocab, (3, M.GRID * M.GRID))
-    cross = model.decoder[0].cross_attn
+    inputs, cells = {"tok_rgb": (rgb, E.all_given(rgb))}, np.arange(M.GRID * M.GRID)
+    look = lambda radius: E.cross_attention_locality(model, inputs, "tok_depth", cells, E.near_cell("tok_depth", radius),
+                                                     "cpu")
     with torch.no_grad():
-        cross.q.weight.zero_()
-        flat = E.cross_attention_locality(model, rgb, "tok_depth", "cpu")
-        assert flat["within_3x3"] == pytest.approx(flat["uniform_within_3x3"], abs=1e-6)
-        assert flat["same_cell"] == pytest.approx(1 / 196, abs=1e-6) == flat["uniform_same_cell"]
-        for p in (model.wte.weight, model.wme.weight, model.mask_token, model.encoder[0].attn.proj.weight,
-                  model.encoder[0].mlp.proj.weight, model.decoder[0].self_attn.proj.weight):
-            p.zero_()   # the encoder's rgb cells and the decoder's depth cells: their positions alone
-        cross.q.weight.copy_(torch.eye(32) * 200.0)
-        cross.kv.weight.copy_(torch.cat([torch.eye(32), torch.zeros(32, 32)]))
-        local = E.cross_attention_locality(model, rgb, "tok_depth", "cpu")
-    assert local["same_cell"] > 0.9 and local["within_3x3"] > 0.9 and local["n_images"] == 3
+        model.decoder[0].cross_attn.q.weight.zero_()
+        flat, own = look(1), look(0)
+        assert flat["near"] == pytest.approx(flat["uniform_near"], abs=1e-6)
+        assert flat["uniform_near"] == pytest.approx((12 * 12 * 9 + 4 * 12 * 6 + 4 * 4) / 196 ** 2)   # 3x3, edges cut
+        assert own["near"] == pytest.approx(1 / 196, abs=1e-6) == pytest.approx(own["uniform_near"])
+        _planted_local_cross_attention(model)
+        own, local = look(0), look(1)
+    assert own["near"] > 0.9 and local["near"] > 0.9 and local["n_rows"] == 3
+
+
+def test_audio_infill_locality_known_answers():
+    """The audio side of the figure: with half the frames given, uniform queries put on the neighbouring frames
+    exactly their share of the given tokens; a planted head that matches 1-D frame positions puts most of its mass
+    within 2 frames of the queried one."""
+    from model import Nano4M, Nano4MConfig
+    torch.manual_seed(0)
+    model = Nano4M(Nano4MConfig(n_enc_layer=1, n_dec_layer=1, n_embd=32, n_head=1, pos_emb="sincos_layout")).eval()
+    tokens = {"tok_audio": torch.randint(0, M.BY_NAME["tok_audio"].vocab, (2, M.BY_NAME["tok_audio"].length)),
+              "caption": torch.randint(0, 50, (2, M.CAPTION_LEN))}
+    with torch.no_grad():
+        model.decoder[0].cross_attn.q.weight.zero_()
+        flat = E.audio_infill_locality(model, tokens, "cpu")
+        assert flat["near"] == pytest.approx(flat["uniform_near"], abs=1e-6) and 0.0 < flat["uniform_near"] < 0.1
+        _planted_local_cross_attention(model)
+        local = E.audio_infill_locality(model, tokens, "cpu")
+    assert local["near"] > 0.8 and local["n_rows"] == 2
 
 
 def test_depth_metrics_split_the_error_between_far_and_near_pixels():
@@ -541,7 +568,8 @@ def test_end_to_end_tiny(tmp_path):
         assert all(math.isfinite(dec[key][who]["value"]) for who in ("model", "per_position_mean", "constant"))
         assert 0.0 <= P["structure"][name]["per_position_majority_acc"] <= 1.0
         look = P["structure"][name]["cross_attention"]
-        assert 0.0 <= look["same_cell"] <= look["within_3x3"] <= 1.0 and look["n_images"] == 12
+        assert 0.0 <= look["uniform_near"] < 0.1 and 0.0 <= look["near"] <= 1.0 and look["n_rows"] == 12
+    assert 0.0 <= P["memo"]["cross_attention"]["near"] <= 1.0 and P["memo"]["cross_attention"]["n_rows"] == 6
     assert P["memo"]["train"]["n_clips"] == 6 and P["memo"]["test"]["n_clips"] == 6
     assert 0.0 <= P["memo"]["test"]["per_position_majority"] <= 1.0
     assert P["generation"]["n_per_setting"] == 6
