@@ -708,11 +708,12 @@ def cross_attention_locality(model, inputs, target, target_idx, near, device):
         for h in hooks:
             h.remove()
     mask = near(e_pos, d_pos) & e_valid[:, None, :]
+    attn_mask = model.cross_attn_mask(e_pos, e_valid, d_pos.expand(len(e_ids), -1))   # the model's own
     heads = []   # the near mass of every head of every layer
     for mod, x, memory in grabbed:
         q, k, _ = mod.qkv_heads(x, memory)
         w = (q @ k.transpose(-1, -2) * q.size(-1) ** -0.5)
-        w = w.masked_fill(~e_valid[:, None, None, :], float("-inf")).softmax(-1)   # [B, n_head, n_t, Ni]
+        w = (w + attn_mask if attn_mask.is_floating_point() else w.masked_fill(~attn_mask, float("-inf"))).softmax(-1)
         heads += [(a * mask).sum(-1).mean().item() for a in w.unbind(1)]
     uniform = (mask.sum(-1) / e_valid.sum(-1, keepdim=True)).mean().item()
     return {"near": max(heads), "uniform_near": uniform, "n_rows": int(len(e_ids))}

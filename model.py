@@ -43,6 +43,7 @@ class Nano4MConfig:
     pos_emb: str = 'learned'    # factorised row/col, frame/codebook, index; 'sincos': the report's fixed 1-D table;
                                 # 'sincos_layout': fixed 2-D on the grids, 1-D over audio frames (sincos_grid)
     mimetic_cross: float = 0.0  # > 0: cross-attention's W_q, W_k start at this times I plus their init
+    cross_local: float = 0.0    # > 0: half the cross-attention heads pay this per place between query and key
     adapters: dict = None       # None: the report's model; a dict of adapters.AdapterConfig: ToyZoo's
     separate_vocab: InitVar[bool] = None        # (LEGACY_ADAPTER_KEYS: fold into adapters)
     code_feature_dims: InitVar[tuple] = None
@@ -195,6 +196,7 @@ class Nano4M(nn.Module):
         # above draw the same random numbers with or without them
         self.adapters = adapters_lib.EmbeddingAdapters(config.adapters, D, config.bias) if config.adapters else None
         self.register_buffer("pos_modality", position_modality(torch.arange(M.TOTAL_POSITIONS)), persistent=False)
+        self.register_buffer("place", layout_places(), persistent=False)   # (kind, row or frame, col)
         # the head row offset of each global position's modality (all zero with the shared table)
         self.register_buffer("pos_row_offset", torch.tensor(self.row_offset)[self.pos_modality], persistent=False)
         # how a step is computed, not what (train.py / bench.py set them): fastpath.py's head, packing.py's
@@ -267,7 +269,7 @@ class Nano4M(nn.Module):
 
     def decode_hidden(self, enc_ids, enc_pos, enc_valid, dec_pos, dec_valid):
         """-> decoder output [B, No, D] (after the final LayerNorm), one row per target position."""
-        if self.packed:   # the same numbers on real tokens only (packing.py)
+        if self.packed and not self.config.cross_local:   # the same numbers on real tokens only (packing.py)
             import packing
             if packing.can_pack(enc_valid, dec_valid):
                 return packing.decode_hidden_packed(self, enc_ids, enc_pos, enc_valid, dec_pos, dec_valid)
@@ -290,14 +292,28 @@ class Nano4M(nn.Module):
         if self.config.dec_same_modality:
             dec_mask = dec_mask & (dec_mod[:, :, None] == dec_mod[:, None, :])
         dec_mask = (dec_mask | eye_o)[:, None]                                    # [B, 1, No, No]
-        # cross-attention keys: the valid inputs; a sample with none (masking forbids it, but a direct
-        # caller may not) falls back to key 0 so its rows stay finite
-        first = torch.arange(Ni, device=device) == 0
-        cross_mask = enc_valid | (first & ~enc_valid.any(dim=1, keepdim=True))
-        cross_mask = cross_mask[:, None, None, :]                                 # [B, 1, 1, Ni]
+        cross_mask = self.cross_attn_mask(enc_pos, enc_valid, dec_pos)
         for block in self.decoder:
             y = block(y, memory, dec_mask, cross_mask)
         return self.dec_ln_f(y)
+
+    def cross_attn_mask(self, enc_pos, enc_valid, dec_pos):
+        """The decoder's cross-attention keys: the valid inputs (a sample with none -- masking forbids it, but a
+        direct caller may not -- falls back to key 0 so its rows stay finite), bool [B, 1, 1, Ni]. With
+        cross_local = s, an additive float mask [B, n_head, No, Ni] instead: the first half of the heads also pay
+        s per place between query and key (cells on the grids, Chebyshev; frames on the audio), up to FAR places
+        (also for a key of another layout): local heads that no amount of training can make global."""
+        first = torch.arange(enc_pos.size(1), device=enc_pos.device) == 0
+        mask = (enc_valid | (first & ~enc_valid.any(dim=1, keepdim=True)))[:, None, None, :]
+        if not self.config.cross_local:
+            return mask
+        q, k = self.place[dec_pos][:, :, None], self.place[enc_pos][:, None]        # [B, No, 1, 3], [B, 1, Ni, 3]
+        same = (q[..., 0] == k[..., 0]) & (q[..., 0] > 0)
+        dist = torch.where(same, (q[..., 1:] - k[..., 1:]).abs().amax(-1).clamp(max=FAR), FAR)
+        n_local = max(1, self.config.n_head // 2)
+        heads = torch.arange(self.config.n_head, device=dist.device)[:, None, None] < n_local    # [n_head, 1, 1]
+        bias = torch.where(heads, -self.config.cross_local * dist[:, None].float(), 0.0)
+        return bias.masked_fill(~mask, float("-inf"))
 
     # -----------------------------------------------------------------------------------------------
     # the head: per-modality logits over the modality's own ids (or every row, head='full'), in float32
@@ -421,6 +437,21 @@ def sincos_grid(n, dim):
     row, col = local_sincos(n, dim // 2), local_sincos(n, dim - dim // 2)
     table = torch.cat([row[:, None].expand(n, n, -1), col[None].expand(n, n, -1)], -1).reshape(n * n, dim)
     return table / table.norm(dim=1, keepdim=True)
+
+
+FAR = 8   # cross_local: places beyond this, and keys of another layout, all count as this far
+
+
+def layout_places():
+    """[TOTAL_POSITIONS, 3] (kind, row or frame, col) of every global position: kind 1 on the image grids (one
+    shared grid of places), 2 on the audio frames, 0 on the caption."""
+    parts = []
+    for m in M.MODALITIES:
+        i = torch.arange(m.length)
+        kind = {"grid": 1, "audio": 2}.get(m.layout, 0)
+        a, b = (i // GRID, i % GRID) if kind == 1 else (i // M.AUDIO_CODEBOOKS, 0 * i)
+        parts.append(torch.stack([torch.full_like(i, kind), a, b], 1))
+    return torch.cat(parts)
 
 
 def read_checkpoint(path, device="cpu", trust=False):

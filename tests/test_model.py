@@ -10,6 +10,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import modalities as M  # noqa: E402
 import fastpath  # noqa: E402
+import generation  # noqa: E402
 from model import Nano4M, Nano4MConfig, load_checkpoint  # noqa: E402
 
 TINY = dict(n_enc_layer=1, n_dec_layer=2, n_embd=32, n_head=2)
@@ -578,6 +579,36 @@ def test_mimetic_cross_starts_queries_on_like_keys():
         torch.testing.assert_close(b.cross_attn.kv.weight[32:], a.cross_attn.kv.weight[32:])
     changed = {n for (n, p), (_, q) in zip(plain.named_parameters(), mim.named_parameters()) if not torch.equal(p, q)}
     assert changed == {f"decoder.{i}.cross_attn.{w}.weight" for i in range(len(mim.decoder)) for w in ("q", "kv")}
+
+
+def test_cross_local_heads_look_at_their_own_place_whatever_the_weights():
+    """cross_local=s: with queries that carry nothing (W_q = 0), the first half of the heads still put their mass
+    on the query's own place (the depth cell's rgb 3x3; the masked audio frame's given neighbours), the other half
+    attend uniformly; s = 0 is the model as it was. The packed path steps aside (same numbers as padded)."""
+    import evaluate as E
+    torch.manual_seed(0)
+    plain, local = tiny(n_head=2), tiny(n_head=2, cross_local=4.0)
+    b = random_batch()
+    torch.testing.assert_close(run(plain, b)[0], run(tiny(n_head=2, cross_local=0.0), b)[0])
+    for m in (plain, local):
+        for block in m.decoder:
+            block.cross_attn.q.weight.data.zero_()
+    rgb = torch.randint(0, M.BY_NAME["tok_rgb"].vocab, (2, M.GRID * M.GRID))
+    inputs, cells = {"tok_rgb": (rgb, torch.ones_like(rgb, dtype=torch.bool))}, torch.arange(M.GRID * M.GRID)
+    tokens = {"tok_audio": torch.randint(0, M.BY_NAME["tok_audio"].vocab, (2, M.BY_NAME["tok_audio"].length)),
+              "caption": torch.randint(0, 50, (2, M.CAPTION_LEN))}
+    with torch.no_grad():
+        look = lambda m: E.cross_attention_locality(m, inputs, "tok_depth", cells, E.near_cell("tok_depth"), "cpu")
+        assert look(plain)["near"] == pytest.approx(look(plain)["uniform_near"], abs=1e-6)
+        assert look(local)["near"] > 0.9 and E.audio_infill_locality(local, tokens, "cpu")["near"] > 0.8
+        e_ids, e_pos, e_valid = generation.pack_inputs(inputs, "cpu")
+        mask = local.cross_attn_mask(e_pos, e_valid, (M.POS_OFFSETS[M.modality_index("tok_depth")] + cells)[None])
+        assert mask.shape == (2, 2, 196, 196) and (mask[:, 1] == 0).all()     # the second head: no bias
+        assert mask[0, 0, 0, 0] == 0 and mask[0, 0, 0, 1] == -4.0 and mask[0, 0, 0, -1] == -4.0 * 8   # FAR = 8
+        local.packed = True
+        packed_loss = run(local, b)[0]
+        local.packed = False
+        torch.testing.assert_close(packed_loss, run(local, b)[0])
 
 
 def test_checkpoints_from_before_adapters_py_still_load(tmp_path):

@@ -381,6 +381,9 @@ def test_dry_run_holds_the_reports_recipe_in_config_audio(tmp_path):
     assert changed == {"masking", "init_from", "out_dir", "wandb_run_name", "pos_emb", "mimetic_cross"}, changed
     assert [(c["input_full"], c["target_full"]) for c in depth["masking"]["mixture"]] == [(["rgb"], ["depth"])]
     assert depth["derived"]["n_params"] < toy["derived"]["n_params"]   # fixed grid and frame positions
+    normal, _ = dry_run("--cross_local=1.0", configs=("config/toyzoo_rgb_normal.py",))
+    assert [(c["input_full"], c["target_full"]) for c in normal["masking"]["mixture"]] == [(["rgb"], ["normal"])]
+    assert normal["cross_local"] == 1.0 and normal["derived"]["n_params"] == toy["derived"]["n_params"]   # no weights
     audio, _ = dry_run(configs=("config/toyzoo_caption_audio.py",))
     assert [(c["input_full"], c["target_full"]) for c in audio["masking"]["mixture"]] == [(["caption"], ["audio"])] * 2
     assert audio["masking"]["mixture"][1]["input_alphas"] == [0.0, 0.0, 0.0, 1.0, 0.0] and audio["max_iters"] == 1200
