@@ -285,7 +285,7 @@ elif init_from.endswith('.pt'):
     print(f"warm start from the weights of {init_from}")
     _warm = _load_ckpt(init_from)
     _theirs = asdict(Nano4MConfig(**_warm['model_args']))
-    _init_only = ('dropout', 'adapters', 'mimetic_cross')   # (adapters: compared by shape below)
+    _init_only = ('dropout', 'adapters', 'mimetic_cross', 'cross_local')   # (adapters: compared by shape below)
     _differ = {k: (v, _theirs[k]) for k, v in model_args.items() if k not in _init_only and _theirs[k] != v}
     if adapters or _theirs['adapters']:
         import adapters as adapters_lib
@@ -295,7 +295,8 @@ elif init_from.endswith('.pt'):
     if _differ:   # the weights fix the architecture: a config that says otherwise is a mistake, not an override
         raise SystemExit(f"--init_from={init_from}: its model differs from this run's settings " +
                          ", ".join(f"{k}: this run {a!r}, checkpoint {b!r}" for k, (a, b) in _differ.items()))
-    model = model_from_checkpoint(_warm, dropout=dropout)   # the architecture comes from that checkpoint
+    # the architecture comes from that checkpoint, but for two settings that hold no weights: this run's
+    model = model_from_checkpoint(_warm, dropout=dropout, cross_local=cross_local)
     model_args = asdict(model.config)
     _warm = None
 elif init_from == 'scratch':

@@ -144,8 +144,8 @@ def test_resume_continues_the_same_curve(data_root, tmp_path):
 
 def test_warm_start_from_another_run(data_root, tmp_path):
     """--init_from=<ckpt.pt> starts from that run's weights with a fresh schedule and optimizer (a curriculum):
-    its first eval equals the source run's last, its steps count from 0 again; an architecture that disagrees
-    with the checkpoint, or a missing file, is refused."""
+    its first eval equals the source run's last, its steps count from 0 again; a setting that holds no weights
+    (cross_local) is this run's; an architecture that disagrees with the checkpoint, or a missing file, is refused."""
     import torch
     common = ["--eval_interval=10", "--eval_iters=2", "--warmup_iters=2"]
     train(data_root, tmp_path / "first", "--max_iters=10", "--lr_decay_iters=10", *common)
@@ -161,6 +161,9 @@ def test_warm_start_from_another_run(data_root, tmp_path):
     assert steps[0]["iter"] == 0 and steps[0]["lr"] == pytest.approx(1e-2 / 3)   # warmup again
     ckpt = torch.load(tmp_path / "then" / "ckpt.pt", map_location="cpu", weights_only=False)
     assert ckpt["iter_num"] == 10 and ckpt["config"]["init_from"] == src
+    train(data_root, tmp_path / "local", "--max_iters=1", f"--init_from={src}", "--cross_local=1.0", *common)
+    local = torch.load(tmp_path / "local" / "ckpt.pt", map_location="cpu", weights_only=False)
+    assert local["model_args"]["cross_local"] == 1.0 and ckpt["model_args"]["cross_local"] == 0.0   # no weights
     proc = train(data_root, tmp_path / "wider", "--max_iters=1", f"--init_from={src}", "--n_embd=64", check=False)
     assert proc.returncode != 0 and "n_embd" in proc.stderr and "64" in proc.stderr
     proc = train(data_root, tmp_path / "gone", "--max_iters=1", f"--init_from={tmp_path}/nope.pt", check=False)
