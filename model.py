@@ -41,9 +41,9 @@ class Nano4MConfig:
     dec_same_modality: bool = True  # decoder self-attention only among targets of the same modality (4M)
     head: str = 'modality'      # a softmax over each modality's own ids; 'full': the report's, over all ids
     pos_emb: str = 'learned'    # factorised row/col, frame/codebook, index; 'sincos': the report's fixed 1-D table;
-                                # 'sincos_layout': fixed 2-D on the grids, 1-D over audio frames (sincos_grid)
-    mimetic_cross: float = 0.0  # > 0: cross-attention's W_q, W_k start at this times I plus their init
-    cross_local: float = 0.0    # > 0: half the cross-attention heads pay this per place between query and key
+                                # 'sincos_layout': fixed 2-D on the grids, 1-D over audio frames (locality.py)
+    mimetic_cross: float = 0.0  # > 0: cross-attention's W_q, W_k start at this times I plus their init (locality.py)
+    cross_local: float = 0.0    # > 0: half the cross-attention heads pay this per place to a key (locality.py)
     adapters: dict = None       # None: the report's model; a dict of adapters.AdapterConfig: ToyZoo's
     separate_vocab: InitVar[bool] = None        # (LEGACY_ADAPTER_KEYS: fold into adapters)
     code_feature_dims: InitVar[tuple] = None
@@ -177,8 +177,9 @@ class Nano4M(nn.Module):
                 self.pos_frame = nn.Parameter(torch.zeros(M.AUDIO_FRAMES, D))    # stream index i -> frame i // K
                 learned = [self.pos_row, self.pos_col, self.pos_frame]
             else:   # fixed, near places alike: a query starts out most like the keys at and around its place
-                self.register_buffer("pos_grid", sincos_grid(GRID, D), persistent=False)
-                self.register_buffer("pos_frame", local_sincos(M.AUDIO_FRAMES, D), persistent=False)
+                import locality
+                self.register_buffer("pos_grid", locality.sincos_grid(GRID, D), persistent=False)
+                self.register_buffer("pos_frame", locality.local_sincos(M.AUDIO_FRAMES, D), persistent=False)
             self.pos_codebook = nn.Parameter(torch.zeros(M.AUDIO_CODEBOOKS, D))  # ... and codebook i % K
             seq_lengths = {m.length for m in MODALITIES if m.layout == "seq"}
             self.pos_seq = nn.Parameter(torch.zeros(max(seq_lengths), D))      # caption index
@@ -196,7 +197,6 @@ class Nano4M(nn.Module):
         # above draw the same random numbers with or without them
         self.adapters = adapters_lib.EmbeddingAdapters(config.adapters, D, config.bias) if config.adapters else None
         self.register_buffer("pos_modality", position_modality(torch.arange(M.TOTAL_POSITIONS)), persistent=False)
-        self.register_buffer("place", layout_places(), persistent=False)   # (kind, row or frame, col)
         # the head row offset of each global position's modality (all zero with the shared table)
         self.register_buffer("pos_row_offset", torch.tensor(self.row_offset)[self.pos_modality], persistent=False)
         # how a step is computed, not what (train.py / bench.py set them): fastpath.py's head, packing.py's
@@ -213,14 +213,9 @@ class Nano4M(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("proj.weight") and gpt2:
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(n_resid))
-        # 'mimetic' cross-attention (Trockman & Kolter 2023): W_q W_k^T starts near s^2 I, so a query first
-        # attends to the keys most like itself (with sincos_layout: its own place in the other modality), which
-        # at this budget cross-attention does not learn from the usual init (docs/experiments.md, issue #33)
-        if config.mimetic_cross:
-            with torch.no_grad():
-                for block in self.decoder:
-                    block.cross_attn.q.weight.add_(torch.eye(D) * config.mimetic_cross)
-                    block.cross_attn.kv.weight[:D].add_(torch.eye(D) * config.mimetic_cross)
+        if config.mimetic_cross or config.cross_local:   # where cross-attention looks (locality.py)
+            import locality
+            locality.setup(self)
 
     def _init_weights(self, module, gpt2=True):
         if isinstance(module, nn.Linear) and gpt2:
@@ -299,21 +294,14 @@ class Nano4M(nn.Module):
 
     def cross_attn_mask(self, enc_pos, enc_valid, dec_pos):
         """The decoder's cross-attention keys: the valid inputs (a sample with none -- masking forbids it, but a
-        direct caller may not -- falls back to key 0 so its rows stay finite), bool [B, 1, 1, Ni]. With
-        cross_local = s, an additive float mask [B, n_head, No, Ni] instead: the first half of the heads also pay
-        s per place between query and key (cells on the grids, Chebyshev; frames on the audio), up to FAR places
-        (also for a key of another layout): local heads that no amount of training can make global."""
+        direct caller may not -- falls back to key 0 so its rows stay finite), bool [B, 1, 1, Ni]; with
+        cross_local, an additive float mask with local heads (locality.cross_local_mask)."""
         first = torch.arange(enc_pos.size(1), device=enc_pos.device) == 0
         mask = (enc_valid | (first & ~enc_valid.any(dim=1, keepdim=True)))[:, None, None, :]
-        if not self.config.cross_local:
-            return mask
-        q, k = self.place[dec_pos][:, :, None], self.place[enc_pos][:, None]        # [B, No, 1, 3], [B, 1, Ni, 3]
-        same = (q[..., 0] == k[..., 0]) & (q[..., 0] > 0)
-        dist = torch.where(same, (q[..., 1:] - k[..., 1:]).abs().amax(-1).clamp(max=FAR), FAR)
-        n_local = max(1, self.config.n_head // 2)
-        heads = torch.arange(self.config.n_head, device=dist.device)[:, None, None] < n_local    # [n_head, 1, 1]
-        bias = torch.where(heads, -self.config.cross_local * dist[:, None].float(), 0.0)
-        return bias.masked_fill(~mask, float("-inf"))
+        if self.config.cross_local:   # locality.py
+            import locality
+            return locality.cross_local_mask(self, mask, enc_pos, dec_pos)
+        return mask
 
     # -----------------------------------------------------------------------------------------------
     # the head: per-modality logits over the modality's own ids (or every row, head='full'), in float32
@@ -418,40 +406,6 @@ def sincos_table(n, dim):
     angle = torch.arange(n, dtype=torch.float64)[:, None] * freq[None]
     table = torch.cat([angle.sin(), angle.cos()], dim=1)
     return torch.nn.functional.pad(table, (0, dim - 2 * half)).float()
-
-
-def local_sincos(n, dim):
-    """[n, dim] fixed 1-D sin-cos positions of n places whose frequencies span those places (pi per place down
-    to pi per n places, not 1-D text's 10,000 positions), at unit norm per place (a content row's scale)."""
-    k = dim // 2
-    freq = math.pi * (1.0 / n) ** (torch.arange(k, dtype=torch.float64) / max(k - 1, 1))
-    angle = torch.arange(n, dtype=torch.float64)[:, None] * freq[None]
-    table = torch.nn.functional.pad(torch.cat([angle.sin(), angle.cos()], 1), (0, dim - 2 * k))
-    return (table / table.norm(dim=1, keepdim=True)).float()
-
-
-def sincos_grid(n, dim):
-    """[n * n, dim] fixed 2-D positions of an n x n grid (as 4M's for its image modalities): the row's
-    local_sincos in one half, the column's in the other, at unit norm. Neighbouring cells are 0.68 alike
-    (cosine), diagonal ones 0.37, far ones ~0; with 10,000 as the base, neighbours would be 0.98 alike."""
-    row, col = local_sincos(n, dim // 2), local_sincos(n, dim - dim // 2)
-    table = torch.cat([row[:, None].expand(n, n, -1), col[None].expand(n, n, -1)], -1).reshape(n * n, dim)
-    return table / table.norm(dim=1, keepdim=True)
-
-
-FAR = 8   # cross_local: places beyond this, and keys of another layout, all count as this far
-
-
-def layout_places():
-    """[TOTAL_POSITIONS, 3] (kind, row or frame, col) of every global position: kind 1 on the image grids (one
-    shared grid of places), 2 on the audio frames, 0 on the caption."""
-    parts = []
-    for m in M.MODALITIES:
-        i = torch.arange(m.length)
-        kind = {"grid": 1, "audio": 2}.get(m.layout, 0)
-        a, b = (i // GRID, i % GRID) if kind == 1 else (i // M.AUDIO_CODEBOOKS, 0 * i)
-        parts.append(torch.stack([torch.full_like(i, kind), a, b], 1))
-    return torch.cat(parts)
 
 
 def read_checkpoint(path, device="cpu", trust=False):
