@@ -700,9 +700,8 @@ def cross_attention_locality(model, inputs, target, target_idx, near, device):
     d_pos = positions(target, target_idx).to(device)
     packed, model.packed = model.packed, False   # the padded trunk: its attention weights are per sample
     try:
-        with torch.no_grad():
-            model.decode_hidden(e_ids, e_pos, e_valid, d_pos.expand(len(e_ids), -1), torch.ones(
-                len(e_ids), len(d_pos), dtype=torch.bool, device=device))
+        model.decode_hidden(e_ids, e_pos, e_valid, d_pos.expand(len(e_ids), -1), torch.ones(
+            len(e_ids), len(d_pos), dtype=torch.bool, device=device))
     finally:
         model.packed = packed
         for h in hooks:
@@ -719,23 +718,13 @@ def cross_attention_locality(model, inputs, target, target_idx, near, device):
     return {"near": max(heads), "uniform_near": uniform, "n_rows": int(len(e_ids))}
 
 
-def near_cell(target, radius=1):
-    """near() for rgb -> a grid target: the rgb cells within `radius` of the target cell (radius 1: its 3x3)."""
+def near_place(source, radius):
+    """near() for cross_attention_locality: the given `source` tokens within `radius` places of the query
+    (locality.place_distance: cells on the grids, so radius 1 is a cell's 3x3; frames on the audio)."""
+    import locality
     def near(e_pos, d_pos):
-        key, query = e_pos - M.POS_OFFSETS[M.modality_index("tok_rgb")], d_pos - M.POS_OFFSETS[M.modality_index(target)]
-        dist = torch.maximum((key[:, None] // M.GRID - query[None, :, None] // M.GRID).abs(),
-                             (key[:, None] % M.GRID - query[None, :, None] % M.GRID).abs())
-        return (dist <= radius) & ((key >= 0) & (key < M.GRID * M.GRID))[:, None]
-    return near
-
-
-def near_frame(radius=2):
-    """near() for audio -> audio: the given audio tokens within `radius` frames of the queried one."""
-    def near(e_pos, d_pos):
-        a0, K = M.POS_OFFSETS[M.modality_index("tok_audio")], M.AUDIO_CODEBOOKS
-        key = e_pos - a0
-        is_audio = (key >= 0) & (key < M.BY_NAME["tok_audio"].length)
-        return ((key[:, None] // K - (d_pos - a0)[None, :, None] // K).abs() <= radius) & is_audio[:, None]
+        dist = locality.place_distance(locality.layout_places().to(e_pos.device), e_pos, d_pos.expand(len(e_pos), -1))
+        return (dist <= radius) & (M.position_modality(e_pos) == M.modality_index(source))[:, None]
     return near
 
 
@@ -749,7 +738,8 @@ def audio_infill_locality(model, tokens, device, seed=0):
     audio, cap = tokens["tok_audio"].long(), tokens["caption"].long()
     inputs = {"caption": (cap, all_given(cap)),
               "tok_audio": (audio, given.expand_as(audio))}
-    return cross_attention_locality(model, inputs, "tok_audio", torch.nonzero(~given)[:, 0], near_frame(), device)
+    return cross_attention_locality(model, inputs, "tok_audio", torch.nonzero(~given)[:, 0], near_place("tok_audio", 2),
+                                    device)
 
 
 def probe_structure(model, data, decoder, views_per_clip, train_maps, device, bs, decode_rule="argmax"):
@@ -782,7 +772,7 @@ def probe_structure(model, data, decoder, views_per_clip, train_maps, device, bs
                      "1/vocab")]
         rgb32 = tokens["tok_rgb"][:32]
         look = cross_attention_locality(model, {"tok_rgb": (rgb32, all_given(rgb32))}, tgt, np.arange(L),
-                                        near_cell(tgt), device)
+                                        near_place("tok_rgb", 1), device)
         out[tgt]["cross_attention"] = look
         rows.append(row(f"rgb -> {tgt[4:]}: cross-attention on the cell's own 3x3 (most local head)",
                         look["near"], None, look["n_rows"], look["uniform_near"], "uniform attention"))

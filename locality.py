@@ -51,6 +51,14 @@ def layout_places():
     return torch.cat(parts)
 
 
+def place_distance(places, enc_pos, dec_pos):
+    """[B, No, Ni] places between every query (dec_pos [B, No]) and key (enc_pos [B, Ni]), by layout_places():
+    Chebyshev cells on the grids, frames on the audio, FAR for anything further or of another layout."""
+    q, k = places[dec_pos][:, :, None], places[enc_pos][:, None]                    # [B, No, 1, 3], [B, 1, Ni, 3]
+    same = (q[..., 0] == k[..., 0]) & (q[..., 0] > 0)
+    return torch.where(same, (q[..., 1:] - k[..., 1:]).abs().amax(-1).clamp(max=FAR), FAR)
+
+
 def setup(model):
     """At construction, after the usual init: the mimetic start, and cross_local's table of places."""
     D, s = model.config.n_embd, model.config.mimetic_cross
@@ -65,11 +73,9 @@ def setup(model):
 
 def cross_local_mask(model, mask, enc_pos, dec_pos):
     """The key mask bool [B, 1, 1, Ni] as an additive float mask [B, n_head, No, Ni] in which the first half of
-    the heads (at least one) also pay cross_local per place between query and key: Chebyshev cells on the grids,
-    frames on the audio, FAR for anything further or of another layout. The other heads are left as they were."""
-    q, k = model.place[dec_pos][:, :, None], model.place[enc_pos][:, None]          # [B, No, 1, 3], [B, 1, Ni, 3]
-    same = (q[..., 0] == k[..., 0]) & (q[..., 0] > 0)
-    dist = torch.where(same, (q[..., 1:] - k[..., 1:]).abs().amax(-1).clamp(max=FAR), FAR)
+    the heads (at least one) also pay cross_local per place between query and key (place_distance). The other
+    heads are left as they were."""
+    dist = place_distance(model.place, enc_pos, dec_pos)
     n_local = max(1, model.config.n_head // 2)
     heads = torch.arange(model.config.n_head, device=dist.device)[:, None, None] < n_local    # [n_head, 1, 1]
     bias = torch.where(heads, -model.config.cross_local * dist[:, None].float(), 0.0)

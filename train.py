@@ -64,8 +64,8 @@ dec_same_modality = True
 head = 'modality'               # a softmax over each modality's own ids; 'full': the report's, over all 50,304
 pos_emb = 'learned'             # factorised learned positions; 'sincos': the report's fixed 1-D table; 'sincos_layout':
                                 # fixed, 2-D on the image grids and 1-D over audio frames (locality.py)
-mimetic_cross = 0.0             # > 0: cross-attention starts attending to like keys (model.py; docs/experiments.md)
-cross_local = 0.0               # > 0: half the cross-attention heads pay this per place of distance (model.py)
+mimetic_cross = 0.0             # > 0: cross-attention starts attending to like keys (locality.py; docs/experiments.md)
+cross_local = 0.0               # > 0: half the cross-attention heads pay this per place of distance (locality.py)
 adapters = None                 # None = the report's model; a dict: ToyZoo's embedding adapters (adapters.py)
 # adamw optimizer
 learning_rate = 1e-4

@@ -382,7 +382,7 @@ def test_cross_attention_locality_known_answers():
     model = Nano4M(Nano4MConfig(n_enc_layer=1, n_dec_layer=1, n_embd=32, n_head=1, pos_emb="sincos_layout")).eval()
     rgb = torch.randint(0, M.BY_NAME["tok_rgb"].vocab, (3, M.GRID * M.GRID))
     inputs, cells = {"tok_rgb": (rgb, E.all_given(rgb))}, np.arange(M.GRID * M.GRID)
-    look = lambda radius: E.cross_attention_locality(model, inputs, "tok_depth", cells, E.near_cell("tok_depth", radius),
+    look = lambda radius: E.cross_attention_locality(model, inputs, "tok_depth", cells, E.near_place("tok_rgb", radius),
                                                      "cpu")
     with torch.no_grad():
         model.decoder[0].cross_attn.q.weight.zero_()

@@ -598,7 +598,7 @@ def test_cross_local_heads_look_at_their_own_place_whatever_the_weights():
     tokens = {"tok_audio": torch.randint(0, M.BY_NAME["tok_audio"].vocab, (2, M.BY_NAME["tok_audio"].length)),
               "caption": torch.randint(0, 50, (2, M.CAPTION_LEN))}
     with torch.no_grad():
-        look = lambda m: E.cross_attention_locality(m, inputs, "tok_depth", cells, E.near_cell("tok_depth"), "cpu")
+        look = lambda m: E.cross_attention_locality(m, inputs, "tok_depth", cells, E.near_place("tok_rgb", 1), "cpu")
         assert look(plain)["near"] == pytest.approx(look(plain)["uniform_near"], abs=1e-6)
         assert look(local)["near"] > 0.9 and E.audio_infill_locality(local, tokens, "cpu")["near"] > 0.8
         e_ids, e_pos, e_valid = generation.pack_inputs(inputs, "cpu")
