@@ -99,6 +99,7 @@ gen_steps = 16
 gen_schedule = 'maskgit'
 gen_temperature = 1.0
 gen_guidance = 3.0       # classifier-free guidance scale, as sample.py's default (1.0 = conditional pass alone)
+gen_by_level = False     # audio one codebook level at a time (a model trained with train.py's --audio_levels)
 clf_per_class = 10       # decoded train clips per class for the offline audio classifier
 class_views = 10         # class probe: also score this many views per clip (all 10: a tighter per-view figure
                          # and a whole-clip one); 1 = only the seeded view
@@ -927,7 +928,8 @@ def probe_generation(data, gen, ref, judge, sampler, seed):
                                                    f"{len(ref['labels'])} decoded {ref['split']} clips",
            "n_per_setting": int(len(y)), "samples_per_s": gen["samples_per_s"],
            "sampler": {"gen_steps": sampler["steps"], "gen_schedule": sampler["schedule"],
-                       "gen_temperature": sampler["temperature"], "gen_guidance": g}}
+                       "gen_temperature": sampler["temperature"], "gen_guidance": g,
+                       "gen_by_level": sampler["by_level"]}}
     names = {"gt": "decoded ground truth (classifier ceiling)", "class_only": f"class_only samples (guidance {g:g})",
              "class_only_g1": "class_only samples (guidance 1)", "continuation": f"continuation samples (guidance {g:g})"}
     emb, rows = {}, []
@@ -1398,7 +1400,7 @@ def probe_calls(s, model, ckpt, data, device, results):
     samples, the decoded train references) is made once, on first use. results: the probes' results so far."""
     bs, trust = s["batch_size"], s["trust_checkpoint"]
     sampler = {"steps": s["gen_steps"], "schedule": s["gen_schedule"], "temperature": s["gen_temperature"],
-               "guidance_scale": s["gen_guidance"]}
+               "guidance_scale": s["gen_guidance"], "by_level": s["gen_by_level"]}
     decoder = functools.cache(lambda name: load_decoder(data, name, device, trust))
     judge = functools.cache(lambda: token_judge(data))
     gen = functools.cache(lambda: generations(model, data, decoder("tok_audio"), sampler, s["gen_per_class"],

@@ -88,7 +88,7 @@ def _gumbel(shape, generator, device):
 @torch.no_grad()
 def generate(model, tokens, known, target, steps=16, schedule="maskgit", temperature=1.0,
              temperature_end=None, top_k=0, top_p=1.0, guidance_scale=1.0, remask_noise=0.0,
-             count_schedule="cosine", generator=None, codebook_true=True):
+             count_schedule="cosine", generator=None, codebook_true=True, by_level=False):
     """Decode the unknown positions of modality `target` given the known tokens of every modality.
 
     tokens: {modality: LongTensor [B, L_m]}, short or full names; only the modalities used need be present
@@ -113,6 +113,10 @@ def generate(model, tokens, known, target, steps=16, schedule="maskgit", tempera
         result is the conditional one.
     codebook_true: an audio target samples each slot from its own codebook's ids only (codebook_mask); False
         draws every slot from all of the modality's ids (decoding then clamps a wrong-codebook id).
+    by_level: an audio target is decoded one codebook level at a time, `steps` steps each (SoundStorm): level 0
+        of every frame first, with the levels above out of the input (given ones too), then level 1 given level 0,
+        and so on; otherwise a frame's K ids are drawn together, each from its own marginal. Needs a model
+        trained with train.py's --audio_levels (masking.audio_levels), which shows it such inputs.
     remask_noise: MaskGIT's annealed randomness on the confidences: Gumbel noise scaled by
         remask_noise * (1 - progress) is added to the log-probability of each sampled token before ranking.
     generator: torch.Generator for every random draw (reproducible; may live on the CPU for a GPU model).
@@ -139,43 +143,65 @@ def generate(model, tokens, known, target, steps=16, schedule="maskgit", tempera
 
     masked = ~flat_given[:, t_span]                                             # target positions still to decode
     out = torch.where(masked, 0, flat_ids[:, t_span])
-    # the commit unit: an audio frame (its K codebook ids, as training masks it) or one token
-    group = M.AUDIO_CODEBOOKS if target == "tok_audio" else 1
+    steps_of = functools.partial(decode_steps, run, flat_ids, flat_given, in_target, t_span, target, t_mod, null,
+                                 steps=steps, schedule=schedule, temperature=temperature,
+                                 temperature_end=temperature_end, top_k=top_k, top_p=top_p,
+                                 guidance_scale=guidance_scale, remask_noise=remask_noise,
+                                 count_schedule=count_schedule, generator=generator, codebook_true=codebook_true)
+    if target == "tok_audio" and by_level:
+        level = torch.arange(t_mod.length, device=device) % M.AUDIO_CODEBOOKS   # slot K*t + k holds level k
+        for q in range(M.AUDIO_CODEBOOKS):
+            hidden = torch.zeros_like(flat_given)
+            hidden[:, t_span] = level > q
+            out, masked = steps_of(out, masked, level == q, hidden, group=1)
+    else:   # the commit unit: an audio frame (its K codebook ids, as training masks it) or one token
+        out, masked = steps_of(out, masked, torch.ones_like(masked[0]), torch.zeros_like(flat_given),
+                               group=M.AUDIO_CODEBOOKS if target == "tok_audio" else 1)
+    assert not masked.any(), "schedule left positions undecoded"
+    return out
+
+
+def decode_steps(run, flat_ids, flat_given, in_target, t_span, target, t_mod, null, out, masked, slots, hidden,
+                 group, steps, schedule, temperature, temperature_end, top_k, top_p, guidance_scale, remask_noise,
+                 count_schedule, generator, codebook_true):
+    """generate's step loop over the masked target positions among `slots` [L_target], committed `group` ids
+    at a time; entries of `hidden` [B, sum of L] stay out of the encoder. -> (out, masked)."""
+    B = out.size(0)
     units = lambda x: x.view(B, t_mod.length // group, group).any(-1)
-    n_unknown = units(masked).sum(dim=1)                                       # units with something to decode
+    n_unknown = units(masked & slots).sum(dim=1)                               # units with something to decode
     for step in range(steps):
-        if not masked.any():
+        todo = masked & slots
+        if not todo.any():
             break
         progress = step / max(steps - 1, 1)
         temp = temperature if temperature_end is None else temperature + (temperature_end - temperature) * progress
-        masked_u = units(masked)                                                # [B, units]
+        masked_u = units(todo)                                                  # [B, units]
         n_commit = masked_u.sum(dim=1) - masked_count(n_unknown, step, steps, count_schedule)   # [B], >= 0
         # ROAR and raster: this step's units are picked first (audio in time order for raster), only they are queried
-        query = PICK[schedule](masked, masked_u, n_commit, group, generator) if schedule in PICK else masked
+        query = PICK[schedule](todo, masked_u, n_commit, group, generator) if schedule in PICK else todo
         if not query.any():
             continue
         flat_now = flat_ids.clone()
         flat_now[:, t_span] = out
         decoded = in_target.clone()
         decoded[:, t_span] = ~masked
-        logits, dv, d_order = run(flat_now, (flat_given & ~in_target) | decoded, query)
+        logits, dv, d_order = run(flat_now, ((flat_given & ~in_target) | decoded) & ~hidden, query)
         if guidance_scale != 1.0:
-            uncond, _, _ = run(flat_now, decoded, query, null)
+            uncond, _, _ = run(flat_now, decoded & ~hidden, query, null)
             logits = uncond + guidance_scale * (logits - uncond)
         if target == "tok_audio" and codebook_true:   # each slot only from its own codebook's ids
             logits = logits.masked_fill(~codebook_mask(d_order[dv], t_mod.vocab), float("-inf"))
-        sampled, logp = sample_ids(logits, temp, top_k, top_p, generator, device)
-        rows, cols = torch.arange(B, device=device)[:, None].expand_as(d_order)[dv], d_order[dv]
+        sampled, logp = sample_ids(logits, temp, top_k, top_p, generator, flat_ids.device)
+        rows, cols = torch.arange(B, device=out.device)[:, None].expand_as(d_order)[dv], d_order[dv]
         cand = torch.zeros_like(out)
         cand[rows, cols] = sampled
         commit = query if schedule != "maskgit" else \
-            confident_units(masked, logp, rows, cols, n_commit, group, remask_noise, 1.0 - progress, generator)
+            confident_units(todo, logp, rows, cols, n_commit, group, remask_noise, 1.0 - progress, generator)
         out = torch.where(commit, cand, out)
         masked = masked & ~commit
         if target == "caption":
             out, masked = end_captions(out, masked)
-    assert not masked.any(), "schedule left positions undecoded"
-    return out
+    return out, masked
 
 
 def target_layout(tokens, known, target, device):

@@ -458,3 +458,35 @@ def condition_dropout(batch, rate, generator=None):
     ids = torch.where(null, M.NULL_ID, ids)
     pos = torch.where(null, M.null_position(targeted[:, CAPTION])[:, None], pos)
     return dict(batch, enc_ids=ids, enc_pos=pos, enc_valid=valid | null)
+
+
+def audio_levels(batch, rate, generator=None):
+    """Level-wise audio (SoundStorm, Borsos et al. 2023), what generation.generate(by_level=True) feeds: with
+    probability `rate` a sample with audio targets learns one codebook level q (uniform over the K): its audio
+    targets of levels below q become inputs, its audio targets and inputs above q are dropped. Whole-frame
+    masking never gives a frame in part, so a model trained without it never reads a frame's level 0 to draw its
+    level 1, and a sampler must draw both blind to each other. The encoder grows by the moved targets' width.
+    Returns a new dict, sync-free."""
+    if rate <= 0:
+        return batch
+    enc = [batch[k] for k in ("enc_ids", "enc_pos", "enc_valid")]
+    dec = [batch[k] for k in ("dec_ids", "dec_pos", "dec_valid")]
+    B, device, K = enc[0].size(0), enc[0].device, M.AUDIO_CODEBOOKS
+    gdev = generator.device if generator is not None else device
+    u = torch.rand(B, 2, generator=generator, device=gdev).to(device)
+    q = (u[:, 1:] * K).long().clamp_max(K - 1)                                          # [B, 1]
+    level = lambda pos: (pos - M.POS_OFFSETS[AUDIO]) % K
+    is_audio = lambda pos, valid: valid & (M.position_modality(pos) == AUDIO)
+    pick = ((u[:, 0] < rate) & is_audio(dec[1], dec[2]).any(1))[:, None]
+    enc_keep = enc[2] & ~(pick & is_audio(enc[1], enc[2]) & (level(enc[1]) > q))
+    moved = pick & is_audio(dec[1], dec[2]) & (level(dec[1]) < q)
+    dec_keep = dec[2] & ~(pick & is_audio(dec[1], dec[2]) & (level(dec[1]) != q))
+
+    def packed(ids, pos, keep):   # kept entries first, in their order
+        order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)
+        valid = keep.gather(1, order)
+        return ids.gather(1, order) * valid, pos.gather(1, order) * valid, valid
+
+    e = packed(torch.cat([enc[0], dec[0]], 1), torch.cat([enc[1], dec[1]], 1), torch.cat([enc_keep, moved], 1))
+    d = packed(dec[0], dec[1], dec_keep)
+    return dict(batch, enc_ids=e[0], enc_pos=e[1], enc_valid=e[2], dec_ids=d[0], dec_pos=d[1], dec_valid=d[2])

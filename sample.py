@@ -48,6 +48,7 @@ top_p = 1.0                 # 1.0 = off
 guidance_scale = 3.0        # classifier-free guidance; 1.0 = the conditional model alone (README: 3.0 helps class-only audio)
 remask_noise = 0.0          # MaskGIT's annealed Gumbel noise on the confidences
 codebook_true = True        # audio: each slot samples only its own codebook's ids (False: all of the modality's ids)
+by_level = False            # audio: one codebook level at a time (a model trained with train.py's --audio_levels)
 continuation_frac = 0.8     # continuation: the fraction of the audio frames given
 seed = 1337
 device = "auto"             # 'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1'
@@ -59,7 +60,7 @@ trust_checkpoint = False    # True: also load a pickled checkpoint / codebook of
                             # someone else's, whose pickle could run code (the default is weights_only=True)
 DEFAULTS = configurator.settings(globals())
 GEN_KEYS = ("steps", "schedule", "count_schedule", "temperature", "temperature_end", "top_k", "top_p",
-            "guidance_scale", "remask_noise", "codebook_true")
+            "guidance_scale", "remask_noise", "codebook_true", "by_level")
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import configurator
 import modalities
-from masking import MaskingConfig, build_batch, condition_dropout, trim_padding
+from masking import MaskingConfig, audio_levels as level_split, build_batch, condition_dropout, trim_padding
 from model import Nano4M, Nano4MConfig, model_from_checkpoint, read_checkpoint
 
 # -----------------------------------------------------------------------------------------------------
@@ -52,6 +52,8 @@ batch_size = 64                 # per rank, per micro-step
 masking = asdict(MaskingConfig())  # one group, defaults in masking.py: e.g. --masking.input_budget=(8,64)
 cond_dropout = 0.1              # share of train samples that keep only their targets' modalities' inputs: guidance's
                                 # unconditional half (masking.condition_dropout; the report: 0)
+audio_levels = 0.0              # share of train samples that learn one audio codebook level from the ones below it
+                                # (masking.audio_levels), for sampling level by level (generate's by_level)
 augment_shift = 0               # train batches: shift the image grids by up to this many patches
 # model
 n_enc_layer = 6
@@ -107,8 +109,9 @@ try:
     mask_cfg = MaskingConfig.from_settings(config)
 except (ValueError, TypeError) as e:
     raise SystemExit(f"train.py: bad masking settings: {e}")
-if not 0.0 <= cond_dropout < 1.0:
-    raise SystemExit(f"train.py: --cond_dropout={cond_dropout} must lie in [0, 1)")
+for _k in ('cond_dropout', 'audio_levels'):
+    if not 0.0 <= config[_k] < 1.0:
+        raise SystemExit(f"train.py: --{_k}={config[_k]} must lie in [0, 1)")
 config['masking'] = asdict(mask_cfg)   # resolved: what the dry run prints and the checkpoint records
 model_args = {f.name: config[f.name] for f in fields(Nano4MConfig) if f.name in config}
 
@@ -236,6 +239,8 @@ def get_batch(split, data_generator, mask_generator, augment=False):
     batch = build_batch(tokens, mask_cfg, mask_generator, cuda_graph=fast_path)
     if augment and cond_dropout:               # training steps only, like the shifts
         batch = condition_dropout(batch, cond_dropout, mask_generator)
+    if augment and audio_levels:
+        batch = level_split(batch, audio_levels, mask_generator)
     if device_type == 'cpu' and not compile:
         batch = trim_padding(batch)   # cheaper for the padded path, no change for the packed one
     batch['dec_counts'] = None

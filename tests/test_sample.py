@@ -634,3 +634,69 @@ def test_condition_dropout_rate_and_packing():
         assert set(position_modality(kept).tolist()) <= tmods
         before = base["enc_pos"][b][base["enc_valid"][b]]
         assert kept.tolist() == [p for p in before.tolist() if position_modality(torch.tensor(p)).item() in tmods]
+
+
+def test_audio_levels_trains_one_level_from_the_ones_below():
+    """masking.audio_levels: about `rate` of the samples with audio targets learn one codebook level q: their audio
+    targets are all of level q, their level < q targets are now inputs (same ids), nothing above q is fed; every
+    other token, and every unpicked sample, is as build_batch made it; rate 0 changes nothing."""
+    import masking
+    from modalities import position_modality
+    B, K = 400, AUDIO_CODEBOOKS
+    tokens = masking.random_tokens(B, generator=gen(3))
+    base = masking.build_batch(tokens, masking.MaskingConfig(input_budget=(16, 64), target_budget=(16, 64)), gen(4))
+    assert masking.audio_levels(base, 0.0, gen(5)) is base
+    out = masking.audio_levels(base, 0.5, gen(5))
+    rows = lambda bt, side, b: set(zip(bt[side + "_pos"][b][bt[side + "_valid"][b]].tolist(),
+                                       bt[side + "_ids"][b][bt[side + "_valid"][b]].tolist()))
+    audio = lambda s: {(p, i) for p, i in s if A0 <= p < A0 + BY_NAME["tok_audio"].length}
+    level = lambda p: (p - A0) % K
+    picked = levels_seen = 0
+    seen = set()
+    for b in range(B):
+        enc0, dec0, enc1, dec1 = rows(base, "enc", b), rows(base, "dec", b), rows(out, "enc", b), rows(out, "dec", b)
+        for side in ("enc", "dec"):   # kept entries are packed first
+            v = out[side + "_valid"][b]
+            assert v.tolist() == sorted(v.tolist(), reverse=True)
+        if enc1 == enc0 and dec1 == dec0:
+            continue
+        picked += 1
+        assert audio(dec0), "a sample without audio targets was changed"
+        q = {level(p) for p, _ in audio(dec1)}
+        assert len(q) == 1, q
+        q = q.pop()
+        seen.add(q)
+        assert dec1 == {(p, i) for p, i in dec0 if (p, i) not in audio(dec0) or level(p) == q}
+        assert enc1 == {(p, i) for p, i in enc0 if (p, i) not in audio(enc0) or level(p) <= q} | \
+            {(p, i) for p, i in audio(dec0) if level(p) < q}
+        assert all(position_modality(torch.tensor(p)).item() == modality_index("audio") for p, _ in enc1 - enc0)
+    eligible = sum(bool(audio(rows(base, "dec", b))) for b in range(B))
+    assert eligible > 200 and 0.35 < picked / eligible < 0.6, (picked, eligible)
+    assert seen == set(range(K))
+
+
+@pytest.mark.parametrize("schedule", ["maskgit", "raster"])
+def test_by_level_decodes_level_zero_first_without_the_levels_above(schedule):
+    """generate(by_level=True): `steps` passes per codebook level; while level q is decoded the encoder holds no
+    audio id of a higher level (not even a given one) and the decoder queries level q only; every unknown slot is
+    decoded once, the given ones come back, each slot from its own codebook."""
+    model = Recorder(tiny_model())
+    tokens, known = mixed_batch()
+    S = 4
+    out = generation.generate(model, tokens, known, "audio", steps=S, schedule=schedule, generator=gen(),
+                              by_level=True)
+    K = AUDIO_CODEBOOKS
+    assert len(model.calls) == K * S
+    ka = known["audio"]
+    assert torch.equal(out[ka], tokens["audio"][ka])
+    slot = torch.arange(out.size(1))
+    assert ((out // AUDIO_CODEBOOK_SIZE) == (slot % K))[~ka].all()
+    for q in range(K):
+        for call in model.calls[q * S:(q + 1) * S]:
+            for b in range(out.size(0)):
+                enc, dec = rows_of(call, b)
+                assert all((p - A0) % K <= q for p in enc if A0 <= p < A0 + 512)
+                assert all((p - A0) % K == q for p in dec)
+    again = generation.generate(tiny_model(), tokens, known, "audio", steps=S, schedule=schedule, generator=gen(),
+                                by_level=True)
+    assert torch.equal(out, again)

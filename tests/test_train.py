@@ -455,16 +455,17 @@ def test_max_train_clips_takes_a_stratified_nested_subset(tmp_path):
     assert proc.returncode != 0 and "max_train_clips=61" in proc.stderr and "only 60 train clips" in proc.stderr
 
 
-def test_cond_dropout_reaches_the_train_batches_only(data_root, tmp_path):
-    """--cond_dropout changes what the training steps see (the same seed, another first-step loss) but not the
-    eval batches (the same eval loss before any update); a rate of 1 or more is refused."""
+@pytest.mark.parametrize("setting", ["cond_dropout", "audio_levels"])
+def test_batch_transforms_reach_the_train_batches_only(data_root, tmp_path, setting):
+    """--cond_dropout and --audio_levels change what the training steps see (the same seed, another first-step
+    loss) but not the eval batches (the same eval loss before any update); a rate of 1 or more is refused."""
     runs = {}
     for rate in (0.0, 0.9):
         train(data_root, tmp_path / str(rate), "--max_iters=1", "--eval_interval=1", "--eval_iters=2",
-              f"--cond_dropout={rate}")
+              f"--{setting}={rate}")
         runs[rate] = (read_jsonl(tmp_path / str(rate) / "train_log.jsonl")[0]["loss"],
                       read_jsonl(tmp_path / str(rate) / "log.jsonl")[0]["val"]["loss"])
     assert runs[0.0][1] == runs[0.9][1]
     assert abs(runs[0.0][0] - runs[0.9][0]) > 1e-4
-    proc = train(data_root, tmp_path / "bad", "--max_iters=1", "--cond_dropout=1.0", check=False)
-    assert proc.returncode != 0 and "cond_dropout" in proc.stderr
+    proc = train(data_root, tmp_path / "bad", "--max_iters=1", f"--{setting}=1.0", check=False)
+    assert proc.returncode != 0 and setting in proc.stderr
