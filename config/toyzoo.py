@@ -37,6 +37,8 @@ learning_rate = 2e-3            # a small model on a small world: a higher peak 
 min_lr = 2e-5
 
 n_enc_layer, n_dec_layer, n_embd, n_head = 2, 2, 128, 2
+cross_local = 1.0               # half the cross-attention heads pay per place of distance (locality.py; no weights,
+                                # so stage 1's carry over): depth and normal cells read the picture where they stand
 adapters = dict(separate_vocab=True,
                 code_features=True,     # needs the dataset's codebooks (tokenize_all.py writes them)
                 feature_only=('tok_rgb',), grid_conv=True, init='torch',

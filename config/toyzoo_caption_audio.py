@@ -13,3 +13,4 @@ warmup_iters = 60
 _infill = dict(weight=0.5, input_full=('caption',), input_alphas=_only['audio'], input_budget=(0, 448),
                target_full=('audio',), target_alphas=_none, target_budget=(0, 0))
 masking = dict(masking, mixture=[_whole('caption', 'audio', 0.5), _infill])
+cross_local = 0.0               # this test bed's control as measured; the levers are flags

@@ -14,3 +14,4 @@ out_dir = 'out/toyzoo_rgb'
 wandb_run_name = 'toyzoo-d2-2w128-rgb'
 max_iters = lr_decay_iters = 2200        # 2,200 x 16 = 35,200 pictures: 4 epochs of the 8,800 train views
 masking = dict(masking, mixture=[_whole('rgb', 'caption', 1.0)])
+cross_local = 0.0               # stage 1 as measured; stage 2 adds the local heads (they hold no weights)

@@ -9,3 +9,4 @@ init_from = 'scratch'
 out_dir = 'out/toyzoo_rgb_depth'
 wandb_run_name = 'toyzoo-d2-2w128-rgb-depth'
 masking = dict(masking, mixture=[_whole('rgb', 'depth', 1.0)])
+cross_local = 0.0               # this test bed's control as measured; the levers are flags

@@ -381,7 +381,9 @@ def test_dry_run_holds_the_reports_recipe_in_config_audio(tmp_path):
     assert toy["adapters"]["feature_only"] == ["tok_rgb"] and toy["adapters"]["code_features"] and toy["n_embd"] == 128
     depth, _ = dry_run("--pos_emb=sincos_layout", "--mimetic_cross=2.0", configs=("config/toyzoo_rgb_depth.py",))
     changed = {k for k in toy if k != "derived" and depth[k] != toy[k]}
-    assert changed == {"masking", "init_from", "out_dir", "wandb_run_name", "pos_emb", "mimetic_cross"}, changed
+    assert changed == {"masking", "init_from", "out_dir", "wandb_run_name", "pos_emb", "mimetic_cross",
+                       "cross_local"}, changed
+    assert toy["cross_local"] == 1.0 and depth["cross_local"] == 0.0   # the default's stage 2 has local heads
     assert [(c["input_full"], c["target_full"]) for c in depth["masking"]["mixture"]] == [(["rgb"], ["depth"])]
     assert depth["derived"]["n_params"] < toy["derived"]["n_params"]   # fixed grid and frame positions
     normal, _ = dry_run("--cross_local=1.0", configs=("config/toyzoo_rgb_normal.py",))
