@@ -113,22 +113,15 @@ def generate(model, tokens, known, target, steps=16, schedule="maskgit", tempera
         result is the conditional one.
     codebook_true: an audio target samples each slot from its own codebook's ids only (codebook_mask); False
         draws every slot from all of the modality's ids (decoding then clamps a wrong-codebook id).
-    by_level: an audio target is decoded one codebook level at a time, `steps` steps each (SoundStorm): level 0
-        of every frame first, with the levels above out of the input (given ones too), then level 1 given level 0,
-        and so on; otherwise a frame's K ids are drawn together, each from its own marginal. Needs a model
-        trained with train.py's --audio_levels (masking.audio_levels), which shows it such inputs.
+    by_level: audio one codebook level at a time, `steps` steps each (SoundStorm), the levels above out of the
+        input; else a frame's K ids are drawn together, blind to each other. For a model trained --audio_levels.
     remask_noise: MaskGIT's annealed randomness on the confidences: Gumbel noise scaled by
         remask_noise * (1 - progress) is added to the log-probability of each sampled token before ranking.
     generator: torch.Generator for every random draw (reproducible; may live on the CPU for a GPU model).
     The model is used as it is: put it in eval mode first (model.load_checkpoint does), or dropout samples too.
     Returns LongTensor [B, L_target] of the target modality's ids (in [0, vocab_target)).
     """
-    for name, value, allowed in (("schedule", schedule, ("maskgit", *PICK)),
-                                 ("count_schedule", count_schedule, ("cosine", "linear"))):
-        if value not in allowed:
-            raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+    check_settings(schedule, count_schedule, steps)
     target = full_name(target)
     t_idx, t_mod = modality_index(target), M.BY_NAME[target]
     device = next(model.parameters()).device
@@ -137,71 +130,60 @@ def generate(model, tokens, known, target, steps=16, schedule="maskgit", tempera
     in_target = torch.zeros_like(flat_given)
     in_target[:, t_span] = True
     # the null input of the unconditional pass: the one conditioning dropout trains (modalities.null_position)
-    null = (torch.full((B, 1), NULL_ID, dtype=torch.long, device=device),
-            torch.full((B, 1), null_position(target == "caption"), dtype=torch.long, device=device))
+    null = torch.tensor([[NULL_ID], [null_position(target == "caption")]], device=device).expand(2, B)[:, :, None]
     run = functools.partial(target_logits, model, t_idx, flat_pos, flat_pos[:, t_span])
 
     masked = ~flat_given[:, t_span]                                             # target positions still to decode
     out = torch.where(masked, 0, flat_ids[:, t_span])
-    steps_of = functools.partial(decode_steps, run, flat_ids, flat_given, in_target, t_span, target, t_mod, null,
-                                 steps=steps, schedule=schedule, temperature=temperature,
-                                 temperature_end=temperature_end, top_k=top_k, top_p=top_p,
-                                 guidance_scale=guidance_scale, remask_noise=remask_noise,
-                                 count_schedule=count_schedule, generator=generator, codebook_true=codebook_true)
-    if target == "tok_audio" and by_level:
-        level = torch.arange(t_mod.length, device=device) % M.AUDIO_CODEBOOKS   # slot K*t + k holds level k
-        for q in range(M.AUDIO_CODEBOOKS):
-            hidden = torch.zeros_like(flat_given)
-            hidden[:, t_span] = level > q
-            out, masked = steps_of(out, masked, level == q, hidden, group=1)
-    else:   # the commit unit: an audio frame (its K codebook ids, as training masks it) or one token
-        out, masked = steps_of(out, masked, torch.ones_like(masked[0]), torch.zeros_like(flat_given),
-                               group=M.AUDIO_CODEBOOKS if target == "tok_audio" else 1)
+    span, K = torch.arange(t_span.start, t_span.stop, device=device), M.AUDIO_CODEBOOKS
+    level = torch.arange(t_mod.length, device=device) % K                     # audio slot K*t + k holds level k
+    if target == "tok_audio" and by_level:   # level 0 of every frame first, the levels above out of the input
+        passes = [(level == q, level > q, 1) for q in range(K)]
+    else:   # one pass; the commit unit is an audio frame (its K ids, as training masks it) or one token
+        passes = [(level >= 0, level < 0, K if target == "tok_audio" else 1)]
+    for slots, hidden, group in passes:
+        units = lambda x: x.view(B, t_mod.length // group, group).any(-1)
+        n_unknown = units(masked & slots).sum(dim=1)                           # units with something to decode
+        for step in range(steps):
+            todo = masked & slots
+            if not todo.any():
+                break
+            progress = step / max(steps - 1, 1)
+            temp = temperature if temperature_end is None else temperature + (temperature_end - temperature) * progress
+            masked_u = units(todo)                                              # [B, units]
+            n_commit = masked_u.sum(dim=1) - masked_count(n_unknown, step, steps, count_schedule)   # [B], >= 0
+            # ROAR and raster pick this step's units first (audio in time order for raster) and query only them
+            query = PICK[schedule](todo, masked_u, n_commit, group, generator) if schedule in PICK else todo
+            if not query.any():
+                continue
+            flat_now = flat_ids.index_copy(1, span, out)
+            decoded = in_target.index_copy(1, span, ~masked & ~hidden)   # decoded or given target entries
+            logits, dv, d_order = run(flat_now, (flat_given & ~in_target) | decoded, query)
+            if guidance_scale != 1.0:
+                uncond, _, _ = run(flat_now, decoded, query, null)
+                logits = uncond + guidance_scale * (logits - uncond)
+            if target == "tok_audio" and codebook_true:   # each slot only from its own codebook's ids
+                logits = logits.masked_fill(~codebook_mask(d_order[dv], t_mod.vocab), float("-inf"))
+            sampled, logp = sample_ids(logits, temp, top_k, top_p, generator, device)
+            rows, cols = torch.arange(B, device=device)[:, None].expand_as(d_order)[dv], d_order[dv]
+            cand = torch.zeros_like(out).index_put((rows, cols), sampled)
+            commit = query if schedule != "maskgit" else \
+                confident_units(todo, logp, rows, cols, n_commit, group, remask_noise, 1.0 - progress, generator)
+            out = torch.where(commit, cand, out)
+            masked = masked & ~commit
+            if target == "caption":
+                out, masked = end_captions(out, masked)
     assert not masked.any(), "schedule left positions undecoded"
     return out
 
 
-def decode_steps(run, flat_ids, flat_given, in_target, t_span, target, t_mod, null, out, masked, slots, hidden,
-                 group, steps, schedule, temperature, temperature_end, top_k, top_p, guidance_scale, remask_noise,
-                 count_schedule, generator, codebook_true):
-    """generate's step loop over the masked target positions among `slots` [L_target], committed `group` ids
-    at a time; entries of `hidden` [B, sum of L] stay out of the encoder. -> (out, masked)."""
-    B = out.size(0)
-    units = lambda x: x.view(B, t_mod.length // group, group).any(-1)
-    n_unknown = units(masked & slots).sum(dim=1)                               # units with something to decode
-    for step in range(steps):
-        todo = masked & slots
-        if not todo.any():
-            break
-        progress = step / max(steps - 1, 1)
-        temp = temperature if temperature_end is None else temperature + (temperature_end - temperature) * progress
-        masked_u = units(todo)                                                  # [B, units]
-        n_commit = masked_u.sum(dim=1) - masked_count(n_unknown, step, steps, count_schedule)   # [B], >= 0
-        # ROAR and raster: this step's units are picked first (audio in time order for raster), only they are queried
-        query = PICK[schedule](todo, masked_u, n_commit, group, generator) if schedule in PICK else todo
-        if not query.any():
-            continue
-        flat_now = flat_ids.clone()
-        flat_now[:, t_span] = out
-        decoded = in_target.clone()
-        decoded[:, t_span] = ~masked
-        logits, dv, d_order = run(flat_now, ((flat_given & ~in_target) | decoded) & ~hidden, query)
-        if guidance_scale != 1.0:
-            uncond, _, _ = run(flat_now, decoded & ~hidden, query, null)
-            logits = uncond + guidance_scale * (logits - uncond)
-        if target == "tok_audio" and codebook_true:   # each slot only from its own codebook's ids
-            logits = logits.masked_fill(~codebook_mask(d_order[dv], t_mod.vocab), float("-inf"))
-        sampled, logp = sample_ids(logits, temp, top_k, top_p, generator, flat_ids.device)
-        rows, cols = torch.arange(B, device=out.device)[:, None].expand_as(d_order)[dv], d_order[dv]
-        cand = torch.zeros_like(out)
-        cand[rows, cols] = sampled
-        commit = query if schedule != "maskgit" else \
-            confident_units(todo, logp, rows, cols, n_commit, group, remask_noise, 1.0 - progress, generator)
-        out = torch.where(commit, cand, out)
-        masked = masked & ~commit
-        if target == "caption":
-            out, masked = end_captions(out, masked)
-    return out, masked
+def check_settings(schedule, count_schedule, steps):
+    for name, value, allowed in (("schedule", schedule, ("maskgit", *PICK)),
+                                 ("count_schedule", count_schedule, ("cosine", "linear"))):
+        if value not in allowed:
+            raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
 
 
 def target_layout(tokens, known, target, device):
