@@ -436,6 +436,13 @@ def random_tokens(B, device="cpu", generator=None):
     return out
 
 
+def kept_first(keep, *columns):
+    """Each row's kept entries first, in their order, sync-free: (valid, columns gathered, 0 past the kept)."""
+    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)
+    valid = keep.gather(1, order)
+    return valid, [c.gather(1, order) * valid for c in columns]
+
+
 def condition_dropout(batch, rate, generator=None):
     """Guidance's training half: with probability `rate` a sample loses every input of the modalities it has no
     target in; one left with none gets the null token (modalities.NULL_ID), the unconditional input
@@ -449,9 +456,7 @@ def condition_dropout(batch, rate, generator=None):
     tmod = torch.where(batch["dec_valid"], M.position_modality(batch["dec_pos"]), NUM_MOD)
     targeted = torch.zeros(B, NUM_MOD + 1, dtype=torch.bool, device=device).scatter_(1, tmod, True)
     keep = enc_valid & (~drop[:, None] | targeted.gather(1, M.position_modality(enc_pos)))
-    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)
-    valid = keep.gather(1, order)
-    ids, pos = enc_ids.gather(1, order) * valid, enc_pos.gather(1, order) * valid
+    valid, (ids, pos) = kept_first(keep, enc_ids, enc_pos)
     empty = ~valid[:, 0]
     first = torch.arange(ids.size(1), device=device)[None] == 0
     null = empty[:, None] & first
@@ -480,13 +485,6 @@ def audio_levels(batch, rate, generator=None):
     pick = ((u[:, 0] < rate) & is_audio(dec[1], dec[2]).any(1))[:, None]
     enc_keep = enc[2] & ~(pick & is_audio(enc[1], enc[2]) & (level(enc[1]) > q))
     moved = pick & is_audio(dec[1], dec[2]) & (level(dec[1]) < q)
-    dec_keep = dec[2] & ~(pick & is_audio(dec[1], dec[2]) & (level(dec[1]) != q))
-
-    def packed(ids, pos, keep):   # kept entries first, in their order
-        order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)
-        valid = keep.gather(1, order)
-        return ids.gather(1, order) * valid, pos.gather(1, order) * valid, valid
-
-    e = packed(torch.cat([enc[0], dec[0]], 1), torch.cat([enc[1], dec[1]], 1), torch.cat([enc_keep, moved], 1))
-    d = packed(dec[0], dec[1], dec_keep)
-    return dict(batch, enc_ids=e[0], enc_pos=e[1], enc_valid=e[2], dec_ids=d[0], dec_pos=d[1], dec_valid=d[2])
+    ev, (e_ids, e_pos) = kept_first(torch.cat([enc_keep, moved], 1), *(torch.cat(c, 1) for c in zip(enc[:2], dec[:2])))
+    dv, (d_ids, d_pos) = kept_first(dec[2] & ~(pick & is_audio(dec[1], dec[2]) & (level(dec[1]) != q)), *dec[:2])
+    return dict(batch, enc_ids=e_ids, enc_pos=e_pos, enc_valid=ev, dec_ids=d_ids, dec_pos=d_pos, dec_valid=dv)
