@@ -467,8 +467,9 @@ def condition_dropout(batch, rate, generator=None):
 
 def audio_levels(batch, rate, generator=None):
     """Level-wise audio (SoundStorm, Borsos et al. 2023), what generation.generate(by_level=True) feeds: with
-    probability `rate` a sample with audio targets learns one codebook level q (uniform over the K): its audio
-    targets of levels below q become inputs, its audio targets and inputs above q are dropped. Whole-frame
+    probability `rate` a sample whose targets are all audio learns one codebook level q (uniform over the K): its
+    audio targets of levels below q become inputs, its audio targets and inputs above q are dropped (a sample that
+    also predicts, say, the caption would be handed the audio it should not see). Whole-frame
     masking never gives a frame in part, so a model trained without it never reads a frame's level 0 to draw its
     level 1, and a sampler must draw both blind to each other. The encoder grows by the moved targets' width.
     Returns a new dict, sync-free."""
@@ -482,7 +483,8 @@ def audio_levels(batch, rate, generator=None):
     q = (u[:, 1:] * K).long().clamp_max(K - 1)                                          # [B, 1]
     level = lambda pos: (pos - M.POS_OFFSETS[AUDIO]) % K
     is_audio = lambda pos, valid: valid & (M.position_modality(pos) == AUDIO)
-    pick = ((u[:, 0] < rate) & is_audio(dec[1], dec[2]).any(1))[:, None]
+    only_audio = is_audio(dec[1], dec[2]).any(1) & (is_audio(dec[1], dec[2]) == dec[2]).all(1)
+    pick = ((u[:, 0] < rate) & only_audio)[:, None]
     enc_keep = enc[2] & ~(pick & is_audio(enc[1], enc[2]) & (level(enc[1]) > q))
     moved = pick & is_audio(dec[1], dec[2]) & (level(dec[1]) < q)
     ev, (e_ids, e_pos) = kept_first(torch.cat([enc_keep, moved], 1), *(torch.cat(c, 1) for c in zip(enc[:2], dec[:2])))
