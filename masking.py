@@ -202,21 +202,6 @@ def dirichlet(alpha, x, u, ub):
     return torch.where((alpha > 0).any(-1, keepdim=True), p, 0.0)
 
 
-def sample_dirichlet(alpha, generator=None):
-    """Dirichlet(alpha) proportions drawing their own random numbers (for tests and notebooks)."""
-    shape = (GAMMA_ROUNDS,) + tuple(alpha.shape)
-    x = torch.randn(shape, generator=generator, device=alpha.device)
-    u = torch.rand(shape, generator=generator, device=alpha.device)
-    return dirichlet(alpha, x, u, torch.rand(alpha.shape, generator=generator, device=alpha.device))
-
-
-def sample_gamma_log(alpha, generator=None):
-    shape = (GAMMA_ROUNDS,) + tuple(alpha.shape)
-    x = torch.randn(shape, generator=generator, device=alpha.device, dtype=alpha.dtype)
-    u = torch.rand(shape, generator=generator, device=alpha.device, dtype=alpha.dtype)
-    return gamma_log(alpha, x, u, torch.rand(alpha.shape, generator=generator, device=alpha.device, dtype=alpha.dtype))
-
-
 def _uniform_int(lo, hi, u):
     """Per-element uniform integers in [lo, hi] (LongTensors) from uniforms u."""
     return torch.minimum(lo + (u * (hi - lo + 1)).long(), hi)
