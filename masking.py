@@ -466,12 +466,12 @@ def audio_levels(batch, rate, generator=None):
     gdev = generator.device if generator is not None else device
     u = torch.rand(B, 2, generator=generator, device=gdev).to(device)
     q = (u[:, 1:] * K).long().clamp_max(K - 1)                                          # [B, 1]
-    level = lambda pos: (pos - M.POS_OFFSETS[AUDIO]) % K
-    is_audio = lambda pos, valid: valid & (M.position_modality(pos) == AUDIO)
-    only_audio = is_audio(dec[1], dec[2]).any(1) & (is_audio(dec[1], dec[2]) == dec[2]).all(1)
-    pick = ((u[:, 0] < rate) & only_audio)[:, None]
-    enc_keep = enc[2] & ~(pick & is_audio(enc[1], enc[2]) & (level(enc[1]) > q))
-    moved = pick & is_audio(dec[1], dec[2]) & (level(dec[1]) < q)
+    level = lambda pos: (pos - M.POS_OFFSETS[AUDIO]) % K                              # stream slot K*t + k: level k
+    enc_audio = enc[2] & (M.position_modality(enc[1]) == AUDIO)
+    dec_audio, dec_level = dec[2] & (M.position_modality(dec[1]) == AUDIO), level(dec[1])
+    pick = ((u[:, 0] < rate) & dec_audio.any(1) & (dec_audio == dec[2]).all(1))[:, None]   # audio targets only
+    enc_keep = enc[2] & ~(pick & enc_audio & (level(enc[1]) > q))
+    moved = pick & dec_audio & (dec_level < q)
     ev, (e_ids, e_pos) = kept_first(torch.cat([enc_keep, moved], 1), *(torch.cat(c, 1) for c in zip(enc[:2], dec[:2])))
-    dv, (d_ids, d_pos) = kept_first(dec[2] & ~(pick & is_audio(dec[1], dec[2]) & (level(dec[1]) != q)), *dec[:2])
+    dv, (d_ids, d_pos) = kept_first(dec[2] & ~(pick & dec_audio & (dec_level != q)), *dec[:2])
     return dict(batch, enc_ids=e_ids, enc_pos=e_pos, enc_valid=ev, dec_ids=d_ids, dec_pos=d_pos, dec_valid=dv)
