@@ -1,5 +1,5 @@
 # The embedded default: a small run on the synthetic ToyZoo world in two stages, ~25 minutes of training on
-# 2 CPU cores (~8 + ~17; the whole quickstart -- prepare, tokenize, train -- in about 28 minutes).
+# 2 CPU cores (~8 + ~17; the whole quickstart -- prepare, tokenize, train -- in about 27 minutes).
 #   python prepare_data.py && python tokenize_all.py
 #   python train.py config/toyzoo_rgb.py      # stage 1: rgb -> caption alone (learn to read a picture)
 #   python train.py config/toyzoo.py          # stage 2, this file: every task, from stage 1's weights
