@@ -47,6 +47,27 @@ TRAIN_KEYS = dict(separate_vocab=False, code_features=False, feature_only=(), gr
                   block_lr_scale=1.0)
 
 
+# the switches (and their off values) that checkpoints from before this module keep flat in model_args, with
+# the adapters' weights at the top level of the state dict
+FLAT_KEYS = dict(separate_vocab=False, code_feature_dims=(), feature_only=(), grid_conv=False, init='gpt2')
+
+
+def fold_flat_keys(model_args):
+    """model_args with the flat switches of FLAT_KEYS folded into model_args['adapters'] (the off ones dropped)."""
+    flat = {k: model_args[k] for k in FLAT_KEYS if k in model_args and model_args[k] != FLAT_KEYS[k]}
+    args = {k: v for k, v in model_args.items() if k not in FLAT_KEYS}
+    if flat:
+        args['adapters'] = {**flat, **(args.get('adapters') or {})}
+    return args
+
+
+def upgrade_checkpoint(checkpoint):
+    """A checkpoint written before adapters.py, in today's layout (model.read_checkpoint calls this)."""
+    moved = ("code_proj.", "code_feat_", "grid_conv.")
+    state = {("adapters." + k if k.startswith(moved) else k): v for k, v in checkpoint["model"].items()}
+    return dict(checkpoint, model=state, model_args=fold_flat_keys(checkpoint["model_args"]))
+
+
 def resolve(settings, tok_path=None, meta=None, trust=False):
     """train.py's `adapters` setting -> (model_args['adapters'] or None, block_lr_scale, {name: vectors}).
     tok_path None (a dry run): code features are left out, since their widths come from the dataset."""

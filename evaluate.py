@@ -1385,7 +1385,7 @@ def load_inputs(s, device):
     """-> (model, checkpoint, EvalData): the checkpoint of s['out_dir'], then the tokenized data it names."""
     from model import load_checkpoint
     model, ckpt = load_checkpoint(os.path.join(s["out_dir"], "ckpt.pt"), device, s["trust_checkpoint"])
-    tok_path, meta, arrays = M.open_tokenized(*M.checkpoint_dataset(ckpt, s["dataset"], s["data_root"]),
+    tok_path, meta, arrays = M.open_tokenized(*generation.checkpoint_dataset(ckpt, s["dataset"], s["data_root"]),
                                               [s["split"]], also=["train"])
     order = clip_order(arrays[s["split"]])
     clips = order[:s["num_clips"]] if s["num_clips"] > 0 else order
@@ -1462,7 +1462,7 @@ def run(settings):
     for name in wanted:
         probes[name], rows = run_probe(name, calls[name])
         table += rows
-    results = {"meta": {"checkpoint": ckpt_path, "iter_num": ckpt.get("iter_num"), "dataset": M.checkpoint_dataset(ckpt, s["dataset"], s["data_root"])[0],
+    results = {"meta": {"checkpoint": ckpt_path, "iter_num": ckpt.get("iter_num"), "dataset": generation.checkpoint_dataset(ckpt, s["dataset"], s["data_root"])[0],
                         "tok_path": data.tok_path, "split": data.split, "n_eval_clips": int(len(data.clips)),
                         "selection": data.selection, "seed": s["seed"], "device": device, "settings": s,
                         "tokenizers": {k: v.get("tokenizer") for k, v in data.meta["modalities"].items()},

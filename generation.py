@@ -301,3 +301,12 @@ def end_captions(out, masked):
     ended = (out == CAPTION_PAD) & ~masked
     after = (ended.long().cumsum(dim=1) - ended.long()) > 0
     return torch.where(after, torch.full_like(out, CAPTION_PAD), out), masked & ~after
+
+
+def checkpoint_dataset(ckpt, dataset="", data_root="", where="the checkpoint"):
+    """(dataset, data_root) a run reads: the ones given, else those the checkpoint's training config recorded."""
+    train_cfg = ckpt.get("config", {})
+    dataset = dataset or train_cfg.get("dataset")
+    if not dataset:
+        raise ValueError(f"{where} records no dataset: pass --dataset=NAME")
+    return dataset, data_root or train_cfg.get("data_root", "data")

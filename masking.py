@@ -2,12 +2,11 @@
 4M-style input/target masking (after apple/ml-4m), with contiguous whole-frame spans on the audio stream (a
 frame = K codebook ids; K = 2 for EnCodec: stride-2 spans).
 
-build_batch(tokens, cfg, generator) turns one view per sample ({modality: LongTensor [B, L_m]}) into the
-padded encoder/decoder batch of docs/interfaces.md. Per sample: (1) a mixture component; (2) an input budget
-split over the modalities by Dirichlet(input_alphas), capped by what each has (the excess goes to the others);
-(3) the same for targets over what the inputs left; (4) uniformly random positions, or a few frame spans for
-audio; (5) the chosen tokens packed, modality order then position order. Sync-free and vectorized, so the GPU
-never stalls (fastpath.py replays it as one CUDA graph). The report's second fix is one config line:
+build_batch(tokens, cfg, generator) turns one view per sample ({modality: LongTensor [B, L_m]}) into the padded
+encoder/decoder batch of docs/interfaces.md. Per sample: a mixture component; an input budget split over the
+modalities by Dirichlet(input_alphas), capped by what each has; the same for targets over what the inputs
+left; random positions (audio: a few frame spans); the chosen tokens packed in modality, then position, order.
+Sync-free and vectorized, so a GPU never waits on the host. The report's second fix is one config line:
 `mixture = single_source_mixture(sources=("caption", "rgb"), target="audio", weight=0.2)`.
 """
 from dataclasses import dataclass
@@ -27,6 +26,8 @@ BLOCK = max(m.length for i, m in enumerate(M.MODALITIES) if i != AUDIO)
 
 def _lengths():
     return tuple(m.length for m in M.MODALITIES)
+
+
 COMPONENT_KEYS = ("weight", "input_budget", "target_budget", "input_alphas", "target_alphas", "audio_spans",
                   "input_full", "target_full")
 
@@ -448,30 +449,3 @@ def condition_dropout(batch, rate, generator=None):
     ids = torch.where(null, M.NULL_ID, ids)
     pos = torch.where(null, M.null_position(targeted[:, CAPTION])[:, None], pos)
     return dict(batch, enc_ids=ids, enc_pos=pos, enc_valid=valid | null)
-
-
-def audio_levels(batch, rate, generator=None):
-    """Level-wise audio (SoundStorm, Borsos et al. 2023), what generation.generate(by_level=True) feeds: with
-    probability `rate` a sample whose targets are all audio learns one codebook level q (uniform over the K): its
-    audio targets of levels below q become inputs, its audio targets and inputs above q are dropped (a sample that
-    also predicts, say, the caption would be handed the audio it should not see). Whole-frame
-    masking never gives a frame in part, so a model trained without it never reads a frame's level 0 to draw its
-    level 1, and a sampler must draw both blind to each other. The encoder grows by the moved targets' width.
-    Returns a new dict, sync-free."""
-    if rate <= 0:
-        return batch
-    enc = [batch[k] for k in ("enc_ids", "enc_pos", "enc_valid")]
-    dec = [batch[k] for k in ("dec_ids", "dec_pos", "dec_valid")]
-    B, device, K = enc[0].size(0), enc[0].device, M.AUDIO_CODEBOOKS
-    gdev = generator.device if generator is not None else device
-    u = torch.rand(B, 2, generator=generator, device=gdev).to(device)
-    q = (u[:, 1:] * K).long().clamp_max(K - 1)                                          # [B, 1]
-    level = lambda pos: (pos - M.POS_OFFSETS[AUDIO]) % K                              # stream slot K*t + k: level k
-    enc_audio = enc[2] & (M.position_modality(enc[1]) == AUDIO)
-    dec_audio, dec_level = dec[2] & (M.position_modality(dec[1]) == AUDIO), level(dec[1])
-    pick = ((u[:, 0] < rate) & dec_audio.any(1) & (dec_audio == dec[2]).all(1))[:, None]   # audio targets only
-    enc_keep = enc[2] & ~(pick & enc_audio & (level(enc[1]) > q))
-    moved = pick & dec_audio & (dec_level < q)
-    ev, (e_ids, e_pos) = kept_first(torch.cat([enc_keep, moved], 1), *(torch.cat(c, 1) for c in zip(enc[:2], dec[:2])))
-    dv, (d_ids, d_pos) = kept_first(dec[2] & ~(pick & dec_audio & (dec_level != q)), *dec[:2])
-    return dict(batch, enc_ids=e_ids, enc_pos=e_pos, enc_valid=ev, dec_ids=d_ids, dec_pos=d_pos, dec_valid=dv)

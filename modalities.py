@@ -182,15 +182,6 @@ def open_tokenized(dataset, data_root="data", splits=None, also=()):
     return tok_path, meta, {s: open_split(tok_path, s, meta) for s in names}
 
 
-def checkpoint_dataset(ckpt, dataset="", data_root="", where="the checkpoint"):
-    """(dataset, data_root) a run reads: the ones given, else those the checkpoint's training config recorded."""
-    train_cfg = ckpt.get("config", {})
-    dataset = dataset or train_cfg.get("dataset")
-    if not dataset:
-        raise ValueError(f"{where} records no dataset: pass --dataset=NAME")
-    return dataset, data_root or train_cfg.get("data_root", "data")
-
-
 class EmptySplitError(ValueError):
     pass
 

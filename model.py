@@ -16,7 +16,7 @@ packing.py (the trunk on real tokens only).
 """
 import inspect
 import math
-from dataclasses import dataclass, InitVar
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
@@ -24,9 +24,6 @@ from torch.nn import functional as F
 
 import modalities as M
 from modalities import MODALITY_NAMES, GRID, VOCAB_SIZE, position_modality
-
-# adapter switches (and their off values) that checkpoints and callers from before adapters.py pass flat
-LEGACY_ADAPTER_KEYS = dict(separate_vocab=False, code_feature_dims=(), feature_only=(), grid_conv=False, init="gpt2")
 
 
 @dataclass
@@ -45,16 +42,6 @@ class Nano4MConfig:
     mimetic_cross: float = 0.0  # > 0: cross-attention's W_q, W_k start at this times I plus their init (locality.py)
     cross_local: float = 0.0    # > 0: half the cross-attention heads pay this per place to a key (locality.py)
     adapters: dict = None       # None: the report's model; a dict of adapters.AdapterConfig: ToyZoo's
-    separate_vocab: InitVar[bool] = None        # (LEGACY_ADAPTER_KEYS: fold into adapters)
-    code_feature_dims: InitVar[tuple] = None
-    feature_only: InitVar[tuple] = None
-    grid_conv: InitVar[bool] = None
-    init: InitVar[str] = None
-
-    def __post_init__(self, *legacy):
-        flat = {k: v for (k, off), v in zip(LEGACY_ADAPTER_KEYS.items(), legacy) if v is not None and v != off}
-        if flat:
-            self.adapters = {**flat, **(self.adapters or {})}
 
 
 class LayerNorm(nn.Module):
@@ -224,12 +211,6 @@ class Nano4M(nn.Module):
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
-
-    def load_state_dict(self, state_dict, strict=True, assign=False):
-        # checkpoints from before adapters.py keep the adapters' weights at the top level
-        moved = ("code_proj.", "code_feat_", "grid_conv.")
-        state_dict = {("adapters." + k if k.startswith(moved) else k): v for k, v in state_dict.items()}
-        return super().load_state_dict(state_dict, strict, assign)
 
     def get_num_params(self):
         return sum(p.numel() for p in self.parameters())
@@ -418,6 +399,9 @@ def read_checkpoint(path, device="cpu", trust=False):
     for key in ("model", "model_args"):
         if key not in checkpoint:
             raise ValueError(f"{path}: not a nano4M checkpoint (no {key!r} entry)")
+    if set(checkpoint["model_args"]) - {f.name for f in fields(Nano4MConfig)}:   # written before adapters.py
+        import adapters
+        checkpoint = adapters.upgrade_checkpoint(checkpoint)
     return checkpoint
 
 

@@ -22,7 +22,7 @@ import torch
 import configurator
 import modalities as M
 import streams as S
-from generation import continuation_prefix, full_name, generate
+from generation import checkpoint_dataset, continuation_prefix, full_name, generate
 from rawdata import raw_dir, write_json, write_npy, write_png, write_text, write_wav
 
 # ---------------------------------------------------------------------------------------------------
@@ -287,7 +287,7 @@ def main(argv=None):
 
     ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
     model, ckpt = load_checkpoint(ckpt_path, device, cfg["trust_checkpoint"])
-    dataset, data_root = M.checkpoint_dataset(ckpt, cfg["dataset"], cfg["data_root"], ckpt_path)
+    dataset, data_root = checkpoint_dataset(ckpt, cfg["dataset"], cfg["data_root"], ckpt_path)
     tok_path, meta, arrays = M.open_tokenized(dataset, data_root, [cfg["split"]])
     arrays, class_names = arrays[cfg["split"]], meta["class_names"]
     clips = choose_clips(np.asarray(arrays["label"]), len(class_names), cfg["num_clips"], cfg["per_class"], cfg["seed"])

@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import configurator
 import modalities
-from masking import MaskingConfig, audio_levels as level_split, build_batch, condition_dropout, trim_padding
+from masking import MaskingConfig, build_batch, condition_dropout, trim_padding
 from model import Nano4M, Nano4MConfig, model_from_checkpoint, read_checkpoint
 
 # -----------------------------------------------------------------------------------------------------
@@ -53,7 +53,7 @@ masking = asdict(MaskingConfig())  # one group, defaults in masking.py: e.g. --m
 cond_dropout = 0.1              # share of train samples that keep only their targets' modalities' inputs: guidance's
                                 # unconditional half (masking.condition_dropout; the report: 0)
 audio_levels = 0.0              # share of train samples that learn one audio codebook level from the ones below it
-                                # (masking.audio_levels), for sampling level by level (generate's by_level)
+                                # (levels.py), for sampling level by level (generate's by_level)
 augment_shift = 0               # train batches: shift the image grids by up to this many patches
 # model
 n_enc_layer = 6
@@ -239,8 +239,9 @@ def get_batch(split, data_generator, mask_generator, augment=False):
     batch = build_batch(tokens, mask_cfg, mask_generator, cuda_graph=fast_path)
     if augment and cond_dropout:               # training steps only, like the shifts
         batch = condition_dropout(batch, cond_dropout, mask_generator)
-    if augment and audio_levels:
-        batch = level_split(batch, audio_levels, mask_generator)
+    if augment and audio_levels:               # an experiment beside the recipe (levels.py)
+        import levels
+        batch = levels.audio_levels(batch, audio_levels, mask_generator)
     if device_type == 'cpu' and not compile:
         batch = trim_padding(batch)   # cheaper for the padded path, no change for the packed one
     batch['dec_counts'] = None

@@ -634,7 +634,7 @@ def _planted_fixture(root, classes=("cat", "dog", "pig", "cow"), n={"train": 16,
     whole = lambda src, other: dict(weight=1.0, input_full=(src,), input_alphas=none, input_budget=(0, 0),
                                     target_full=("caption",), target_alphas=also[other], target_budget=(32, 32))
     cfg = masking.MaskingConfig(mixture=[whole("audio", "rgb"), whole("rgb", "audio")], mixture_per_batch=True)
-    args = dict(n_enc_layer=1, n_dec_layer=1, n_embd=32, n_head=2, init="torch")
+    args = dict(n_enc_layer=1, n_dec_layer=1, n_embd=32, n_head=2, adapters=dict(init="torch"))
     torch.manual_seed(0)
     model = Nano4M(Nano4MConfig(**args))
     opt = model.configure_optimizers(0.0, 1e-2, (0.9, 0.95), "cpu")

@@ -11,6 +11,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import modalities as M  # noqa: E402
 import fastpath  # noqa: E402
 import generation  # noqa: E402
+from adapters import fold_flat_keys  # noqa: E402  (the adapter switches, given flat)
 from model import Nano4M, Nano4MConfig, load_checkpoint  # noqa: E402
 
 TINY = dict(n_enc_layer=1, n_dec_layer=2, n_embd=32, n_head=2)
@@ -36,7 +37,7 @@ def run(model, b):
 
 def tiny(**kw):
     torch.manual_seed(0)
-    return Nano4M(Nano4MConfig(**{**TINY, **kw}))
+    return Nano4M(Nano4MConfig(**fold_flat_keys({**TINY, **kw})))
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fastpath  # noqa: E402
 import masking  # noqa: E402
 import modalities as M  # noqa: E402
+from adapters import fold_flat_keys  # noqa: E402  (the adapter switches, given flat)
 from model import Nano4M, Nano4MConfig  # noqa: E402
 
 TINY = dict(n_enc_layer=2, n_dec_layer=2, n_embd=32, n_head=2)
@@ -17,7 +18,7 @@ TINY = dict(n_enc_layer=2, n_dec_layer=2, n_embd=32, n_head=2)
 
 def tiny(**kw):
     torch.manual_seed(0)
-    return Nano4M(Nano4MConfig(**{**TINY, **kw})).double()
+    return Nano4M(Nano4MConfig(**fold_flat_keys({**TINY, **kw}))).double()
 
 
 def recipe_batch(B=8, seed=0, input_budget=(1, 300), target_budget=(1, 300)):

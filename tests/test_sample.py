@@ -637,9 +637,10 @@ def test_condition_dropout_rate_and_packing():
 
 
 def test_audio_levels_trains_one_level_from_the_ones_below():
-    """masking.audio_levels: about `rate` of the samples whose targets are all audio learn one codebook level q: their audio
+    """levels.audio_levels: about `rate` of the samples whose targets are all audio learn one codebook level q: their audio
     targets are all of level q, their level < q targets are now inputs (same ids), nothing above q is fed; every
     other token, and every unpicked sample, is as build_batch made it; rate 0 changes nothing."""
+    import levels
     import masking
     from modalities import position_modality
     B, K = 400, AUDIO_CODEBOOKS
@@ -649,8 +650,8 @@ def test_audio_levels_trains_one_level_from_the_ones_below():
                   target_full=("audio",), target_alphas=none, target_budget=(0, 0))
     cfg = masking.MaskingConfig(input_budget=(16, 64), target_budget=(16, 64), mixture=[dict(weight=0.5), infill])
     base = masking.build_batch(tokens, cfg, gen(4))
-    assert masking.audio_levels(base, 0.0, gen(5)) is base
-    out = masking.audio_levels(base, 0.5, gen(5))
+    assert levels.audio_levels(base, 0.0, gen(5)) is base
+    out = levels.audio_levels(base, 0.5, gen(5))
     rows = lambda bt, side, b: set(zip(bt[side + "_pos"][b][bt[side + "_valid"][b]].tolist(),
                                        bt[side + "_ids"][b][bt[side + "_valid"][b]].tolist()))
     audio = lambda s: {(p, i) for p, i in s if A0 <= p < A0 + BY_NAME["tok_audio"].length}
