@@ -35,7 +35,9 @@ Probes (--probes=all or a comma list):
              per-position mean of decoded train maps (the one to beat) and a constant map.
   memo       audio-suffix completion top-1 (first 80% of the audio + rgb + caption in, last 20% out) on train
              vs split clips. Baselines: 1/2048, train-majority token, the per-position train majority,
-             repeating the last given frame.
+             repeating the last given frame. Then the audio's order as the model reads it: the CE of every
+             16th frame given the caption and every frame before it, beside a class bigram on the previous
+             frame fit on train (the one to beat), and given the caption alone, beside the class unigram.
   generation class-only and continuation samples (generation.generate), decoded with the dataset's audio
              tokenizer and judged by a logistic regression on log-mel statistics fit to decoded train ground
              truth (not the model): class accuracy, diversity within a class and energy spread vs ground truth.
@@ -75,7 +77,7 @@ from tqdm import tqdm
 import generation
 import modalities as M
 import streams as S
-from metrics import (wilson_ci, mean_ci, ratio_ci, clustered_accuracy, bootstrap_ci, marginal_entropy,
+from metrics import (audio_table_ce, wilson_ci, mean_ci, ratio_ci, clustered_accuracy, bootstrap_ci, marginal_entropy,
                      entropy_bias_corrected, cross_entropy_to_marginal, fair_hits, classification_metrics,
                      retrieval_metrics, class_level_retrieval, class_pivot_scores, fuse_scores, fit_token_judge,
                      fit_grid_reader, caption_hypotheses, caption_class_scores, seeded_views, clip_order,
@@ -743,6 +745,37 @@ def audio_infill_locality(model, tokens, device, seed=0):
                                     device)
 
 
+@torch.no_grad()
+def audio_next_frame(model, tokens, labels, train_codes, train_labels, device, bs, step=16):
+    """Teacher-forced CE (nats per id) of the audio frames t = step, 2 * step, ... given the caption and every
+    frame before t (the context a time-order sampler gives), and given the caption alone; each slot scored over
+    its own codebook's V ids, as generation samples it. Beside them the class tables of metrics.audio_table_ce."""
+    K, V, T = M.AUDIO_CODEBOOKS, M.AUDIO_CODEBOOK_SIZE, M.AUDIO_FRAMES
+    audio, cap = tokens["tok_audio"].long(), tokens["caption"].long()
+    frames = np.arange(step, T, step)
+    own = torch.arange(K) * V                                    # slot K*t + k samples ids [k*V, (k+1)*V)
+
+    def ce(given, idx):
+        inputs = {"caption": (cap, all_given(cap)), "tok_audio": (audio, given.expand_as(audio))}
+        total = 0.0
+        for s, e, logits in iter_target_logits(model, inputs, "tok_audio", idx, device, bs):
+            k = torch.as_tensor(idx) % K
+            cols = (own[k][:, None] + torch.arange(V)).to(logits.device)        # [n_t, V]: each slot's codebook
+            logp = torch.log_softmax(logits.gather(-1, cols.expand(e - s, -1, -1)), -1)
+            truth = (audio[s:e, idx] - own[k]).to(logits.device)
+            total -= float(logp.gather(-1, truth[..., None]).sum())
+        return total
+
+    stream = torch.arange(K * T)
+    past = sum(ce(stream < K * t, K * t + np.arange(K)) for t in frames)
+    alone = ce(torch.zeros(K * T, dtype=torch.bool), (K * frames[:, None] + np.arange(K)).ravel())
+    n = audio.size(0) * len(frames) * K
+    codes = lambda a: (a.reshape(len(a), T, K) - np.arange(K) * V).transpose(0, 2, 1)
+    tables = audio_table_ce(codes(np.asarray(train_codes, dtype=np.int64)), train_labels,
+                            codes(audio.numpy()), labels, frames)
+    return {"given_past": past / n, "caption_alone": alone / n, **tables, "frames": frames.tolist()}
+
+
 def probe_structure(model, data, decoder, views_per_clip, train_maps, device, bs, decode_rule="argmax"):
     """decoder: modality name -> the dataset's tokenizer (ProbeSkipped where it cannot decode here);
     decode_rule: 'argmax' or 'mbr' (mbr_ids), how a cell's distribution becomes one id."""
@@ -802,7 +835,7 @@ def probe_memo(model, data, memo_clips, suffix_frac, device, bs):
     pos_maj = train_position_majority(data, "tok_audio")[start:]
     out, rows = {"suffix_start": int(start), "targets_per_clip": int(L - start)}, []
     for side, (clips, views) in sides.items():
-        tokens, _ = data.tokens(side, clips, views)
+        tokens, labels = data.tokens(side, clips, views)
         audio = tokens["tok_audio"]
         given = torch.zeros_like(audio, dtype=torch.bool)
         given[:, :start] = True
@@ -826,9 +859,17 @@ def probe_memo(model, data, memo_clips, suffix_frac, device, bs):
                  row(f"audio suffix ({side}): per-position {src}-majority baseline", pos_acc, None,
                      int(correct.size), 1 / V, f"1/{V}")]
     look = audio_infill_locality(model, {k: v[:32] for k, v in tokens.items()}, device, data.seed)
-    out["cross_attention"] = look   # (tokens: the last side's, the split's own)
+    out["cross_attention"] = look   # (tokens and labels: the last side's, the split's own)
     rows.append(row("audio infill: cross-attention within 2 frames of a masked frame (most local head)", look["near"],
                     None, look["n_rows"], look["uniform_near"], "uniform attention"))
+    tr = data.arrays[data.train]
+    nxt = out["next_frame"] = audio_next_frame(model, tokens, labels, np.asarray(tr["tok_audio"]).reshape(
+        -1, L), np.repeat(np.asarray(tr["label"]).astype(np.int64), M.NUM_VIEWS), device, bs)
+    n_ids = nxt["n_ids"]
+    rows += [row("audio next frame: CE given every frame before (nats / id)", nxt["given_past"], None, n_ids,
+                 nxt["bigram"], f"{src} class bigram on the previous frame (the one to beat)", unit="nats"),
+             row("audio next frame: CE given the caption alone (nats / id)", nxt["caption_alone"], None, n_ids,
+                 nxt["unigram"], f"{src} class unigram", unit="nats")]
     return out, rows
 
 

@@ -432,6 +432,33 @@ def normal_metrics(pred, gt):
 # -----------------------------------------------------------------------------------------------------
 # judges of generated audio and distances between sets of clips
 
+def audio_table_ce(train_codes, train_labels, codes, labels, frames, lam=0.8, smoothing=0.5):
+    """Per-id CE (nats) of each level's code at `frames` of codes [n, K, T] (labels [n]) under tables fit on
+    train_codes [N, K, T]: the class's unigram of that level (add-`smoothing` over the V = max code + 1 codes),
+    and a class bigram on the previous frame's code of the same level, mixed lam : 1 - lam with that unigram.
+    What a reader of the previous frame alone gets: the figure a model given every frame before should beat."""
+    V = int(max(train_codes.max(), codes.max())) + 1
+    C, K = int(max(train_labels.max(), labels.max())) + 1, train_codes.shape[1]
+    ck = (train_labels[:, None] * K + np.arange(K))[:, :, None]                       # [N, K, 1]: class x level
+    uni = np.full((C * K, V), float(smoothing))
+    np.add.at(uni, (np.broadcast_to(ck, train_codes.shape), train_codes), 1)
+    uni /= uni.sum(1, keepdims=True)
+    pair_keys = ((ck * V + train_codes[:, :, :-1]) * V + train_codes[:, :, 1:]).ravel()
+    pairs, pair_n = np.unique(pair_keys, return_counts=True)
+    prevs, prev_n = np.unique(pair_keys // V, return_counts=True)
+    t = np.asarray(frames)
+    q_ck = np.broadcast_to((labels[:, None] * K + np.arange(K))[:, :, None], (len(labels), K, len(t)))
+    cur, prev = codes[:, :, t], codes[:, :, t - 1]
+    look = lambda table, n, keys: np.where(table[np.minimum(np.searchsorted(table, keys), len(table) - 1)] == keys,
+                                           n[np.minimum(np.searchsorted(table, keys), len(table) - 1)], 0)
+    pk = (q_ck * V + prev) * V + cur
+    n_pair, n_prev = look(pairs, pair_n, pk), look(prevs, prev_n, pk // V)
+    p_uni = uni[q_ck, cur]
+    p_big = np.where(n_prev > 0, n_pair / np.maximum(n_prev, 1), p_uni)   # an unseen previous code: the unigram
+    return {"unigram": float(-np.log(p_uni).mean()), "bigram": float(-np.log(lam * p_big + (1 - lam) * p_uni).mean()),
+            "lam": lam, "n_ids": int(p_uni.size)}
+
+
 def structure_scores(train_frames, train_labels, frames, labels, num_classes, seed=0):
     """The structure judge: a logistic regression on audio_features.structure_embedding (what only the order
     of the log-mel frames gives) fit to train frames. Scores each setting of `frames` ({name: [B, T, mels]},

@@ -572,6 +572,8 @@ def test_end_to_end_tiny(tmp_path):
     assert 0.0 <= P["memo"]["cross_attention"]["near"] <= 1.0 and P["memo"]["cross_attention"]["n_rows"] == 6
     assert P["memo"]["train"]["n_clips"] == 6 and P["memo"]["test"]["n_clips"] == 6
     assert 0.0 <= P["memo"]["test"]["per_position_majority"] <= 1.0
+    nxt = P["memo"]["next_frame"]
+    assert all(0.0 < nxt[k] < 10.0 for k in ("given_past", "caption_alone", "bigram", "unigram")), nxt
     assert P["generation"]["n_per_setting"] == 6
     sj = P["generation"]["structure_judge"]
     assert {"gt", "gt_shuffled", "class_only", "continuation"} <= set(sj) and sj["class_only"]["n"] == 6
@@ -700,3 +702,37 @@ def test_ce_probe_of_a_full_head_model_is_the_reports_quantity(tmp_path):
     assert abs(ce_m - math.log(2048)) < 0.3 and abs(ce_f - math.log(M.VOCAB_SIZE)) < 0.3
     assert row_f["random"] == pytest.approx(math.log(M.VOCAB_SIZE)) and row_f["report_differs"] is None
     assert row_m["random"] == pytest.approx(math.log(2048)) and "50,304" in row_m["report_differs"]
+
+
+def test_audio_table_ce_known_answers():
+    """Each class walks a fixed cycle of 8 codes: the class bigram on the previous code knows every next code
+    (CE -log(lam + (1 - lam) / 8), up to the unigram's smoothing), the class unigram only that there are 8."""
+    N, K, T = 20, 2, 64
+    labels = np.arange(N) % 2
+    codes = np.stack([(np.arange(T)[None] + 3 * labels[:, None] + k) % 8 + 8 * labels[:, None] for k in range(K)], 1)
+    r = metrics.audio_table_ce(codes, labels, codes[:4], labels[:4], range(16, T, 16))
+    assert r["n_ids"] == 4 * K * 3
+    assert r["bigram"] == pytest.approx(-math.log(0.8 + 0.2 / 8), abs=2e-3)
+    assert r["unigram"] == pytest.approx(math.log(8), abs=0.01)
+    shuffled = np.random.default_rng(0).permuted(codes, axis=2)   # the order gone, the codes kept
+    assert metrics.audio_table_ce(shuffled, labels, codes[:4], labels[:4], range(16, T, 16))["bigram"] > 1.5
+
+
+def test_audio_next_frame_scores_each_slot_over_its_own_codebook():
+    """A head that says nothing (all logits equal) costs exactly log V an id, given the past or not: each slot
+    is scored over its own codebook's V ids, not the modality's K * V."""
+    from model import Nano4M, Nano4MConfig
+    torch.manual_seed(0)
+    model = Nano4M(Nano4MConfig(n_enc_layer=1, n_dec_layer=1, n_embd=32, n_head=1)).eval()
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+    L, V = M.BY_NAME["tok_audio"].length, M.AUDIO_CODEBOOK_SIZE
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, V, (3, L), generator=g)
+    audio = codes + (torch.arange(L) % M.AUDIO_CODEBOOKS) * V          # slot K*t + k holds a level-k id
+    tokens = {"tok_audio": audio, "caption": torch.randint(0, 50, (3, M.CAPTION_LEN), generator=g)}
+    train = (torch.randint(0, V, (6, L), generator=g) + (torch.arange(L) % M.AUDIO_CODEBOOKS) * V).numpy()
+    r = E.audio_next_frame(model, tokens, np.array([0, 1, 0]), train, np.array([0, 1, 0, 1, 0, 1]), "cpu", 8)
+    assert r["given_past"] == pytest.approx(math.log(V), abs=1e-4)
+    assert r["caption_alone"] == pytest.approx(math.log(V), abs=1e-4)
+    assert r["n_ids"] == 3 * len(r["frames"]) * M.AUDIO_CODEBOOKS and r["bigram"] > 0
