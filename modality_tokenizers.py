@@ -178,7 +178,9 @@ class MelRVQTokenizer:
       shape cannot tell apart (rising or falling). C1[i], what decoding adds, is the mean shape of the frames
       given code i; the keys only choose i.
     - "spectrum": the raw f_t (the oldest codebooks), which spends level 1 on how loud a frame is.
-    Level 2 always codes what level 1 left, loudness included.
+    Level 2 always codes what level 1 left, loudness included. With `levels=1` (tokenize_all.py
+    --audio_rvq_levels=1) level 1 alone codes the whole frame (level1='spectrum'): one id a frame, a 256-id
+    stream (layout K = 1), so a sampler never has a frame's two ids to draw blind to each other.
     How much of the class the tokens keep on ToyZoo, per 3.4 s test view (docs/experiments.md, "where the
     fault is"): a small CNN on the tokens 90.0% with shape-first codes, 85.5% with spectrum-first ones, 97.5%
     on the log-mel itself. shape_delta vs shape, a linear probe on token histograms over two codebook fits each:
@@ -190,7 +192,8 @@ class MelRVQTokenizer:
 
     def __init__(self, codebooks, settings=None, device="cpu", level1_keys=None):
         self.device = pick_device(device)
-        self.codebooks = codebooks.to(self.device, torch.float32)   # [2, K, 80], K <= 1024
+        self.codebooks = codebooks.to(self.device, torch.float32)   # [levels, K, 80], K <= 1024
+        self.layout = M.AudioLayout(codebooks=self.codebooks.shape[0])   # levels 2: the report's shape
         self.settings = dict(settings or {})
         self.griffin_lim_iters = int(self.settings.get("griffin_lim_iters", 32))
         self.level1_mode = self._check_level1(self.settings.get("level1", "spectrum"))  # older codebooks: spectrum
@@ -219,13 +222,16 @@ class MelRVQTokenizer:
 
     @classmethod
     def fit(cls, frames, codes=1024, iters=20, seed=1337, device="cpu", verbose=False, level1="shape",
-            keys=None, **settings):
+            keys=None, levels=2, **settings):
         """frames [N, 80] log-mel vectors from the training split; keys [N, D] their level1_input() (needed
         for 'shape_delta', which looks at each frame's predecessors: compute it on whole windows, then
         subsample frames and keys together)."""
         if codes > M.AUDIO_CODEBOOK_SIZE:
             raise ValueError(f"audio codebook size {codes} > {M.AUDIO_CODEBOOK_SIZE} (the id range per codebook)")
         cls._check_level1(level1)      # before the k-means, not after
+        if levels not in (1, 2) or (levels == 1 and level1 != "spectrum"):
+            raise ValueError(f"mel_rvq levels={levels}, level1={level1!r}: 2 levels, or 1 level that codes the whole "
+                             f"frame (level1='spectrum'; a shape alone would lose each frame's loudness)")
         device = pick_device(device)
         x = _as_tensor(frames, device)
         if keys is None:
@@ -240,13 +246,16 @@ class MelRVQTokenizer:
         a1 = nearest(q, k1)
         # decoding vector of each level-1 code: the first 80 dims of its key (the mean frame shape or spectrum)
         c1 = k1[:, :N_MELS].contiguous()
-        residual = x - c1[a1]
-        c2, mse2 = kmeans(residual, codes, iters, seed + 1, verbose=verbose)
+        levels_fit = [c1]
+        if levels == 2:
+            residual = x - c1[a1]
+            c2, mse2 = kmeans(residual, codes, iters, seed + 1, verbose=verbose)
+            levels_fit.append(c2)
         # mse_level1: level 1's error in the space it codes; mse_level2: the final reconstruction error
         settings.update(codes=codes, iters=iters, seed=seed, n_fft=N_FFT, hop=HOP, n_mels=N_MELS, level1=level1,
-                        fit_vectors=int(x.shape[0]), mse_level1=mse1, mse_level2=mse2,
-                        variance=x.var(0).sum().item())
-        return cls(torch.stack([c1, c2]).cpu(), settings, device,
+                        fit_vectors=int(x.shape[0]), mse_level1=mse1, mse_level2=mse2 if levels == 2 else mse1,
+                        variance=x.var(0).sum().item(), **({"levels": 1} if levels == 1 else {}))
+        return cls(torch.stack(levels_fit).cpu(), settings, device,
                    level1_keys=k1.cpu() if level1 == "shape_delta" else None)
 
     def level1(self, f):
@@ -255,22 +264,24 @@ class MelRVQTokenizer:
         return nearest(q.reshape(-1, q.shape[-1]), self.keys).view(q.shape[:-1])
 
     def codes(self, waves):
-        """windows [B, 81920] -> codes [B, 2, 256] (long)."""
+        """windows [B, 81920] -> codes [B, levels, 256] (long)."""
         f = log_mel(_check_windows(waves, self.device))
         i = self.level1(f)
+        if len(self.codebooks) == 1:
+            return i[:, None]
         j = nearest((f - self.codebooks[0][i]).reshape(-1, N_MELS), self.codebooks[1]).view(i.shape)
         return torch.stack([i, j], dim=1)
 
     def codes_to_features(self, codes):
-        """codes [B, 2, 256] -> log-mel [B, 256, 80]: the sum of the two codebook vectors."""
+        """codes [B, levels, 256] -> log-mel [B, 256, 80]: the sum of the levels' codebook vectors."""
         codes = codes.to(self.device).long()
-        return self.codebooks[0][codes[:, 0]] + self.codebooks[1][codes[:, 1]]
+        return sum(self.codebooks[k][codes[:, k]] for k in range(len(self.codebooks)))
 
     def encode(self, waves):
         return S.interleave_audio(self.codes(waves), self.layout)
 
     def id_features(self):
-        """[2048, 80]: the log-mel codebook vector behind each audio id (model.py's code features)."""
+        """[levels * 1024, 80]: the log-mel codebook vector behind each audio id (model.py's code features)."""
         return audio_id_features(self.codebooks)
 
     @torch.no_grad()
@@ -293,11 +304,11 @@ class MelRVQTokenizer:
 
 
 def audio_id_features(codebooks):
-    """codebooks [2, K, F] (K <= 1024) -> [2048, F] indexed by audio id (code + 1024 * codebook); the ids
+    """codebooks [L, K, F] (K <= 1024) -> [L * 1024, F] indexed by audio id (code + 1024 * codebook); the ids
     past a small codebook get zero rows, which model.py reads as unused."""
     cb = codebooks.detach().float().cpu()
-    out = torch.zeros(M.AUDIO_CODEBOOKS * M.AUDIO_CODEBOOK_SIZE, cb.shape[-1])
-    for k in range(M.AUDIO_CODEBOOKS):
+    out = torch.zeros(cb.shape[0] * M.AUDIO_CODEBOOK_SIZE, cb.shape[-1])
+    for k in range(cb.shape[0]):
         out[k * M.AUDIO_CODEBOOK_SIZE:k * M.AUDIO_CODEBOOK_SIZE + cb.shape[1]] = cb[k]
     return out
 

@@ -57,6 +57,7 @@ depth_codes = "%dx%d" % T.DEFAULT_CODES["tok_depth"]
 normal_codes = "%dx%d" % T.DEFAULT_CODES["tok_normal"]
 audio_codes = T.DEFAULT_CODES["tok_audio"]               # mel_rvq, per level, <= 1024
 audio_level1 = "shape"            # what mel_rvq's level 1 codes (modality_tokenizers.MelRVQTokenizer.LEVEL1_MODES)
+audio_rvq_levels = 2              # mel_rvq levels: 2 (the report's 2 codebooks) or 1 (one id a frame; audio_level1=spectrum)
 depth_norm = "image"              # patch_kmeans depth: log depth standardised per image, or "global": by the train
                                   # set's typical mean and std, so a patch's code depends on its own depth alone
 kmeans_iters = 20
@@ -66,7 +67,7 @@ griffin_lim_iters = 32            # mel_rvq decoding
 DEFAULTS = configurator.settings(globals())
 CHOICES = {"audio_tokenizer": ("mel_rvq", "encodec", "speechtokenizer", "mimi"),
            "image_tokenizer": ("patch_kmeans", "divae"), "audio_level1": T.MelRVQTokenizer.LEVEL1_MODES,
-           "depth_norm": T.PatchKMeansTokenizer.DEPTH_NORMS}
+           "depth_norm": T.PatchKMeansTokenizer.DEPTH_NORMS, "audio_rvq_levels": (1, 2)}
 
 
 def codes_arg(key, text):
@@ -166,6 +167,8 @@ def codebook_settings(args, modality, train_ids):
          "train_clips_sha1": hashlib.sha1("\n".join(train_ids).encode()).hexdigest()}
     if modality == "tok_audio":
         s.update(kind="mel_rvq", codes=args.audio_codes, level1=args.audio_level1)
+        if args.audio_rvq_levels != 2:   # (older codebooks record none: 2)
+            s.update(levels=args.audio_rvq_levels)
     else:
         s.update(kind="patch_kmeans", codes=list(getattr(args, modality[4:] + "_codes")))
         if modality == "tok_depth" and args.depth_norm != "image":   # (older codebooks record none: "image")
@@ -238,7 +241,8 @@ def fit_codebooks(args, rows, raw, tok_path, device):
         if m == "tok_audio":
             tok = T.MelRVQTokenizer.fit(x[:, :T.N_MELS], keys=x[:, T.N_MELS:], codes=args.audio_codes,
                                         iters=args.kmeans_iters, seed=args.seed, device=device, fit=fit,
-                                        level1=args.audio_level1, griffin_lim_iters=args.griffin_lim_iters)
+                                        level1=args.audio_level1, levels=args.audio_rvq_levels,
+                                        griffin_lim_iters=args.griffin_lim_iters)
             err = f"mse {tok.settings['mse_level1']:.3f} -> {tok.settings['mse_level2']:.3f}"
         else:
             extra = dict(depth_norm=args.depth_norm) if m == "tok_depth" else {}

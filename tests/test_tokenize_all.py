@@ -125,12 +125,12 @@ def test_load_tokenizer_decodes(tokenized):
     assert T.load_tokenizer(tokenized, meta, "caption").decode(batch["caption"])[0].startswith("a photo of a")
 
 
-def tokenize_variant(fixture_root, tmp_path, flag):
-    """Tokenize a copy of the fixture with one extra flag -> (tok_path, meta, the test split, raw dir, the raw
+def tokenize_variant(fixture_root, tmp_path, *flags):
+    """Tokenize a copy of the fixture with extra flags -> (tok_path, meta, the test split, raw dir, the raw
     manifest row of the test split's first clip)."""
     root = str(tmp_path)
     shutil.copytree(os.path.join(fixture_root, "fx"), os.path.join(root, "fx"))
-    tokenize_all.main(["--dataset=fx", f"--data_root={root}", flag] + FAST)
+    tokenize_all.main(["--dataset=fx", f"--data_root={root}", *flags] + FAST)
     tok_path = M.tok_dir("fx", root)
     meta = M.load_meta(tok_path)
     arrays = M.open_split(tok_path, "test", meta)
@@ -152,6 +152,22 @@ def test_audio_level1_shape_delta(fixture_root, tokenized, tmp_path):
     assert default.level1_mode == "shape"
     assert not np.array_equal(np.asarray(arrays["tok_audio"]),
                               np.asarray(M.open_split(tokenized, "test")["tok_audio"]))
+
+
+def test_audio_rvq_levels_one(fixture_root, tokenized, tmp_path):
+    """--audio_rvq_levels=1: meta.json records a one-codebook layout, the stored audio is 256 ids a view, what the
+    loaded tokenizer gives the clip's windows, and the images are tokenized as in the default."""
+    try:
+        tok_path, meta, arrays, raw, row = tokenize_variant(fixture_root, tmp_path, "--audio_rvq_levels=1",
+                                                            "--audio_level1=spectrum")
+        assert meta["modalities"]["tok_audio"]["layout"]["codebooks"] == 1 and M.AUDIO_CODEBOOKS == 1
+        assert arrays["tok_audio"].shape[1:] == (M.NUM_VIEWS, 256)
+        audio_tok = T.load_tokenizer(tok_path, meta, "audio")
+        windows = rawdata.audio_windows(rawdata.load_audio(row, raw), row["keyframe_times"])
+        assert np.array_equal(audio_tok.encode(windows).numpy(), np.asarray(arrays["tok_audio"][0]))
+        assert np.array_equal(np.asarray(arrays["tok_rgb"]), np.asarray(M.open_split(tokenized, "test")["tok_rgb"]))
+    finally:
+        M.set_audio_layout(M.ENCODEC_LAYOUT)   # the module state later tests expect
 
 
 def test_depth_norm_global(fixture_root, tokenized, tmp_path):

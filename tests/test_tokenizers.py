@@ -77,6 +77,28 @@ def test_mel_rvq_ids_and_reconstruction(mel_tok, waves):
     assert feats[128:1024].abs().sum() == 0 and feats[1024 + 128:].abs().sum() == 0
 
 
+def test_mel_rvq_one_level(waves, tmp_path):
+    """levels=1: one id a frame over the whole spectrum (layout K = 1, a 256-id stream in [0, 1024)); its ids
+    are level 1 of the two-level fit on the same frames, decoding sums one vector, and it saves and loads as
+    itself. A one-level codebook of the shape alone (no loudness) is refused."""
+    f = T.log_mel(torch.from_numpy(waves)).reshape(-1, T.N_MELS)
+    one = T.MelRVQTokenizer.fit(f, codes=64, iters=4, seed=0, level1="spectrum", levels=1)
+    two = T.MelRVQTokenizer.fit(f, codes=64, iters=4, seed=0, level1="spectrum")
+    assert one.codebooks.shape == (1, 64, T.N_MELS) and one.layout == M.AudioLayout(codebooks=1)
+    assert two.layout == M.ENCODEC_LAYOUT and torch.equal(one.codebooks[0], two.codebooks[0])
+    ids = one.encode(waves)
+    assert ids.shape == (4, 256) and 0 <= ids.min() and ids.max() < 64
+    assert torch.equal(ids, S.deinterleave_audio(two.encode(waves), two.layout)[:, 0])   # level 1 of the two
+    assert torch.equal(one.codes_to_features(ids[:, None]), one.codebooks[0][ids])
+    assert one.decode(ids).shape == (4, M.AUDIO_WINDOW)
+    assert one.id_features().shape == (1024, T.N_MELS) and one.settings["mse_level2"] == one.settings["mse_level1"]
+    one.save(str(tmp_path / "a.pt"))
+    back = T.MelRVQTokenizer.load(str(tmp_path / "a.pt"))
+    assert back.layout == one.layout and torch.equal(back.encode(waves), ids)
+    with pytest.raises(ValueError, match="spectrum"):
+        T.MelRVQTokenizer.fit(f, codes=8, iters=1, level1="shape", levels=1)
+
+
 def test_mel_rvq_exact_parts(mel_tok, waves, tmp_path):
     c1 = mel_tok.codebooks[0]
     assert mel_tok.settings["level1"] == "shape_delta" and mel_tok.keys.shape == (128, 160)
