@@ -77,8 +77,8 @@ from tqdm import tqdm
 import generation
 import modalities as M
 import streams as S
-from metrics import (audio_table_ce, wilson_ci, mean_ci, ratio_ci, clustered_accuracy, bootstrap_ci, marginal_entropy,
-                     entropy_bias_corrected, cross_entropy_to_marginal, fair_hits, classification_metrics,
+from metrics import (wilson_ci, mean_ci, ratio_ci, clustered_accuracy, bootstrap_ci, marginal_entropy,
+                     audio_table_ce, entropy_bias_corrected, cross_entropy_to_marginal, fair_hits, classification_metrics,
                      retrieval_metrics, class_level_retrieval, class_pivot_scores, fuse_scores, fit_token_judge,
                      fit_grid_reader, caption_hypotheses, caption_class_scores, seeded_views, clip_order,
                      first_of_each_class, prior_removed, per_position_majority, depth_metrics, unit_vectors,
@@ -757,12 +757,12 @@ def audio_next_frame(model, tokens, labels, train_codes, train_labels, device, b
 
     def ce(given, idx):
         inputs = {"caption": (cap, all_given(cap)), "tok_audio": (audio, given.expand_as(audio))}
+        start = own[torch.as_tensor(idx) % K]
+        cols = start[:, None] + torch.arange(V)                                  # [n_t, V]: each slot's codebook
         total = 0.0
         for s, e, logits in iter_target_logits(model, inputs, "tok_audio", idx, device, bs):
-            k = torch.as_tensor(idx) % K
-            cols = (own[k][:, None] + torch.arange(V)).to(logits.device)        # [n_t, V]: each slot's codebook
-            logp = torch.log_softmax(logits.gather(-1, cols.expand(e - s, -1, -1)), -1)
-            truth = (audio[s:e, idx] - own[k]).to(logits.device)
+            logp = torch.log_softmax(logits.gather(-1, cols.to(logits.device).expand(e - s, -1, -1)), -1)
+            truth = (audio[s:e, idx] - start).to(logits.device)
             total -= float(logp.gather(-1, truth[..., None]).sum())
         return total
 

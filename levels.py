@@ -1,6 +1,6 @@
 """
 Level-wise audio (SoundStorm, Borsos et al. 2023): the training half, train.py's --audio_levels. The sampling
-half is generation.generate(by_level=True): every frame's level 1 first, then each level given those below.
+half is generation.generate(by_level=True): every frame's level 0 first, then each level given those below.
 
 Whole-frame masking (masking.py) never gives a frame in part, so a model trained on it alone never reads a
 frame's level 0 to draw its level 1, and its sampler draws a frame's K ids blind to each other.
@@ -9,6 +9,7 @@ import torch
 
 import modalities as M
 from masking import kept_first
+
 
 def audio_levels(batch, rate, generator=None):
     """With probability `rate` a sample whose targets are all audio learns one codebook level q (uniform over

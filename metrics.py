@@ -449,8 +449,10 @@ def audio_table_ce(train_codes, train_labels, codes, labels, frames, lam=0.8, sm
     t = np.asarray(frames)
     q_ck = np.broadcast_to((labels[:, None] * K + np.arange(K))[:, :, None], (len(labels), K, len(t)))
     cur, prev = codes[:, :, t], codes[:, :, t - 1]
-    look = lambda table, n, keys: np.where(table[np.minimum(np.searchsorted(table, keys), len(table) - 1)] == keys,
-                                           n[np.minimum(np.searchsorted(table, keys), len(table) - 1)], 0)
+    def look(table, n, keys):   # each key's count in the sorted table, 0 where it is absent
+        i = np.minimum(np.searchsorted(table, keys), len(table) - 1)
+        return np.where(table[i] == keys, n[i], 0)
+
     pk = (q_ck * V + prev) * V + cur
     n_pair, n_prev = look(pairs, pair_n, pk), look(prevs, prev_n, pk // V)
     p_uni = uni[q_ck, cur]
