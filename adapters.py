@@ -174,7 +174,9 @@ class EmbeddingAdapters(nn.Module):
     def set_code_features(self, features):
         """features: {modality name: [n <= vocab_m, F_m] tensor} (modality_tokenizers.code_features). Each is
         standardised per dimension over its non-zero rows (an all-zero row marks an unused id and stays zero)
-        and scaled by 1/sqrt(F_m), so a row has norm ~1 and the 0.02-init map starts at the embeddings' scale."""
+        and scaled by 1/sqrt(F_m), so a row has norm ~1 and the 0.02-init map starts at the embeddings' scale.
+        Returns the names whose vectors changed (a warm start on another tokenization of the data)."""
+        changed = []
         for name in self.code_proj:
             if features.get(name) is None:
                 raise ValueError(f"the model has code features for {name} but none were given")
@@ -186,8 +188,11 @@ class EmbeddingAdapters(nn.Module):
             used = f.abs().sum(1) > 0
             mu, sd = f[used].mean(0), f[used].std(0).clamp_min(1e-6)
             f = torch.where(used[:, None], (f - mu) / sd / math.sqrt(f.shape[1]), 0.0)
-            buf.zero_()
-            buf[:f.shape[0]] = f.to(buf.device)
+            f = torch.cat([f, f.new_zeros(buf.shape[0] - f.shape[0], f.shape[1])]).to(buf.device)
+            if not torch.equal(f, buf):
+                changed.append(name)
+                buf.copy_(f)
+        return changed
 
     def code_embedding(self, ids, pos):
         """The code-feature part of the input embeddings of (id, global position) pairs: [..., D]. The table

@@ -305,6 +305,14 @@ elif init_from.endswith('.pt'):
     model = model_from_checkpoint(_warm, dropout=dropout, cross_local=cross_local)
     model_args = asdict(model.config)
     _warm = None
+    _features = resolve_adapters(tok_path, meta)[2] if model.adapters is not None else {}
+    if _features:   # an id means what this dataset's tokenizer says it means, not what the checkpoint's did
+        try:
+            _changed = model.adapters.set_code_features(_features)
+        except ValueError as e:
+            raise SystemExit(f"--init_from={init_from}: {e}")
+        if _changed and master_process:
+            print(f"code features of {', '.join(_changed)} differ from {init_from}'s: this dataset's are used")
 elif init_from == 'scratch':
     try:
         model = Nano4M(Nano4MConfig(**model_args))

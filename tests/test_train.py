@@ -196,6 +196,19 @@ def test_toyzoo_config_trains(tmp_path):
     assert all(c["weight"] > 0 for c in mixture)                # relative weights (masking normalises them)
     whole = {(tuple(c.get("input_full", ())), tuple(c.get("target_full", ()))) for c in mixture}
     assert {(("audio",), ("caption",)), (("rgb",), ("caption",)), (("caption",), ("audio",))} <= whole
+    # stage 2 on another tokenization of the same clips (here: another depth codebook, as tokenize_all.py
+    # --depth_norm=global gives): the warm start reads this dataset's code vectors, not stage 1's
+    import modality_tokenizers as T
+    write_feature_dataset(root, name="feat2")
+    T.PatchKMeansTokenizer("tok_depth", torch.rand(16, 1), torch.randn(64, 64) * 3).save(
+        os.path.join(root, "feat2", "tok", "tok_depth.pt"))
+    proc = train(root, tmp_path / "out2", "--dataset=feat2", "--max_iters=1", f"--init_from={stage1}/ckpt.pt",
+                 configs=("config/toyzoo.py",))
+    assert "code features of tok_depth differ" in proc.stdout
+    first, again = (torch.load(d / "ckpt.pt", map_location="cpu", weights_only=True)["model"]
+                    for d in (stage1, tmp_path / "out2"))
+    assert torch.equal(first["adapters.code_feat_tok_rgb"], again["adapters.code_feat_tok_rgb"])
+    assert not torch.equal(first["adapters.code_feat_tok_depth"], again["adapters.code_feat_tok_depth"])
 
 
 def test_code_features_train_and_resume(tmp_path):
