@@ -58,8 +58,8 @@ normal_codes = "%dx%d" % T.DEFAULT_CODES["tok_normal"]
 audio_codes = T.DEFAULT_CODES["tok_audio"]               # mel_rvq, per level, <= 1024
 audio_level1 = "shape"            # what mel_rvq's level 1 codes (modality_tokenizers.MelRVQTokenizer.LEVEL1_MODES)
 audio_rvq_levels = 2              # mel_rvq levels: 2 (the report's 2 codebooks) or 1 (one id a frame; audio_level1=spectrum)
-depth_norm = "image"              # patch_kmeans depth: log depth standardised per image, or "global": by the train
-                                  # set's typical mean and std, so a patch's code depends on its own depth alone
+depth_norm = "global"             # patch_kmeans depth: log depth on one scale (the train set's typical mean and std),
+                                  # so a patch's code is its own depth; "image": standardised per image (before #33)
 kmeans_iters = 20
 fit_clips = 100                   # train clips read to fit the codebooks
 fit_vectors = 40000               # vectors (frames / patches) per codebook fit

@@ -170,13 +170,15 @@ def test_audio_rvq_levels_one(fixture_root, tokenized, tmp_path):
         M.set_audio_layout(M.ENCODEC_LAYOUT)   # the module state later tests expect
 
 
-def test_depth_norm_global(fixture_root, tokenized, tmp_path):
-    """--depth_norm=global: the depth codebook records it (so it is refit, never mistaken for the default's),
-    and the stored ids are what the loaded tokenizer gives the clip's depth maps."""
-    tok_path, meta, arrays, raw, row = tokenize_variant(fixture_root, tmp_path, "--depth_norm=global")
+def test_depth_norm(fixture_root, tokenized, tmp_path):
+    """depth codes on one global scale by default, per image with --depth_norm=image: each codebook records its
+    choice (so a change refits, never mistaken for the other), and the stored ids are what the loaded tokenizer
+    gives the clip's depth maps."""
+    default_tok = T.load_tokenizer(tokenized, M.load_meta(tokenized), "depth")
+    assert default_tok.depth_norm == "global" and default_tok.settings["fit"]["depth_norm"] == "global"
+    tok_path, meta, arrays, raw, row = tokenize_variant(fixture_root, tmp_path, "--depth_norm=image")
     depth_tok = T.load_tokenizer(tok_path, meta, "depth")
-    assert depth_tok.depth_norm == "global" and depth_tok.settings["fit"]["depth_norm"] == "global"
-    assert T.load_tokenizer(tokenized, M.load_meta(tokenized), "depth").depth_norm == "image"
+    assert depth_tok.depth_norm == "image" and "depth_norm" not in depth_tok.settings["fit"]
     maps = tokenize_all.load_images(row, raw, "tok_depth")
     assert np.array_equal(depth_tok.encode(maps).numpy(), np.asarray(arrays["tok_depth"][0]))
 

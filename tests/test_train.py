@@ -197,7 +197,7 @@ def test_toyzoo_config_trains(tmp_path):
     whole = {(tuple(c.get("input_full", ())), tuple(c.get("target_full", ()))) for c in mixture}
     assert {(("audio",), ("caption",)), (("rgb",), ("caption",)), (("caption",), ("audio",))} <= whole
     # stage 2 on another tokenization of the same clips (here: another depth codebook, as tokenize_all.py
-    # --depth_norm=global gives): the warm start reads this dataset's code vectors, not stage 1's
+    # --depth_norm=image gives): the warm start reads this dataset's code vectors, not stage 1's
     import modality_tokenizers as T
     write_feature_dataset(root, name="feat2")
     T.PatchKMeansTokenizer("tok_depth", torch.rand(16, 1), torch.randn(64, 64) * 3).save(
