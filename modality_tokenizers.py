@@ -605,7 +605,7 @@ class PatchKMeansTokenizer:
     (40k training patches, 20 iterations) it gave 26.9 dB PSNR against 26.2 dB for a single 1,024-entry
     codebook and 26.1 dB for 64 x 256, and fits in about the same time."""
     kind = "patch_kmeans"
-    DEPTH_NORMS = ("image", "global")   # depth: standardised per image (the default) or by depth_ref for all
+    DEPTH_NORMS = ("image", "global")   # depth: per image, or by depth_ref for all (tokenize_all.py's default)
 
     def __init__(self, modality, means, shapes, settings=None, device="cpu"):
         self.modality = M.SHORT_NAMES.get(modality, modality)
@@ -616,7 +616,7 @@ class PatchKMeansTokenizer:
         self.down = int(self.settings.get("down", 2))
         self.channels = 1 if self.modality == "tok_depth" else 3
         self.depth_ref = tuple(self.settings.get("depth_ref", (0.0, 1.0)))
-        self.depth_norm = self.settings.get("depth_norm", "image")
+        self.depth_norm = self.settings.get("depth_norm", "image")   # a codebook that records none predates "global"
         if self.depth_norm not in self.DEPTH_NORMS:
             raise ValueError(f"{self.modality}: depth_norm={self.depth_norm!r}: expected one of {self.DEPTH_NORMS}")
         self.size = self.means.shape[0] * self.shapes.shape[0]
