@@ -93,7 +93,9 @@ num_clips = 0            # 0 = every clip of the split; else the first num_clips
 gallery = 100            # retrieval gallery size G
 structure_views = 2      # views per clip for rgb -> depth / normal (110 test clips x 2 = 220 images, 43k tokens)
 structure_train_maps = 200  # decoded train maps behind the per-position mean map baseline
-structure_decode = 'argmax'  # 'argmax' (the likeliest id per cell) or 'mbr' (the id nearest the expected patch)
+structure_decode = 'auto'   # rgb -> depth / normal maps: 'mean' (each cell's expected patch: chosen on val), 'argmax'
+                             # (the likeliest id), 'mbr' (the id nearest the expected patch); 'auto': 'mean' where
+                             # the tokenizer has patch vectors (patch_kmeans), else 'argmax' (DiVAE)
 memo_clips = 0           # clips per side of the memorization probe (0 = as many as the eval set)
 suffix_frac = 0.2        # the memorization probe / continuation predict this last fraction of the audio
 gen_per_class = 2        # generation probes: clips (and class-only samples) per class
@@ -188,19 +190,22 @@ def argmax_ids(model, inputs, target, target_idx, device, bs, desc=None):
     return out
 
 
-def mbr_ids(model, inputs, target, target_idx, device, bs, tok):
-    """Long [B, n_t]: per cell, the id nearest the expected patch under the decoder's distribution (minimum
-    expected squared error): for smooth fields many ids decode alike, and a flat distribution's argmax is a
-    poor point estimate. tok: a tokenizer with a patch vector per id (id_features, ids_from_vectors)."""
+def expected_patches(model, rgb, target, device, bs, tok):
+    """generation.expected_patches of target from the given pictures rgb [B, 196], in chunks of bs -> (Float
+    [B, 196, D], Long [B, 196]). tok: the target's tokenizer, with a patch vector per id (id_features)."""
     if not (hasattr(tok, "id_features") and hasattr(tok, "ids_from_vectors")):
-        raise ValueError(f"structure_decode='mbr' needs a patch tokenizer (id_features), not {type(tok).__name__}")
-    feats = tok.id_features().to(device)                                       # [codes, D]
-    B = next(iter(inputs.values()))[0].size(0)
-    out = torch.zeros(B, len(target_idx), dtype=torch.long)
-    for s, e, logits in iter_target_logits(model, inputs, target, target_idx, device, bs):
-        v = torch.softmax(logits[..., :feats.size(0)], -1) @ feats            # [b, n_t, D] expected patches
-        out[s:e] = tok.ids_from_vectors(v.reshape(-1, v.size(-1))).view(e - s, -1).cpu()
-    return out
+        raise ValueError(f"structure_decode='mbr' or 'mean' needs a patch tokenizer (id_features), not "
+                         f"{type(tok).__name__}")
+    feats = tok.id_features()
+    out = [generation.expected_patches(model, {"tok_rgb": rgb[s:s + bs]}, target, feats, device)
+           for s in range(0, len(rgb), bs)]
+    return torch.cat([v for v, _ in out]).cpu(), torch.cat([a for _, a in out]).cpu()
+
+
+def mbr_ids(model, rgb, target, device, bs, tok):
+    """Long [B, 196]: per cell, the id nearest the expected patch (expected_patches)."""
+    v, _ = expected_patches(model, rgb, target, device, bs, tok)
+    return tok.ids_from_vectors(v.reshape(-1, v.size(-1)).to(tok.device)).view(v.shape[:2]).cpu()
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -635,11 +640,13 @@ def train_position_majority(data, name, max_rows=4000):
     return per_position_majority(a)
 
 
-def decoded_maps(tok, name, ids, device="cpu"):
-    """Decoded depth (float [N, H, W]) or normal (unit vectors [N, H, W, 3]) maps of ids [N, 196]."""
+def decoded_maps(tok, name, ids, device="cpu", vectors=False):
+    """Decoded depth (float [N, H, W]) or normal (unit vectors [N, H, W, 3]) maps of ids [N, 196] (vectors=True:
+    of patch vectors [N, 196, D], tok.decode_vectors)."""
     outs = []
     for s in range(0, len(ids), 32):
-        x = tok.decode(torch.as_tensor(np.asarray(ids[s:s + 32])).long().to(device))
+        x = torch.as_tensor(np.asarray(ids[s:s + 32])).to(device)
+        x = tok.decode_vectors(x.float()) if vectors else tok.decode(x.long())
         outs.append(np.asarray(x.detach().cpu().numpy() if torch.is_tensor(x) else x))
     x = np.concatenate(outs)
     return x.astype(np.float64) if name == "tok_depth" else normal_vectors(x)
@@ -656,15 +663,15 @@ STRUCTURE_METRICS = {  # decoded metric -> (label, unit, lower is better)
 
 
 def structure_decoded(tok, tgt, pred_ids, true_ids, train_ids, train_split="train", train_maps=200, seed=0,
-                      device="cpu"):
-    """Decoded metrics (tok: the dataset's tokenizer of tgt) of the predicted ids against the decoded ground
-    truth, beside two baselines that never look at the picture: the per-position mean map of train_maps
-    decoded train maps (train_ids: the train split's ids of tgt; the one to beat) and one constant map (the
-    mean over every train pixel). -> (figures, table lines)."""
+                      device="cpu", pred_vectors=False):
+    """Decoded metrics (tok: the dataset's tokenizer of tgt) of the predicted ids (pred_vectors=True: patch
+    vectors [N, 196, D]) against the decoded ground truth, beside two baselines that never look at the
+    picture: the per-position mean map of train_maps decoded train maps (train_ids: the train split's ids of
+    tgt; the one to beat) and one constant map (the mean over every train pixel). -> (figures, table lines)."""
     a = np.asarray(train_ids).reshape(-1, M.BY_NAME[tgt].length)
     pick = np.random.default_rng([seed, 8]).permutation(len(a))[:train_maps]
     train_maps = decoded_maps(tok, tgt, a[np.sort(pick)], device)
-    gt, pred = decoded_maps(tok, tgt, true_ids, device), decoded_maps(tok, tgt, pred_ids, device)
+    gt, pred = decoded_maps(tok, tgt, true_ids, device), decoded_maps(tok, tgt, pred_ids, device, pred_vectors)
     mean_map = train_maps.mean(0)
     const = train_maps.reshape(-1, *train_maps.shape[3:]).mean(0) if tgt == "tok_normal" else train_maps.mean()
     const_map = np.broadcast_to(const, mean_map.shape)
@@ -778,9 +785,11 @@ def audio_next_frame(model, tokens, labels, train_codes, train_labels, device, b
 
 def probe_structure(model, data, decoder, views_per_clip, train_maps, device, bs, decode_rule="argmax"):
     """decoder: modality name -> the dataset's tokenizer (ProbeSkipped where it cannot decode here);
-    decode_rule: 'argmax' or 'mbr' (mbr_ids), how a cell's distribution becomes one id."""
-    if decode_rule not in ("argmax", "mbr"):
-        raise ValueError(f"structure_decode must be 'argmax' or 'mbr', got {decode_rule!r}")
+    decode_rule, how a cell's distribution becomes a map: 'argmax' (the likeliest id), 'mbr' (the id nearest
+    the expected patch), 'mean' (the expected patch itself: a map between codes, not ids; its token top-1
+    is argmax's) or 'auto' ('mean' where the tokenizer has patch vectors, else 'argmax')."""
+    if decode_rule not in ("auto", "argmax", "mbr", "mean"):
+        raise ValueError(f"structure_decode must be 'auto', 'argmax', 'mbr' or 'mean', got {decode_rule!r}")
     nv = max(1, min(views_per_clip, M.NUM_VIEWS))
     clips = np.repeat(data.clips, nv)
     views = np.concatenate([(v + np.arange(nv)) % M.NUM_VIEWS for v in data.views])
@@ -789,8 +798,18 @@ def probe_structure(model, data, decoder, views_per_clip, train_maps, device, bs
     for tgt, rep in (("tok_depth", REPORT["rgb_depth_top1"]), ("tok_normal", REPORT["rgb_normal_top1"])):
         L, V = M.BY_NAME[tgt].length, M.BY_NAME[tgt].vocab
         inputs = {"tok_rgb": (tokens["tok_rgb"], all_given(tokens["tok_rgb"]))}
-        pred = (mbr_ids(model, inputs, tgt, np.arange(L), device, bs, decoder(tgt)) if decode_rule == "mbr" else
-                argmax_ids(model, inputs, tgt, np.arange(L), device, bs, desc=f"rgb->{tgt[4:]}"))
+        vecs, rule = None, decode_rule
+        if rule == "auto":
+            try:
+                rule = "mean" if hasattr(decoder(tgt), "id_features") else "argmax"
+            except ProbeSkipped:
+                rule = "argmax"   # the token figures still stand; the decoded ones are skipped below
+        if rule == "argmax":
+            pred = argmax_ids(model, inputs, tgt, np.arange(L), device, bs, desc=f"rgb->{tgt[4:]}")
+        elif rule == "mbr":
+            pred = mbr_ids(model, tokens["tok_rgb"], tgt, device, bs, decoder(tgt))
+        else:
+            vecs, pred = expected_patches(model, tokens["tok_rgb"], tgt, device, bs, decoder(tgt))
         truth = tokens[tgt].long()
         correct = (pred == truth).numpy()
         acc, lo, hi = clustered_accuracy(correct)
@@ -799,7 +818,7 @@ def probe_structure(model, data, decoder, views_per_clip, train_maps, device, bs
         pos_acc = float((truth.numpy() == train_position_majority(data, tgt)[None]).mean())
         out[tgt] = {"top1": acc, "ci": [lo, hi], "n_tokens": int(correct.size), "n_images": int(len(clips)),
                     "uniform": 1 / V, "majority_token": maj, "majority_from": src, "majority_acc": maj_acc,
-                    "per_position_majority_acc": pos_acc}
+                    "per_position_majority_acc": pos_acc, "decode_rule": rule}
         rows += [row(f"rgb -> {tgt[4:]} token top-1", acc, (lo, hi), int(correct.size), pos_acc,
                      f"per-position {src}-majority (the one to beat)", rep, extra={"majority": maj_acc, "uniform": 1 / V}),
                  row(f"rgb -> {tgt[4:]}: {src}-majority token baseline", maj_acc, None, int(correct.size), 1 / V,
@@ -811,9 +830,10 @@ def probe_structure(model, data, decoder, views_per_clip, train_maps, device, bs
         rows.append(row(f"rgb -> {tgt[4:]}: cross-attention on the cell's own 3x3 (most local head)",
                         look["near"], None, look["n_rows"], look["uniform_near"], "uniform attention"))
         try:
-            out[tgt]["decoded"], r = structure_decoded(decoder(tgt), tgt, pred.numpy(), truth.numpy(),
-                                                       data.arrays[src][tgt], src, train_maps, data.seed, device)
-            rows += r
+            got = pred.numpy() if vecs is None else vecs.numpy()
+            out[tgt]["decoded"], r = structure_decoded(decoder(tgt), tgt, got, truth.numpy(), data.arrays[src][tgt],
+                                                       src, train_maps, data.seed, device, vecs is not None)
+            rows += [{**x, "metric": x["metric"].replace("decoded:", f"decoded ({rule}):")} for x in r]
         except ProbeSkipped as e:
             out[tgt]["decoded"] = {"status": "skipped", "reason": str(e)}
             print(f"  rgb -> {tgt[4:]}: decoded metrics skipped: {e}")

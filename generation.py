@@ -217,6 +217,20 @@ def target_logits(model, t_idx, flat_pos, t_pos, flat_ids, enc_mask, query, null
     return model.modality_logits(h[dv], t_idx).float(), dv, d_order
 
 
+@torch.no_grad()
+def expected_patches(model, tokens, target, features, device):
+    """The minimum-squared-error read-out of a target from a patch codebook (depth, normal): one pass, every
+    target cell masked, the other modalities of tokens {name: ids [B, L]} given -> the expected patch of each
+    cell under the decoder's distribution [B, L, D] (features [codes, D]: the patch each id decodes to) and the
+    argmax ids [B, L]. For smooth fields many ids decode alike, so one id is a poor point estimate."""
+    target = full_name(target)
+    ids, pos, given, t = target_layout(tokens, {}, target, device)
+    t_pos = pos[:, t]
+    logits, _, _ = target_logits(model, modality_index(target), pos, t_pos, ids, given, torch.ones_like(given[:, t]))
+    p = torch.softmax(logits[:, :len(features)], -1)
+    return (p @ features.to(device, p.dtype)).view(*t_pos.shape, -1), logits.argmax(-1).view(t_pos.shape)
+
+
 def continuation_prefix(frac=0.8):
     """Audio tokens given in a continuation: the first `frac` of the T frames, rounded to whole frames
     (EnCodec: 0.8 -> 205 of 256 frames = 410 tokens), so a frame's K codebook tokens are never split."""

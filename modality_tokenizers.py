@@ -693,7 +693,12 @@ class PatchKMeansTokenizer:
     @torch.no_grad()
     def decode(self, ids):
         ids = _as_tensor(ids, self.device, torch.long).clamp(0, self.size - 1)
-        x = unpatchify(self.vectors_from_ids(ids), self.channels, self.down)
+        return self.decode_vectors(self.vectors_from_ids(ids))
+
+    @torch.no_grad()
+    def decode_vectors(self, v):
+        """Patch vectors [B, 196, D] -> images, as decode: also a vector between codes (an expected patch)."""
+        x = unpatchify(_as_tensor(v, self.device), self.channels, self.down)
         return unit_to_images(x, self.modality, self.depth_ref)
 
     def save(self, path):

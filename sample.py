@@ -22,7 +22,7 @@ import torch
 import configurator
 import modalities as M
 import streams as S
-from generation import checkpoint_dataset, continuation_prefix, full_name, generate
+from generation import checkpoint_dataset, continuation_prefix, expected_patches, full_name, generate
 from rawdata import raw_dir, write_json, write_npy, write_png, write_text, write_wav
 
 # ---------------------------------------------------------------------------------------------------
@@ -47,6 +47,8 @@ top_k = 0                   # 0 = off
 top_p = 1.0                 # 1.0 = off
 guidance_scale = 3.0        # classifier-free guidance; 1.0 = the conditional model alone (README: 3.0 helps class-only audio)
 remask_noise = 0.0          # MaskGIT's annealed Gumbel noise on the confidences
+read_out = "sample"         # 'mean': depth / normal (patch codebooks) as each cell's expected patch, one pass with
+                            # every cell masked: what evaluate.py scores (its structure_decode)
 codebook_true = True        # audio: each slot samples only its own codebook's ids (False: all of the modality's ids)
 by_level = False            # audio: one codebook level at a time (a model trained with train.py's --audio_levels)
 continuation_frac = 0.8     # continuation: the fraction of the audio frames given
@@ -167,12 +169,14 @@ def choose_clips(labels, num_classes, num_clips, per_class, seed):
     return np.sort(order[:num_clips])
 
 
-def generate_all(model, tokens, cond, target, n_prefix, cfg, device):
+def generate_all(model, tokens, cond, target, n_prefix, cfg, device, features=None):
     """Every clip num_samples times, in batches, from one seeded generator -> LongTensor [N * S, L] on the CPU
-    (clip i's samples in rows i * S .. i * S + S - 1) and the seconds it took."""
+    (clip i's samples in rows i * S .. i * S + S - 1) and the seconds it took. features [codes, D] given: each
+    row's expected patches instead (read_out='mean'), Float [N * S, L, D]."""
     S, N, L = cfg["num_samples"], len(tokens[target]), M.BY_NAME[target].length
     rows = np.repeat(np.arange(N), S)
-    generated = torch.zeros(N * S, L, dtype=torch.long)
+    generated = torch.zeros(N * S, L, *([] if features is None else [features.size(1)]),
+                            dtype=torch.long if features is None else torch.float32)
     g = torch.Generator().manual_seed(cfg["seed"])
     ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg["dtype"]]
     use_autocast = cfg["dtype"] != "float32" and device.startswith("cuda")
@@ -183,8 +187,11 @@ def generate_all(model, tokens, cond, target, n_prefix, cfg, device):
         known = torch.zeros(len(r), L, dtype=torch.bool)
         known[:, :n_prefix] = True
         with torch.autocast(device_type="cuda", dtype=ptdtype, enabled=use_autocast):
-            out = generate(model, {c: tokens[c][r] for c in cond + [target]}, {target: known}, target,
-                           generator=g, **{k: cfg[k] for k in GEN_KEYS})
+            if features is not None:
+                out, _ = expected_patches(model, {c: tokens[c][r] for c in cond}, target, features, device)
+            else:
+                out = generate(model, {c: tokens[c][r] for c in cond + [target]}, {target: known}, target,
+                               generator=g, **{k: cfg[k] for k in GEN_KEYS})
         generated[start:start + len(r)] = out.cpu()
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -208,7 +215,8 @@ class Decoder:
     def __call__(self, modality, ids):
         if modality == "caption":
             return [S.decode_caption(row) for row in ids.numpy()]
-        return list(self.toks[modality].decode(ids.to(self.device)))
+        tok, x = self.toks[modality], ids.to(self.device)
+        return list(tok.decode_vectors(x) if x.is_floating_point() else tok.decode(x))   # floats: read_out='mean'
 
     def raw(self, clip_id, modality):
         """The raw file of this view (for audio: the very window tokenize_all.py tokenized), or None."""
@@ -233,7 +241,7 @@ def clip_row(gallery, decode, i, cid, label, ids, tokens, cond, target, n_prefix
     the ground truth (tokenized, decoded with the same tokenizer, and raw)."""
     sub = f"{i:03d}_{''.join(ch if ch.isalnum() or ch in '-_.' else '_' for ch in str(cid))}"
     os.makedirs(os.path.join(gallery.root, sub), exist_ok=True)
-    write_npy(os.path.join(gallery.root, sub, "generated_ids.npy"), ids.numpy().astype(np.int64))
+    write_npy(os.path.join(gallery.root, sub, generated_name(ids)), as_saved(ids))
     L = M.BY_NAME[target].length
     mark = n_prefix // M.AUDIO_CODEBOOKS if n_prefix else None
     cells = []
@@ -254,6 +262,14 @@ def clip_row(gallery, decode, i, cid, label, ids, tokens, cond, target, n_prefix
     return (f"<tr><td>{i}<br><b>{html.escape(label)}</b><br><small>{html.escape(cid)}<br>view {view}</small></td>"
             f"<td>{'<br>'.join(cells) or '(nothing)'}</td>"
             f"<td>{'<hr>'.join(gen_cells)}</td><td>{'<hr>'.join(gt_cells)}</td></tr>")
+
+
+def generated_name(x):
+    return "expected_patches.npy" if x.is_floating_point() else "generated_ids.npy"
+
+
+def as_saved(x):
+    return x.numpy().astype(np.float32 if x.is_floating_point() else np.int64)
 
 
 def index_page(info, cfg, table_rows):
@@ -282,6 +298,8 @@ def main(argv=None):
     device = M.pick_device(cfg["device"])
     if cfg["num_samples"] < 1 or cfg["batch_size"] < 1 or cfg["steps"] < 1:
         raise ValueError("--num_samples, --batch_size and --steps must be >= 1")
+    if cfg["read_out"] not in ("sample", "mean"):
+        raise ValueError(f"--read_out must be 'sample' or 'mean', got {cfg['read_out']!r}")
     if not 0 <= cfg["view"] < M.NUM_VIEWS:
         raise ValueError(f"--view must lie in [0, {M.NUM_VIEWS}), got {cfg['view']}")
 
@@ -301,16 +319,24 @@ def main(argv=None):
     if os.path.exists(index_path):
         os.remove(index_path)   # a run that dies half-way leaves no gallery pointing at mixed files
 
+    decode = Decoder(tok_path, meta, cond + [target], raw_dir(dataset, data_root), cfg["view"], device,
+                     cfg["trust_checkpoint"])
+    features = None
+    if cfg["read_out"] == "mean":
+        if target not in ("tok_depth", "tok_normal") or not hasattr(decode.toks[target], "id_features"):
+            raise ValueError(f"--read_out=mean reads depth or normal from a patch codebook, not {target} "
+                             f"({type(decode.toks.get(target)).__name__})")
+        features = decode.toks[target].id_features()
+
     S, N, L = cfg["num_samples"], len(clips), M.BY_NAME[target].length
+    how = "the expected patch per cell" if features is not None else f"{cfg['schedule']} {cfg['steps']} steps"
     print(f"{run_name}: {N} clips x {S} samples of {target} from [{', '.join(cond) or 'nothing'}], "
-          f"{cfg['schedule']} {cfg['steps']} steps, model {model.get_num_params() / 1e6:.1f}M params on {device}")
-    generated, dt = generate_all(model, tokens, cond, target, n_prefix, cfg, device)
+          f"{how}, model {model.get_num_params() / 1e6:.1f}M params on {device}")
+    generated, dt = generate_all(model, tokens, cond, target, n_prefix, cfg, device, features)
     print(f"generated {N * S} samples in {dt:.2f}s: {N * S / dt:.2f} samples/s "
           f"({N * S * (L - n_prefix) / dt:.0f} tokens/s) on {device}")
 
     from tqdm import tqdm
-    decode = Decoder(tok_path, meta, cond + [target], raw_dir(dataset, data_root), cfg["view"], device,
-                     cfg["trust_checkpoint"])
     gallery, t1 = Gallery(samples_dir), time.time()
     table_rows = [clip_row(gallery, decode, i, clip_ids[i], class_names[int(labels[i])], generated[i * S:(i + 1) * S],
                            tokens, cond, target, n_prefix, cfg["view"])
@@ -318,7 +344,8 @@ def main(argv=None):
     print(f"decoded and wrote {N * (S + 1)} outputs in {time.time() - t1:.1f}s")
 
     # run-level records, then the gallery last
-    write_npy(os.path.join(samples_dir, "generated_ids.npy"), generated.view(N, S, L).numpy().astype(np.int64))
+    write_npy(os.path.join(samples_dir, generated_name(generated)),
+              as_saved(generated.view(N, S, *generated.shape[1:])))
     info = dict(settings=cfg, task=dict(cond=cond, target=target, given_target_tokens=n_prefix, name=run_name),
                 checkpoint=ckpt_path, iter_num=ckpt.get("iter_num"),
                 dataset=dataset, split=cfg["split"], clip_ids=clip_ids, rows=clips.tolist(),

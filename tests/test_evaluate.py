@@ -425,7 +425,8 @@ def test_depth_metrics_split_the_error_between_far_and_near_pixels():
 
 def test_mbr_decoding_picks_the_id_nearest_the_expected_patch_where_argmax_picks_a_mode():
     """A decoder split evenly between two flat depth levels (-0.3 and 1.0): argmax returns one of them, the
-    minimum-expected-error rule the level nearest their mean (0.35 -> 0.3), in every cell."""
+    minimum-expected-error rule the level nearest their mean (0.35 -> 0.3), in every cell; the 'mean' rule
+    that mean itself."""
     from modality_tokenizers import PatchKMeansTokenizer
     tok = PatchKMeansTokenizer("tok_depth", torch.tensor([[-1.0], [-0.3], [0.3], [1.0]]), torch.zeros(1, 64),
                                {"depth_ref": [1.0, 1.0]})
@@ -442,7 +443,12 @@ def test_mbr_decoding_picks_the_id_nearest_the_expected_patch_where_argmax_picks
     rgb = torch.zeros(2, M.BY_NAME["tok_rgb"].length, dtype=torch.long)
     inputs, L = {"tok_rgb": (rgb, E.all_given(rgb))}, M.BY_NAME["tok_depth"].length
     assert set(E.argmax_ids(TwoModes(), inputs, "tok_depth", np.arange(L), "cpu", 2).unique().tolist()) <= {1, 3}
-    assert (E.mbr_ids(TwoModes(), inputs, "tok_depth", np.arange(L), "cpu", 2, tok) == 2).all()
+    assert (E.mbr_ids(TwoModes(), rgb, "tok_depth", "cpu", 2, tok) == 2).all()
+    # the 'mean' read-out keeps the expected patch itself (0.35, between the codes) and decodes it as a map
+    v, top = E.expected_patches(TwoModes(), rgb, "tok_depth", "cpu", 1, tok)
+    assert torch.allclose(v, torch.full_like(v, 0.35)) and set(top.unique().tolist()) <= {1, 3}
+    maps = E.decoded_maps(tok, "tok_depth", v.numpy(), vectors=True)
+    assert maps.shape == (2, 224, 224) and np.all(maps == np.round(np.expm1(0.35 * 1.0 + 1.0)))
 
 
 def test_val_and_test_draw_different_samples_from_one_seed():

@@ -412,6 +412,26 @@ def test_cli_general_cond_target(tmp_path, cond, target, files):
         assert os.path.exists(os.path.join(d, sub, f)), f
 
 
+def test_cli_read_out_mean_writes_each_cells_expected_patch(tmp_path):
+    """--read_out=mean: one pass, no sampling; the saved vectors are convex mixes of the codebook's patches
+    (every patch mean between the smallest and largest mean code) and the gallery shows their decoding."""
+    import numpy as np
+    from modality_tokenizers import PatchKMeansTokenizer
+    out_dir = make_fixture(str(tmp_path), with_raw=False)
+    sample.main([f"--out_dir={out_dir}", "--cond=rgb", "--target=depth", "--num_clips=2", "--num_samples=1",
+                 "--device=cpu", "--read_out=mean"])
+    d = os.path.join(out_dir, "samples", "rgb-to-depth")
+    v = np.load(os.path.join(d, "expected_patches.npy"))
+    assert v.shape == (2, 1, 196, 64) and v.dtype == np.float32
+    tok = PatchKMeansTokenizer.load(os.path.join(tmp_path, "data", "tiny", "tok", "codebooks", "tok_depth.pt"))
+    mu = v.mean(-1)
+    assert mu.min() >= tok.means.min().item() - 1e-5 and mu.max() <= tok.means.max().item() + 1e-5
+    sub = sorted(p for p in os.listdir(d) if p.startswith("000_"))[0]
+    assert all(os.path.exists(os.path.join(d, sub, f)) for f in ("gen_0.png", "expected_patches.npy"))
+    with pytest.raises(ValueError, match="read_out=mean"):
+        sample.main([f"--out_dir={out_dir}", "--mode=class_only", "--read_out=mean"])
+
+
 def test_cli_refuses_bad_settings(tmp_path):
     out_dir = make_fixture(str(tmp_path), with_raw=False)
     with pytest.raises(ValueError, match="also in --cond"):
