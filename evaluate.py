@@ -1426,7 +1426,7 @@ def _jsonable(x):
 
 
 def _write_atomic(path, text):
-    from rawdata import atomic_path
+    from files import atomic_path
     tmp = atomic_path(path)
     with open(tmp, "w") as f:
         f.write(text)

@@ -811,7 +811,7 @@ class CaptionTokenizer:
 # ---------------------------------------------------------------------------------------------------
 
 def _atomic_torch_save(obj, path):
-    from rawdata import atomic_write
+    from files import atomic_write
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with atomic_write(path) as tmp:
         torch.save(obj, tmp)

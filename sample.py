@@ -23,7 +23,7 @@ import configurator
 import modalities as M
 import streams as S
 from generation import checkpoint_dataset, continuation_prefix, expected_patches, full_name, generate
-from rawdata import raw_dir, write_json, write_npy, write_png, write_text, write_wav
+from files import write_json, write_npy, write_png, write_text, write_wav
 
 # ---------------------------------------------------------------------------------------------------
 # settings
@@ -201,13 +201,14 @@ def generate_all(model, tokens, cond, target, n_prefix, cfg, device, features=No
 class Decoder:
     """Token ids -> media (wave, image, text) with the dataset's tokenizers, and the raw files of a view."""
 
-    def __init__(self, tok_path, meta, modalities, rdir, view, device, trust):
+    def __init__(self, tok_path, meta, modalities, dataset, data_root, view, device, trust):
         from modality_tokenizers import load_tokenizer   # only when decoding: the tokenizers are a long read
+        from rawdata import raw_dir, read_manifest   # the raw layout: only for the ground truth's raw files
+        rdir = raw_dir(dataset, data_root)
         self.toks = {m: load_tokenizer(tok_path, meta, m, device, trust) for m in modalities if m != "caption"}
         self.rdir, self.view, self.device = rdir, view, device
         self.manifest = {}
         if os.path.exists(os.path.join(rdir, "manifest.jsonl")):
-            from rawdata import read_manifest
             self.manifest = {row["clip_id"]: row for row in read_manifest(os.path.join(rdir, "manifest.jsonl"))}
         else:
             print(f"note: {rdir}/manifest.jsonl not found: the gallery shows the tokenized ground truth only")
@@ -319,7 +320,7 @@ def main(argv=None):
     if os.path.exists(index_path):
         os.remove(index_path)   # a run that dies half-way leaves no gallery pointing at mixed files
 
-    decode = Decoder(tok_path, meta, cond + [target], raw_dir(dataset, data_root), cfg["view"], device,
+    decode = Decoder(tok_path, meta, cond + [target], dataset, data_root, cfg["view"], device,
                      cfg["trust_checkpoint"])
     features = None
     if cfg["read_out"] == "mean":
