@@ -29,10 +29,12 @@ Probes (--probes=all or a comma list):
              from a small reader fit to the train split's pictures (fit_grid_reader), not from the model.
   structure  rgb -> depth and rgb -> normal token top-1 (all 196 rgb tokens in, all 196 tokens out, the argmax
              at each), beside the train split's per-position majority token (the baseline to beat: it
-             never sees the picture) and its single most frequent token. Then the same predictions decoded
-             with the dataset's tokenizer against the decoded ground truth: depth RMSE, AbsRel and pixels
-             within 1.25x; normal mean angular error and pixels within 11.25 degrees; each beside the
-             per-position mean of decoded train maps (the one to beat) and a constant map.
+             never sees the picture) and its single most frequent token. Then the predicted maps decoded
+             with the dataset's tokenizer against the decoded ground truth (--structure_decode: by default
+             each cell's expected patch where the tokenizer has patch vectors, else the argmax ids): depth
+             RMSE, AbsRel and pixels within 1.25x; normal mean angular error and pixels within 11.25
+             degrees; each beside the per-position mean of decoded train maps (the one to beat) and a
+             constant map.
   memo       audio-suffix completion top-1 (first 80% of the audio + rgb + caption in, last 20% out) on train
              vs split clips. Baselines: 1/2048, train-majority token, the per-position train majority,
              repeating the last given frame. Then the audio's order as the model reads it: the CE of every
@@ -1349,7 +1351,10 @@ def report_charts(P, class_names, curves):
     if ok("structure"):
         h.append("<h2>rgb -> depth / normal</h2><p>The baselines to beat never see the picture: the train "
                  "split's per-position majority token (token top-1) and the per-position mean of decoded train "
-                 "maps (decoded metrics). A model under them has not read the scene from the picture.</p>")
+                 "maps (decoded metrics). A model under them has not read the scene from the picture. Decoded "
+                 "maps read out as: " + ", ".join(f"{t[4:]} {P['structure'][t].get('decode_rule', '?')}"
+                                                   for t in ("tok_depth", "tok_normal") if t in P["structure"]) +
+                 ".</p>")
     if ok("class"):
         pc = P["class"]["per_class"]
         h += ["<h2>Audio -> class</h2>",
