@@ -47,8 +47,8 @@ top_k = 0                   # 0 = off
 top_p = 1.0                 # 1.0 = off
 guidance_scale = 3.0        # classifier-free guidance; 1.0 = the conditional model alone (README: 3.0 helps class-only audio)
 remask_noise = 0.0          # MaskGIT's annealed Gumbel noise on the confidences
-read_out = "sample"         # 'mean': depth / normal (patch codebooks) as each cell's expected patch, one pass with
-                            # every cell masked: what evaluate.py scores (its structure_decode)
+read_out = "auto"           # 'mean': depth / normal (patch codebooks) as each cell's expected patch, one pass with
+                            # every cell masked, what evaluate.py scores; 'sample': MaskGIT; 'auto': mean where it can
 codebook_true = True        # audio: each slot samples only its own codebook's ids (False: all of the modality's ids)
 by_level = False            # audio: one codebook level at a time (a model trained with train.py's --audio_levels)
 continuation_frac = 0.8     # continuation: the fraction of the audio frames given
@@ -253,7 +253,8 @@ def clip_row(gallery, decode, i, cid, label, ids, tokens, cond, target, n_prefix
                                    "raw" if raw is not None else "tokens"))
     if n_prefix:
         cells.append(f"<div class='lbl'>+ first {n_prefix} of {L} audio tokens</div>")
-    gen_cells = [gallery.media(f"{sub}/gen_{j}", target, v, mark, label=f"sample {j}")
+    what = "expected patches" if ids.is_floating_point() else "sample"
+    gen_cells = [gallery.media(f"{sub}/gen_{j}", target, v, mark, label=f"{what} {j}")
                  for j, v in enumerate(decode(target, ids))]
     gt_cells = [gallery.media(f"{sub}/gt_tokens", target, decode(target, tokens[target][i:i + 1])[0],
                               mark, label="tokenized")]
@@ -299,8 +300,8 @@ def main(argv=None):
     device = M.pick_device(cfg["device"])
     if cfg["num_samples"] < 1 or cfg["batch_size"] < 1 or cfg["steps"] < 1:
         raise ValueError("--num_samples, --batch_size and --steps must be >= 1")
-    if cfg["read_out"] not in ("sample", "mean"):
-        raise ValueError(f"--read_out must be 'sample' or 'mean', got {cfg['read_out']!r}")
+    if cfg["read_out"] not in ("auto", "sample", "mean"):
+        raise ValueError(f"--read_out must be 'auto', 'sample' or 'mean', got {cfg['read_out']!r}")
     if not 0 <= cfg["view"] < M.NUM_VIEWS:
         raise ValueError(f"--view must lie in [0, {M.NUM_VIEWS}), got {cfg['view']}")
 
@@ -322,12 +323,15 @@ def main(argv=None):
 
     decode = Decoder(tok_path, meta, cond + [target], dataset, data_root, cfg["view"], device,
                      cfg["trust_checkpoint"])
-    features = None
-    if cfg["read_out"] == "mean":
-        if target not in ("tok_depth", "tok_normal") or not hasattr(decode.toks[target], "id_features"):
-            raise ValueError(f"--read_out=mean reads depth or normal from a patch codebook, not {target} "
-                             f"({type(decode.toks.get(target)).__name__})")
+    features, patches = None, target in ("tok_depth", "tok_normal") and hasattr(decode.toks[target], "id_features")
+    if cfg["read_out"] == "mean" and not patches:
+        raise ValueError(f"--read_out=mean reads depth or normal from a patch codebook, not {target} "
+                         f"({type(decode.toks.get(target)).__name__})")
+    if patches and cfg["read_out"] in ("auto", "mean"):
         features = decode.toks[target].id_features()
+        if cfg["num_samples"] > 1:
+            print(f"note: --read_out={cfg['read_out']} gives one map per clip (it draws nothing): --num_samples=1")
+            cfg = {**cfg, "num_samples": 1}
 
     S, N, L = cfg["num_samples"], len(clips), M.BY_NAME[target].length
     how = "the expected patch per cell" if features is not None else f"{cfg['schedule']} {cfg['steps']} steps"
@@ -347,7 +351,8 @@ def main(argv=None):
     # run-level records, then the gallery last
     write_npy(os.path.join(samples_dir, generated_name(generated)),
               as_saved(generated.view(N, S, *generated.shape[1:])))
-    info = dict(settings=cfg, task=dict(cond=cond, target=target, given_target_tokens=n_prefix, name=run_name),
+    info = dict(settings=cfg, task=dict(cond=cond, target=target, given_target_tokens=n_prefix, name=run_name,
+                                        read_out="sample" if features is None else "mean"),
                 checkpoint=ckpt_path, iter_num=ckpt.get("iter_num"),
                 dataset=dataset, split=cfg["split"], clip_ids=clip_ids, rows=clips.tolist(),
                 labels=[int(x) for x in labels], classes=[class_names[int(x)] for x in labels],

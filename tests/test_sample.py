@@ -430,6 +430,14 @@ def test_cli_read_out_mean_writes_each_cells_expected_patch(tmp_path):
     assert all(os.path.exists(os.path.join(d, sub, f)) for f in ("gen_0.png", "expected_patches.npy"))
     with pytest.raises(ValueError, match="read_out=mean"):
         sample.main([f"--out_dir={out_dir}", "--mode=class_only", "--read_out=mean"])
+    # the default ('auto') reads depth the same way; --read_out=sample draws ids with MaskGIT
+    info = sample.main([f"--out_dir={out_dir}", "--cond=rgb", "--target=depth", "--num_clips=2", "--num_samples=2",
+                        "--device=cpu", f"--samples_dir={tmp_path}/auto"])
+    assert info["task"]["read_out"] == "mean" and info["settings"]["num_samples"] == 1
+    assert np.array_equal(np.load(os.path.join(tmp_path, "auto", "expected_patches.npy")), v)
+    sample.main([f"--out_dir={out_dir}", "--cond=rgb", "--target=depth", "--num_clips=2", "--num_samples=1",
+                 "--steps=2", "--device=cpu", "--read_out=sample", f"--samples_dir={tmp_path}/drawn"])
+    assert np.load(os.path.join(tmp_path, "drawn", "generated_ids.npy")).shape == (2, 1, 196)
 
 
 def test_cli_refuses_bad_settings(tmp_path):
