@@ -195,7 +195,7 @@ def argmax_ids(model, inputs, target, target_idx, device, bs, desc=None):
 def expected_patches(model, rgb, target, device, bs, tok):
     """generation.expected_patches of target from the given pictures rgb [B, 196], in chunks of bs -> (Float
     [B, 196, D], Long [B, 196]). tok: the target's tokenizer, with a patch vector per id (id_features)."""
-    if not (hasattr(tok, "id_features") and hasattr(tok, "ids_from_vectors")):
+    if not generation.patch_codebook(tok):
         raise ValueError(f"structure_decode='mbr' or 'mean' needs a patch tokenizer (id_features), not "
                          f"{type(tok).__name__}")
     feats = tok.id_features()
@@ -803,7 +803,7 @@ def probe_structure(model, data, decoder, views_per_clip, train_maps, device, bs
         vecs, rule = None, decode_rule
         if rule == "auto":
             try:
-                rule = "mean" if hasattr(decoder(tgt), "id_features") else "argmax"
+                rule = "mean" if generation.patch_codebook(decoder(tgt)) else "argmax"
             except ProbeSkipped:
                 rule = "argmax"   # the token figures still stand; the decoded ones are skipped below
         if rule == "argmax":

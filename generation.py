@@ -217,6 +217,12 @@ def target_logits(model, t_idx, flat_pos, t_pos, flat_ids, enc_mask, query, null
     return model.modality_logits(h[dv], t_idx).float(), dv, d_order
 
 
+def patch_codebook(tok):
+    """Whether tok's ids decode to patches that can be averaged (id_features, decode_vectors): the offline
+    patch codebooks, not DiVAE or the audio tokenizers."""
+    return hasattr(tok, "id_features") and hasattr(tok, "decode_vectors")
+
+
 @torch.no_grad()
 def expected_patches(model, tokens, target, features, device):
     """The minimum-squared-error read-out of a target from a patch codebook (depth, normal): one pass, every

@@ -22,7 +22,7 @@ import torch
 import configurator
 import modalities as M
 import streams as S
-from generation import checkpoint_dataset, continuation_prefix, expected_patches, full_name, generate
+from generation import checkpoint_dataset, continuation_prefix, expected_patches, full_name, generate, patch_codebook
 from files import write_json, write_npy, write_png, write_text, write_wav
 
 # ---------------------------------------------------------------------------------------------------
@@ -323,7 +323,7 @@ def main(argv=None):
 
     decode = Decoder(tok_path, meta, cond + [target], dataset, data_root, cfg["view"], device,
                      cfg["trust_checkpoint"])
-    features, patches = None, target in ("tok_depth", "tok_normal") and hasattr(decode.toks[target], "id_features")
+    features, patches = None, target in ("tok_depth", "tok_normal") and patch_codebook(decode.toks[target])
     if cfg["read_out"] == "mean" and not patches:
         raise ValueError(f"--read_out=mean reads depth or normal from a patch codebook, not {target} "
                          f"({type(decode.toks.get(target)).__name__})")
