@@ -1,5 +1,6 @@
 """
-ToyZoo's embedding adapters: what config/toyzoo*.py adds to the report's model (model.py), behind one seam.
+ToyZoo's embedding adapters: what config/toyzoo*.py adds to the report's model (model.py), behind one seam
+(and the factored head, behind Nano4M.modality_logits and fastpath's per-modality loss).
 Nano4M.embed reads a token's content as wte(id) alone, unless model_args['adapters'] is set; then it asks
 EmbeddingAdapters.embed_inputs here. None of this is the report's model; each switch was measured on ToyZoo
 (docs/experiments.md):
@@ -17,9 +18,15 @@ EmbeddingAdapters.embed_inputs here. None of this is the report's model; each sw
                      prior the transformer lacks.
   init               'gpt2' (nanoGPT's N(0, 0.02)) or 'torch': the Linears keep PyTorch's own init, which a
                      small, fast-trained model reads pictures better with.
+  factored_head      (name, Km, Ks) per modality whose ids are a product code (id = a * Ks + b: the patch
+                     k-means tokenizers' mean x shape): its targets are scored by two small softmaxes, over
+                     the Km means and the Ks shapes, from the first Km + Ks head rows of its block (no new
+                     weights). The logits of an id are a[id // Ks] + b[id % Ks], so p(id) = p(a) p(b): each
+                     cell's expected patch (the default read-out) is the same function of the marginals, and
+                     the head costs Km + Ks columns a target instead of Km * Ks.
 
-train.py's `adapters` setting is a dict of these (code_features=True in place of the widths, which come from
-the dataset's tokenizers) plus block_lr_scale, the blocks' learning rate relative to the rest
+train.py's `adapters` setting is a dict of these (code_features=True in place of the widths, and factored_head
+as modality names, both read from the dataset's tokenizers) plus block_lr_scale, the blocks' learning rate relative to the rest
 (Nano4M.configure_optimizers).
 """
 import math
@@ -39,12 +46,13 @@ class AdapterConfig:
     feature_only: tuple = ()
     grid_conv: bool = False
     init: str = 'gpt2'
+    factored_head: tuple = ()
 
 
 # train.py's `adapters` dict: the model's switches (code_features: read the widths from the dataset) and
 # the optimizer's block_lr_scale
 TRAIN_KEYS = dict(separate_vocab=False, code_features=False, feature_only=(), grid_conv=False, init='gpt2',
-                  block_lr_scale=1.0)
+                  block_lr_scale=1.0, factored_head=())   # factored_head: modality names; Km, Ks from the data
 
 
 # the switches (and their off values) that checkpoints from before this module keep flat in model_args, with
@@ -86,8 +94,25 @@ def resolve(settings, tok_path=None, meta=None, trust=False):
     dims = tuple(0 if features.get(m.name) is None else features[m.name].shape[1] for m in M.MODALITIES)
     model = dict(separate_vocab=s['separate_vocab'], code_feature_dims=dims if any(dims) else (),
                  feature_only=tuple(s['feature_only']) if any(dims) else (), grid_conv=s['grid_conv'],
-                 init=s['init'])
+                 init=s['init'], **weightless(s, tok_path, meta, trust))
     return model, float(s['block_lr_scale']), features
+
+
+def weightless(settings, tok_path=None, meta=None, trust=False):
+    """The model switches of train.py's `adapters` dict that hold no weights, which a warm start takes from this
+    run rather than from the checkpoint: factored_head, with each modality's (Km, Ks) read from its tokenizer."""
+    names = (settings or {}).get('factored_head') or ()
+    if not names or tok_path is None:
+        return {}
+    import modality_tokenizers
+    factors = []
+    for name in ((names,) if isinstance(names, str) else names):
+        tok = modality_tokenizers.load_tokenizer(tok_path, meta, name, trust=trust)
+        if not hasattr(tok, 'shapes'):
+            raise ValueError(f"factored_head: the {name} ids of {tok_path} are not a product code "
+                             f"(tokenizer {type(tok).__name__}; the patch k-means tokenizers' are)")
+        factors.append((M.SHORT_NAMES.get(name, name), tok.means.shape[0], tok.shapes.shape[0]))
+    return dict(factored_head=tuple(factors))
 
 
 def shapes(settings):
@@ -143,6 +168,12 @@ class EmbeddingAdapters(nn.Module):
         reads_row = torch.tensor([m.name not in cfg.feature_only for m in MODALITIES])
         self.register_buffer("pos_reads_id_row", reads_row[pos_modality], persistent=False)
         self._init_grid_conv(D, bias)
+        # factored_head: {modality index: (Km, Ks)}
+        self.factors = {M.MODALITY_NAMES.index(name): (int(a), int(b)) for name, a, b in cfg.factored_head}
+        for m, (a, b) in self.factors.items():
+            if not cfg.separate_vocab or a * b > MODALITIES[m].vocab:
+                raise ValueError(f"factored_head: {MODALITIES[m].name} needs separate_vocab and {a} x {b} <= its "
+                                 f"vocab {MODALITIES[m].vocab}")
         if cfg.init not in ("gpt2", "torch"):
             raise ValueError(f"init={cfg.init!r}: expected 'gpt2' or 'torch'")
 
@@ -169,6 +200,16 @@ class EmbeddingAdapters(nn.Module):
         if len(self.grid_conv):
             content = content + self.grid_features(content, pos, valid)
         return content
+
+    def factored_logits(self, h, weight, m):
+        """factored_head: float32 logits [..., vocab_m] of modality m's ids from its head block `weight`: a[id // Ks] +
+        b[id % Ks]; ids past Km * Ks (a tokenizer with fewer codes) get a large negative."""
+        Km, Ks = self.factors[m]
+        with torch.autocast(device_type=h.device.type, enabled=False):
+            a, b = (h.float() @ weight[:Km + Ks].float().t()).split([Km, Ks], dim=-1)
+        logits = (a[..., :, None] + b[..., None, :]).flatten(-2)
+        vocab = M.MODALITIES[m].vocab
+        return logits if vocab == Km * Ks else F.pad(logits, (0, vocab - Km * Ks), value=-1e30)
 
     @torch.no_grad()
     def set_code_features(self, features):

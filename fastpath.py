@@ -139,6 +139,8 @@ def loss(model, h, dec_pos, dec_ids, dec_valid, dec_counts=None):
     if model.config.head == "full":
         return full_vocab_loss(model, h, dec_pos, dec_ids, dec_valid)
     if model.static_head:
+        if model.adapters is not None and model.adapters.factors:
+            raise ValueError("the static head does not take adapters' factored_head")
         return getattr(model, "compiled_static_head", static_shape_loss)(model, h, dec_pos, dec_ids, dec_valid)
     return per_modality_loss(model, h, dec_pos, dec_ids, dec_valid, dec_counts)
 
@@ -155,6 +157,22 @@ def per_modality_loss(model, h, dec_pos, dec_ids, dec_valid, dec_counts=None):
     counts_t = torch.bincount(mod, minlength=n + 1)
     counts = dec_counts.tolist() if dec_counts is not None else counts_t.tolist()
     rows = [(start, m.vocab) for start, m in zip(model.row_offset, model.modalities)]
+    factored = {} if model.adapters is None else model.adapters.factors
+    if factored:   # adapters.py's factored head: a product-coded modality's rows go in twice, scored over its Km
+        # means' rows by id // Ks and over its Ks shapes' rows by id % Ks, in the same one PerModalityCE (one
+        # gradient buffer for the head: a slice of it per modality would cost a full-size buffer each)
+        segs, at = [], 0   # (modality, its head rows (start, size), its target rows in h, their ids)
+        for m in range(n):
+            sel, at = order[at:at + counts[m]], at + counts[m]
+            if m in factored:
+                (start, _), (Km, Ks) = rows[m], factored[m]
+                segs += [(m, (start, Km), sel, ids[sel] // Ks), (m, (start + Km, Ks), sel, ids[sel] % Ks)]
+            else:
+                segs.append((m, rows[m], sel, ids[sel]))
+        sums = PerModalityCE.apply(torch.cat([h[s[2]] for s in segs]), model.lm_head.weight,
+                                   torch.cat([s[3] for s in segs]), [len(s[2]) for s in segs], [s[1] for s in segs])
+        owner = torch.tensor([s[0] for s in segs], device=h.device)
+        return mean_over_modalities(sums.new_zeros(n).index_add(0, owner, sums), counts_t[:n].float())
     sums = PerModalityCE.apply(h[order], model.lm_head.weight, ids[order], counts[:n], rows)
     return mean_over_modalities(sums, counts_t[:n].float())
 

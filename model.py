@@ -8,7 +8,7 @@ modality, as in 4M, and cross-attend to the encoder. The loss is each modality's
 targets, then the mean over the modalities present, so 512 audio ids do not drown a 5-id caption; in float32
 (a bf16 softmax over 50k ids gave NaNs in the report). head='full' is the report's one softmax over all ids.
 
-Beside it: adapters.py (ToyZoo's embedding adapters), fastpath.py (the same loss, hand-written autograd) and
+Beside it: adapters.py (ToyZoo's embedding adapters and factored head), fastpath.py (the same loss, hand-written autograd) and
 packing.py (the trunk on real tokens only).
 
     model = Nano4M(Nano4MConfig())
@@ -183,6 +183,8 @@ class Nano4M(nn.Module):
         # ToyZoo's embedding adapters (adapters.py; None: the report's model), made last so that the weights
         # above draw the same random numbers with or without them
         self.adapters = adapters_lib.EmbeddingAdapters(config.adapters, D, config.bias) if config.adapters else None
+        if self.adapters is not None and self.adapters.factors and config.head == "full":
+            raise ValueError("adapters' factored_head needs head='modality'")
         self.register_buffer("pos_modality", position_modality(torch.arange(M.TOTAL_POSITIONS)), persistent=False)
         # the head row offset of each global position's modality (all zero with the shared table)
         self.register_buffer("pos_row_offset", torch.tensor(self.row_offset)[self.pos_modality], persistent=False)
@@ -290,6 +292,8 @@ class Nano4M(nn.Module):
     def modality_logits(self, h, m):
         """h [..., D] decoder rows of modality index m -> float32 logits [..., vocab_m]."""
         start = self.row_offset[m]
+        if self.adapters is not None and m in self.adapters.factors:   # ToyZoo's factored head (adapters.py)
+            return self.adapters.factored_logits(h, self.lm_head.weight[start:], m)
         with torch.autocast(device_type=h.device.type, enabled=False):
             return h.float() @ self.lm_head.weight[start:start + self.modalities[m].vocab].float().t()
 

@@ -301,12 +301,14 @@ elif init_from.endswith('.pt'):
     if _differ:   # the weights fix the architecture: a config that says otherwise is a mistake, not an override
         raise SystemExit(f"--init_from={init_from}: its model differs from this run's settings " +
                          ", ".join(f"{k}: this run {a!r}, checkpoint {b!r}" for k, (a, b) in _differ.items()))
-    # the architecture comes from that checkpoint, but for two settings that hold no weights: this run's
-    model = model_from_checkpoint(_warm, dropout=dropout, cross_local=cross_local)
+    # the architecture comes from that checkpoint, but for the settings that hold no weights: this run's
+    _mine, _, _features = resolve_adapters(tok_path, meta)   # (code features: this dataset's, below)
+    _own = {'adapters': {**_theirs['adapters'], 'factored_head': _mine['factored_head']}} if _mine and \
+        _mine.get('factored_head') else {}
+    model = model_from_checkpoint(_warm, dropout=dropout, cross_local=cross_local, **_own)
     model_args = asdict(model.config)
     _warm = None
-    _features = resolve_adapters(tok_path, meta)[2] if model.adapters is not None else {}
-    if _features:   # an id means what this dataset's tokenizer says it means, not what the checkpoint's did
+    if model.adapters is not None and _features:   # an id means what this dataset's tokenizer says it means
         try:
             _changed = model.adapters.set_code_features(_features)
         except ValueError as e:

@@ -42,7 +42,9 @@ cross_local = 1.0               # half the cross-attention heads pay per place o
 adapters = dict(separate_vocab=True,
                 code_features=True,     # needs the dataset's codebooks (tokenize_all.py writes them)
                 feature_only=('tok_rgb',), grid_conv=True, init='torch',
-                block_lr_scale=0.25)    # the lr above is for the embeddings and head; the blocks get 5e-4
+                block_lr_scale=0.25,    # the lr above is for the embeddings and head; the blocks get 5e-4
+                factored_head=('tok_depth', 'tok_normal'))   # each cell's mean code and shape code: two small
+                                        # softmaxes, not one over 8,192 ids (adapters.py; docs/experiments.md)
 _none = (0.0,) * 5
 _only = {m: tuple(float(i == k) for i in range(5)) for k, m in enumerate(('rgb', 'depth', 'normal', 'audio'))}
 

@@ -651,3 +651,44 @@ def test_adapters_come_after_the_reports_weights():
     assert names[n:] and all(n.startswith("adapters.") for n in names[n:])
     fc = dict(toy.named_parameters())["encoder.0.mlp.fc.weight"]
     assert abs(fc.std().item() - 0.02) < 0.003                         # GPT-2's init reaches the blocks
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_factored_head_scores_a_product_code_by_its_two_factors(fast):
+    """adapters' factored_head: a product-coded modality's targets (id = a * Ks + b) are scored by a softmax over
+    the Km means plus one over the Ks shapes, from the first Km + Ks rows of its head block. Its logits over the
+    ids are a[id // Ks] + b[id % Ks], so their softmax is p(a) p(b) and the loss is exactly the CE of those
+    logits; the plain and the fast path agree, and only those rows of the block get a gradient. A smaller code
+    (Km * Ks < vocab) leaves the ids past it with no probability."""
+    Km, Ks = 128, 64
+    model = tiny(adapters=dict(separate_vocab=True, factored_head=(("tok_depth", Km, Ks), ("tok_normal", 8, 32))))
+    model.fast = fast
+    b = random_batch(B=4, No=40)
+    normal = M.modality_index("tok_normal")
+    mod = M.position_modality(b["dec_pos"])
+    b["dec_ids"] = torch.where(mod == normal, b["dec_ids"] % 256, b["dec_ids"])   # inside its 8 x 32 code
+    loss, per = run(model, b)
+    h = model.decode_hidden(b["enc_ids"], b["enc_pos"], b["enc_valid"], b["dec_pos"], b["dec_valid"])
+    means = []
+    for m_idx, m in enumerate(M.MODALITIES):
+        sel = b["dec_valid"] & (mod == m_idx)
+        if not sel.any():
+            continue
+        logits = model.modality_logits(h[sel], m_idx)
+        assert logits.shape == (int(sel.sum()), m.vocab)
+        ce = F.cross_entropy(logits, b["dec_ids"][sel], reduction="sum")
+        torch.testing.assert_close(per[m.name][0], ce.detach(), rtol=1e-5, atol=1e-3)
+        means.append(ce / sel.sum())
+    torch.testing.assert_close(loss, torch.stack(means).mean(), rtol=1e-5, atol=1e-5)
+    depth = M.modality_index("tok_depth")
+    sel = b["dec_valid"] & (mod == depth)
+    p = torch.softmax(model.modality_logits(h[sel], depth), -1).view(-1, Km, Ks)
+    torch.testing.assert_close(p, p.sum(2, keepdim=True) * p.sum(1, keepdim=True), rtol=1e-4, atol=1e-7)
+    p_normal = torch.softmax(model.modality_logits(h[b["dec_valid"] & (mod == normal)], normal), -1)
+    assert float(p_normal[:, 256:].sum().detach()) == 0.0
+    loss.backward()
+    g = model.lm_head.weight.grad.abs().sum(1)
+    start = model.row_offset[depth]
+    assert g[start:start + Km + Ks].gt(0).any() and not g[start + Km + Ks:start + Km * Ks].gt(0).any()
+    with pytest.raises(ValueError, match="separate_vocab"):
+        tiny(adapters=dict(factored_head=(("tok_depth", Km, Ks),)))

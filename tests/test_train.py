@@ -55,9 +55,9 @@ def write_feature_dataset(root, name="feat"):
     write_dataset(root, name=name)
     tok = os.path.join(root, name, "tok")
     g = torch.Generator().manual_seed(0)
-    for m, c in (("tok_rgb", 3), ("tok_depth", 1), ("tok_normal", 3)):
-        T.PatchKMeansTokenizer(m, torch.rand(16, c, generator=g), torch.randn(64, c * 64, generator=g)
-                               ).save(os.path.join(tok, m + ".pt"))
+    for m, c, means in (("tok_rgb", 3, 16), ("tok_depth", 1, 128), ("tok_normal", 3, 128)):   # depth, normal:
+        T.PatchKMeansTokenizer(m, torch.rand(means, c, generator=g), torch.randn(64, c * 64, generator=g)   # every
+                               ).save(os.path.join(tok, m + ".pt"))                                  # id a code
     T.MelRVQTokenizer(torch.randn(2, 1024, 80, generator=g), {"level1": "shape"}).save(os.path.join(tok, "audio.pt"))
     with open(os.path.join(tok, "meta.json")) as f:
         meta = json.load(f)
@@ -191,6 +191,7 @@ def test_toyzoo_config_trains(tmp_path):
     args = args["adapters"]                                  # ToyZoo's embedding adapters (adapters.py)
     assert args["separate_vocab"] and args["code_feature_dims"] == (192, 64, 192, 80, 0)
     assert args["feature_only"] == ("tok_rgb",) and args["grid_conv"] and args["init"] == "torch"
+    assert args["factored_head"] == (("tok_depth", 128, 64), ("tok_normal", 128, 64))
     assert ckpt["config"]["init_from"] == f"{stage1}/ckpt.pt"
     mixture = ckpt["config"]["masking"]["mixture"]
     assert all(c["weight"] > 0 for c in mixture)                # relative weights (masking normalises them)
@@ -200,7 +201,7 @@ def test_toyzoo_config_trains(tmp_path):
     # --depth_norm=image gives): the warm start reads this dataset's code vectors, not stage 1's
     import modality_tokenizers as T
     write_feature_dataset(root, name="feat2")
-    T.PatchKMeansTokenizer("tok_depth", torch.rand(16, 1), torch.randn(64, 64) * 3).save(
+    T.PatchKMeansTokenizer("tok_depth", torch.rand(128, 1), torch.randn(64, 64) * 3).save(
         os.path.join(root, "feat2", "tok", "tok_depth.pt"))
     proc = train(root, tmp_path / "out2", "--dataset=feat2", "--max_iters=1", f"--init_from={stage1}/ckpt.pt",
                  configs=("config/toyzoo.py",))
@@ -209,6 +210,15 @@ def test_toyzoo_config_trains(tmp_path):
                     for d in (stage1, tmp_path / "out2"))
     assert torch.equal(first["adapters.code_feat_tok_rgb"], again["adapters.code_feat_tok_rgb"])
     assert not torch.equal(first["adapters.code_feat_tok_depth"], again["adapters.code_feat_tok_depth"])
+    # the factored head holds no weights: a warm start takes this run's, with (Km, Ks) from this dataset's
+    # tokenizers, and refuses a modality whose ids are not a product code
+    train(root, tmp_path / "out3", "--dataset=feat2", "--max_iters=2", f"--init_from={stage1}/ckpt.pt",
+          "--adapters.factored_head=('tok_depth',)", configs=("config/toyzoo.py",))
+    ckpt = torch.load(tmp_path / "out3" / "ckpt.pt", map_location="cpu", weights_only=True)
+    assert ckpt["model_args"]["adapters"]["factored_head"] == (("tok_depth", 128, 64),)
+    proc = train(root, tmp_path / "out4", "--dataset=feat2", "--max_iters=1", f"--init_from={stage1}/ckpt.pt",
+                 "--adapters.factored_head=('tok_audio',)", check=False, configs=("config/toyzoo.py",))
+    assert proc.returncode != 0 and "tok_audio" in proc.stderr and "not a product code" in proc.stderr
 
 
 def test_code_features_train_and_resume(tmp_path):
