@@ -26,8 +26,8 @@ EmbeddingAdapters.embed_inputs here. None of this is the report's model; each sw
                      the head costs Km + Ks columns a target instead of Km * Ks.
 
 train.py's `adapters` setting is a dict of these (code_features=True in place of the widths, and factored_head
-as modality names, both read from the dataset's tokenizers) plus block_lr_scale, the blocks' learning rate relative to the rest
-(Nano4M.configure_optimizers).
+as modality names, both read from the dataset's tokenizers) plus block_lr_scale, the blocks' learning rate
+relative to the rest (Nano4M.configure_optimizers).
 """
 import math
 from dataclasses import dataclass, asdict

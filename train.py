@@ -303,8 +303,8 @@ elif init_from.endswith('.pt'):
                          ", ".join(f"{k}: this run {a!r}, checkpoint {b!r}" for k, (a, b) in _differ.items()))
     # the architecture comes from that checkpoint, but for the settings that hold no weights: this run's
     _mine, _, _features = resolve_adapters(tok_path, meta)   # (code features: this dataset's, below)
-    _own = {'adapters': {**_theirs['adapters'], 'factored_head': _mine['factored_head']}} if _mine and \
-        _mine.get('factored_head') else {}
+    _own = {'adapters': {**_theirs['adapters'], 'factored_head': (_mine or {}).get('factored_head', ())}} \
+        if _theirs['adapters'] else {}
     model = model_from_checkpoint(_warm, dropout=dropout, cross_local=cross_local, **_own)
     model_args = asdict(model.config)
     _warm = None

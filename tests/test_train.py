@@ -210,12 +210,13 @@ def test_toyzoo_config_trains(tmp_path):
                     for d in (stage1, tmp_path / "out2"))
     assert torch.equal(first["adapters.code_feat_tok_rgb"], again["adapters.code_feat_tok_rgb"])
     assert not torch.equal(first["adapters.code_feat_tok_depth"], again["adapters.code_feat_tok_depth"])
-    # the factored head holds no weights: a warm start takes this run's, with (Km, Ks) from this dataset's
-    # tokenizers, and refuses a modality whose ids are not a product code
-    train(root, tmp_path / "out3", "--dataset=feat2", "--max_iters=2", f"--init_from={stage1}/ckpt.pt",
-          "--adapters.factored_head=('tok_depth',)", configs=("config/toyzoo.py",))
-    ckpt = torch.load(tmp_path / "out3" / "ckpt.pt", map_location="cpu", weights_only=True)
-    assert ckpt["model_args"]["adapters"]["factored_head"] == (("tok_depth", 128, 64),)
+    # the factored head holds no weights: a warm start takes this run's (with (Km, Ks) from this dataset's
+    # tokenizers), one factor or none whatever stage 1 had, and refuses a modality whose ids are not a product code
+    for factored, expect in (("('tok_depth',)", (("tok_depth", 128, 64),)), ("()", ())):
+        train(root, tmp_path / "out3", "--dataset=feat2", "--max_iters=2", f"--init_from={stage1}/ckpt.pt",
+              f"--adapters.factored_head={factored}", configs=("config/toyzoo.py",))
+        ckpt = torch.load(tmp_path / "out3" / "ckpt.pt", map_location="cpu", weights_only=True)
+        assert ckpt["model_args"]["adapters"]["factored_head"] == expect
     proc = train(root, tmp_path / "out4", "--dataset=feat2", "--max_iters=1", f"--init_from={stage1}/ckpt.pt",
                  "--adapters.factored_head=('tok_audio',)", check=False, configs=("config/toyzoo.py",))
     assert proc.returncode != 0 and "tok_audio" in proc.stderr and "not a product code" in proc.stderr
