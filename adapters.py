@@ -108,10 +108,10 @@ def weightless(settings, tok_path=None, meta=None, trust=False):
     factors = []
     for name in ((names,) if isinstance(names, str) else names):
         tok = modality_tokenizers.load_tokenizer(tok_path, meta, name, trust=trust)
-        if not hasattr(tok, 'shapes'):
+        if not hasattr(tok, 'factors'):
             raise ValueError(f"factored_head: the {name} ids of {tok_path} are not a product code "
                              f"(tokenizer {type(tok).__name__}; the patch k-means tokenizers' are)")
-        factors.append((M.SHORT_NAMES.get(name, name), tok.means.shape[0], tok.shapes.shape[0]))
+        factors.append((M.SHORT_NAMES.get(name, name), *tok.factors))
     return dict(factored_head=tuple(factors))
 
 

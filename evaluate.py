@@ -31,8 +31,9 @@ Probes (--probes=all or a comma list):
              at each), beside the train split's per-position majority token (the baseline to beat: it
              never sees the picture) and its single most frequent token. Then the predicted maps decoded
              with the dataset's tokenizer against the decoded ground truth (--structure_decode: by default
-             each cell's expected patch where the tokenizer has patch vectors, else the argmax ids): depth
-             RMSE, AbsRel and pixels within 1.25x; normal mean angular error and pixels within 11.25
+             each cell's expected mean with its likeliest shape for depth and its expected patch for normals
+             where the tokenizer has patch vectors, else the argmax ids): depth RMSE, AbsRel, pixels within
+             1.25x and the F1 of its edges (the silhouettes); normal mean angular error and pixels within 11.25
              degrees; each beside the per-position mean of decoded train maps (the one to beat) and a
              constant map.
   memo       audio-suffix completion top-1 (first 80% of the audio + rgb + caption in, last 20% out) on train
@@ -95,9 +96,10 @@ num_clips = 0            # 0 = every clip of the split; else the first num_clips
 gallery = 100            # retrieval gallery size G
 structure_views = 2      # views per clip for rgb -> depth / normal (110 test clips x 2 = 220 images, 43k tokens)
 structure_train_maps = 200  # decoded train maps behind the per-position mean map baseline
-structure_decode = 'auto'   # rgb -> depth / normal maps: 'mean' (each cell's expected patch: chosen on val), 'argmax'
-                             # (the likeliest id), 'mbr' (the id nearest the expected patch); 'auto': 'mean' where
-                             # the tokenizer has patch vectors (patch_kmeans), else 'argmax' (DiVAE)
+structure_decode = 'auto'   # rgb -> depth / normal maps: 'mean' (each cell's expected patch), 'shape_mode' (its
+                             # expected mean code with the likeliest shape code), 'argmax' (the likeliest id), 'mbr'
+                             # (the id nearest the expected patch); 'auto' (chosen on val): depth 'shape_mode', normals
+                             # 'mean' where the tokenizer has patch vectors (patch_kmeans), else 'argmax' (DiVAE)
 memo_clips = 0           # clips per side of the memorization probe (0 = as many as the eval set)
 suffix_frac = 0.2        # the memorization probe / continuation predict this last fraction of the audio
 gen_per_class = 2        # generation probes: clips (and class-only samples) per class
@@ -192,14 +194,15 @@ def argmax_ids(model, inputs, target, target_idx, device, bs, desc=None):
     return out
 
 
-def expected_patches(model, rgb, target, device, bs, tok):
+def expected_patches(model, rgb, target, device, bs, tok, shape_mode=False):
     """generation.expected_patches of target from the given pictures rgb [B, 196], in chunks of bs -> (Float
-    [B, 196, D], Long [B, 196]). tok: the target's tokenizer, with a patch vector per id (id_features)."""
-    if not generation.patch_codebook(tok):
-        raise ValueError(f"structure_decode='mbr' or 'mean' needs a patch tokenizer (id_features), not "
-                         f"{type(tok).__name__}")
-    feats = tok.id_features()
-    out = [generation.expected_patches(model, {"tok_rgb": rgb[s:s + bs]}, target, feats, device)
+    [B, 196, D], Long [B, 196]). tok: the target's tokenizer, with a patch vector per id (id_features);
+    shape_mode: the expected mean with the likeliest shape (a product code's factors)."""
+    if not generation.patch_codebook(tok) or (shape_mode and not hasattr(tok, "factors")):
+        raise ValueError(f"structure_decode='mbr', 'mean' or 'shape_mode' needs a patch tokenizer (id_features; "
+                         f"shape_mode: a product code), not {type(tok).__name__}")
+    feats, factors = tok.id_features(), tok.factors if shape_mode else None
+    out = [generation.expected_patches(model, {"tok_rgb": rgb[s:s + bs]}, target, feats, device, factors)
            for s in range(0, len(rgb), bs)]
     return torch.cat([v for v, _ in out]).cpu(), torch.cat([a for _, a in out]).cpu()
 
@@ -657,6 +660,7 @@ def decoded_maps(tok, name, ids, device="cpu", vectors=False):
 STRUCTURE_METRICS = {  # decoded metric -> (label, unit, lower is better)
     "tok_depth": {"rmse": ("depth RMSE (decoded units)", "", True), "absrel": ("depth AbsRel", "", True),
                   "delta1": ("depth pixels within 1.25x", "%", False),
+                  "edge_f1": ("depth edges (jumps > 1.25x) F1, within 2 px: the silhouettes", "%", False),
                   "rmse_far": ("depth RMSE where the truth is far (train's farthest 10%)", "", True),
                   "rmse_near": ("depth RMSE where the truth is nearer", "", True)},
     "tok_normal": {"angle": ("normal mean angular error (degrees)", "", True),
@@ -785,13 +789,17 @@ def audio_next_frame(model, tokens, labels, train_codes, train_labels, device, b
     return {"given_past": past / n, "caption_alone": alone / n, **tables, "frames": frames.tolist()}
 
 
+READ_OUTS = ("auto", "argmax", "mbr", "mean", "shape_mode")
+
+
 def probe_structure(model, data, decoder, views_per_clip, train_maps, device, bs, decode_rule="argmax"):
     """decoder: modality name -> the dataset's tokenizer (ProbeSkipped where it cannot decode here);
     decode_rule, how a cell's distribution becomes a map: 'argmax' (the likeliest id), 'mbr' (the id nearest
     the expected patch), 'mean' (the expected patch itself: a map between codes, not ids; its token top-1
-    is argmax's) or 'auto' ('mean' where the tokenizer has patch vectors, else 'argmax')."""
-    if decode_rule not in ("auto", "argmax", "mbr", "mean"):
-        raise ValueError(f"structure_decode must be 'auto', 'argmax', 'mbr' or 'mean', got {decode_rule!r}")
+    is argmax's), 'shape_mode' (the expected mean code with the likeliest shape code) or 'auto'
+    (generation.map_read_out: depth 'shape_mode', normals 'mean' where the tokenizer has patch vectors, else 'argmax')."""
+    if decode_rule not in READ_OUTS:
+        raise ValueError(f"structure_decode must be one of {', '.join(READ_OUTS)}, got {decode_rule!r}")
     nv = max(1, min(views_per_clip, M.NUM_VIEWS))
     clips = np.repeat(data.clips, nv)
     views = np.concatenate([(v + np.arange(nv)) % M.NUM_VIEWS for v in data.views])
@@ -803,7 +811,7 @@ def probe_structure(model, data, decoder, views_per_clip, train_maps, device, bs
         vecs, rule = None, decode_rule
         if rule == "auto":
             try:
-                rule = "mean" if generation.patch_codebook(decoder(tgt)) else "argmax"
+                rule = generation.map_read_out(decoder(tgt), tgt) or "argmax"
             except ProbeSkipped:
                 rule = "argmax"   # the token figures still stand; the decoded ones are skipped below
         if rule == "argmax":
@@ -811,7 +819,7 @@ def probe_structure(model, data, decoder, views_per_clip, train_maps, device, bs
         elif rule == "mbr":
             pred = mbr_ids(model, tokens["tok_rgb"], tgt, device, bs, decoder(tgt))
         else:
-            vecs, pred = expected_patches(model, tokens["tok_rgb"], tgt, device, bs, decoder(tgt))
+            vecs, pred = expected_patches(model, tokens["tok_rgb"], tgt, device, bs, decoder(tgt), rule == "shape_mode")
         truth = tokens[tgt].long()
         correct = (pred == truth).numpy()
         acc, lo, hi = clustered_accuracy(correct)

@@ -223,18 +223,37 @@ def patch_codebook(tok):
     return hasattr(tok, "id_features") and hasattr(tok, "decode_vectors")
 
 
+def map_read_out(tok, target):
+    """How 'auto' reads a depth or normal map, chosen on val (docs/experiments.md): depth as 'shape_mode' (its
+    outlines stay sharp), normals as 'mean'; None where tok has no patch vectors (DiVAE: ids are drawn)."""
+    if not patch_codebook(tok):
+        return None
+    return "shape_mode" if full_name(target) == "tok_depth" and hasattr(tok, "factors") else "mean"
+
+
 @torch.no_grad()
-def expected_patches(model, tokens, target, features, device):
+def expected_patches(model, tokens, target, features, device, factors=None):
     """The minimum-squared-error read-out of a target from a patch codebook (depth, normal): one pass, every
     target cell masked, the other modalities of tokens {name: ids [B, L]} given -> the expected patch of each
     cell under the decoder's distribution [B, L, D] (features [codes, D]: the patch each id decodes to) and the
-    argmax ids [B, L]. For smooth fields many ids decode alike, so one id is a poor point estimate."""
+    argmax ids [B, L]. For smooth fields many ids decode alike, so one id is a poor point estimate.
+    factors (Km, Ks), for a product code (id = mean code * Ks + shape code, patch = mean + shape): the expected
+    mean with the likeliest shape instead ('shape_mode'). Averaging shapes blurs an edge whose place is unsure."""
     target = full_name(target)
     ids, pos, given, t = target_layout(tokens, {}, target, device)
     t_pos = pos[:, t]
     logits, _, _ = target_logits(model, modality_index(target), pos, t_pos, ids, given, torch.ones_like(given[:, t]))
     p = torch.softmax(logits[:, :len(features)], -1)
-    return (p @ features.to(device, p.dtype)).view(*t_pos.shape, -1), logits.argmax(-1).view(t_pos.shape)
+    f = features.to(device, p.dtype)
+    if factors is None:
+        v = p @ f
+    else:
+        km, ks = factors
+        p, f = p.view(-1, km, ks), f.view(km, ks, -1)
+        shape = p.sum(1).argmax(-1)                      # each cell's likeliest shape code
+        # sum_a p(a) patch(a, shape) = E[mean code] + that shape, as patch(a, b) = mean(a) + shape(b)
+        v = p.sum(2) @ (f[:, 0] - f[0, 0]) + f[0, shape]
+    return v.view(*t_pos.shape, -1), logits.argmax(-1).view(t_pos.shape)
 
 
 def continuation_prefix(frac=0.8):

@@ -404,12 +404,43 @@ def depth_metrics(pred, gt, far=None):
     absrel = np.where(valid, np.abs(d) / np.where(valid, g, 1.0), 0.0).sum((1, 2)) / n
     ratio = np.maximum(p, 1e-9) / np.where(valid, g, 1.0)
     within = (valid & (np.maximum(ratio, 1 / ratio) < 1.25)).sum((1, 2)) / n
-    out = {"rmse": rmse, "absrel": absrel, "delta1": within}
+    out = {"rmse": rmse, "absrel": absrel, "delta1": within, "edge_f1": edge_f1(p, g)}
     if far is not None:
         for key, part in (("rmse_far", valid & (g >= far)), ("rmse_near", valid & (g < far))):
             k = part.sum((1, 2))
             out[key] = np.where(k > 0, np.sqrt(np.where(part, d ** 2, 0.0).sum((1, 2)) / k.clip(min=1)), np.nan)
     return out
+
+
+def depth_edges(d, ratio=1.25):
+    """Bool [N, H, W]: pixels whose depth differs from their left or upper neighbour's by more than `ratio` times
+    (delta1's 1.25): an object's outline against what lies behind it, where a floor's gradient stays under it."""
+    step = np.log(ratio)
+    log_d = np.log(np.maximum(d, 1e-9))
+    e = np.zeros(log_d.shape, dtype=bool)
+    e[:, :, 1:] |= np.abs(np.diff(log_d, axis=2)) > step
+    e[:, 1:, :] |= np.abs(np.diff(log_d, axis=1)) > step
+    return e
+
+
+def edge_f1(pred, gt, tol=2):
+    """Per-image F1 of the predicted depth edges (depth_edges) against the true ones, an edge found when one of
+    the other map lies within tol pixels (an outline one or two pixels off still counts); nan where the truth
+    has no edge. A map that draws the silhouettes scores near 1, a smooth mean map near 0."""
+    def near(e):   # dilated by tol in each direction, zero beyond the border
+        H, W = e.shape[1:]
+        pad = np.pad(e, ((0, 0), (tol, tol), (tol, tol)))
+        out = np.zeros_like(e)
+        for dy in range(2 * tol + 1):
+            for dx in range(2 * tol + 1):
+                out |= pad[:, dy:dy + H, dx:dx + W]
+        return out
+    ep, eg = depth_edges(pred), depth_edges(gt)
+    n_p, n_g = ep.sum((1, 2)), eg.sum((1, 2))
+    precision = (ep & near(eg)).sum((1, 2)) / np.maximum(n_p, 1)
+    recall = (eg & near(ep)).sum((1, 2)) / np.maximum(n_g, 1)
+    f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
+    return np.where(n_g > 0, f1, np.nan)
 
 
 def unit_vectors(v):

@@ -680,6 +680,11 @@ class PatchKMeansTokenizer:
         v = self.means[a][..., None] + self.shapes[b].reshape(*b.shape, self.channels, -1)
         return v.reshape(*b.shape, -1)
 
+    @property
+    def factors(self):
+        """(mean codes, shape codes): id = mean code * shape codes + shape code."""
+        return self.means.shape[0], self.shapes.shape[0]
+
     def id_features(self):
         """[codes, D]: the patch vector each id decodes to (model.py's code features): ids that share a
         colour or a layout share most of it, which an embedding row per id cannot know."""

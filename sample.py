@@ -22,7 +22,7 @@ import torch
 import configurator
 import modalities as M
 import streams as S
-from generation import checkpoint_dataset, continuation_prefix, expected_patches, full_name, generate, patch_codebook
+from generation import checkpoint_dataset, continuation_prefix, expected_patches, full_name, generate, map_read_out
 from files import write_json, write_npy, write_png, write_text, write_wav
 
 # ---------------------------------------------------------------------------------------------------
@@ -48,7 +48,9 @@ top_p = 1.0                 # 1.0 = off
 guidance_scale = 3.0        # classifier-free guidance; 1.0 = the conditional model alone (README: 3.0 helps class-only audio)
 remask_noise = 0.0          # MaskGIT's annealed Gumbel noise on the confidences
 read_out = "auto"           # 'mean': depth / normal (patch codebooks) as each cell's expected patch, one pass with
-                            # every cell masked, what evaluate.py scores; 'sample': MaskGIT; 'auto': mean where it can
+                            # every cell masked; 'shape_mode': its expected mean code with the likeliest shape code
+                            # (sharper outlines); 'sample': MaskGIT; 'auto': what evaluate.py scores (depth
+                            # shape_mode, normals mean; sample where the tokenizer has no patch vectors)
 codebook_true = True        # audio: each slot samples only its own codebook's ids (False: all of the modality's ids)
 by_level = False            # audio: one codebook level at a time (a model trained with train.py's --audio_levels)
 continuation_frac = 0.8     # continuation: the fraction of the audio frames given
@@ -169,10 +171,10 @@ def choose_clips(labels, num_classes, num_clips, per_class, seed):
     return np.sort(order[:num_clips])
 
 
-def generate_all(model, tokens, cond, target, n_prefix, cfg, device, features=None):
+def generate_all(model, tokens, cond, target, n_prefix, cfg, device, features=None, factors=None):
     """Every clip num_samples times, in batches, from one seeded generator -> LongTensor [N * S, L] on the CPU
     (clip i's samples in rows i * S .. i * S + S - 1) and the seconds it took. features [codes, D] given: each
-    row's expected patches instead (read_out='mean'), Float [N * S, L, D]."""
+    row's expected patches instead (read_out='mean'; factors: 'shape_mode'), Float [N * S, L, D]."""
     S, N, L = cfg["num_samples"], len(tokens[target]), M.BY_NAME[target].length
     rows = np.repeat(np.arange(N), S)
     generated = torch.zeros(N * S, L, *([] if features is None else [features.size(1)]),
@@ -188,7 +190,7 @@ def generate_all(model, tokens, cond, target, n_prefix, cfg, device, features=No
         known[:, :n_prefix] = True
         with torch.autocast(device_type="cuda", dtype=ptdtype, enabled=use_autocast):
             if features is not None:
-                out, _ = expected_patches(model, {c: tokens[c][r] for c in cond}, target, features, device)
+                out, _ = expected_patches(model, {c: tokens[c][r] for c in cond}, target, features, device, factors)
             else:
                 out = generate(model, {c: tokens[c][r] for c in cond + [target]}, {target: known}, target,
                                generator=g, **{k: cfg[k] for k in GEN_KEYS})
@@ -293,6 +295,19 @@ Spectrograms: log-mel, 75 Hz frames, top 10 nats of each clip{mark}.</p>
 """
 
 
+def patch_read_out(asked, tok, target):
+    """-> (read_out, patch vectors per id or None, the product code's factors or None): 'auto' is
+    generation.map_read_out where the target is depth or normal from a patch codebook, else 'sample'."""
+    fits = map_read_out(tok, target) if target in ("tok_depth", "tok_normal") else None
+    if asked in ("mean", "shape_mode") and (fits is None or (asked == "shape_mode" and not hasattr(tok, "factors"))):
+        raise ValueError(f"--read_out={asked} reads depth or normal from a patch codebook (shape_mode: a product "
+                         f"code), not {target} ({type(tok).__name__})")
+    read_out = asked if asked != "auto" else (fits or "sample")
+    if read_out == "sample":
+        return read_out, None, None
+    return read_out, tok.id_features(), (tok.factors if read_out == "shape_mode" else None)
+
+
 def main(argv=None):
     from model import load_checkpoint
     cfg = configurator.apply_overrides(DEFAULTS, sys.argv[1:] if argv is None else argv)
@@ -300,8 +315,8 @@ def main(argv=None):
     device = M.pick_device(cfg["device"])
     if cfg["num_samples"] < 1 or cfg["batch_size"] < 1 or cfg["steps"] < 1:
         raise ValueError("--num_samples, --batch_size and --steps must be >= 1")
-    if cfg["read_out"] not in ("auto", "sample", "mean"):
-        raise ValueError(f"--read_out must be 'auto', 'sample' or 'mean', got {cfg['read_out']!r}")
+    if cfg["read_out"] not in ("auto", "sample", "mean", "shape_mode"):
+        raise ValueError(f"--read_out must be 'auto', 'sample', 'mean' or 'shape_mode', got {cfg['read_out']!r}")
     if not 0 <= cfg["view"] < M.NUM_VIEWS:
         raise ValueError(f"--view must lie in [0, {M.NUM_VIEWS}), got {cfg['view']}")
 
@@ -323,21 +338,17 @@ def main(argv=None):
 
     decode = Decoder(tok_path, meta, cond + [target], dataset, data_root, cfg["view"], device,
                      cfg["trust_checkpoint"])
-    features, patches = None, target in ("tok_depth", "tok_normal") and patch_codebook(decode.toks[target])
-    if cfg["read_out"] == "mean" and not patches:
-        raise ValueError(f"--read_out=mean reads depth or normal from a patch codebook, not {target} "
-                         f"({type(decode.toks.get(target)).__name__})")
-    if patches and cfg["read_out"] in ("auto", "mean"):
-        features = decode.toks[target].id_features()
+    read_out, features, factors = patch_read_out(cfg["read_out"], decode.toks.get(target), target)
+    if read_out != "sample":
         if cfg["num_samples"] > 1:
             print(f"note: --read_out={cfg['read_out']} gives one map per clip (it draws nothing): --num_samples=1")
             cfg = {**cfg, "num_samples": 1}
 
     S, N, L = cfg["num_samples"], len(clips), M.BY_NAME[target].length
-    how = "the expected patch per cell" if features is not None else f"{cfg['schedule']} {cfg['steps']} steps"
+    how = f"read out as {read_out}" if features is not None else f"{cfg['schedule']} {cfg['steps']} steps"
     print(f"{run_name}: {N} clips x {S} samples of {target} from [{', '.join(cond) or 'nothing'}], "
           f"{how}, model {model.get_num_params() / 1e6:.1f}M params on {device}")
-    generated, dt = generate_all(model, tokens, cond, target, n_prefix, cfg, device, features)
+    generated, dt = generate_all(model, tokens, cond, target, n_prefix, cfg, device, features, factors)
     print(f"generated {N * S} samples in {dt:.2f}s: {N * S / dt:.2f} samples/s "
           f"({N * S * (L - n_prefix) / dt:.0f} tokens/s) on {device}")
 
@@ -352,7 +363,7 @@ def main(argv=None):
     write_npy(os.path.join(samples_dir, generated_name(generated)),
               as_saved(generated.view(N, S, *generated.shape[1:])))
     info = dict(settings=cfg, task=dict(cond=cond, target=target, given_target_tokens=n_prefix, name=run_name,
-                                        read_out="sample" if features is None else "mean"),
+                                        read_out=read_out),
                 checkpoint=ckpt_path, iter_num=ckpt.get("iter_num"),
                 dataset=dataset, split=cfg["split"], clip_ids=clip_ids, rows=clips.tolist(),
                 labels=[int(x) for x in labels], classes=[class_names[int(x)] for x in labels],

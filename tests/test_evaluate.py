@@ -334,6 +334,27 @@ def test_depth_and_normal_metrics_known_answers():
     assert np.allclose(metrics.normal_vectors(img)[..., 2], 1.0, atol=0.01)
 
 
+def test_depth_edge_f1_finds_the_silhouette_and_not_the_floor():
+    """A floor whose depth grows 2% a row (under the 1.25x jump) with a square twice as near on it: the truth
+    scores 1, the same square 1 px off still 1 (within 2 px), 6 px off far less, the floor alone 0 (its
+    gradient is no edge), and a map with no edge in its truth gives nan (not counted)."""
+    floor = np.broadcast_to(10.0 * 1.02 ** np.arange(32)[:, None], (32, 32))
+
+    def scene(dy=0, dx=0):
+        d = floor.copy()
+        d[10 + dy:20 + dy, 10 + dx:20 + dx] /= 2.0
+        return d[None]
+
+    truth = scene()
+    assert metrics.depth_edges(truth).sum() > 0 and not metrics.depth_edges(floor[None]).any()
+    assert metrics.edge_f1(truth, truth)[0] == pytest.approx(1.0)
+    assert metrics.edge_f1(scene(1, -1), truth)[0] == pytest.approx(1.0)
+    assert metrics.edge_f1(scene(6, 6), truth)[0] < 0.5
+    assert metrics.edge_f1(floor[None], truth)[0] == 0.0
+    assert np.isnan(metrics.edge_f1(truth, floor[None])[0])
+    assert metrics.depth_metrics(truth, truth)["edge_f1"][0] == pytest.approx(1.0)
+
+
 def test_per_position_majority_known_answer():
     ids = np.array([[1, 5, 7], [1, 6, 7], [2, 6, 7]])
     assert metrics.per_position_majority(ids).tolist() == [1, 6, 7]
@@ -449,6 +470,32 @@ def test_mbr_decoding_picks_the_id_nearest_the_expected_patch_where_argmax_picks
     assert torch.allclose(v, torch.full_like(v, 0.35)) and set(top.unique().tolist()) <= {1, 3}
     maps = E.decoded_maps(tok, "tok_depth", v.numpy(), vectors=True)
     assert maps.shape == (2, 224, 224) and np.all(maps == np.round(np.expm1(0.35 * 1.0 + 1.0)))
+
+
+def test_shape_mode_reads_the_expected_mean_with_the_likeliest_shape():
+    """A product code of 2 means x 2 shapes (id = mean * 2 + shape) with p = (0.3, 0.05, 0.35, 0.3): shape 0 is
+    the likelier (0.65), the expected mean 0.35 * m0 + 0.65 * m1; 'mean' mixes the two shapes instead."""
+    from modality_tokenizers import PatchKMeansTokenizer
+    half = torch.cat([torch.ones(32), -torch.ones(32)])
+    tok = PatchKMeansTokenizer("tok_depth", torch.tensor([[-1.0], [1.0]]), torch.stack([half, -half]),
+                               {"depth_ref": [1.0, 1.0]})
+    p = torch.tensor([0.3, 0.05, 0.35, 0.3])
+
+    class Fixed(torch.nn.Module):
+        def decode_hidden(self, e_ids, e_pos, e_valid, d_pos, d_valid):
+            return torch.zeros(*d_pos.shape, 1)
+
+        def modality_logits(self, h, m):
+            logits = torch.full((*h.shape[:-1], M.MODALITIES[m].vocab), -1e4)
+            logits[..., :4] = p.log()
+            return logits
+
+    rgb = torch.zeros(2, M.BY_NAME["tok_rgb"].length, dtype=torch.long)
+    mean_level = 0.35 * -1.0 + 0.65 * 1.0
+    v, top = E.expected_patches(Fixed(), rgb, "tok_depth", "cpu", 1, tok, shape_mode=True)
+    assert torch.allclose(v, (mean_level + half).expand_as(v), atol=1e-5) and (top == 2).all()
+    mixed, _ = E.expected_patches(Fixed(), rgb, "tok_depth", "cpu", 1, tok)
+    assert torch.allclose(mixed, (mean_level + 0.3 * half).expand_as(mixed), atol=1e-5)   # (0.65 - 0.35) * half
 
 
 def test_val_and_test_draw_different_samples_from_one_seed():

@@ -414,7 +414,8 @@ def test_cli_general_cond_target(tmp_path, cond, target, files):
 
 def test_cli_read_out_mean_writes_each_cells_expected_patch(tmp_path):
     """--read_out=mean: one pass, no sampling; the saved vectors are convex mixes of the codebook's patches
-    (every patch mean between the smallest and largest mean code) and the gallery shows their decoding."""
+    (every patch mean between the smallest and largest mean code) and the gallery shows their decoding.
+    --read_out=shape_mode: the same means, each with one whole shape code."""
     import numpy as np
     from modality_tokenizers import PatchKMeansTokenizer
     out_dir = make_fixture(str(tmp_path), with_raw=False)
@@ -430,11 +431,23 @@ def test_cli_read_out_mean_writes_each_cells_expected_patch(tmp_path):
     assert all(os.path.exists(os.path.join(d, sub, f)) for f in ("gen_0.png", "expected_patches.npy"))
     with pytest.raises(ValueError, match="read_out=mean"):
         sample.main([f"--out_dir={out_dir}", "--mode=class_only", "--read_out=mean"])
-    # the default ('auto') reads depth the same way; --read_out=sample draws ids with MaskGIT
+    # shape_mode: the same expected mean code, and one whole shape code (the likeliest) instead of a mix of them
+    info = sample.main([f"--out_dir={out_dir}", "--cond=rgb", "--target=depth", "--num_clips=2", "--num_samples=1",
+                        "--device=cpu", "--read_out=shape_mode", f"--samples_dir={tmp_path}/shape"])
+    w = np.load(os.path.join(tmp_path, "shape", "expected_patches.npy"))
+    assert info["task"]["read_out"] == "shape_mode" and w.shape == v.shape
+    assert np.allclose(w.mean(-1), mu, atol=1e-5)
+    shapes = tok.shapes.numpy()
+    dist = (((w - w.mean(-1, keepdims=True)).reshape(-1, 1, 64) - shapes[None]) ** 2).sum(-1).min(1)
+    assert dist.max() < 1e-8 and not np.allclose(w, v)
+    # the default ('auto') reads depth as shape_mode, normals as mean; --read_out=sample draws ids with MaskGIT
     info = sample.main([f"--out_dir={out_dir}", "--cond=rgb", "--target=depth", "--num_clips=2", "--num_samples=2",
                         "--device=cpu", f"--samples_dir={tmp_path}/auto"])
-    assert info["task"]["read_out"] == "mean" and info["settings"]["num_samples"] == 1
-    assert np.array_equal(np.load(os.path.join(tmp_path, "auto", "expected_patches.npy")), v)
+    assert info["task"]["read_out"] == "shape_mode" and info["settings"]["num_samples"] == 1
+    assert np.array_equal(np.load(os.path.join(tmp_path, "auto", "expected_patches.npy")), w)
+    info = sample.main([f"--out_dir={out_dir}", "--cond=rgb", "--target=normal", "--num_clips=2", "--device=cpu",
+                        f"--samples_dir={tmp_path}/normal"])
+    assert info["task"]["read_out"] == "mean"
     sample.main([f"--out_dir={out_dir}", "--cond=rgb", "--target=depth", "--num_clips=2", "--num_samples=1",
                  "--steps=2", "--device=cpu", "--read_out=sample", f"--samples_dir={tmp_path}/drawn"])
     assert np.load(os.path.join(tmp_path, "drawn", "generated_ids.npy")).shape == (2, 1, 196)
