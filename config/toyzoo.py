@@ -1,5 +1,5 @@
-# The embedded default: a small run on the synthetic ToyZoo world in two stages, ~26-36 minutes of training on
-# 2 CPU cores (~7-11 + ~19-26; the whole quickstart -- prepare, tokenize, train -- in ~30-45 minutes, docs/speed.md).
+# The embedded default: a small run on the synthetic ToyZoo world in two stages, ~20-28 minutes of training on
+# 2 CPU cores (~7-10 + ~12-19; the whole quickstart -- prepare, tokenize, train -- in ~30-45 minutes, docs/speed.md).
 #   python prepare_data.py && python tokenize_all.py
 #   python train.py config/toyzoo_rgb.py      # stage 1: rgb -> caption alone (learn to read a picture)
 #   python train.py config/toyzoo.py          # stage 2, this file: every task, from stage 1's weights

@@ -81,15 +81,29 @@ def data_root(tmp_path_factory):
     return write_dataset(str(tmp_path_factory.mktemp("data")))
 
 
-def train(data_root, out_dir, *args, check=True, configs=()):
+def train_cmd(data_root, out_dir, *args, configs=()):
     configs = [os.path.join(HERE, c) for c in configs]
-    cmd = [sys.executable, os.path.join(HERE, "train.py"), *configs, "--dataset=synth", f"--data_root={data_root}",
-           f"--out_dir={out_dir}", *TINY, *args]
+    return [sys.executable, os.path.join(HERE, "train.py"), *configs, "--dataset=synth", f"--data_root={data_root}",
+            f"--out_dir={out_dir}", *TINY, *args]
+
+
+def run_all(cmds, cwd):
+    """Run the commands side by side (most of a refused or dry run is importing torch) -> their finished
+    processes (returncode, stdout, stderr), in order."""
     env = dict(os.environ, OMP_NUM_THREADS="1")   # tiny ops: threads only contend on a busy 2-core box
+    procs = [subprocess.Popen(c, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for c in cmds]
+    out = []
+    for p, c in zip(procs, cmds):
+        stdout, stderr = p.communicate(timeout=300)
+        out.append(subprocess.CompletedProcess(c, p.returncode, stdout, stderr))
+    return out
+
+
+def train(data_root, out_dir, *args, check=True, configs=()):
     # run beside out_dir, never in the checkout: a config's relative paths (config/toyzoo.py's stage-1
     # checkpoint) must not find the user's own out/
-    proc = subprocess.run(cmd, cwd=os.path.dirname(os.path.abspath(out_dir)), capture_output=True, text=True,
-                          timeout=300, env=env)
+    proc, = run_all([train_cmd(data_root, out_dir, *args, configs=configs)], os.path.dirname(os.path.abspath(out_dir)))
     if check and proc.returncode != 0:
         raise AssertionError(f"train.py failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
@@ -287,20 +301,24 @@ def test_packed_and_static_head_steps_follow_the_padded_curve(data_root, tmp_pat
 
 
 def test_typo_and_wrong_type_are_refused(data_root, tmp_path):
-    proc = train(data_root, tmp_path, "--batchsize=8", check=False)
+    procs = iter(run_all([train_cmd(data_root, tmp_path, *a) for a in (
+        ["--batchsize=8"], ["--max_iters=2.5"], ["--masking.input_alphas=(1.0, 1.0)"], ["--masking.input_budgett=(1, 2)"],
+        ["--adapters.grid_convv=True"], ["--compile=True", "--compile_mode=fast"], ["--max_train_clips=49"])],
+        str(tmp_path.parent)))
+    proc = next(procs)
     assert proc.returncode != 0
     assert "unknown setting 'batchsize'" in proc.stderr and "batch_size" in proc.stderr
-    proc = train(data_root, tmp_path, "--max_iters=2.5", check=False)   # (more types: test_configurator_parsing)
+    proc = next(procs)   # --max_iters=2.5 (more types: test_configurator_parsing)
     assert proc.returncode != 0 and "expects an int" in proc.stderr
-    proc = train(data_root, tmp_path, "--masking.input_alphas=(1.0, 1.0)", check=False)   # masking validates it
+    proc = next(procs)   # masking validates it
     assert proc.returncode != 0 and "bad masking settings" in proc.stderr
-    proc = train(data_root, tmp_path, "--masking.input_budgett=(1, 2)", check=False)   # a typo inside a group
+    proc = next(procs)   # a typo inside a group
     assert proc.returncode != 0 and "input_budgett" in proc.stderr and "input_budget" in proc.stderr
-    proc = train(data_root, tmp_path, "--adapters.grid_convv=True", check=False)
+    proc = next(procs)
     assert proc.returncode != 0 and "grid_convv" in proc.stderr and "grid_conv" in proc.stderr
-    proc = train(data_root, tmp_path, "--compile=True", "--compile_mode=fast", check=False)
+    proc = next(procs)
     assert proc.returncode != 0 and "reduce-overhead" in proc.stderr               # lists torch's modes
-    proc = train(data_root, tmp_path, "--max_train_clips=49", check=False)          # the data has 48
+    proc = next(procs)   # --max_train_clips=49: the data has 48
     assert proc.returncode != 0 and "only 48 train clips" in proc.stderr
     assert not os.path.exists(tmp_path / "ckpt.pt")
 
@@ -371,19 +389,30 @@ def test_the_last_update_is_evaluated_and_saved(data_root, tmp_path):
     assert abs(evals[-1]["val"]["loss"] - evals[-2]["val"]["loss"]) <= 1e-6
 
 
+def dry_runs(*calls):
+    """calls: (args, configs) pairs -> each `train.py configs --dry_run=True args`'s (settings, stdout), run side by side."""
+    cmds = [[sys.executable, os.path.join(HERE, "train.py"), *[os.path.join(HERE, c) for c in configs],
+             "--dry_run=True", *args] for args, configs in calls]
+    out = []
+    for proc in run_all(cmds, tempfile.gettempdir()):
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        out.append((json.loads(proc.stdout.strip().splitlines()[-1]), proc.stdout))
+    return out
+
+
 def dry_run(*args, configs=()):
-    configs = [os.path.join(HERE, c) for c in configs]
-    cmd = [sys.executable, os.path.join(HERE, "train.py"), *configs, "--dry_run=True", *args]
-    proc = subprocess.run(cmd, cwd=tempfile.gettempdir(), capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stdout
+    return dry_runs((args, configs))[0]
 
 
 def test_dry_run_holds_the_reports_recipe_in_config_audio(tmp_path):
     """python train.py config/audio.py --dry_run=True prints every resolved setting without reading data
     (the dataset 'animals' does not exist here): every number the report fixes, and its head and positions."""
-    cfg, out = dry_run(f"--data_root={tmp_path}/nowhere", f"--out_dir={tmp_path}/out", configs=("config/audio.py",))
+    nowhere = f"--data_root={tmp_path}/nowhere"
+    (cfg, out), (plus, _), (toy, _), (depth, _), (normal, _), (audio, _), (mine, _) = dry_runs(
+        ([nowhere, f"--out_dir={tmp_path}/out"], ("config/audio.py",)), ([nowhere], ("config/audio_plus.py",)),
+        ([], ("config/toyzoo.py",)), (["--pos_emb=sincos_layout", "--mimetic_cross=2.0"], ("config/toyzoo_rgb_depth.py",)),
+        (["--cross_local=1.0"], ("config/toyzoo_rgb_normal.py",)), ([], ("config/toyzoo_caption_audio.py",)),
+        (["--n_embd=64", "--n_head=2", "--head=modality"], ()))
     assert not os.path.exists(tmp_path / "out")                       # nothing written, no data read
     assert (cfg["n_enc_layer"], cfg["n_dec_layer"], cfg["n_embd"], cfg["n_head"]) == (6, 6, 512, 8)
     assert cfg["batch_size"] * cfg["gradient_accumulation_steps"] == 64
@@ -397,26 +426,21 @@ def test_dry_run_holds_the_reports_recipe_in_config_audio(tmp_path):
     assert cfg["head"] == "full" and cfg["pos_emb"] == "sincos" and cfg["adapters"] is None   # one shared table
     assert cfg["cond_dropout"] == 0.0 and cfg["dtype"] == "float32"
     assert 94e6 < cfg["derived"]["n_params"] < 98e6 and "95." in out
-    plus, _ = dry_run(f"--data_root={tmp_path}/nowhere", configs=("config/audio_plus.py",))
     changed = {k for k in cfg if k != "derived" and plus[k] != cfg[k]}
     assert changed == {"head", "pos_emb", "cond_dropout", "out_dir", "wandb_run_name"}, changed
     assert plus["derived"]["n_params"] > cfg["derived"]["n_params"]   # the learned positions
-    toy, _ = dry_run(configs=("config/toyzoo.py",))        # code features and feature_only: no data read
+    # config/toyzoo.py: code features and feature_only, no data read
     assert toy["adapters"]["feature_only"] == ["tok_rgb"] and toy["adapters"]["code_features"] and toy["n_embd"] == 128
-    depth, _ = dry_run("--pos_emb=sincos_layout", "--mimetic_cross=2.0", configs=("config/toyzoo_rgb_depth.py",))
     changed = {k for k in toy if k != "derived" and depth[k] != toy[k]}
     assert changed == {"masking", "init_from", "out_dir", "wandb_run_name", "pos_emb", "mimetic_cross",
                        "cross_local"}, changed
     assert toy["cross_local"] == 1.0 and depth["cross_local"] == 0.0   # the default's stage 2 has local heads
     assert [(c["input_full"], c["target_full"]) for c in depth["masking"]["mixture"]] == [(["rgb"], ["depth"])]
     assert depth["derived"]["n_params"] < toy["derived"]["n_params"]   # fixed grid and frame positions
-    normal, _ = dry_run("--cross_local=1.0", configs=("config/toyzoo_rgb_normal.py",))
     assert [(c["input_full"], c["target_full"]) for c in normal["masking"]["mixture"]] == [(["rgb"], ["normal"])]
     assert normal["cross_local"] == 1.0 and normal["derived"]["n_params"] == toy["derived"]["n_params"]   # no weights
-    audio, _ = dry_run(configs=("config/toyzoo_caption_audio.py",))
     assert [(c["input_full"], c["target_full"]) for c in audio["masking"]["mixture"]] == [(["caption"], ["audio"])] * 2
     assert audio["masking"]["mixture"][1]["input_alphas"] == [0.0, 0.0, 0.0, 1.0, 0.0] and audio["max_iters"] == 1200
-    mine, _ = dry_run("--n_embd=64", "--n_head=2", "--head=modality")
     assert mine["n_embd"] == 64 and mine["head"] == "modality" and mine["derived"]["n_params"] < 20e6
 
 
