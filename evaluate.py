@@ -198,10 +198,8 @@ def expected_patches(model, rgb, target, device, bs, tok, shape_mode=False):
     """generation.expected_patches of target from the given pictures rgb [B, 196], in chunks of bs -> (Float
     [B, 196, D], Long [B, 196]). tok: the target's tokenizer, with a patch vector per id (id_features);
     shape_mode: the expected mean with the likeliest shape (a product code's factors)."""
-    if not generation.patch_codebook(tok) or (shape_mode and not hasattr(tok, "factors")):
-        raise ValueError(f"structure_decode='mbr', 'mean' or 'shape_mode' needs a patch tokenizer (id_features; "
-                         f"shape_mode: a product code), not {type(tok).__name__}")
-    feats, factors = tok.id_features(), tok.factors if shape_mode else None
+    _, feats, factors = generation.patch_read_out("shape_mode" if shape_mode else "mean", tok, target,
+                                                  "structure_decode")
     out = [generation.expected_patches(model, {"tok_rgb": rgb[s:s + bs]}, target, feats, device, factors)
            for s in range(0, len(rgb), bs)]
     return torch.cat([v for v, _ in out]).cpu(), torch.cat([a for _, a in out]).cpu()

@@ -231,6 +231,20 @@ def map_read_out(tok, target):
     return "shape_mode" if full_name(target) == "tok_depth" and hasattr(tok, "factors") else "mean"
 
 
+def patch_read_out(asked, tok, target, setting="read_out"):
+    """asked: 'auto', 'mean', 'shape_mode' or 'sample' -> (read_out, patch vectors per id or None, the product
+    code's factors or None): 'auto' is map_read_out where the target is depth or normal from a patch codebook,
+    else 'sample'. A read-out the tokenizer cannot give is refused, naming the script's `setting`."""
+    fits = map_read_out(tok, target) if full_name(target) in ("tok_depth", "tok_normal") else None
+    if asked in ("mean", "shape_mode") and (fits is None or (asked == "shape_mode" and not hasattr(tok, "factors"))):
+        raise ValueError(f"--{setting}={asked} reads depth or normal from a patch codebook (shape_mode: a product "
+                         f"code), not {target} ({type(tok).__name__})")
+    read_out = asked if asked != "auto" else (fits or "sample")
+    if read_out == "sample":
+        return read_out, None, None
+    return read_out, tok.id_features(), (tok.factors if read_out == "shape_mode" else None)
+
+
 @torch.no_grad()
 def expected_patches(model, tokens, target, features, device, factors=None):
     """The minimum-squared-error read-out of a target from a patch codebook (depth, normal): one pass, every

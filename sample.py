@@ -22,7 +22,7 @@ import torch
 import configurator
 import modalities as M
 import streams as S
-from generation import checkpoint_dataset, continuation_prefix, expected_patches, full_name, generate, map_read_out
+from generation import checkpoint_dataset, continuation_prefix, expected_patches, full_name, generate, patch_read_out
 from files import write_json, write_npy, write_png, write_text, write_wav
 
 # ---------------------------------------------------------------------------------------------------
@@ -293,19 +293,6 @@ Spectrograms: log-mel, 75 Hz frames, top 10 nats of each clip{mark}.</p>
 {chr(10).join(table_rows)}
 </table></body></html>
 """
-
-
-def patch_read_out(asked, tok, target):
-    """-> (read_out, patch vectors per id or None, the product code's factors or None): 'auto' is
-    generation.map_read_out where the target is depth or normal from a patch codebook, else 'sample'."""
-    fits = map_read_out(tok, target) if target in ("tok_depth", "tok_normal") else None
-    if asked in ("mean", "shape_mode") and (fits is None or (asked == "shape_mode" and not hasattr(tok, "factors"))):
-        raise ValueError(f"--read_out={asked} reads depth or normal from a patch codebook (shape_mode: a product "
-                         f"code), not {target} ({type(tok).__name__})")
-    read_out = asked if asked != "auto" else (fits or "sample")
-    if read_out == "sample":
-        return read_out, None, None
-    return read_out, tok.id_features(), (tok.factors if read_out == "shape_mode" else None)
 
 
 def main(argv=None):
