@@ -658,7 +658,9 @@ def decoded_maps(tok, name, ids, device="cpu", vectors=False):
 STRUCTURE_METRICS = {  # decoded metric -> (label, unit, lower is better)
     "tok_depth": {"rmse": ("depth RMSE (decoded units)", "", True), "absrel": ("depth AbsRel", "", True),
                   "delta1": ("depth pixels within 1.25x", "%", False),
-                  "edge_f1": ("depth edges (jumps > 1.25x) F1, within 2 px: the silhouettes", "%", False),
+                  "edge_f1": ("depth edges (jumps > 1.25x) F1, within 2 px", "%", False),
+                  "outline_f1": ("depth edges on the animal's outline F1 (ToyZoo's masks)", "%", False),
+                  "outline_f1_small": ("the same, the third of the pictures with the smallest animals", "%", False),
                   "rmse_far": ("depth RMSE where the truth is far (train's farthest 10%)", "", True),
                   "rmse_near": ("depth RMSE where the truth is nearer", "", True)},
     "tok_normal": {"angle": ("normal mean angular error (degrees)", "", True),
@@ -667,11 +669,12 @@ STRUCTURE_METRICS = {  # decoded metric -> (label, unit, lower is better)
 
 
 def structure_decoded(tok, tgt, pred_ids, true_ids, train_ids, train_split="train", train_maps=200, seed=0,
-                      device="cpu", pred_vectors=False):
+                      device="cpu", pred_vectors=False, masks=None):
     """Decoded metrics (tok: the dataset's tokenizer of tgt) of the predicted ids (pred_vectors=True: patch
     vectors [N, 196, D]) against the decoded ground truth, beside two baselines that never look at the
     picture: the per-position mean map of train_maps decoded train maps (train_ids: the train split's ids of
-    tgt; the one to beat) and one constant map (the mean over every train pixel). -> (figures, table lines)."""
+    tgt; the one to beat) and one constant map (the mean over every train pixel). masks: where the animal is in
+    each image (toyzoo_masks), for the depth outline's F1. -> (figures, table lines)."""
     a = np.asarray(train_ids).reshape(-1, M.BY_NAME[tgt].length)
     pick = np.random.default_rng([seed, 8]).permutation(len(a))[:train_maps]
     train_maps = decoded_maps(tok, tgt, a[np.sort(pick)], device)
@@ -682,13 +685,17 @@ def structure_decoded(tok, tgt, pred_ids, true_ids, train_ids, train_split="trai
     if tgt == "tok_normal":   # a mean of unit vectors is shorter than one: renormalise
         mean_map, const_map = unit_vectors(mean_map), unit_vectors(const_map)
     far = float(np.percentile(train_maps, 90)) if tgt == "tok_depth" else None
-    fn = (lambda p, g: depth_metrics(p, g, far)) if tgt == "tok_depth" else normal_metrics
+    if masks is not None and masks.shape != gt.shape[:3]:
+        masks = None   # another map size than the world's frames
+    fn = (lambda p, g: depth_metrics(p, g, far, masks)) if tgt == "tok_depth" else normal_metrics
     runs = {"model": fn(pred, gt), "per_position_mean": fn(np.broadcast_to(mean_map, gt.shape), gt),
             "constant": fn(np.broadcast_to(const_map, gt.shape), gt)}
     out = {"n_images": int(len(gt)), "train_maps": int(len(train_maps)), "train_split": train_split,
            "baseline_to_beat": "per_position_mean", "far_beyond": far}
     rows = []
     for key, (label, unit, _) in STRUCTURE_METRICS[tgt].items():
+        if key not in runs["model"]:
+            continue
         vals = {who: mean_ci(r[key][~np.isnan(r[key])]) for who, r in runs.items()}
         out[key] = {who: {"value": v[0], "ci": [v[1], v[2]]} for who, v in vals.items()}
         if not np.isfinite(vals["model"][0]):   # no image has pixels of that part
@@ -840,12 +847,28 @@ def probe_structure(model, data, decoder, views_per_clip, train_maps, device, bs
         try:
             got = pred.numpy() if vecs is None else vecs.numpy()
             out[tgt]["decoded"], r = structure_decoded(decoder(tgt), tgt, got, truth.numpy(), data.arrays[src][tgt],
-                                                       src, train_maps, data.seed, device, vecs is not None)
+                                                       src, train_maps, data.seed, device, vecs is not None,
+                                                       toyzoo_masks(data, clips, views) if tgt == "tok_depth" else None)
             rows += [{**x, "metric": x["metric"].replace("decoded:", f"decoded ({rule}):")} for x in r]
         except ProbeSkipped as e:
             out[tgt]["decoded"] = {"status": "skipped", "reason": str(e)}
             print(f"  rgb -> {tgt[4:]}: decoded metrics skipped: {e}")
     return out, rows
+
+
+def toyzoo_masks(data, clips, views):
+    """Where the animal is in these (clip, view) pictures (toyzoo.animal_masks), or None: a dataset that is not a
+    ToyZoo world (its raw/toyzoo.json), or one whose raw folder is gone."""
+    raw = os.path.join(os.path.dirname(os.path.normpath(data.tok_path)), "raw")
+    if not os.path.exists(os.path.join(raw, "toyzoo.json")):
+        return None
+    import toyzoo
+    ids = data.arrays[data.split]["clip_ids"]
+    try:
+        return toyzoo.animal_masks(raw, [ids[c] for c in clips], views)
+    except (ValueError, OSError) as e:
+        print(f"  rgb -> depth: the animals' outlines skipped: {e}")
+        return None
 
 
 # ---- memorization

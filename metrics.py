@@ -391,11 +391,13 @@ def per_position_majority(ids):
     return np.array([np.bincount(ids[:, j]).argmax() for j in range(ids.shape[1])], dtype=np.int64)
 
 
-def depth_metrics(pred, gt, far=None):
+def depth_metrics(pred, gt, far=None, masks=None):
     """Per-image depth errors of decoded maps pred, gt [N, H, W] (the same units): RMSE, AbsRel
     (mean |p - g| / g) and the share of pixels with max(p / g, g / p) < 1.25, over pixels with g > 0.
     far: also the RMSE over the pixels whose truth is at least that far and over the rest (nan where an image
-    has none), to show where the error lies: a far field such as the sky can hold most of it."""
+    has none), to show where the error lies: a far field such as the sky can hold most of it.
+    masks (Bool [N, H, W], where the object is, when the world knows it): also its outline's edge F1, and the
+    same on the images whose object is in the smallest third by area (nan on the others)."""
     p, g = np.asarray(pred, dtype=np.float64), np.asarray(gt, dtype=np.float64)
     valid = g > 0
     n = valid.sum((1, 2)).clip(min=1)
@@ -409,6 +411,10 @@ def depth_metrics(pred, gt, far=None):
         for key, part in (("rmse_far", valid & (g >= far)), ("rmse_near", valid & (g < far))):
             k = part.sum((1, 2))
             out[key] = np.where(k > 0, np.sqrt(np.where(part, d ** 2, 0.0).sum((1, 2)) / k.clip(min=1)), np.nan)
+    if masks is not None:
+        out["outline_f1"] = outline_f1(p, g, masks)
+        area = np.asarray(masks).sum((1, 2))
+        out["outline_f1_small"] = np.where(area <= np.quantile(area, 1 / 3), out["outline_f1"], np.nan)
     return out
 
 
@@ -423,22 +429,42 @@ def depth_edges(d, ratio=1.25):
     return e
 
 
+def near_pixels(e, r):
+    """Bool [N, H, W] -> where a True pixel lies within r pixels (a (2r + 1)^2 square; nothing beyond the border)."""
+    H, W = e.shape[1:]
+    pad = np.pad(e, ((0, 0), (r, r), (r, r)))
+    out = np.zeros_like(e)
+    for dy in range(2 * r + 1):
+        for dx in range(2 * r + 1):
+            out |= pad[:, dy:dy + H, dx:dx + W]
+    return out
+
+
 def edge_f1(pred, gt, tol=2):
     """Per-image F1 of the predicted depth edges (depth_edges) against the true ones, an edge found when one of
     the other map lies within tol pixels (an outline one or two pixels off still counts); nan where the truth
     has no edge. A map that draws the silhouettes scores near 1, a smooth mean map near 0."""
-    def near(e):   # dilated by tol in each direction, zero beyond the border
-        H, W = e.shape[1:]
-        pad = np.pad(e, ((0, 0), (tol, tol), (tol, tol)))
-        out = np.zeros_like(e)
-        for dy in range(2 * tol + 1):
-            for dx in range(2 * tol + 1):
-                out |= pad[:, dy:dy + H, dx:dx + W]
-        return out
     ep, eg = depth_edges(pred), depth_edges(gt)
     n_p, n_g = ep.sum((1, 2)), eg.sum((1, 2))
-    precision = (ep & near(eg)).sum((1, 2)) / np.maximum(n_p, 1)
-    recall = (eg & near(ep)).sum((1, 2)) / np.maximum(n_g, 1)
+    precision = (ep & near_pixels(eg, tol)).sum((1, 2)) / np.maximum(n_p, 1)
+    recall = (eg & near_pixels(ep, tol)).sum((1, 2)) / np.maximum(n_g, 1)
+    f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
+    return np.where(n_g > 0, f1, np.nan)
+
+
+def outline_f1(pred, gt, masks, tol=2, band=4):
+    """edge_f1 on one object's outline only (masks: Bool [N, H, W], where the object is, e.g. ToyZoo's animal):
+    the true depth edges within 1 px of the mask's border are to be found, and the predicted edges within `band`
+    px of it are to be right; the floor's and other objects' edges elsewhere do not count. nan where the truth
+    draws no edge on the outline."""
+    masks = np.asarray(masks, dtype=bool)
+    border = masks & near_pixels(~masks, 1)
+    ep, eg = depth_edges(pred), depth_edges(gt)
+    on = eg & near_pixels(border, 1)
+    mine = ep & near_pixels(border, band)
+    n_p, n_g = mine.sum((1, 2)), on.sum((1, 2))
+    precision = (mine & near_pixels(eg, tol)).sum((1, 2)) / np.maximum(n_p, 1)
+    recall = (on & near_pixels(ep, tol)).sum((1, 2)) / np.maximum(n_g, 1)
     f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
     return np.where(n_g > 0, f1, np.nan)
 

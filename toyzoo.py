@@ -805,6 +805,24 @@ def decode_normals(img):
 # ===================================================================================================
 # clips
 
+def animal_masks(raw_dir, clip_ids, views):
+    """Bool [N, SIZE, SIZE]: where the animal is in each (clip id, keyframe view) of the world in raw_dir,
+    re-rendered from the clip's own seed (no file holds the masks). The known answer for a silhouette measure
+    (metrics.outline_f1). Refuses another world version: its scenes would not be these."""
+    path = os.path.join(raw_dir, "toyzoo.json")
+    with open(path) as f:
+        world = json.load(f)
+    if world.get("world") != WORLD_VERSION:
+        raise ValueError(f"{path}: a ToyZoo world of version {world.get('world')}, this code renders {WORLD_VERSION}")
+    scenes, out = {}, []
+    for cid, view in zip(clip_ids, views):
+        if cid not in scenes:
+            cls, index = cid.rsplit("_", 1)
+            scenes[cid] = clip_params(world["seed"], cls, int(index), world["difficulty"])["scene"]
+        out.append(render_view(scenes[cid], KEYFRAME_TIMES[int(view)])[3] == 2)
+    return np.stack(out)
+
+
 def clip_id(cls, index):
     return f"{cls}_{index:05d}"
 

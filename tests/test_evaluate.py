@@ -355,6 +355,55 @@ def test_depth_edge_f1_finds_the_silhouette_and_not_the_floor():
     assert metrics.depth_metrics(truth, truth)["edge_f1"][0] == pytest.approx(1.0)
 
 
+def test_outline_f1_scores_the_objects_outline_alone():
+    """The square of the test above as the object (its mask): the truth scores 1, the square 1 px off still 1,
+    the floor alone 0; a stray edge far from the square costs edge_f1 but not the outline's F1; an outline the
+    truth does not draw (the mask elsewhere) gives nan. depth_metrics reports it, and its small third."""
+    floor = np.broadcast_to(10.0 * 1.02 ** np.arange(32)[:, None], (32, 32))
+
+    def scene(dy=0, dx=0, stray=False):
+        d = floor.copy()
+        d[10 + dy:20 + dy, 10 + dx:20 + dx] /= 2.0
+        if stray:
+            d[26:30, 2:6] /= 2.0
+        return d[None]
+
+    mask = np.zeros((1, 32, 32), dtype=bool)
+    mask[0, 10:20, 10:20] = True
+    truth = scene()
+    assert metrics.outline_f1(truth, truth, mask)[0] == pytest.approx(1.0)
+    assert metrics.outline_f1(scene(1, -1), truth, mask)[0] == pytest.approx(1.0)
+    assert metrics.outline_f1(floor[None], truth, mask)[0] == 0.0
+    assert metrics.edge_f1(scene(stray=True), truth)[0] < 0.9
+    assert metrics.outline_f1(scene(stray=True), truth, mask)[0] == pytest.approx(1.0)
+    assert np.isnan(metrics.outline_f1(truth, floor[None], mask)[0])
+    three = np.concatenate([mask, mask, np.ones_like(mask)])   # the third is all object: no outline inside
+    out = metrics.depth_metrics(np.concatenate([truth] * 3), np.concatenate([truth] * 3), masks=three)
+    assert out["outline_f1"][:2] == pytest.approx([1.0, 1.0]) and np.isnan(out["outline_f1"][2])
+    assert np.isfinite(out["outline_f1_small"][:2]).all() and np.isnan(out["outline_f1_small"][2])
+
+
+def test_toyzoo_animal_masks_are_where_the_written_depth_is_the_animals(tmp_path):
+    """The masks re-rendered from a clip's seed sit where its written depth map has the animal: nearer than
+    the ground and sky behind their outline, the same as render_view's; another world version is refused."""
+    import toyzoo
+    from PIL import Image
+    raw = str(tmp_path)
+    toyzoo.build_toyzoo(raw, clips_per_class=1, classes=["cat"], workers=1)
+    masks = toyzoo.animal_masks(raw, ["cat_00000", "cat_00000"], [0, 3])
+    assert masks.shape == (2, toyzoo.SIZE, toyzoo.SIZE) and masks.dtype == bool
+    for i, view in enumerate((0, 3)):
+        depth = np.asarray(Image.open(os.path.join(raw, "clips", "cat_00000", f"depth_{view:02d}.png")), np.float64)
+        assert 0.005 < masks[i].mean() < 0.5
+        ring = metrics.near_pixels(masks[i:i + 1], 2)[0] & ~masks[i]     # just outside the outline
+        assert np.median(depth[masks[i]]) < np.median(depth[ring])
+    world = json.load(open(os.path.join(raw, "toyzoo.json")))
+    with open(os.path.join(raw, "toyzoo.json"), "w") as f:
+        json.dump({**world, "world": world["world"] - 1}, f)
+    with pytest.raises(ValueError, match="version"):
+        toyzoo.animal_masks(raw, ["cat_00000"], [0])
+
+
 def test_per_position_majority_known_answer():
     ids = np.array([[1, 5, 7], [1, 6, 7], [2, 6, 7]])
     assert metrics.per_position_majority(ids).tolist() == [1, 6, 7]
