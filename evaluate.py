@@ -33,9 +33,10 @@ Probes (--probes=all or a comma list):
              with the dataset's tokenizer against the decoded ground truth (--structure_decode: by default
              each cell's expected mean with its likeliest shape for depth and its expected patch for normals
              where the tokenizer has patch vectors, else the argmax ids): depth RMSE, AbsRel, pixels within
-             1.25x and the F1 of its edges (the silhouettes); normal mean angular error and pixels within 11.25
-             degrees; each beside the per-position mean of decoded train maps (the one to beat) and a
-             constant map.
+             1.25x and the F1 of its edges; on a ToyZoo world also the F1 of the edges on the animal's outline
+             (its masks re-rendered: toyzoo.animal_masks), overall and for the third of the pictures with the
+             smallest animals; normal mean angular error and pixels within 11.25 degrees; each beside the
+             per-position mean of decoded train maps (the one to beat) and a constant map.
   memo       audio-suffix completion top-1 (first 80% of the audio + rgb + caption in, last 20% out) on train
              vs split clips. Baselines: 1/2048, train-majority token, the per-position train majority,
              repeating the last given frame. Then the audio's order as the model reads it: the CE of every

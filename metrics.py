@@ -440,16 +440,23 @@ def near_pixels(e, r):
     return out
 
 
+def matched_edge_f1(ep, eg, scored_p, scored_g, tol):
+    """Per-image F1 of predicted edges ep against true edges eg (Bool [N, H, W]), an edge matched when one of the
+    other map lies within tol pixels; precision over the predicted edges in scored_p, recall over the true ones in
+    scored_g. nan where scored_g is empty."""
+    n_p, n_g = scored_p.sum((1, 2)), scored_g.sum((1, 2))
+    precision = (scored_p & near_pixels(eg, tol)).sum((1, 2)) / np.maximum(n_p, 1)
+    recall = (scored_g & near_pixels(ep, tol)).sum((1, 2)) / np.maximum(n_g, 1)
+    f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
+    return np.where(n_g > 0, f1, np.nan)
+
+
 def edge_f1(pred, gt, tol=2):
     """Per-image F1 of the predicted depth edges (depth_edges) against the true ones, an edge found when one of
     the other map lies within tol pixels (an outline one or two pixels off still counts); nan where the truth
     has no edge. A map that draws the silhouettes scores near 1, a smooth mean map near 0."""
     ep, eg = depth_edges(pred), depth_edges(gt)
-    n_p, n_g = ep.sum((1, 2)), eg.sum((1, 2))
-    precision = (ep & near_pixels(eg, tol)).sum((1, 2)) / np.maximum(n_p, 1)
-    recall = (eg & near_pixels(ep, tol)).sum((1, 2)) / np.maximum(n_g, 1)
-    f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
-    return np.where(n_g > 0, f1, np.nan)
+    return matched_edge_f1(ep, eg, ep, eg, tol)
 
 
 def outline_f1(pred, gt, masks, tol=2, band=4):
@@ -460,13 +467,7 @@ def outline_f1(pred, gt, masks, tol=2, band=4):
     masks = np.asarray(masks, dtype=bool)
     border = masks & near_pixels(~masks, 1)
     ep, eg = depth_edges(pred), depth_edges(gt)
-    on = eg & near_pixels(border, 1)
-    mine = ep & near_pixels(border, band)
-    n_p, n_g = mine.sum((1, 2)), on.sum((1, 2))
-    precision = (mine & near_pixels(eg, tol)).sum((1, 2)) / np.maximum(n_p, 1)
-    recall = (on & near_pixels(ep, tol)).sum((1, 2)) / np.maximum(n_g, 1)
-    f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
-    return np.where(n_g > 0, f1, np.nan)
+    return matched_edge_f1(ep, eg, ep & near_pixels(border, band), eg & near_pixels(border, 1), tol)
 
 
 def unit_vectors(v):

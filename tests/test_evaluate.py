@@ -397,7 +397,8 @@ def test_toyzoo_animal_masks_are_where_the_written_depth_is_the_animals(tmp_path
         assert 0.005 < masks[i].mean() < 0.5
         ring = metrics.near_pixels(masks[i:i + 1], 2)[0] & ~masks[i]     # just outside the outline
         assert np.median(depth[masks[i]]) < np.median(depth[ring])
-    world = json.load(open(os.path.join(raw, "toyzoo.json")))
+    with open(os.path.join(raw, "toyzoo.json")) as f:
+        world = json.load(f)
     with open(os.path.join(raw, "toyzoo.json"), "w") as f:
         json.dump({**world, "world": world["world"] - 1}, f)
     with pytest.raises(ValueError, match="version"):
