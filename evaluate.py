@@ -1583,13 +1583,14 @@ def default_settings():
 
 if __name__ == "__main__":
     import configurator
+    import files
     try:
         cfg = configurator.apply_overrides(default_settings(), sys.argv[1:])
     except configurator.ConfigError as e:
         sys.exit(f"evaluate.py: {e}")
     try:
         out = run(cfg)
-    except (M.EmptySplitError, M.UntrustedFileError) as e:
+    except (M.EmptySplitError, files.UntrustedFileError) as e:
         sys.exit(f"evaluate.py: {e}")
     if out["failed"]:
         sys.exit(f"evaluate.py: probe(s) failed: {', '.join(out['failed'])} (see the traceback above)")

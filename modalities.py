@@ -186,28 +186,6 @@ class EmptySplitError(ValueError):
     pass
 
 
-class UntrustedFileError(ValueError):
-    """A checkpoint or codebook that needs more than tensors and plain containers to load."""
-
-
-def load_torch_file(path, map_location="cpu", trust=False, flag="--trust_checkpoint=True"):
-    """torch.load(weights_only=True): a file cannot run code when opened. trust=True: a pickled file of your own."""
-    import pickle
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: no such file")
-    if trust:
-        return torch.load(path, map_location=map_location, weights_only=False)
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        why = str(e).strip().splitlines()
-        why = next((line for line in why if "GLOBAL" in line or "Unsupported" in line), why[0] if why else "")
-        raise UntrustedFileError(
-            f"{path}: refused to load: it holds more than tensors and plain containers, and unpickling it "
-            f"could run code ({why.strip()}). Open only files you trust; if this one is yours (e.g. written "
-            f"by an older version of this project), pass {flag}") from None
-
-
 def open_split(tok_path, split, meta=None):
     """Memory-map one split: {modality name: uint16 memmap, 'label': [N]} plus 'clip_ids' (list)."""
     meta = meta or load_meta(tok_path)

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import files
 import modalities as M
 import streams as S
 from modalities import pick_device
@@ -299,7 +300,7 @@ class MelRVQTokenizer:
 
     @classmethod
     def load(cls, path, device="cpu", trust=False):
-        d = M.load_torch_file(path, trust=trust)
+        d = files.load_torch_file(path, trust=trust)
         return cls(d["codebooks"], d["settings"], device, level1_keys=d.get("level1_keys"))
 
 
@@ -712,7 +713,7 @@ class PatchKMeansTokenizer:
 
     @classmethod
     def load(cls, path, device="cpu", trust=False):
-        d = M.load_torch_file(path, trust=trust)
+        d = files.load_torch_file(path, trust=trust)
         return cls(d["modality"], d["means"], d["shapes"], d["settings"], device)
 
 
@@ -816,9 +817,8 @@ class CaptionTokenizer:
 # ---------------------------------------------------------------------------------------------------
 
 def _atomic_torch_save(obj, path):
-    from files import atomic_write
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with atomic_write(path) as tmp:
+    with files.atomic_write(path) as tmp:
         torch.save(obj, tmp)
 
 

@@ -32,6 +32,7 @@ import torch
 from tqdm import tqdm
 
 import configurator
+import files
 import modalities as M
 import streams as S
 import modality_tokenizers as T
@@ -193,8 +194,8 @@ def fit_codebooks(args, rows, raw, tok_path, device):
         want = codebook_settings(args, m, train_ids)
         if os.path.exists(path):
             try:
-                d = M.load_torch_file(path)
-            except M.UntrustedFileError as e:   # a codebook this script did not write as plain tensors: refit
+                d = files.load_torch_file(path)
+            except files.UntrustedFileError as e:   # a codebook this script did not write as plain tensors: refit
                 print(f"{e.args[0].split(':')[0]}: not loadable with weights_only=True; fitting it again")
                 d = {}
             if d.get("settings", {}).get("fit") == want:

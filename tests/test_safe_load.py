@@ -11,7 +11,7 @@ import torch
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, HERE)
-import modalities as M  # noqa: E402
+import files  # noqa: E402
 import modality_tokenizers as T  # noqa: E402
 from model import Nano4M, Nano4MConfig, load_checkpoint  # noqa: E402
 
@@ -43,7 +43,7 @@ def booby_file(tmp_path, name="ckpt.pt"):
 
 def test_crafted_checkpoint_is_refused_and_runs_nothing(tmp_path):
     path, marker = booby_file(tmp_path)
-    with pytest.raises(M.UntrustedFileError) as e:
+    with pytest.raises(files.UntrustedFileError) as e:
         load_checkpoint(path)
     msg = str(e.value)
     assert path in msg and "refused" in msg and "--trust_checkpoint=True" in msg and "mkdir" in msg
@@ -63,14 +63,14 @@ def test_crafted_codebooks_are_refused(tmp_path):
     torch.save({"kind": "patch_kmeans", "modality": "tok_rgb", "means": torch.rand(4, 3, generator=g),
                 "shapes": torch.randn(4, 192, generator=g), "settings": {}, "x": Booby(marker)}, patch)
     for cls, p in ((T.MelRVQTokenizer, mel), (T.PatchKMeansTokenizer, patch)):
-        with pytest.raises(M.UntrustedFileError, match="trust_checkpoint"):
+        with pytest.raises(files.UntrustedFileError, match="trust_checkpoint"):
             cls.load(str(p))
     meta = {"modalities": {"tok_audio": {"tokenizer": "mel_rvq", "codebook": "audio.pt"},
                            "tok_rgb": {"tokenizer": "patch_kmeans", "codebook": "rgb.pt"}}}
     for name in ("tok_audio", "tok_rgb"):
-        with pytest.raises(M.UntrustedFileError):
+        with pytest.raises(files.UntrustedFileError):
             T.load_tokenizer(str(tmp_path), meta, name)
-    with pytest.raises(M.UntrustedFileError):
+    with pytest.raises(files.UntrustedFileError):
         T.code_features(str(tmp_path), meta)
     assert not marker.exists()
 
@@ -97,17 +97,17 @@ def test_old_pickled_checkpoint_loads_only_when_trusted(tmp_path):
     the explicit flag, in sample.py / evaluate.py / train.py alike."""
     path = tmp_path / "ckpt.pt"
     torch.save(checkpoint_dict(best_val_loss=np.float64(2.5)), path)
-    with pytest.raises(M.UntrustedFileError, match="trust_checkpoint=True"):
+    with pytest.raises(files.UntrustedFileError, match="trust_checkpoint=True"):
         load_checkpoint(str(path))
     _, ckpt = load_checkpoint(str(path), trust=True)
     assert ckpt["best_val_loss"] == 2.5
 
     import sample
     import evaluate
-    with pytest.raises(M.UntrustedFileError):
+    with pytest.raises(files.UntrustedFileError):
         sample.main([f"--out_dir={tmp_path}", "--device=cpu"])
     settings = dict(evaluate.default_settings(), out_dir=str(tmp_path), device="cpu")
-    with pytest.raises(M.UntrustedFileError):
+    with pytest.raises(files.UntrustedFileError):
         evaluate.run(settings)
 
 
