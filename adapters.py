@@ -102,7 +102,9 @@ def weightless(settings, tok_path=None, meta=None, trust=False):
     """The model switches of train.py's `adapters` dict that hold no weights, which a warm start takes from this
     run rather than from the checkpoint: factored_head, with each modality's (Km, Ks) read from its tokenizer."""
     names = (settings or {}).get('factored_head') or ()
-    if not names or tok_path is None:
+    if not names:
+        return dict(factored_head=())
+    if tok_path is None:
         return {}
     import modality_tokenizers
     factors = []

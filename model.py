@@ -16,7 +16,7 @@ packing.py (the trunk on real tokens only).
 """
 import inspect
 import math
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn as nn
@@ -394,9 +394,9 @@ def sincos_table(n, dim):
 
 
 def read_checkpoint(path, device="cpu", trust=False):
-    """-> the checkpoint dict, checked; weights_only unless trust (modalities.load_torch_file)."""
+    """-> the checkpoint dict, checked; weights_only unless trust (files.load_torch_file)."""
     import os
-    from modalities import load_torch_file
+    from files import load_torch_file
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no checkpoint there (train.py writes out_dir/ckpt.pt)")
     checkpoint = load_torch_file(path, map_location=device, trust=trust)
@@ -409,12 +409,36 @@ def read_checkpoint(path, device="cpu", trust=False):
     return checkpoint
 
 
-def model_from_checkpoint(checkpoint, **override):
-    """The model a checkpoint dict holds (its weights loaded; override: model_args to replace, e.g. dropout)."""
-    model = Nano4M(Nano4MConfig(**dict(checkpoint["model_args"], **override)))
-    state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in checkpoint["model"].items()}
-    model.load_state_dict(state)
+def checkpoint_weights(checkpoint):
+    """The state dict a checkpoint holds, under the plain module's names (torch.compile and DDP prefix them)."""
+    return {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in checkpoint["model"].items()}
+
+
+def model_from_checkpoint(checkpoint):
+    """The model a checkpoint dict holds, its weights loaded."""
+    model = Nano4M(Nano4MConfig(**checkpoint["model_args"]))
+    model.load_state_dict(checkpoint_weights(checkpoint))
     return model
+
+
+WARM_START_OWN = ("dropout", "mimetic_cross", "cross_local")   # no weights (or only their init): the new run's
+
+
+def warm_start(model, checkpoint):
+    """Load another run's weights into `model`, a new run's (train.py --init_from=<ckpt.pt>: a curriculum). The
+    settings that shape or use the weights must agree: a config that says otherwise is a mistake, not an override."""
+    mine, theirs = asdict(model.config), asdict(Nano4MConfig(**checkpoint["model_args"]))
+    if mine["adapters"] or theirs["adapters"]:   # their init and factored head hold no weights
+        import adapters
+        mine["adapters"], theirs["adapters"] = adapters.shapes(mine["adapters"]), adapters.shapes(theirs["adapters"])
+    differ = [f"{k}: this run {v!r}, checkpoint {theirs[k]!r}" for k, v in mine.items()
+              if k not in WARM_START_OWN and theirs[k] != v]
+    if differ:
+        raise ValueError("its model differs from this run's settings: " + ", ".join(differ))
+    try:
+        model.load_state_dict(checkpoint_weights(checkpoint))
+    except RuntimeError as e:   # e.g. another audio layout, or code features of another width: torch names them
+        raise ValueError(f"its weights do not fit this run's model: {' '.join(str(e).split())}") from None
 
 
 def load_checkpoint(path, device="cpu", trust=False):

@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import configurator
 import modalities
 from masking import MaskingConfig, build_batch, condition_dropout, trim_padding
-from model import Nano4M, Nano4MConfig, model_from_checkpoint, read_checkpoint
+from model import Nano4M, Nano4MConfig, model_from_checkpoint, read_checkpoint, warm_start
 
 # -----------------------------------------------------------------------------------------------------
 # default config values: the report's recipe (d6-6w512, batch 64, 18,311 steps, AdamW, cosine 1e-4 -> 1e-6)
@@ -268,62 +268,39 @@ ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 def _load_ckpt(path):
     try:
         return read_checkpoint(path, device, trust_checkpoint)
-    except modalities.UntrustedFileError as e:
+    except ValueError as e:   # not a checkpoint, or one that would run code to load (files.load_torch_file)
         raise SystemExit(f"train.py: {e}")
 
 
-_adapters, block_lr_scale, _features = resolve_adapters(tok_path, meta) if init_from == 'scratch' else \
-    resolve_adapters()   # (code features: a checkpoint holds them)
-model_args['adapters'] = _adapters
+# (adapters.py's code features: this dataset's, except on resume, where the checkpoint holds them)
+model_args['adapters'], block_lr_scale, _features = resolve_adapters(tok_path, meta) if init_from != 'resume' \
+    else resolve_adapters()
 if init_from == 'resume':
     if not os.path.exists(ckpt_path):
         raise SystemExit(f"--init_from=resume but {ckpt_path} does not exist")
     print(f"resuming from {ckpt_path}")
     checkpoint = _load_ckpt(ckpt_path)
     model = model_from_checkpoint(checkpoint)        # the architecture comes from the checkpoint
-    model_args = asdict(model.config)
     iter_num = checkpoint['iter_num']
     best_val_loss = checkpoint['best_val_loss']
-elif init_from.endswith('.pt'):
-    if not os.path.exists(init_from):
+elif init_from == 'scratch' or init_from.endswith('.pt'):   # or another run's weights, fresh optimizer and schedule
+    if init_from != 'scratch' and not os.path.exists(init_from):
         raise SystemExit(f"--init_from={init_from} does not exist: train the run that writes it first (for the "
                          f"ToyZoo default: python train.py config/toyzoo_rgb.py), or pass --init_from=scratch")
-    print(f"warm start from the weights of {init_from}")
-    _warm = _load_ckpt(init_from)
-    _theirs = asdict(Nano4MConfig(**_warm['model_args']))
-    _init_only = ('dropout', 'adapters', 'mimetic_cross', 'cross_local')   # (adapters: compared by shape below)
-    _differ = {k: (v, _theirs[k]) for k, v in model_args.items() if k not in _init_only and _theirs[k] != v}
-    if adapters or _theirs['adapters']:
-        import adapters as adapters_lib
-        _shapes = adapters_lib.shapes(adapters), adapters_lib.shapes(_theirs['adapters'])
-        if _shapes[0] != _shapes[1]:
-            _differ['adapters'] = _shapes
-    if _differ:   # the weights fix the architecture: a config that says otherwise is a mistake, not an override
-        raise SystemExit(f"--init_from={init_from}: its model differs from this run's settings " +
-                         ", ".join(f"{k}: this run {a!r}, checkpoint {b!r}" for k, (a, b) in _differ.items()))
-    # the architecture comes from that checkpoint, but for the settings that hold no weights: this run's
-    _mine, _, _features = resolve_adapters(tok_path, meta)   # (code features: this dataset's, below)
-    _own = {'adapters': {**_theirs['adapters'], 'factored_head': (_mine or {}).get('factored_head', ())}} \
-        if _theirs['adapters'] else {}
-    model = model_from_checkpoint(_warm, dropout=dropout, cross_local=cross_local, **_own)
-    model_args = asdict(model.config)
-    _warm = None
-    if model.adapters is not None and _features:   # an id means what this dataset's tokenizer says it means
-        try:
-            _changed = model.adapters.set_code_features(_features)
-        except ValueError as e:
-            raise SystemExit(f"--init_from={init_from}: {e}")
-        if _changed and master_process:
-            print(f"code features of {', '.join(_changed)} differ from {init_from}'s: this dataset's are used")
-elif init_from == 'scratch':
     try:
         model = Nano4M(Nano4MConfig(**model_args))
+        if init_from != 'scratch':
+            print(f"warm start from the weights of {init_from}")
+            warm_start(model, _load_ckpt(init_from))
+        # an id means what this dataset's tokenizer says it means, whatever run the weights come from
+        _changed = model.adapters.set_code_features(_features) if model.adapters is not None else []
     except ValueError as e:
-        raise SystemExit(f"train.py: {e}")
-    if model.adapters is not None:
-        model.adapters.set_code_features(_features)
+        raise SystemExit(f"train.py: {e}" if init_from == 'scratch' else f"--init_from={init_from}: {e}")
+    if _changed and init_from != 'scratch' and master_process:
+        print(f"code features of {', '.join(_changed)} differ from {init_from}'s: this dataset's are used")
 else:
     raise SystemExit(f"--init_from must be 'scratch', 'resume' or a path to a ckpt.pt, not {init_from!r}")
+model_args = asdict(model.config)
 model.to(device)
 if static_head and (model.config.head == 'full' or not fast_path):
     raise SystemExit("train.py: --static_head=True is a form of the fast per-modality head (head='modality', "

@@ -255,6 +255,23 @@ def test_load_checkpoint_round_trip(tmp_path, separate):
         load_checkpoint(str(tmp_path / "bad.pt"))
 
 
+def test_warm_start_loads_weights_only_into_a_model_that_agrees():
+    """model.warm_start (train.py --init_from=<ckpt.pt>): the weights come over exactly, a setting without weights
+    (dropout, cross_local) stays the new run's; another architecture, or weights of another shape, are refused."""
+    from model import warm_start
+    src = tiny()
+    ckpt = {"model": {"_orig_mod." + k: v for k, v in src.state_dict().items()}, "model_args": dict(TINY)}
+    new = tiny(dropout=0.1, cross_local=1.0)
+    warm_start(new, ckpt)
+    assert new.config.dropout == 0.1 and new.config.cross_local == 1.0
+    assert all(torch.equal(a, b) for a, b in zip(src.state_dict().values(), new.state_dict().values()))
+    with pytest.raises(ValueError, match="dec_same_modality: this run False, checkpoint True"):
+        warm_start(tiny(dec_same_modality=False), ckpt)
+    short = dict(ckpt, model={**ckpt["model"], "_orig_mod.pos_seq": ckpt["model"]["_orig_mod.pos_seq"][:4]})
+    with pytest.raises(ValueError, match="do not fit this run's model.*pos_seq"):
+        warm_start(tiny(), short)
+
+
 def test_compile_trunk_keeps_state_dict_keys():
     model = tiny()
     keys = list(model.state_dict())
