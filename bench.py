@@ -143,17 +143,7 @@ def sync():
 
 mask_cfg = masking.MaskingConfig(input_budget=input_budget, target_budget=target_budget)
 n_in, n_out = mask_cfg.max_input_tokens, mask_cfg.max_target_tokens
-gen = torch.Generator().manual_seed(seed)
-
-
-def random_tokens():
-    """One random view per sample, as gather_views returns it: ids in each modality's range, a caption of
-    a few ids then end-of-text padding."""
-    tokens = {m.name: torch.randint(m.vocab, (batch_size, m.length), generator=gen) for m in modalities.MODALITIES}
-    tokens['caption'][:, 6:] = modalities.CAPTION_PAD
-    return tokens
-
-
+gen = torch.Generator().manual_seed(seed)   # the token ids (masking.random_tokens)
 mask_gen = torch.Generator(device=device).manual_seed(seed)
 
 
@@ -168,7 +158,7 @@ def assemble(tokens):
 
 # batch assembly, timed alone (copy to the device + masking; the memmap read, a ~140 KB gather per batch of
 # 64, is left out). The first call captures masking's CUDA graph.
-streams = [random_tokens() for _ in range(assembly_batches)]
+streams = [masking.random_tokens(batch_size, generator=gen) for _ in range(assembly_batches)]
 assemble(streams[0])
 sync()
 t0 = time.perf_counter()
