@@ -109,6 +109,7 @@ gen_schedule = 'maskgit'
 gen_temperature = 1.0
 gen_guidance = 3.0       # classifier-free guidance scale, as sample.py's default (1.0 = conditional pass alone)
 gen_by_level = False     # audio one codebook level at a time (a model trained with train.py's --audio_levels)
+gen_remask_noise = 0.0   # MaskGIT's annealed Gumbel noise on the confidences (sample.py's remask_noise)
 clf_per_class = 10       # decoded train clips per class for the offline audio classifier
 class_views = 10         # class probe: also score this many views per clip (all 10: a tighter per-view figure
                          # and a whole-clip one); 1 = only the seeded view
@@ -1022,7 +1023,7 @@ def probe_generation(data, gen, ref, judge, sampler, seed):
            "n_per_setting": int(len(y)), "samples_per_s": gen["samples_per_s"],
            "sampler": {"gen_steps": sampler["steps"], "gen_schedule": sampler["schedule"],
                        "gen_temperature": sampler["temperature"], "gen_guidance": g,
-                       "gen_by_level": sampler["by_level"]}}
+                       "gen_by_level": sampler["by_level"], "gen_remask_noise": sampler["remask_noise"]}}
     names = {"gt": "decoded ground truth (classifier ceiling)", "class_only": f"class_only samples (guidance {g:g})",
              "class_only_g1": "class_only samples (guidance 1)", "continuation": f"continuation samples (guidance {g:g})"}
     emb, rows = {}, []
@@ -1496,7 +1497,8 @@ def probe_calls(s, model, ckpt, data, device, results):
     samples, the decoded train references) is made once, on first use. results: the probes' results so far."""
     bs, trust = s["batch_size"], s["trust_checkpoint"]
     sampler = {"steps": s["gen_steps"], "schedule": s["gen_schedule"], "temperature": s["gen_temperature"],
-               "guidance_scale": s["gen_guidance"], "by_level": s["gen_by_level"]}
+               "guidance_scale": s["gen_guidance"], "by_level": s["gen_by_level"],
+               "remask_noise": s["gen_remask_noise"]}
     decoder = functools.cache(lambda name: load_decoder(data, name, device, trust))
     judge = functools.cache(lambda: token_judge(data))
     gen = functools.cache(lambda: generations(model, data, decoder("tok_audio"), sampler, s["gen_per_class"],

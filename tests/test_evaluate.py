@@ -678,6 +678,7 @@ def test_end_to_end_tiny(tmp_path):
     nxt = P["memo"]["next_frame"]
     assert all(0.0 < nxt[k] < 10.0 for k in ("given_past", "caption_alone", "bigram", "unigram")), nxt
     assert P["generation"]["n_per_setting"] == 6
+    assert P["generation"]["sampler"]["gen_remask_noise"] == s["gen_remask_noise"] == 0.0   # recorded with the rest
     sj = P["generation"]["structure_judge"]
     assert {"gt", "gt_shuffled", "class_only", "continuation"} <= set(sj) and sj["class_only"]["n"] == 6
     # class-only generation at guidance 1 beside the default guidance (3)
