@@ -181,7 +181,7 @@ def real_flops(model):
     total = 0
     for b in batches:
         for ni, no in zip(b['enc_valid'].sum(1).tolist(), b['dec_valid'].sum(1).tolist()):
-            total += model.flops_per_step(1, ni, no)
+            total += fastpath.flops_per_step(model, 1, ni, no)
     return total / len(batches)
 
 
@@ -267,7 +267,7 @@ for dtype in dtypes.split(','):
             # each setting's figure as soon as it is measured: a later setting that crashes or runs out of time
             # (max-autotune can compile for minutes) does not take it with it
             print(f"{label}: {dt:.4f} s/step (warmup {warm_s:.1f} s)", flush=True)
-            mfu = model.estimate_mfu(batch_size, n_in, n_out, dt, peak_flops)
+            mfu = fastpath.estimate_mfu(model, batch_size, n_in, n_out, dt, peak_flops)
             row = [dtype, compile_flag] + ([layout] if budgets == 'recipe' else []) + ([head] if len(heads) > 1 else []) + \
                 [f"{dt:.4f}", f"{batch_size * (n_in + n_out) / dt:,.0f}",
                  f"{mfu * 100:.1f}%" if device_type == 'cuda' else '-']

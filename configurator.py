@@ -28,27 +28,11 @@ def coerce(key, value, default):
     if default is None or value is None:
         return value                                   # None-defaulted settings take any literal
     if isinstance(default, bool):                      # before int: bool is a subclass of int
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            value = value.lower() == "true"
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.lower() in ("true", "false"):
-            return value.lower() == "true"
         raise ConfigError(f"--{key} expects True or False, got {value!r}")
-    if isinstance(default, int):
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"--{key} expects an int, got {value!r}")
-    if isinstance(default, float):
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise ConfigError(f"--{key} expects a float, got {value!r}")
-    if isinstance(default, str):
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"--{key} expects a string, got {value!r}")
-    if isinstance(default, (tuple, list)):
-        if isinstance(value, (tuple, list)):
-            return type(default)(value)
-        raise ConfigError(f"--{key} expects a tuple like {default!r}, got {value!r}")
     if isinstance(default, dict):   # a group of settings (train.py's masking): the keys given replace theirs
         if not isinstance(value, dict):
             raise ConfigError(f"--{key} expects a dict, got {value!r}")
@@ -56,6 +40,13 @@ def coerce(key, value, default):
         if unknown:
             raise ConfigError(f"unknown key(s) {unknown} in {key}; valid: {', '.join(sorted(default))}")
         return {**default, **value}
+    # (the default's kind, the kinds a value may have, what the error calls it); a bool is never a number
+    for kind, accepts, name in ((int, int, "an int"), (float, (int, float), "a float"), (str, str, "a string"),
+                                ((tuple, list), (tuple, list), f"a tuple like {default!r}")):
+        if isinstance(default, kind):
+            if isinstance(value, accepts) and not isinstance(value, bool):
+                return type(default)(value)
+            raise ConfigError(f"--{key} expects {name}, got {value!r}")
     raise ConfigError(f"--{key}: cannot override a setting of type {type(default).__name__}")
 
 

@@ -9,6 +9,7 @@ graph); packing.py (the trunk on real tokens only) and the static head are its t
   target_counts(...)     each modality's scored-target count, copied to the host without waiting (HostCounts),
                          made when train.py draws a batch, so the step never drains the GPU queue to read it
   graphed_batch(...)     masking.build_batch's ~370 small ops captured once as a CUDA graph and replayed
+  estimate_mfu(...)      model FLOPs utilization of a step (flops_per_step), for train.py's log and bench.py
 
 tests/test_model.py and tests/test_packing.py hold each to the plain path's loss and gradients.
 """
@@ -279,3 +280,26 @@ def graphed_batch(tokens, cfg, generator, B, device):
     graph.replay()
     # copies: the next replay overwrites the static outputs, maybe before this batch's backward ran
     return {k: v.clone() for k, v in static_out.items()}
+
+
+# ---------------------------------------------------------------------------------------------------
+# how fast a step runs against the hardware (train.py's mfu on CUDA, bench.py)
+
+def flops_per_step(model, batch_size, n_in, n_out):
+    """Training FLOPs of a step (3x forward) with n_in / n_out slots per sample, padding included; the head
+    at the modalities' mean vocabulary."""
+    D, Le, Ld = model.config.n_embd, model.config.n_enc_layer, model.config.n_dec_layer
+    enc = n_in * Le * (12 * D * D + 4 * n_in * D)
+    dec = Ld * (n_out * (14 * D * D + 4 * n_out * D + 4 * n_in * D) + n_in * 2 * D * D)
+    mean_vocab = sum(m.vocab for m in model.modalities) / len(model.modalities)
+    if model.config.head == "full":
+        mean_vocab = model.lm_head.weight.shape[0]       # every target against every row
+    head = n_out * D * mean_vocab
+    # grid_conv: two 3x3 convolutions over every cell of each image grid, whatever the inputs
+    stem = (len(model.adapters.grid_conv) if model.adapters else 0) * M.GRID * M.GRID * 2 * 9 * D * D
+    return 3 * 2 * batch_size * (enc + dec + head + stem)
+
+
+def estimate_mfu(model, batch_size, n_in, n_out, dt, peak_flops=989e12):
+    """Model FLOPs utilization of a dt-second step; peak_flops: H100 bf16 989e12 (TF32 ~494e12)."""
+    return flops_per_step(model, batch_size, n_in, n_out) / dt / peak_flops

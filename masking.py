@@ -64,32 +64,28 @@ class MaskingConfig:
             raise ValueError("mixture is an empty list: use None for the plain recipe")
         out = []
         for i, comp in enumerate(raw):
+            where = "MaskingConfig" if self.mixture is None else f"mixture[{i}]"
             unknown = set(comp) - set(COMPONENT_KEYS)
             if unknown:
-                raise ValueError(f"mixture[{i}]: unknown key(s) {sorted(unknown)}; valid: {COMPONENT_KEYS}")
+                raise ValueError(f"{where}: unknown key(s) {sorted(unknown)}; valid: {COMPONENT_KEYS}")
             c = {**base, **comp}
-            where = "MaskingConfig" if self.mixture is None else f"mixture[{i}]"
+            for key, lo_min, hi_max in (("input_budget", 0, None), ("target_budget", 0, None),
+                                        ("audio_spans", 1, M.AUDIO_FRAMES)):
+                lo, hi = c[key]
+                if not lo_min <= lo <= hi or (hi_max is not None and hi > hi_max):
+                    raise ValueError(f"{where}: {key}={c[key]} needs {lo_min} <= lo <= hi"
+                                     + (f" <= {hi_max}" if hi_max else ""))
+                c[key] = (int(lo), int(hi))
+            for key in ("input_alphas", "target_alphas"):
+                c[key] = tuple(float(x) for x in c[key])
+                if len(c[key]) != NUM_MOD or min(c[key]) < 0:
+                    raise ValueError(f"{where}: {key} needs {NUM_MOD} values >= 0 (order "
+                                     f"{', '.join(M.MODALITY_NAMES)}), got {comp.get(key, base[key])}")
+            for key in ("input_full", "target_full"):
+                idx = {M.modality_index(n) for n in ((c[key],) if isinstance(c[key], str) else c[key])}
+                c[key] = tuple(i in idx for i in range(NUM_MOD))
             if not c["weight"] > 0:
                 raise ValueError(f"{where}: weight must be > 0, got {c['weight']}")
-            for key in ("input_budget", "target_budget"):
-                lo, hi = c[key]
-                if not 0 <= lo <= hi:
-                    raise ValueError(f"{where}: {key}={c[key]} needs 0 <= lo <= hi")
-                c[key] = (int(lo), int(hi))
-            lo, hi = c["audio_spans"]
-            if not 1 <= lo <= hi <= M.AUDIO_FRAMES:
-                raise ValueError(f"{where}: audio_spans={c['audio_spans']} needs 1 <= lo <= hi <= {M.AUDIO_FRAMES}")
-            c["audio_spans"] = (int(lo), int(hi))
-            for key in ("input_alphas", "target_alphas"):
-                a = tuple(float(x) for x in c[key])
-                if len(a) != NUM_MOD or min(a) < 0:
-                    raise ValueError(f"{where}: {key} needs {NUM_MOD} values >= 0 (order "
-                                     f"{', '.join(M.MODALITY_NAMES)}), got {c[key]}")
-                c[key] = a
-            for key in ("input_full", "target_full"):
-                names = (c[key],) if isinstance(c[key], str) else tuple(c[key])
-                idx = {M.modality_index(n) for n in names}
-                c[key] = tuple(i in idx for i in range(NUM_MOD))
             if any(a and b for a, b in zip(c["input_full"], c["target_full"])):
                 raise ValueError(f"{where}: a modality cannot be in both input_full and target_full")
             if not any(c["input_full"]) and not any(a > 0 for a in c["input_alphas"]):

@@ -1,15 +1,15 @@
 """
 The nano4M encoder-decoder, in one file.
 
-Inputs are (id, global position) pairs chosen by masking.py; targets are global positions whose ids the
-decoder predicts. An embedding is token + modality + position, both read off the global position
-(modalities.py). Decoder queries (a mask token + modality + position) attend to each other within their
-modality, as in 4M, and cross-attend to the encoder. The loss is each modality's mean CE over its scored
-targets, then the mean over the modalities present, so 512 audio ids do not drown a 5-id caption; in float32
-(a bf16 softmax over 50k ids gave NaNs in the report). head='full' is the report's one softmax over all ids.
+Inputs are (id, global position) pairs chosen by masking.py; targets are global positions whose ids the decoder
+predicts. An embedding is token + modality + position, read off the global position (modalities.py). Decoder
+queries (a mask token + modality + position) attend to each other within their modality, as in 4M, and
+cross-attend to the encoder. The loss: each modality's mean CE over its scored targets, then the mean over the
+modalities present, so 512 audio ids do not drown a 5-id caption; in float32 (a bf16 softmax over 50k ids gave
+NaNs in the report). head='full' is the report's one softmax over all ids.
 
-Beside it: adapters.py (ToyZoo's embedding adapters and factored head), fastpath.py (the same loss, hand-written autograd) and
-packing.py (the trunk on real tokens only).
+Beside it: adapters.py (ToyZoo's embedding adapters and factored head), locality.py (local positions and
+cross-attention), fastpath.py (the same loss, hand-written autograd; FLOPs and MFU), packing.py (real tokens only).
 
     model = Nano4M(Nano4MConfig())
     loss, per_modality = model(enc_ids, enc_pos, enc_valid, dec_pos, dec_valid, dec_ids)
@@ -42,18 +42,6 @@ class Nano4MConfig:
     mimetic_cross: float = 0.0  # > 0: cross-attention's W_q, W_k start at this times I plus their init (locality.py)
     cross_local: float = 0.0    # > 0: half the cross-attention heads pay this per place to a key (locality.py)
     adapters: dict = None       # None: the report's model; a dict of adapters.AdapterConfig: ToyZoo's
-
-
-class LayerNorm(nn.Module):
-    """LayerNorm with an optional bias (PyTorch's has no bias=False before 2.1 and we keep it explicit)."""
-
-    def __init__(self, ndim, bias):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(ndim))
-        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
-
-    def forward(self, x):
-        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
 
 
 class Attention(nn.Module):
@@ -109,9 +97,9 @@ class MLP(nn.Module):
 class EncoderBlock(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.ln_1 = LayerNorm(config.n_embd, config.bias)
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.attn = Attention(config)
-        self.ln_2 = LayerNorm(config.n_embd, config.bias)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
     def forward(self, x, mask):
@@ -122,11 +110,11 @@ class EncoderBlock(nn.Module):
 class DecoderBlock(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.ln_1 = LayerNorm(config.n_embd, config.bias)
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.self_attn = Attention(config)
-        self.ln_2 = LayerNorm(config.n_embd, config.bias)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.cross_attn = Attention(config, cross=True)
-        self.ln_3 = LayerNorm(config.n_embd, config.bias)
+        self.ln_3 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
     def forward(self, x, memory, self_mask, cross_mask):
@@ -176,9 +164,9 @@ class Nano4M(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(D))                      # the decoder query content
         self.drop = nn.Dropout(config.dropout)
         self.encoder = nn.ModuleList([EncoderBlock(config) for _ in range(config.n_enc_layer)])
-        self.enc_ln_f = LayerNorm(D, config.bias)
+        self.enc_ln_f = nn.LayerNorm(D, bias=config.bias)
         self.decoder = nn.ModuleList([DecoderBlock(config) for _ in range(config.n_dec_layer)])
-        self.dec_ln_f = LayerNorm(D, config.bias)
+        self.dec_ln_f = nn.LayerNorm(D, bias=config.bias)
         self.lm_head = nn.Linear(D, rows, bias=False)           # untied; the same rows per modality as wte
         # ToyZoo's embedding adapters (adapters.py; None: the report's model), made last so that the weights
         # above draw the same random numbers with or without them
@@ -357,24 +345,6 @@ class Nano4M(nn.Module):
         use_fused = device_type in ("cuda", "cpu") and "fused" in inspect.signature(torch.optim.AdamW).parameters
         extra = {"fused": True} if use_fused else {}
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **extra)
-
-    def flops_per_step(self, batch_size, n_in, n_out):
-        """Training FLOPs of a step (3x forward) with n_in / n_out slots per sample, padding included; the head
-        at the modalities' mean vocabulary."""
-        D, Le, Ld = self.config.n_embd, self.config.n_enc_layer, self.config.n_dec_layer
-        enc = n_in * Le * (12 * D * D + 4 * n_in * D)
-        dec = Ld * (n_out * (14 * D * D + 4 * n_out * D + 4 * n_in * D) + n_in * 2 * D * D)
-        mean_vocab = sum(m.vocab for m in self.modalities) / len(self.modalities)
-        if self.config.head == "full":
-            mean_vocab = self.lm_head.weight.shape[0]       # every target against every row
-        head = n_out * D * mean_vocab
-        # grid_conv: two 3x3 convolutions over every cell of each image grid, whatever the inputs
-        stem = (len(self.adapters.grid_conv) if self.adapters else 0) * GRID * GRID * 2 * 9 * D * D
-        return 3 * 2 * batch_size * (enc + dec + head + stem)
-
-    def estimate_mfu(self, batch_size, n_in, n_out, dt, peak_flops=989e12):
-        """Model FLOPs utilization of a dt-second step; peak_flops: H100 bf16 989e12 (TF32 ~494e12)."""
-        return self.flops_per_step(batch_size, n_in, n_out) / dt / peak_flops
 
 
 def mean_over_modalities(sums, counts):

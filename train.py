@@ -470,9 +470,10 @@ while True:
     if iter_num % log_interval == 0 and master_process:
         lossf = loss.item() * gradient_accumulation_steps   # .item() syncs: only at log steps
         per = {k: (s / c).item() for k, (s, c) in per_modality.items() if c.item() > 0}
-        if local_iter_num >= 5:   # let the first steps (compile, warm-up) pass
-            mfu = raw_model.estimate_mfu(batch_size * gradient_accumulation_steps * ddp_world_size,
-                                         mask_cfg.max_input_tokens, mask_cfg.max_target_tokens, dt, peak_flops)
+        if local_iter_num >= 5 and device_type == 'cuda':   # let the first steps (compile, warm-up) pass
+            import fastpath
+            mfu = fastpath.estimate_mfu(raw_model, batch_size * gradient_accumulation_steps * ddp_world_size,
+                                        mask_cfg.max_input_tokens, mask_cfg.max_target_tokens, dt, peak_flops)
             running_mfu = mfu if running_mfu == -1.0 else 0.9 * running_mfu + 0.1 * mfu
         print(f"iter {iter_num}: loss {lossf:.4f} | " + " ".join(f"{k}={v:.3f}" for k, v in per.items()) +
               f" | lr {lr:.2e} | {tokens_per_iter / dt:,.0f} tok/s | {dt * 1000:.1f} ms" +

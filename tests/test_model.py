@@ -228,7 +228,7 @@ def test_optimizer_groups_and_mfu(default_model):
     assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
     big = default_model
-    flops = big.flops_per_step(64, 256, 256)
+    flops = fastpath.flops_per_step(big, 64, 256, 256)
     # the 6 * params * tokens rule, per stream: inputs pass the encoder, targets the decoder and the head
     # (at the mean modality vocab); ours adds attention scores and the cross-attention keys/values
     n_enc = sum(p.numel() for p in big.encoder.parameters())
@@ -236,7 +236,7 @@ def test_optimizer_groups_and_mfu(default_model):
     head = 512 * sum(m.vocab for m in M.MODALITIES) / 5
     rule = 6 * 64 * 256 * (n_enc + n_dec + head)
     assert 1.0 < flops / rule < 1.3, flops / rule
-    assert big.estimate_mfu(64, 256, 256, 0.02, 989e12) == pytest.approx(flops / 0.02 / 989e12)
+    assert fastpath.estimate_mfu(big, 64, 256, 256, 0.02, 989e12) == pytest.approx(flops / 0.02 / 989e12)
 
 
 @pytest.mark.parametrize("separate", [False, True])
