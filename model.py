@@ -329,18 +329,13 @@ class Nano4M(nn.Module):
     # training helpers (nanoGPT-style)
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, block_lr_scale=1.0):
-        """AdamW, weight decay on >= 2-D weights only. block_lr_scale (ToyZoo's): the blocks' lr relative to the
-        embeddings' (each group's 'lr_scale', which train.py applies to the schedule; docs/experiments.md)."""
-        in_block = lambda name: name.startswith(("encoder.", "decoder.", "adapters.grid_conv."))
-        named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
-        groups = []
-        for scale in dict.fromkeys([1.0, block_lr_scale]):
-            params = [p for n, p in named if block_lr_scale == 1.0 or in_block(n) == (scale != 1.0)]
-            for matrices in (True, False):
-                ps = [p for p in params if (p.dim() >= 2) == matrices]
-                if ps:
-                    groups.append({"params": ps, "weight_decay": weight_decay if matrices else 0.0,
-                                   "lr": learning_rate * scale, "lr_scale": scale})
+        """AdamW, weight decay on >= 2-D weights only. block_lr_scale != 1: ToyZoo's groups (adapters.lr_groups)."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        if block_lr_scale != 1.0:
+            import adapters
+            groups = adapters.lr_groups(self, weight_decay, learning_rate, block_lr_scale)
         # fused: one kernel on CUDA; one vectorised pass on a CPU (torch >= 2.4), ~5x faster there
         use_fused = device_type in ("cuda", "cpu") and "fused" in inspect.signature(torch.optim.AdamW).parameters
         extra = {"fused": True} if use_fused else {}
