@@ -27,7 +27,7 @@ EmbeddingAdapters.embed_inputs here. None of this is the report's model; each sw
 
 train.py's `adapters` setting is a dict of these (code_features=True in place of the widths, and factored_head
 as modality names, both read from the dataset's tokenizers) plus block_lr_scale, the blocks' learning rate
-relative to the rest (lr_groups).
+relative to the rest (lr_parts).
 """
 import math
 from dataclasses import dataclass, asdict
@@ -134,20 +134,12 @@ def vocab_rows(cfg):
     return M.VOCAB_SIZE, [0] * len(vocabs)
 
 
-def lr_groups(model, weight_decay, learning_rate, block_lr_scale):
-    """AdamW's groups with the blocks' lr at block_lr_scale times the embeddings' and head's (each group's
-    'lr_scale', which train.py applies to the schedule), weight decay on >= 2-D weights only."""
+def lr_parts(named_params, block_lr_scale):
+    """{lr scale: parameters}: the blocks (and grid CNNs) at block_lr_scale, the embeddings and head at 1.0
+    (Nano4M.configure_optimizers makes the weight-decay groups of each)."""
     in_block = lambda name: name.startswith(("encoder.", "decoder.", "adapters.grid_conv."))
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    groups = []
-    for scale in (1.0, block_lr_scale):
-        params = [p for n, p in named if in_block(n) == (scale != 1.0)]
-        for matrices in (True, False):
-            ps = [p for p in params if (p.dim() >= 2) == matrices]
-            if ps:
-                groups.append({"params": ps, "weight_decay": weight_decay if matrices else 0.0,
-                               "lr": learning_rate * scale, "lr_scale": scale})
-    return groups
+    return {1.0: [p for n, p in named_params if not in_block(n)],
+            block_lr_scale: [p for n, p in named_params if in_block(n)]}
 
 
 class EmbeddingAdapters(nn.Module):

@@ -329,13 +329,21 @@ class Nano4M(nn.Module):
     # training helpers (nanoGPT-style)
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, block_lr_scale=1.0):
-        """AdamW, weight decay on >= 2-D weights only. block_lr_scale != 1: ToyZoo's groups (adapters.lr_groups)."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-        if block_lr_scale != 1.0:
+        """AdamW, weight decay on >= 2-D weights only. block_lr_scale != 1 (ToyZoo's): the blocks' lr relative to
+        the rest (adapters.lr_parts), each group's 'lr_scale', which train.py applies to the schedule."""
+        params = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        if block_lr_scale == 1.0:
+            parts = {1.0: [p for _, p in params]}
+        else:
             import adapters
-            groups = adapters.lr_groups(self, weight_decay, learning_rate, block_lr_scale)
+            parts = adapters.lr_parts(params, block_lr_scale)
+        groups = []
+        for scale, ps in parts.items():
+            for matrices in (True, False):
+                group = [p for p in ps if (p.dim() >= 2) == matrices]
+                if group:
+                    groups.append({"params": group, "weight_decay": weight_decay if matrices else 0.0,
+                                   "lr": learning_rate * scale, "lr_scale": scale})
         # fused: one kernel on CUDA; one vectorised pass on a CPU (torch >= 2.4), ~5x faster there
         use_fused = device_type in ("cuda", "cpu") and "fused" in inspect.signature(torch.optim.AdamW).parameters
         extra = {"fused": True} if use_fused else {}
