@@ -229,8 +229,10 @@ class Nano4M(nn.Module):
             content = self.wte(enc_ids)
         else:   # the one seam of ToyZoo's embedding adapters (adapters.py)
             content = self.adapters.embed_inputs(self.wte, enc_ids, enc_pos, enc_valid)
-        x = self.drop(pos_table[enc_pos] + content)
-        y = self.drop(self.mask_token + pos_table[dec_pos])
+        # F.embedding, not pos_table[pos]: its backward sums repeated positions in a fixed order, where indexing's
+        # order varies between runs on a multi-threaded CPU (so a seed would not give the same curve twice)
+        x = self.drop(F.embedding(enc_pos, pos_table) + content)
+        y = self.drop(self.mask_token + F.embedding(dec_pos, pos_table))
         return x, y
 
     def decode_hidden(self, enc_ids, enc_pos, enc_valid, dec_pos, dec_valid):

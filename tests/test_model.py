@@ -709,3 +709,22 @@ def test_factored_head_scores_a_product_code_by_its_two_factors(fast):
     assert g[start:start + Km + Ks].gt(0).any() and not g[start + Km + Ks:start + Km * Ks].gt(0).any()
     with pytest.raises(ValueError, match="separate_vocab"):
         tiny(adapters=dict(factored_head=(("tok_depth", Km, Ks),)))
+
+
+def test_gradients_are_the_same_every_run_on_a_multi_threaded_cpu():
+    """A seed gives the same curve twice: the backward of the position lookup sums repeated positions in a fixed
+    order (indexing's backward did not on 2 threads: the position tables' gradients changed from run to run)."""
+    model, b = tiny(n_embd=64), random_batch(B=64, Ni=128, No=128)
+    b["enc_valid"], b["dec_valid"] = b["enc_valid"] | True, b["dec_valid"] | True   # every row full: many repeats
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        grads = []
+        for _ in range(3):
+            model.zero_grad(set_to_none=True)
+            run(model, b)[0].backward()
+            grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    finally:
+        torch.set_num_threads(threads)
+    for g in grads[1:]:
+        assert [n for n in g if not torch.equal(g[n], grads[0][n])] == []
