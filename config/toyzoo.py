@@ -1,5 +1,5 @@
-# The embedded default: a small run on the synthetic ToyZoo world in two stages, ~20-28 minutes of training on
-# 2 CPU cores (~7-10 + ~12-19; the whole quickstart -- prepare, tokenize, train -- in ~30-45 minutes, docs/speed.md).
+# The embedded default: a small run on the synthetic ToyZoo world in two stages, ~25-45 minutes of training on
+# 2 CPU cores (~8-17 + ~16-28; the whole quickstart -- prepare, tokenize, train -- in ~30-55 minutes, docs/speed.md).
 #   python prepare_data.py && python tokenize_all.py
 #   python train.py config/toyzoo_rgb.py      # stage 1: rgb -> caption alone (learn to read a picture)
 #   python train.py config/toyzoo.py          # stage 2, this file: every task, from stage 1's weights

@@ -1,5 +1,5 @@
 # Stage 1 of the ToyZoo default: the model learns to read a picture first, on rgb -> caption batches alone
-# (4 epochs of the train pictures, ~10 minutes on 2 CPU cores). Stage 2 is config/toyzoo.py, which starts
+# (4 epochs of the train pictures, ~8-17 minutes on 2 CPU cores). Stage 2 is config/toyzoo.py, which starts
 # from these weights:
 #   python train.py config/toyzoo_rgb.py && python train.py config/toyzoo.py
 #
